@@ -58,7 +58,7 @@ pub enum Error {
     },
     /// A mask that must contain foreground is empty.
     EmptyMask {
-        /// The label value that has no voxels.
+        /// The label value that has no voxels (0: no non-zero label at all).
         label: u32,
     },
     /// An operating-system level I/O error, with the path involved.
@@ -155,6 +155,9 @@ impl fmt::Display for Error {
             Error::TooLarge { what, detail } => write!(f, "{what} is too large: {detail}"),
             Error::NonFinite { what, count } => {
                 write!(f, "{what} contains {count} NaN or infinite value(s)")
+            }
+            Error::EmptyMask { label: 0 } => {
+                write!(f, "the reference mask has no foreground (non-zero) voxels")
             }
             Error::EmptyMask { label } => {
                 write!(f, "label {label} has no voxels in the reference mask")

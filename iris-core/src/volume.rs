@@ -35,6 +35,9 @@ use crate::error::{Error, Result};
 /// which protects against corrupt headers claiming absurd sizes.
 pub const MAX_VOXELS: usize = 1 << 31;
 
+/// Two affines closer than this (mm, largest entry difference) are the same grid.
+pub const GRID_TOLERANCE_MM: f64 = 1e-4;
+
 /// A 4x4 voxel-to-world transform, row-major, acting on `[d, h, w, 1]`
 /// column vectors. The last row is always `[0, 0, 0, 1]`.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -216,6 +219,36 @@ impl Geometry {
     pub fn center_world(&self) -> [f64; 3] {
         self.voxel_to_world(core::array::from_fn(|a| (self.shape[a] as f64 - 1.0) / 2.0))
     }
+
+    /// Checks that `other` is the same grid: equal shape and affines equal
+    /// within [`GRID_TOLERANCE_MM`].
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] for another shape, [`Error::InvalidArgument`]
+    /// for another placement; both name `what` (e.g. "label map vs image").
+    pub fn ensure_same(&self, other: &Geometry, what: &str) -> Result<()> {
+        if self.shape != other.shape {
+            return Err(Error::ShapeMismatch {
+                what: what.into(),
+                expected: self.shape.to_vec(),
+                found: other.shape.to_vec(),
+            });
+        }
+        let (a, b) = (self.affine.0, other.affine.0);
+        let worst = a
+            .iter()
+            .flatten()
+            .zip(b.iter().flatten())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max);
+        if worst > GRID_TOLERANCE_MM {
+            return Err(Error::invalid(
+                "affine",
+                format!("{what}: grids differ by up to {worst:.4} mm ({a:?} vs {b:?})"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Number of voxels in `shape`, refusing overflow and anything above [`MAX_VOXELS`].
@@ -323,36 +356,13 @@ impl<T> Volume<T> {
         }
     }
 
-    /// Checks that `other` lies on exactly the same grid (shape and affine
-    /// within 1e-4 mm), as a label map must for its image.
+    /// Checks that `other` lies on exactly the same grid (see
+    /// [`Geometry::ensure_same`]), as a label map must for its image.
     ///
     /// # Errors
     /// [`Error::ShapeMismatch`] or [`Error::InvalidArgument`] naming `what`.
     pub fn ensure_same_grid<U>(&self, other: &Volume<U>, what: &str) -> Result<()> {
-        if self.shape() != other.shape() {
-            return Err(Error::ShapeMismatch {
-                what: what.into(),
-                expected: self.shape().to_vec(),
-                found: other.shape().to_vec(),
-            });
-        }
-        let (a, b) = (self.geometry.affine.0, other.geometry.affine.0);
-        let worst = a
-            .iter()
-            .flatten()
-            .zip(b.iter().flatten())
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f64::max);
-        if worst > 1e-4 {
-            return Err(Error::invalid(
-                "affine",
-                format!(
-                    "{what}: grids differ by up to {worst:.4} mm ({:?} vs {:?})",
-                    a, b
-                ),
-            ));
-        }
-        Ok(())
+        self.geometry.ensure_same(&other.geometry, what)
     }
 }
 
