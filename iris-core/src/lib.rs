@@ -43,6 +43,7 @@ pub use error::{Error, FormatError, Result};
 
 /// The types most programs need, in one import.
 pub mod prelude {
+    pub use crate::embedding::{ClassEmbedding, ModelFingerprint, TaskEmbedding};
     pub use crate::error::{Error, Result};
     pub use crate::volume::{Affine, Geometry, Image, LabelMap, Volume};
 }
