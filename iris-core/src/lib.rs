@@ -47,3 +47,8 @@ pub mod prelude {
     pub use crate::error::{Error, Result};
     pub use crate::volume::{Affine, Geometry, Image, LabelMap, Volume};
 }
+
+// The README's Rust snippets compile as doctests, so they cannot rot.
+#[cfg(all(doctest, feature = "std"))]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;
