@@ -20,4 +20,13 @@ scripts/fetch-data.sh
 # Tests that need nibabel or data/ skip when those are absent on a
 # developer's machine; here they must run, so their absence is a failure.
 export IRIS_REQUIRE_NIBABEL=1 IRIS_REQUIRE_DATA=1
-cargo test --workspace "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace "$@" 2>&1 | tee "$log" || status=$?
+
+# cargo prints one "test result" line per test binary; sum them so the run
+# closes on one line that says what ran in total.
+awk '/^test result:/ { p += $4; f += $6; i += $8 }
+     END { printf "total: %d passed, %d failed, %d skipped\n", p, f, i }' "$log"
+exit "$status"
