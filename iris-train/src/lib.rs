@@ -1,3 +1,41 @@
 //! # iris-train
 //!
-//! The Iris model in burn and everything that makes its weights.
+//! The Iris model ("Show and Segment", CVPR 2025) in burn, following the
+//! released reference code (Stanford-AIMI/MASS, `models/`), and everything
+//! that makes its weights.
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | [`model`] | [`IrisConfig`](model::IrisConfig) with presets, the [`Iris`](model::Iris) model and its blocks |
+//! | [`loss`] | adaptive Dice + BCE on logits, per class |
+//! | [`device`] | [`select_device`](device::select_device): the backend, chosen from cargo features |
+//! | [`error`] | the crate's [`Error`] |
+//! | [`data`] | training episodes: real label maps, synthetic contrast, augmentation, MSD/nnU-Net datasets |
+//!
+//! All volumes are `[B, C, D, H, W]` tensors (W fastest), the same axis
+//! order as `iris-core`.
+//!
+//! ```
+//! use burn::prelude::*;
+//! use iris_train::model::IrisConfig;
+//!
+//! let device = iris_train::device::select_device();
+//! let config = IrisConfig::tiny();
+//! let model = config.init(&device)?;
+//! let [d, h, w] = config.patch_size;
+//! let image = Tensor::<5>::random([1, 1, d, h, w], burn::tensor::Distribution::Default, &device);
+//! let mask = image.clone().greater_elem(0.5).float();
+//! let embedding = model.encode_task(image.clone(), mask)?; // one class
+//! let logits = model.segment(image, &embedding)?;
+//! assert_eq!(logits.dims(), [1, 1, d, h, w]);
+//! # Ok::<(), iris_train::Error>(())
+//! ```
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod data;
+pub mod device;
+pub mod error;
+pub mod loss;
+pub mod model;
+
+pub use error::Error;

@@ -1,0 +1,363 @@
+//! The whole Iris model at the `tiny` preset: shapes, gradient flow to every
+//! parameter, class permutation, parameter counts against the reference, and
+//! input validation.
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::prelude::*;
+use burn::tensor::{Distribution, Gradients};
+use iris_train::Error;
+use iris_train::model::{Iris, IrisConfig, TaskEmbedding};
+
+fn device() -> Device {
+    let device = Device::flex();
+    device.seed(11);
+    device
+}
+
+/// A query image, a reference image and `k` reference masks at `size`.
+fn episode(k: usize, size: [usize; 3], device: &Device) -> (Tensor<5>, Tensor<5>, Tensor<5>) {
+    let [d, h, w] = size;
+    let image = |_| Tensor::<5>::random([1, 1, d, h, w], Distribution::Normal(0.0, 1.0), device);
+    let masks = Tensor::<5>::random([1, k, d, h, w], Distribution::Default, device)
+        .greater_elem(0.6)
+        .float();
+    (image(()), image(()), masks)
+}
+
+fn tiny(device: &Device) -> Iris {
+    IrisConfig::tiny()
+        .init(device)
+        .expect("tiny preset is valid")
+}
+
+fn max_abs_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b).abs().max().into_scalar()
+}
+
+#[test]
+fn episode_gives_one_logit_map_per_class() {
+    let device = device();
+    let model = tiny(&device);
+    let (query, reference, masks) = episode(3, [32, 32, 32], &device);
+    let logits = model
+        .forward(query.clone(), reference.clone(), masks.clone())
+        .expect("valid shapes");
+    assert_eq!(logits.dims(), [1, 3, 32, 32, 32]);
+    assert!(!logits.clone().is_nan().any().into_scalar::<bool>());
+
+    // Encoding the task once and segmenting with it gives the same logits as
+    // the batched episode.
+    let embedding = model.encode_task(reference, masks).expect("valid shapes");
+    let dims: Vec<[usize; 4]> = embedding.stages.iter().map(Tensor::dims).collect();
+    assert_eq!(dims, vec![[1, 3, 11, 32], [1, 3, 11, 32], [1, 3, 11, 16]]);
+    let separate = model.segment(query, &embedding).expect("valid shapes");
+    let diff = max_abs_diff(logits, separate);
+    assert!(diff < 1e-4, "max abs difference {diff}");
+}
+
+#[test]
+fn smaller_windows_than_the_patch_are_accepted() {
+    let device = device();
+    let model = tiny(&device);
+    let (query, reference, masks) = episode(1, [16, 32, 16], &device);
+    let logits = model
+        .forward(query, reference, masks)
+        .expect("valid shapes");
+    assert_eq!(logits.dims(), [1, 1, 16, 32, 16]);
+}
+
+/// Gradients at or below this size count as zero (the smallest genuine
+/// gradient in the tiny model is about 5e-6; the inert parameters below get
+/// rounding noise of at most about 1e-9).
+const ZERO_GRADIENT: f32 = 1e-8;
+
+/// Parameters of the reference architecture whose gradient is zero by
+/// construction, with the reason.
+fn inert_reason(path: &str) -> Option<&'static str> {
+    if path.ends_with("attention.key.bias") {
+        Some("adds the same q.b to all scores of a query; softmax cancels it")
+    } else if path.ends_with("merge.bias") {
+        Some("a constant removed by the instance norm after the pixel unshuffle")
+    } else if path.contains(".blocks.1.image_feed_forward.mlp.fc2.bias") {
+        Some(
+            "the fusion layer's last per-channel constant, removed by the next up block's instance norm",
+        )
+    } else {
+        None
+    }
+}
+
+/// Records, per parameter path, whether backward gave it a gradient and
+/// whether that gradient is non-zero exactly when it should be.
+struct GradientReport<'a> {
+    grads: &'a Gradients,
+    path: Vec<String>,
+    checked: usize,
+    inert: usize,
+    without_gradient: Vec<String>,
+    zero_gradient: Vec<String>,
+    inert_with_gradient: Vec<String>,
+}
+
+impl<'a> GradientReport<'a> {
+    fn new(grads: &'a Gradients) -> Self {
+        Self {
+            grads,
+            path: Vec::new(),
+            checked: 0,
+            inert: 0,
+            without_gradient: Vec::new(),
+            zero_gradient: Vec::new(),
+            inert_with_gradient: Vec::new(),
+        }
+    }
+}
+
+impl ModuleVisitor for GradientReport<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let name = self.path.join(".");
+        self.checked += 1;
+        let Some(grad) = param.val().grad(self.grads) else {
+            self.without_gradient.push(name);
+            return;
+        };
+        let largest: f32 = grad.abs().max().into_scalar();
+        match inert_reason(&name) {
+            Some(reason) => {
+                self.inert += 1;
+                if largest > ZERO_GRADIENT {
+                    self.inert_with_gradient
+                        .push(format!("{name} ({reason}): {largest:e}"));
+                }
+            }
+            None if largest <= ZERO_GRADIENT => {
+                self.zero_gradient.push(format!("{name}: {largest:e}"))
+            }
+            None => {}
+        }
+    }
+}
+
+#[test]
+fn every_parameter_receives_a_gradient() {
+    let device = device().autodiff();
+    let model = tiny(&device);
+    let (query, reference, masks) = episode(2, [32, 32, 32], &device);
+    let target = Tensor::<5>::random([1, 2, 32, 32, 32], Distribution::Default, &device)
+        .greater_elem(0.5)
+        .float();
+    let logits = model
+        .forward(query, reference, masks)
+        .expect("valid shapes");
+    let loss = (logits - target).powi_scalar(2).mean();
+    let grads = loss.backward();
+    let mut report = GradientReport::new(&grads);
+    model.visit(&mut report);
+    // 712 parameter tensors, of which 36 key biases, 3 merge biases and 3
+    // final image feed-forward biases are inert.
+    assert_eq!((report.checked, report.inert), (712, 42));
+    assert!(
+        report.without_gradient.is_empty()
+            && report.zero_gradient.is_empty()
+            && report.inert_with_gradient.is_empty(),
+        "no gradient: {:?}\nzero gradient: {:?}\ninert but with gradient: {:?}",
+        report.without_gradient,
+        report.zero_gradient,
+        report.inert_with_gradient
+    );
+}
+
+#[test]
+fn permuting_classes_permutes_the_logits() {
+    let device = device();
+    let model = tiny(&device);
+    let (query, reference, masks) = episode(3, [32, 32, 32], &device);
+    let embedding = model.encode_task(reference, masks).expect("valid shapes");
+    let logits = model
+        .segment(query.clone(), &embedding)
+        .expect("valid shapes");
+    let order = [2, 0, 1];
+    let permuted: TaskEmbedding = embedding.select_classes(&order);
+    let permuted_logits = model
+        .segment(query.clone(), &permuted)
+        .expect("valid shapes");
+    for (position, &class) in order.iter().enumerate() {
+        let diff = max_abs_diff(
+            permuted_logits.clone().narrow(1, position, 1),
+            logits.clone().narrow(1, class, 1),
+        );
+        assert!(diff < 1e-4, "class {class}: max abs difference {diff}");
+    }
+    // Classes do interact (self-attention over all K x 11 tokens), so
+    // class 0 segmented alone differs from class 0 segmented among three.
+    let alone = model
+        .segment(query, &embedding.select_classes(&[0]))
+        .expect("valid shapes");
+    let diff = max_abs_diff(alone, logits.narrow(1, 0, 1));
+    assert!(
+        diff > 1e-6,
+        "classes do not interact: max abs difference {diff}"
+    );
+}
+
+#[test]
+fn parameter_counts_match_the_reference_model() {
+    // Counted from the reference code (Stanford-AIMI/MASS models/, see
+    // REFERENCE-NOTES): 120,126,373 for the paper model (encoder 37,657,440,
+    // task encoder 35,632,229, decoder 46,000,384, head 836,320).
+    let device = device();
+    let paper = IrisConfig::paper().init(&device).expect("valid preset");
+    assert_eq!(paper.encoder.num_params(), 37_657_440);
+    assert_eq!(paper.task_encoder.num_params(), 35_632_229);
+    assert_eq!(paper.decoder.num_params(), 46_000_384);
+    assert_eq!(paper.head.num_params(), 836_320);
+    assert_eq!(paper.num_params(), 120_126_373);
+    let small = IrisConfig::small().init(&device).expect("valid preset");
+    assert_eq!(small.num_params(), 8_776_405);
+    assert_eq!(tiny(&device).num_params(), 1_285_741);
+}
+
+#[test]
+fn invalid_configurations_name_the_field() {
+    let device = device();
+    let bad_patch = IrisConfig {
+        patch_size: [32, 24, 32],
+        ..IrisConfig::tiny()
+    }
+    .init(&device);
+    assert!(matches!(
+        bad_patch,
+        Err(Error::Config {
+            field: "patch_size",
+            ..
+        })
+    ));
+    let bad_stages = IrisConfig::tiny().with_task_stages(0).init(&device);
+    assert!(matches!(
+        bad_stages,
+        Err(Error::Config {
+            field: "task_stages",
+            ..
+        })
+    ));
+    let bad_spacing = IrisConfig {
+        spacing_mm: f64::NAN,
+        ..IrisConfig::tiny()
+    }
+    .validate();
+    assert!(matches!(
+        bad_spacing,
+        Err(Error::Config {
+            field: "spacing_mm",
+            ..
+        })
+    ));
+    let message = IrisConfig {
+        channels: [4, 8, 0, 32, 32],
+        ..IrisConfig::tiny()
+    }
+    .validate()
+    .expect_err("zero channels")
+    .to_string();
+    assert!(
+        message.contains("channels") && message.contains("[4, 8, 0, 32, 32]"),
+        "{message}"
+    );
+}
+
+#[test]
+fn wrong_input_shapes_are_errors_not_panics() {
+    let device = device();
+    let model = tiny(&device);
+    // Larger than the 32^3 patch.
+    let (query, reference, masks) = episode(1, [48, 32, 32], &device);
+    assert!(matches!(
+        model.forward(query, reference, masks),
+        Err(Error::Shape {
+            tensor: "query image",
+            ..
+        })
+    ));
+    // Not a multiple of 16.
+    let (query, _, _) = episode(1, [24, 32, 32], &device);
+    let (_, reference, masks) = episode(2, [32, 32, 32], &device);
+    let embedding = model
+        .encode_task(reference.clone(), masks)
+        .expect("valid shapes");
+    assert!(matches!(
+        model.segment(query, &embedding),
+        Err(Error::Shape {
+            tensor: "query image",
+            ..
+        })
+    ));
+    // Masks of another size than the reference.
+    let (_, _, small_masks) = episode(2, [16, 32, 32], &device);
+    assert!(matches!(
+        model.encode_task(reference.clone(), small_masks),
+        Err(Error::Shape {
+            tensor: "reference masks",
+            ..
+        })
+    ));
+    // No class at all.
+    let no_class = Tensor::<5>::zeros([1, 0, 32, 32, 32], &device);
+    assert!(matches!(
+        model.encode_task(reference.clone(), no_class),
+        Err(Error::Shape {
+            tensor: "reference masks",
+            ..
+        })
+    ));
+    // An embedding with the wrong batch size.
+    let batch_of_two = Tensor::cat(vec![reference.clone(), reference], 0);
+    assert!(matches!(
+        model.segment(batch_of_two, &embedding),
+        Err(Error::Shape {
+            tensor: "task embedding",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn the_embedding_alone_can_be_optimised() {
+    // In-context tuning: freeze the model, make the embedding the only
+    // tensor that requires gradients.
+    let device = device().autodiff();
+    let model = tiny(&device).no_grad();
+    let (query, reference, masks) = episode(2, [32, 32, 32], &device);
+    let embedding = model
+        .encode_task(reference, masks.clone())
+        .expect("valid shapes");
+    let embedding = TaskEmbedding {
+        stages: embedding
+            .stages
+            .into_iter()
+            .map(|tokens| tokens.detach().require_grad())
+            .collect(),
+    };
+    let logits = model.segment(query, &embedding).expect("valid shapes");
+    let grads = (logits - masks).powi_scalar(2).mean().backward();
+    for tokens in &embedding.stages {
+        let grad = tokens.grad(&grads).expect("embedding requires grad");
+        assert_eq!(grad.dims(), tokens.dims());
+        assert!(grad.abs().max().into_scalar::<f32>() > 0.0);
+    }
+    let mut report = GradientReport::new(&grads);
+    model.visit(&mut report);
+    assert_eq!(
+        report.without_gradient.len(),
+        report.checked,
+        "frozen parameters received gradients"
+    );
+}
