@@ -1,4 +1,5 @@
-//! Seconds per episode of the Iris model on the CPU (`flex`) backend: the
+//! Seconds per episode of the Iris model on the backend the cargo features
+//! select (`flex` on the CPU by default, `--features vulkan` for a GPU): the
 //! forward pass alone (no autodiff) and forward + backward of a loss, for the
 //! `tiny` and `small` presets, one episode of one query, one reference and
 //! `CLASSES` classes at the preset's full window.
@@ -14,6 +15,7 @@ use std::time::Instant;
 
 use burn::prelude::*;
 use burn::tensor::Distribution;
+use iris_train::device::select_device;
 use iris_train::model::{Iris, IrisConfig, TaskEmbedding};
 
 /// Classes per episode.
@@ -32,16 +34,17 @@ fn episode(config: &IrisConfig, device: &Device) -> [Tensor<5>; 4] {
     [image(), image(), mask(), mask()]
 }
 
-/// Median seconds of `REPEATS` runs of `run`, after one warm-up run.
-fn median_seconds(mut run: impl FnMut()) -> f64 {
-    run();
-    let mut times: Vec<f64> = (0..REPEATS)
-        .map(|_| {
-            let start = Instant::now();
-            run();
-            start.elapsed().as_secs_f64()
-        })
-        .collect();
+/// Median seconds of `REPEATS` runs of `run`, after one warm-up run. Each
+/// run ends with a device sync, so queued GPU work is counted.
+fn median_seconds(device: &Device, mut run: impl FnMut()) -> f64 {
+    let mut timed = || {
+        let start = Instant::now();
+        run();
+        device.sync().expect("device sync");
+        start.elapsed().as_secs_f64()
+    };
+    timed();
+    let mut times: Vec<f64> = (0..REPEATS).map(|_| timed()).collect();
     times.sort_by(f64::total_cmp);
     times[REPEATS / 2]
 }
@@ -59,15 +62,16 @@ fn mean_sum<const D: usize>(tensors: &[Tensor<D>]) -> Tensor<1> {
 /// the decoder with the head, each on detached inputs.
 fn breakdown(model: &Iris, inputs: &[Tensor<5>; 4]) -> [f64; 3] {
     let [query, reference, masks, target] = inputs;
+    let device = query.device();
     let batch = Tensor::cat(vec![query.clone(), reference.clone()], 0);
-    let encoder = median_seconds(|| {
+    let encoder = median_seconds(&device, || {
         let _grads = mean_sum(&model.encoder.forward(batch.clone())).backward();
     });
     let detached = |levels: Vec<Tensor<5>>| -> Vec<Tensor<5>> {
         levels.into_iter().map(Tensor::detach).collect()
     };
     let reference_features = detached(model.encoder.forward(reference.clone()));
-    let task_encoder = median_seconds(|| {
+    let task_encoder = median_seconds(&device, || {
         let embedding = model
             .task_encoder
             .forward(&reference_features, masks.clone());
@@ -83,7 +87,7 @@ fn breakdown(model: &Iris, inputs: &[Tensor<5>; 4]) -> [f64; 3] {
             .collect(),
     };
     let query_features = detached(model.encoder.forward(query.clone()));
-    let decoder = median_seconds(|| {
+    let decoder = median_seconds(&device, || {
         let (decoded, summaries) = model.decoder.forward(&query_features, &embedding);
         let logits = model.head.forward(decoded, summaries);
         let _grads = (logits - target.clone()).powi_scalar(2).mean().backward();
@@ -106,24 +110,26 @@ fn main() {
         unsafe { std::env::set_var("RAYON_NUM_THREADS", "2") };
     }
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_default();
-    println!("flex backend, {threads} threads, {CLASSES} classes per episode, median of {REPEATS}");
+    let device = select_device();
+    println!(
+        "backend {device:?}, {threads} CPU threads, {CLASSES} classes per episode, median of {REPEATS}"
+    );
     for (name, config) in [("tiny", IrisConfig::tiny()), ("small", IrisConfig::small())] {
-        let device = Device::flex();
         device.seed(1);
         let model = config.init(&device).expect("valid preset");
         let [query, reference, masks, _] = episode(&config, &device);
-        let forward = median_seconds(|| {
+        let forward = median_seconds(&device, || {
             let logits = model
                 .forward(query.clone(), reference.clone(), masks.clone())
                 .expect("valid shapes");
             let _: f32 = logits.sum().into_scalar();
         });
 
-        let autodiff = device.autodiff();
+        let autodiff = device.clone().autodiff();
         let model = config.init(&autodiff).expect("valid preset");
         let inputs = episode(&config, &autodiff);
         let [query, reference, masks, target] = &inputs;
-        let train = median_seconds(|| {
+        let train = median_seconds(&device, || {
             let logits = model
                 .forward(query.clone(), reference.clone(), masks.clone())
                 .expect("valid shapes");

@@ -10,7 +10,9 @@
 //! | [`loss`] | adaptive Dice + BCE on logits, per class |
 //! | [`device`] | [`select_device`](device::select_device): the backend, chosen from cargo features |
 //! | [`error`] | the crate's [`Error`] |
-//! | [`data`] | training episodes: real label maps, synthetic contrast, augmentation, MSD/nnU-Net datasets |
+//! | [`training`] | the episodic training step and loop ([`Trainer`](training::Trainer)), the model fingerprint |
+//! | [`bank`] | the EMA memory bank of task embeddings, written as `.irisemb` |
+//! | [`checkpoint`] | atomic checkpoints that resume exactly |
 //!
 //! All volumes are `[B, C, D, H, W]` tensors (W fastest), the same axis
 //! order as `iris-core`.
@@ -32,10 +34,13 @@
 //! ```
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod bank;
+pub mod checkpoint;
 pub mod data;
 pub mod device;
 pub mod error;
 pub mod loss;
 pub mod model;
+pub mod training;
 
 pub use error::Error;

@@ -1,0 +1,310 @@
+//! `iris-train`: episodic training of the Iris model on the atlases of
+//! `data/` (real label maps, synthetic contrast), with exact resume.
+//!
+//! ```text
+//! iris-train train --preset small --steps 20000 --out runs/small [--resume]
+//!     [--threads N] [--minutes M] [--seed S] [--data DIR] [--eval-every N]
+//!     [--checkpoint-every N] [--batch-size B] [--quiet]
+//! ```
+//!
+//! Exit codes: 0 done (the step count or the time limit was reached and a
+//! checkpoint written), 1 training failed, 2 bad arguments, 3 training data
+//! missing or unreadable, 4 checkpoint problem (nothing to resume, or a
+//! checkpoint in the way of a fresh run, or a write failed).
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use iris_train::checkpoint;
+use iris_train::data::{AtlasSource, EpisodeConfig, EpisodeSampler, atlas::load_atlases};
+use iris_train::model::IrisConfig;
+use iris_train::training::{TrainError, Trainer, TrainingConfig, evaluate, held_out_episodes};
+
+#[derive(Parser)]
+#[command(
+    name = "iris-train",
+    version,
+    about = "Train the Iris segmentation model"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Episodic training (Algorithm 1) with checkpoints, metrics and the
+    /// EMA memory bank written to the output folder.
+    Train(TrainArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Preset {
+    Tiny,
+    Small,
+    Paper,
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// Model size (required for a fresh run; a resumed run keeps its own).
+    #[arg(long, value_enum, required_unless_present = "resume")]
+    preset: Option<Preset>,
+    /// Train until this many steps are done in total (also the length of a
+    /// fresh run's learning-rate schedule).
+    #[arg(long)]
+    steps: usize,
+    /// Output folder: checkpoint/, metrics.csv, memory_bank.irisemb.
+    #[arg(long)]
+    out: PathBuf,
+    /// Continue the run saved in --out.
+    #[arg(long)]
+    resume: bool,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Stop (with a checkpoint) after this many minutes.
+    #[arg(long)]
+    minutes: Option<f64>,
+    /// Seed of the weights and episodes of a fresh run.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// The atlases folder made by scripts/fetch-data.sh.
+    #[arg(long, default_value = "data")]
+    data: PathBuf,
+    /// Evaluate on held-out classes every N steps (0: never).
+    #[arg(long, default_value_t = 500)]
+    eval_every: usize,
+    /// Write a checkpoint every N steps (and at the end).
+    #[arg(long, default_value_t = 100)]
+    checkpoint_every: usize,
+    /// Episodes per step of a fresh run.
+    #[arg(long, default_value_t = 1)]
+    batch_size: usize,
+    /// No progress bar or summary.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// A failure with the exit code it maps to.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl Failure {
+    fn new(code: u8, message: impl Into<String>) -> Self {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<TrainError> for Failure {
+    fn from(e: TrainError) -> Self {
+        let code = match e {
+            TrainError::Checkpoint { .. } => 4,
+            TrainError::Data(_) => 3,
+            _ => 1,
+        };
+        Failure::new(code, e.to_string())
+    }
+}
+
+fn main() -> ExitCode {
+    let Command::Train(args) = Cli::parse().command;
+    match train(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("iris-train: {}", failure.message);
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+fn train(args: &TrainArgs) -> Result<(), Failure> {
+    if let Some(threads) = args.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global()
+            .map_err(|e| Failure::new(2, format!("--threads {threads}: {e}")))?;
+    }
+    if args.checkpoint_every == 0 {
+        return Err(Failure::new(2, "--checkpoint-every must be at least 1"));
+    }
+    let device = iris_train::device::select_device();
+    let mut trainer = if args.resume {
+        Trainer::resume(&args.out, &device)?
+    } else {
+        if let Some(found) = checkpoint::find(&args.out) {
+            return Err(Failure::new(
+                4,
+                format!(
+                    "{} already holds a checkpoint: pass --resume to continue it, or choose another --out",
+                    found.display()
+                ),
+            ));
+        }
+        let model = match args.preset {
+            Some(Preset::Tiny) => IrisConfig::tiny(),
+            Some(Preset::Small) => IrisConfig::small(),
+            Some(Preset::Paper) | None => IrisConfig::paper(),
+        };
+        let config = TrainingConfig::new(model, args.steps)
+            .with_seed(args.seed)
+            .with_batch_size(args.batch_size);
+        Trainer::new(config, &device)?
+    };
+
+    let sampler = load_data(&args.data, &trainer.config().model)?;
+    let mut classes: Vec<_> = sampler
+        .trainable_classes()
+        .map(|c| (c.key.clone(), c.name.clone()))
+        .collect();
+    classes.sort();
+    for (key, name) in &classes {
+        trainer.bank_mut().register(key, name);
+    }
+    let held_out = if args.eval_every > 0 {
+        held_out_episodes(&sampler, 8, 64, 1)?
+    } else {
+        Vec::new()
+    };
+
+    fs::create_dir_all(&args.out)
+        .map_err(|e| Failure::new(4, format!("{}: {e}", args.out.display())))?;
+    let mut metrics = Metrics::open(&args.out.join("metrics.csv"), trainer.step())?;
+    let bar = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(args.steps as u64)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise} < {eta}] {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_position(trainer.step() as u64);
+
+    let start = Instant::now();
+    let limit = args
+        .minutes
+        .map(|m| Duration::from_secs_f64(m.max(0.0) * 60.0));
+    let episodes = |seed| sampler.episode(seed);
+    let (mut loss, mut dice) = (f32::NAN, f32::NAN);
+    while trainer.step() < args.steps && limit.is_none_or(|l| start.elapsed() < l) {
+        let step_start = Instant::now();
+        let stats = trainer.train_with(&episodes)?;
+        let rate = trainer.config().batch_size as f64 / step_start.elapsed().as_secs_f64();
+        (loss, dice) = (stats.loss, stats.dice);
+        let step = trainer.step();
+        let eval = if args.eval_every > 0 && step % args.eval_every == 0 {
+            evaluate(trainer.model(), &held_out)?
+        } else {
+            None
+        };
+        metrics.row(step, &stats, rate, start.elapsed().as_secs_f64(), eval)?;
+        bar.set_position(step as u64);
+        bar.set_message(format!(
+            "loss {loss:.4}  Dice {dice:.3}  {rate:.2} episodes/s"
+        ));
+        if step % args.checkpoint_every == 0 {
+            trainer.save_checkpoint(&args.out)?;
+        }
+    }
+    trainer.save_checkpoint(&args.out)?;
+    bar.finish();
+    if !args.quiet {
+        println!(
+            "step {} of {}: loss {loss:.4}, Dice {dice:.3}; checkpoint in {}",
+            trainer.step(),
+            args.steps,
+            args.out.join(checkpoint::CHECKPOINT_DIR).display()
+        );
+    }
+    Ok(())
+}
+
+/// The training atlases at the model's spacing, or a failure telling how
+/// to get them.
+fn load_data(data: &Path, model: &IrisConfig) -> Result<EpisodeSampler, Failure> {
+    if !data.is_dir() {
+        return Err(Failure::new(
+            3,
+            format!(
+                "training data folder {} not found: run scripts/fetch-data.sh (or pass --data DIR)",
+                data.display()
+            ),
+        ));
+    }
+    let data_failure = |e: iris_train::data::DataError| {
+        Failure::new(
+            3,
+            format!(
+                "training data in {}: {e} (run scripts/fetch-data.sh to fetch it)",
+                data.display()
+            ),
+        )
+    };
+    let sources =
+        load_atlases(data, &AtlasSource::TRAINING, model.spacing_mm).map_err(data_failure)?;
+    EpisodeSampler::new(sources, EpisodeConfig::new(model.patch_size)).map_err(data_failure)
+}
+
+/// `metrics.csv`: one row per step.
+struct Metrics {
+    file: fs::File,
+    path: PathBuf,
+}
+
+impl Metrics {
+    const HEADER: &str = "step,loss,dice,lr,episodes_per_s,seconds,eval_dice";
+
+    /// Opens `path` for appending, keeping only rows up to `step` (rows a
+    /// crashed run wrote after its last checkpoint are dropped, as the
+    /// resumed run writes them again).
+    fn open(path: &Path, step: usize) -> Result<Self, Failure> {
+        let fail = |e: std::io::Error| Failure::new(1, format!("{}: {e}", path.display()));
+        let old = fs::read_to_string(path).unwrap_or_default();
+        let mut kept = String::from(Self::HEADER);
+        kept.push('\n');
+        for line in old.lines().skip(1) {
+            let row_step = line.split(',').next().and_then(|s| s.parse::<usize>().ok());
+            if row_step.is_some_and(|s| s <= step) {
+                kept.push_str(line);
+                kept.push('\n');
+            }
+        }
+        fs::write(path, kept).map_err(fail)?;
+        let file = fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map_err(fail)?;
+        Ok(Metrics {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn row(
+        &mut self,
+        step: usize,
+        stats: &iris_train::training::StepStats,
+        rate: f64,
+        seconds: f64,
+        eval: Option<f32>,
+    ) -> Result<(), Failure> {
+        let eval = eval.map(|d| format!("{d:.5}")).unwrap_or_default();
+        writeln!(
+            self.file,
+            "{step},{:.6},{:.5},{:.3e},{rate:.4},{seconds:.2},{eval}",
+            stats.loss, stats.dice, stats.learning_rate
+        )
+        .map_err(|e| Failure::new(1, format!("{}: {e}", self.path.display())))
+    }
+}

@@ -1,0 +1,484 @@
+//! Training at the `tiny` preset on synthetic episodes: a fixed episode is
+//! overfitted, checkpoints resume exactly, the memory bank follows the EMA
+//! maths on the model's own embeddings, and its `.irisemb` file is bound to
+//! the model's fingerprint.
+
+use std::path::PathBuf;
+
+use burn::module::{Module, ModuleMapper, Param};
+use burn::prelude::*;
+use iris_core::embedding::{ModelFingerprint, Provenance};
+use iris_core::irisemb;
+use iris_train::bank::{MemoryBank, class_stages};
+use iris_train::data::{ClassKey, Episode};
+use iris_train::model::{Iris, IrisConfig};
+use iris_train::training::{
+    Trainer, TrainingConfig, evaluate, held_out_episodes, model_fingerprint, thresholded_dice,
+};
+use ndarray::{Array3, Array4};
+
+const SIDE: usize = 32;
+
+/// A fresh folder under the system temp dir, removed first if present.
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("iris-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// SplitMix64 stream for the synthetic episodes.
+struct Stream(u64);
+
+impl Stream {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, 1)`.
+    fn unit(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// One view of a two-class scene: a box (class 1) and a ball (class 2) at
+/// positions drawn from `stream`, each label with its own intensity, plus
+/// noise. Returns the image and the `[2, D, H, W]` masks.
+fn view(stream: &mut Stream) -> (Array3<f32>, Array4<u8>) {
+    // The box lies in d < 17, the ball in d > 15: they barely touch.
+    let corner = [
+        2 + stream.below(4),
+        4 + stream.below(8),
+        4 + stream.below(8),
+    ];
+    let size = [
+        8 + stream.below(4),
+        8 + stream.below(8),
+        8 + stream.below(8),
+    ];
+    let radius = 4.0 + stream.unit() * 2.0;
+    let centre = [
+        22.0 + stream.unit() * 4.0,
+        10.0 + stream.unit() * 12.0,
+        10.0 + stream.unit() * 12.0,
+    ];
+    let contrast = [0.5 + stream.unit(), -0.5 - stream.unit()];
+    let mut masks = Array4::<u8>::zeros((2, SIDE, SIDE, SIDE));
+    let mut image = Array3::<f32>::zeros((SIDE, SIDE, SIDE));
+    for ((d, h, w), v) in image.indexed_iter_mut() {
+        let p = [d, h, w];
+        let in_box = (0..3).all(|a| p[a] >= corner[a] && p[a] < corner[a] + size[a]);
+        let r2: f32 = (0..3).map(|a| (p[a] as f32 - centre[a]).powi(2)).sum();
+        let in_ball = !in_box && r2 <= radius * radius;
+        masks[[0, d, h, w]] = u8::from(in_box);
+        masks[[1, d, h, w]] = u8::from(in_ball);
+        let label = if in_box {
+            contrast[0]
+        } else if in_ball {
+            contrast[1]
+        } else {
+            0.0
+        };
+        *v = label + 0.1 * (stream.unit() - 0.5);
+    }
+    (image, masks)
+}
+
+/// A synthetic episode: two independent views of the two-class task.
+fn episode(seed: u64) -> Episode {
+    let mut stream = Stream(seed);
+    let (reference_image, reference_masks) = view(&mut stream);
+    let (query_image, query_masks) = view(&mut stream);
+    Episode {
+        reference_image,
+        reference_masks,
+        query_image,
+        query_masks,
+        classes: vec![ClassKey::new("synthetic", 1), ClassKey::new("synthetic", 2)],
+    }
+}
+
+fn device() -> Device {
+    let device = Device::flex();
+    device.seed(3);
+    device
+}
+
+fn config(steps: usize) -> TrainingConfig {
+    TrainingConfig::new(IrisConfig::tiny(), steps)
+        .with_warmup_steps(2)
+        .with_learning_rate(1e-2)
+        .with_final_learning_rate(1e-3)
+        .with_bank_momentum(0.9)
+}
+
+/// One class (the box) of the synthetic episode `seed`.
+fn one_class_episode(seed: u64) -> Episode {
+    let mut episode = episode(seed);
+    let first = ndarray::s![0..1, .., .., ..];
+    episode.reference_masks = episode.reference_masks.slice(first).to_owned();
+    episode.query_masks = episode.query_masks.slice(first).to_owned();
+    episode.classes.truncate(1);
+    episode
+}
+
+/// Measured: the loss falls from 1.68 to about 0.005 (over 300x) in 30
+/// steps and train Dice reaches 1.0. (With both classes the loss stalls
+/// near 0.55 and Dice near 0.6 in 40 steps: the two classes' logits are
+/// still almost equal, the class pathway learns more slowly.)
+#[test]
+fn tiny_model_overfits_a_fixed_episode() {
+    const STEPS: usize = 30;
+    let fixed = one_class_episode(42);
+    // Warm-up of 2 steps, then a constant learning rate.
+    let config = config(STEPS).with_final_learning_rate(1e-2);
+    let mut trainer = Trainer::new(config, &device()).expect("valid config");
+    let history: Vec<_> = (0..STEPS)
+        .map(|_| {
+            trainer
+                .train_on(std::slice::from_ref(&fixed))
+                .expect("step")
+        })
+        .collect();
+    let losses: Vec<f32> = history.iter().map(|s| s.loss).collect();
+    let dice: Vec<f32> = history.iter().map(|s| s.dice).collect();
+    let (first, last) = (&history[0], &history[STEPS - 1]);
+    assert!(
+        last.loss * 50.0 <= first.loss,
+        "loss fell less than 50x in {STEPS} steps: {losses:?}"
+    );
+    assert!(
+        first.dice < 0.2 && last.dice >= 0.95,
+        "train Dice did not rise from below 0.2 to 0.95: {dice:?}"
+    );
+    assert_eq!(trainer.step(), STEPS);
+    // Evaluation without gradients agrees.
+    let eval = evaluate(trainer.model(), std::slice::from_ref(&fixed)).expect("shapes");
+    assert!(eval.is_some_and(|d| d >= 0.95), "{eval:?}");
+    assert_eq!(trainer.bank().len(), 1);
+    assert_eq!(trainer.bank().id(&fixed.classes[0]), Some(1));
+}
+
+#[test]
+fn thresholded_dice_counts_overlap() {
+    let device = device();
+    // Class 0: prediction covers 2 voxels, target 2, overlap 1 -> 0.5.
+    // Class 1: both empty -> 1.
+    let logits = Tensor::<5>::from_data(
+        TensorData::new(
+            vec![1.0f32, 1.0, -1.0, -1.0, -1.0, -1.0, -1.0, -1.0],
+            [1, 2, 1, 1, 4],
+        ),
+        &device,
+    );
+    let targets = Tensor::<5>::from_data(
+        TensorData::new(
+            vec![1.0f32, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+            [1, 2, 1, 1, 4],
+        ),
+        &device,
+    );
+    assert!((thresholded_dice(logits, targets) - 0.75).abs() < 1e-6);
+}
+
+#[test]
+fn resume_continues_exactly() {
+    const N: usize = 3;
+    const M: usize = 2;
+    let cfg = || config(N + M).with_seed(5);
+    let ad = device().autodiff();
+    let initial = IrisConfig::tiny().init(&ad).expect("tiny model");
+
+    let mut straight = Trainer::with_model(cfg(), initial.clone()).expect("config");
+    let mut straight_stats = Vec::new();
+    for _ in 0..N + M {
+        straight_stats.push(
+            straight
+                .train_with(&|seed| Ok(episode(seed)))
+                .expect("step"),
+        );
+    }
+
+    let out = temp_dir("resume");
+    let mut first = Trainer::with_model(cfg(), initial).expect("config");
+    for _ in 0..N {
+        first.train_with(&|seed| Ok(episode(seed))).expect("step");
+    }
+    first.save_checkpoint(&out).expect("checkpoint");
+    drop(first);
+    let mut resumed = Trainer::resume(&out, &device()).expect("resume");
+    assert_eq!(resumed.step(), N);
+    let mut resumed_stats = Vec::new();
+    for _ in 0..M {
+        resumed_stats.push(resumed.train_with(&|seed| Ok(episode(seed))).expect("step"));
+    }
+    // Bit-identical: same episodes, learning rates, optimizer state and
+    // weights, and flex's kernels are deterministic for a thread count.
+    assert_eq!(resumed_stats, straight_stats[N..]);
+    assert_eq!(resumed.fingerprint(), straight.fingerprint());
+    let key = ClassKey::new("synthetic", 1);
+    assert_eq!(resumed.bank().entry(&key), straight.bank().entry(&key));
+    assert_eq!(resumed.bank().table(), straight.bank().table());
+    std::fs::remove_dir_all(&out).ok();
+}
+
+/// Adds `delta` to the first value of the first float parameter.
+struct NudgeFirst {
+    delta: f32,
+    done: bool,
+}
+
+impl ModuleMapper for NudgeFirst {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        if self.done {
+            return param;
+        }
+        self.done = true;
+        let delta = self.delta;
+        param.map(|tensor| {
+            let mut values: Vec<f32> = tensor.to_data().iter::<f32>().collect();
+            values[0] += delta;
+            Tensor::from_data(TensorData::new(values, tensor.dims()), &tensor.device())
+        })
+    }
+}
+
+#[test]
+fn fingerprint_tracks_the_weights_and_survives_save_and_load() {
+    let config = config(1);
+    let trainer = Trainer::new(config.clone(), &device()).expect("config");
+    let model: &Iris = trainer.model();
+    let fingerprint = model_fingerprint(model, &config.model);
+    assert_eq!(fingerprint, model_fingerprint(model, &config.model));
+    let nudged = model.clone().map(&mut NudgeFirst {
+        delta: 1e-3,
+        done: false,
+    });
+    assert_ne!(fingerprint, model_fingerprint(&nudged, &config.model));
+    // The configuration is part of it: another head width, same weights.
+    assert_ne!(
+        fingerprint,
+        model_fingerprint(model, &config.model.clone().with_head_dim(16))
+    );
+
+    let out = temp_dir("fingerprint");
+    trainer.save_checkpoint(&out).expect("checkpoint");
+    let resumed = Trainer::resume(&out, &device()).expect("resume");
+    assert_eq!(resumed.fingerprint(), fingerprint);
+    std::fs::remove_dir_all(&out).ok();
+}
+
+/// The tiny model's task embedding of `episode`'s reference.
+fn reference_embedding(model: &Iris, episode: &Episode) -> iris_train::model::TaskEmbedding {
+    let device = model.devices()[0].clone();
+    let (k, d, h, w) = episode.reference_masks.dim();
+    let image = Tensor::<5>::from_data(
+        TensorData::new(
+            episode.reference_image.iter().copied().collect::<Vec<_>>(),
+            [1, 1, d, h, w],
+        ),
+        &device,
+    );
+    let masks = Tensor::<5>::from_data(
+        TensorData::new(
+            episode
+                .reference_masks
+                .iter()
+                .map(|&m| f32::from(m))
+                .collect::<Vec<_>>(),
+            [1, k, d, h, w],
+        ),
+        &device,
+    );
+    model.encode_task(image, masks).expect("valid shapes")
+}
+
+#[test]
+fn bank_follows_the_ema_on_model_embeddings() {
+    let config = IrisConfig::tiny();
+    let model = config.init(&device()).expect("tiny model");
+    let (a, b) = (episode(1), episode(2));
+    let (ea, eb) = (
+        reference_embedding(&model, &a),
+        reference_embedding(&model, &b),
+    );
+    let (va, vb) = (class_stages(&ea), class_stages(&eb));
+    assert_ne!(va, vb, "two references give two embeddings");
+    // Shapes: per class, per level (T + 1) * C values.
+    let tokens = config.query_tokens + 1;
+    let lens: Vec<usize> = va[0].iter().map(Vec::len).collect();
+    let expected: Vec<usize> = config.task_channels().iter().map(|c| c * tokens).collect();
+    assert_eq!(lens, expected);
+
+    let momentum = 0.9f32;
+    let mut bank = MemoryBank::new(&config, momentum).expect("momentum");
+    assert!(bank.is_empty());
+    // Only class 1 first: its entry is the observation itself.
+    bank.observe(&a.classes[..1], &ea.select_classes(&[0]))
+        .expect("observe");
+    let first = bank.entry(&a.classes[0]).expect("entry");
+    assert_eq!(first.stages(), &va[0][..]);
+    assert_eq!(
+        first.provenance(),
+        Provenance::MemoryBank {
+            updates: 0,
+            momentum
+        }
+    );
+    assert!(bank.entry(&a.classes[1]).is_none());
+
+    // Both classes: class 1 moves by EMA, class 2 is initialised.
+    bank.observe(&b.classes, &eb).expect("observe");
+    let updated = bank.entry(&a.classes[0]).expect("entry");
+    for (level, (old, new)) in updated.stages().iter().zip(va[0].iter().zip(&vb[0])) {
+        for (&t, (&o, &n)) in level.iter().zip(old.iter().zip(new)) {
+            let expected = momentum * o + (1.0 - momentum) * n;
+            assert!((t - expected).abs() <= 1e-6 * (1.0 + expected.abs()));
+        }
+    }
+    assert_eq!(
+        updated.provenance(),
+        Provenance::MemoryBank {
+            updates: 1,
+            momentum
+        }
+    );
+    assert_eq!(
+        bank.entry(&b.classes[1]).expect("entry").stages(),
+        &vb[1][..]
+    );
+    assert_eq!(bank.len(), 2);
+    let ids: Vec<(u32, &str)> = bank.classes().map(|(id, key, _)| (id, key)).collect();
+    assert_eq!(ids, [(1, "synthetic:1"), (2, "synthetic:2")]);
+}
+
+#[test]
+fn bank_file_reads_back_and_refuses_another_model() {
+    let config = IrisConfig::tiny();
+    let model = config.init(&device()).expect("tiny model");
+    let a = episode(9);
+    let mut bank = MemoryBank::new(&config, 0.99).expect("momentum");
+    bank.register(&ClassKey::new("synthetic", 2), "ball");
+    bank.register(&ClassKey::new("synthetic", 1), "box");
+    bank.observe(&a.classes, &reference_embedding(&model, &a))
+        .expect("observe");
+
+    let out = temp_dir("bank");
+    std::fs::create_dir_all(&out).expect("temp dir");
+    let path = out.join("memory_bank.irisemb");
+    let ours = model_fingerprint(&model, &config);
+    assert!(bank.write(&path, ours).expect("write"));
+
+    let read = irisemb::read_file(&path).expect("readable by iris-core");
+    read.ensure_model(&ours).expect("our fingerprint");
+    let written = bank.to_embedding(ours).expect("valid").expect("non-empty");
+    assert_eq!(read, written);
+    // Registered ids and names: the ball was registered first.
+    let ball = read.class(1).expect("class 1");
+    assert_eq!(ball.name(), "synthetic:2 ball");
+    assert_eq!(
+        ball.stages(),
+        bank.entry(&a.classes[1]).expect("entry").stages()
+    );
+    assert_eq!(read.preprocessing().patch, [32; 3]);
+
+    let other = ModelFingerprint::new([1; 32]);
+    let bytes = std::fs::read(&path).expect("bank bytes");
+    assert!(matches!(
+        irisemb::read_for_model(&bytes, &other),
+        Err(iris_core::Error::ModelMismatch { .. })
+    ));
+    let (keys, names) = bank.table();
+    let restored = MemoryBank::restore(
+        &config,
+        0.99,
+        keys.to_vec(),
+        names.to_vec(),
+        Some((&path, ours)),
+    )
+    .expect("restore");
+    assert_eq!(restored.to_embedding(ours).expect("valid"), Some(written));
+    assert!(matches!(
+        MemoryBank::restore(
+            &config,
+            0.99,
+            keys.to_vec(),
+            names.to_vec(),
+            Some((&path, other))
+        ),
+        Err(iris_core::Error::ModelMismatch { .. })
+    ));
+    std::fs::remove_dir_all(&out).ok();
+}
+
+#[test]
+fn command_line_exit_codes_and_messages() {
+    let run = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_iris-train"))
+            .args(args)
+            .output()
+            .expect("runs");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let out = temp_dir("cli");
+    let out_arg = out.to_str().expect("utf-8 temp path");
+    let missing = out.join("no-data");
+    let (code, stderr) = run(&[
+        "train",
+        "--preset",
+        "tiny",
+        "--steps",
+        "1",
+        "--out",
+        out_arg,
+        "--data",
+        missing.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(stderr.contains("scripts/fetch-data.sh"), "{stderr}");
+    let (code, stderr) = run(&["train", "--steps", "1", "--out", out_arg, "--resume"]);
+    assert_eq!(code, Some(4), "{stderr}");
+    assert!(stderr.contains("no checkpoint to resume"), "{stderr}");
+    let (code, _) = run(&[
+        "train", "--preset", "huge", "--steps", "1", "--out", out_arg,
+    ]);
+    assert_eq!(code, Some(2));
+    std::fs::remove_dir_all(&out).ok();
+}
+
+#[test]
+fn held_out_episodes_use_only_held_out_classes_and_repeat() {
+    use iris_train::data::{EpisodeConfig, EpisodeSampler, Source, Subject};
+    use std::collections::BTreeMap;
+    let labels = Array3::from_shape_fn((24, 24, 24), |(d, h, w)| match (d, h, w) {
+        (4..=11, 4..=19, 4..=19) => 1,
+        (12..=19, 6..=17, 6..=17) => 2,
+        _ => 0,
+    });
+    let names = BTreeMap::from([(1, "upper".to_string()), (2, "lower".to_string())]);
+    let subject = Subject::new(labels, None).expect("subject");
+    let source = Source::new("toy", &names, vec![subject], |label, _| label == 2).expect("source");
+    let sampler = EpisodeSampler::new(vec![source], EpisodeConfig::new([16; 3])).expect("sampler");
+    let episodes = held_out_episodes(&sampler, 8, 8, 1).expect("episodes");
+    assert_eq!(episodes.len(), 1);
+    assert_eq!(episodes[0].classes, [ClassKey::new("toy", 2)]);
+    assert_eq!(
+        episodes,
+        held_out_episodes(&sampler, 8, 8, 1).expect("episodes")
+    );
+    assert!(
+        held_out_episodes(&sampler, 0, 8, 1)
+            .expect("none")
+            .is_empty()
+    );
+}
