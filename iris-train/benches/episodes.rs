@@ -39,19 +39,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .num_threads(threads)
                 .build()?;
             let start = Instant::now();
-            let (voxels, masks, empty) =
-                pool.install(|| -> Result<_, iris_train::data::DataError> {
-                    let (mut fg, mut masks, mut empty) = (0, 0, 0);
-                    for seed in 0..episodes {
-                        let e = sampler.episode(seed)?;
-                        for n in mask_voxels(&e.query_masks) {
-                            fg += n;
-                            masks += 1;
-                            empty += usize::from(n == 0);
-                        }
+            let (voxels, masks, empty) = pool.install(|| -> Result<_, iris_train::Error> {
+                let (mut fg, mut masks, mut empty) = (0, 0, 0);
+                for seed in 0..episodes {
+                    let e = sampler.episode(seed)?;
+                    for n in mask_voxels(&e.query_masks) {
+                        fg += n;
+                        masks += 1;
+                        empty += usize::from(n == 0);
                     }
-                    Ok((fg, masks, empty))
-                })?;
+                }
+                Ok((fg, masks, empty))
+            })?;
             let secs = start.elapsed().as_secs_f64();
             println!(
                 "{preset:5} {patch}^3 at {spacing} mm, {threads} thread(s): {:7.1} episodes/s \

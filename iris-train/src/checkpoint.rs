@@ -26,7 +26,8 @@ use burn::config::Config;
 use burn::prelude::*;
 
 use crate::bank::MemoryBank;
-use crate::training::{TrainError, Trainer, TrainingConfig, model_fingerprint};
+use crate::error::Error;
+use crate::training::{Trainer, TrainingConfig, model_fingerprint};
 use iris_core::embedding::ModelFingerprint;
 
 /// Name of the checkpoint folder inside the output folder.
@@ -52,8 +53,8 @@ struct CheckpointState {
     class_names: Vec<String>,
 }
 
-fn failed(path: &Path, reason: impl std::fmt::Display) -> TrainError {
-    TrainError::Checkpoint {
+fn failed(path: &Path, reason: impl std::fmt::Display) -> Error {
+    Error::Checkpoint {
         path: path.to_path_buf(),
         reason: reason.to_string(),
     }
@@ -73,8 +74,8 @@ impl Trainer {
     /// bank to `<out>/memory_bank.irisemb`; creates `out` if needed.
     ///
     /// # Errors
-    /// [`TrainError::Checkpoint`] naming the file that could not be written.
-    pub fn save_checkpoint(&self, out: &Path) -> Result<(), TrainError> {
+    /// [`Error::Checkpoint`] naming the file that could not be written.
+    pub fn save_checkpoint(&self, out: &Path) -> Result<(), Error> {
         fs::create_dir_all(out).map_err(|e| failed(out, e))?;
         let tmp = out.join(format!(".checkpoint.tmp-{}", std::process::id()));
         if tmp.exists() {
@@ -126,9 +127,9 @@ impl Trainer {
     /// match the one saved, and the bank file must carry it.
     ///
     /// # Errors
-    /// [`TrainError::Checkpoint`] when there is no checkpoint or a file is
-    /// unreadable or inconsistent; [`TrainError::Core`] for a bad bank file.
-    pub fn resume(out: &Path, device: &Device) -> Result<Self, TrainError> {
+    /// [`Error::Checkpoint`] when there is no checkpoint or a file is
+    /// unreadable or inconsistent; [`Error::Core`] for a bad bank file.
+    pub fn resume(out: &Path, device: &Device) -> Result<Self, Error> {
         let dir = find(out).ok_or_else(|| {
             failed(
                 &out.join(CHECKPOINT_DIR),
@@ -182,7 +183,7 @@ impl Trainer {
 
 /// Flushes every file of `dir` (and the folder) to disk before the rename
 /// that publishes it.
-fn sync_folder(dir: &Path) -> Result<(), TrainError> {
+fn sync_folder(dir: &Path) -> Result<(), Error> {
     let entries = fs::read_dir(dir).map_err(|e| failed(dir, e))?;
     for entry in entries {
         let path = entry.map_err(|e| failed(dir, e))?.path();

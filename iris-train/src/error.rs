@@ -1,10 +1,15 @@
 //! The one error type of `iris-train`.
 
 use std::fmt;
+use std::path::PathBuf;
 
-/// Everything that can go wrong in `iris-train`, with the offending field or
-/// tensor and what was expected.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Result alias used throughout `iris-train`.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in `iris-train`, with the offending field,
+/// tensor or file and what was expected.
+#[derive(Debug)]
+#[non_exhaustive]
 pub enum Error {
     /// A configuration value is out of range.
     Config {
@@ -24,6 +29,44 @@ pub enum Error {
         /// The shape found.
         found: String,
     },
+    /// An `iris-core` operation failed (NIfTI reading, resampling, an
+    /// invalid argument, a `.irisemb` file), with that error's own details.
+    Core(iris_core::Error),
+    /// A training dataset file is missing, unreadable or inconsistent.
+    Dataset {
+        /// The file (or folder) at fault.
+        path: PathBuf,
+        /// What is wrong with it, with the values found.
+        reason: String,
+    },
+    /// The loss is NaN or infinite (the weights were left unchanged).
+    Diverged {
+        /// The loss value.
+        loss: f32,
+    },
+    /// A checkpoint file could not be written or read.
+    Checkpoint {
+        /// The file or folder at fault.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+impl Error {
+    /// An [`Error::Dataset`] about `path`.
+    pub(crate) fn dataset(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        Error::Dataset {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// An invalid argument or data-generation setting, reported as
+    /// `iris-core` reports invalid arguments.
+    pub(crate) fn invalid(name: &'static str, reason: impl Into<String>) -> Self {
+        Error::Core(iris_core::Error::invalid(name, reason))
+    }
 }
 
 impl fmt::Display for Error {
@@ -42,8 +85,30 @@ impl fmt::Display for Error {
                 expected,
                 found,
             } => write!(f, "{tensor} must have shape {expected}, found {found:?}"),
+            Self::Core(e) => e.fmt(f),
+            Self::Dataset { path, reason } => write!(f, "{}: {reason}", path.display()),
+            Self::Diverged { loss } => write!(
+                f,
+                "training diverged: the loss is {loss} (try a lower learning rate)"
+            ),
+            Self::Checkpoint { path, reason } => {
+                write!(f, "checkpoint {}: {reason}", path.display())
+            }
         }
     }
 }
 
-impl std::error::Error for Error {}
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Core(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<iris_core::Error> for Error {
+    fn from(e: iris_core::Error) -> Self {
+        Error::Core(e)
+    }
+}

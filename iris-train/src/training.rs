@@ -15,18 +15,15 @@
 //! ```no_run
 //! use iris_train::training::{Trainer, TrainingConfig};
 //! use iris_train::model::IrisConfig;
-//! # fn episodes(seed: u64) -> iris_train::data::Result<iris_train::data::Episode> { unimplemented!() }
+//! # fn episodes(seed: u64) -> Result<iris_train::data::Episode, iris_train::Error> { unimplemented!() }
 //! let config = TrainingConfig::new(IrisConfig::tiny(), 100);
 //! let mut trainer = Trainer::new(config, &iris_train::device::select_device())?;
 //! while trainer.step() < 100 {
 //!     let stats = trainer.train_with(&episodes)?;
 //!     println!("step {}: loss {:.3}, Dice {:.3}", trainer.step(), stats.loss, stats.dice);
 //! }
-//! # Ok::<(), iris_train::training::TrainError>(())
+//! # Ok::<(), iris_train::Error>(())
 //! ```
-
-use std::fmt;
-use std::path::PathBuf;
 
 use burn::optim::{GradientsParams, LambConfig, ModuleOptimizer};
 use burn::prelude::*;
@@ -34,7 +31,8 @@ use ndarray::{Array3, Array4};
 use sha2::{Digest, Sha256};
 
 use crate::bank::MemoryBank;
-use crate::data::{DataError, Episode, EpisodeSampler, Task};
+use crate::data::{Episode, EpisodeSampler, Task};
+use crate::error::Error;
 use crate::loss::segmentation_loss;
 use crate::model::{Iris, IrisConfig};
 use rand::SeedableRng;
@@ -92,15 +90,15 @@ impl TrainingConfig {
     /// range.
     ///
     /// # Errors
-    /// [`TrainError::Model`] with [`crate::Error::Config`].
-    pub fn validate(&self) -> Result<(), TrainError> {
+    /// [`Error::Config`].
+    pub fn validate(&self) -> Result<(), Error> {
         self.model.validate()?;
         let fail = |field, expected: &str, found: String| {
-            Err(TrainError::Model(crate::Error::Config {
+            Err(Error::Config {
                 field,
                 expected: expected.to_string(),
                 found,
-            }))
+            })
         };
         let rate_ok = |r: f64| r.is_finite() && r >= 0.0;
         if !(rate_ok(self.learning_rate) && self.learning_rate > 0.0) {
@@ -184,24 +182,19 @@ pub struct StepOutput {
 /// learning rate `learning_rate`. `model` must live on an autodiff device.
 ///
 /// # Errors
-/// [`TrainError::Model`] for episodes of the wrong shape,
-/// [`TrainError::Diverged`] for a NaN or infinite loss (no step is taken).
+/// [`Error::Shape`] for episodes of the wrong shape,
+/// [`Error::Diverged`] for a NaN or infinite loss (no step is taken).
 pub fn train_step(
     model: Iris,
     optimizer: &mut ModuleOptimizer,
     learning_rate: f64,
     episodes: &[Episode],
-) -> Result<(Iris, StepOutput), TrainError> {
-    let device =
-        model
-            .devices()
-            .first()
-            .cloned()
-            .ok_or(TrainError::Model(crate::Error::Config {
-                field: "model",
-                expected: "parameters on a device".into(),
-                found: "none".into(),
-            }))?;
+) -> Result<(Iris, StepOutput), Error> {
+    let device = model.devices().first().cloned().ok_or(Error::Config {
+        field: "model",
+        expected: "parameters on a device".into(),
+        found: "none".into(),
+    })?;
     let mut total: Option<Tensor<1>> = None;
     let mut embeddings = Vec::with_capacity(episodes.len());
     let mut dice = 0.0;
@@ -223,17 +216,17 @@ pub fn train_step(
         });
     }
     let Some(total) = total else {
-        return Err(TrainError::Model(crate::Error::Shape {
+        return Err(Error::Shape {
             tensor: "episodes",
             expected: "at least one episode".into(),
             found: "none".into(),
-        }));
+        });
     };
     let n = episodes.len() as f32;
     let loss = total / n;
     let loss_value: f32 = loss.clone().into_scalar();
     if !loss_value.is_finite() {
-        return Err(TrainError::Diverged { loss: loss_value });
+        return Err(Error::Diverged { loss: loss_value });
     }
     let grads = GradientsParams::from_grads(loss.backward(), &model);
     let model = optimizer.step(learning_rate, model, grads);
@@ -289,8 +282,8 @@ pub fn thresholded_dice(logits: Tensor<5>, targets: Tensor<5>) -> f32 {
 /// gradients; `None` for no episodes.
 ///
 /// # Errors
-/// [`TrainError::Model`] for episodes of the wrong shape.
-pub fn evaluate(model: &Iris, episodes: &[Episode]) -> Result<Option<f32>, TrainError> {
+/// [`Error::Shape`] for episodes of the wrong shape.
+pub fn evaluate(model: &Iris, episodes: &[Episode]) -> Result<Option<f32>, Error> {
     let model = model.valid();
     let Some(device) = model.devices().first().cloned() else {
         return Ok(None);
@@ -314,13 +307,13 @@ pub fn evaluate(model: &Iris, episodes: &[Episode]) -> Result<Option<f32>, Train
 /// arguments give the same episodes, so evaluations along a run compare.
 ///
 /// # Errors
-/// [`TrainError::Data`] if an episode cannot be generated.
+/// [`Error::Dataset`] or [`Error::Core`] if an episode cannot be generated.
 pub fn held_out_episodes(
     sampler: &EpisodeSampler,
     count: usize,
     min_voxels: usize,
     seed: u64,
-) -> Result<Vec<Episode>, TrainError> {
+) -> Result<Vec<Episode>, Error> {
     let mut tasks = Vec::new();
     for (s, source) in sampler.sources().iter().enumerate() {
         for class in source.classes().iter().filter(|c| c.held_out) {
@@ -346,7 +339,7 @@ pub fn held_out_episodes(
         .enumerate()
         .map(|(i, task)| {
             let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(i as u64));
-            Ok(sampler.generate(task, &mut rng)?)
+            sampler.generate(task, &mut rng)
         })
         .collect()
 }
@@ -366,8 +359,8 @@ impl Trainer {
     /// model on `device.autodiff()`, an empty bank, step 0.
     ///
     /// # Errors
-    /// [`TrainError::Model`] for an invalid configuration.
-    pub fn new(config: TrainingConfig, device: &Device) -> Result<Self, TrainError> {
+    /// [`Error::Config`] for an invalid configuration.
+    pub fn new(config: TrainingConfig, device: &Device) -> Result<Self, Error> {
         config.validate()?;
         device.seed(config.seed);
         let model = config.model.init(&device.clone().autodiff())?;
@@ -378,8 +371,8 @@ impl Trainer {
     /// weights, which must live on an autodiff device.
     ///
     /// # Errors
-    /// [`TrainError::Model`] for an invalid configuration.
-    pub fn with_model(config: TrainingConfig, model: Iris) -> Result<Self, TrainError> {
+    /// [`Error::Config`] for an invalid configuration.
+    pub fn with_model(config: TrainingConfig, model: Iris) -> Result<Self, Error> {
         config.validate()?;
         let bank = MemoryBank::new(&config.model, config.bank_momentum as f32)?;
         Ok(Trainer {
@@ -421,10 +414,10 @@ impl Trainer {
     /// rate, then the bank update; the step count advances.
     ///
     /// # Errors
-    /// As [`train_step`] (the step is not taken); [`TrainError::Core`] if
+    /// As [`train_step`] (the step is not taken); [`Error::Core`] if
     /// the bank refuses an embedding (non-finite values; the weights have
     /// then been updated and the step counted).
-    pub fn train_on(&mut self, episodes: &[Episode]) -> Result<StepStats, TrainError> {
+    pub fn train_on(&mut self, episodes: &[Episode]) -> Result<StepStats, Error> {
         let lr = self.config.learning_rate(self.step);
         let (model, output) = train_step(self.model.clone(), &mut self.optimizer, lr, episodes)?;
         self.model = model;
@@ -439,11 +432,11 @@ impl Trainer {
     /// `episodes(episode_seed(seed, step, b))` for `b < batch_size`.
     ///
     /// # Errors
-    /// [`TrainError::Data`] from `episodes`; otherwise as [`Trainer::train_on`].
+    /// [`Error::Dataset`] or [`Error::Core`] from `episodes`; otherwise as [`Trainer::train_on`].
     pub fn train_with(
         &mut self,
-        episodes: &dyn Fn(u64) -> Result<Episode, DataError>,
-    ) -> Result<StepStats, TrainError> {
+        episodes: &dyn Fn(u64) -> Result<Episode, Error>,
+    ) -> Result<StepStats, Error> {
         let batch = (0..self.config.batch_size)
             .map(|b| episodes(episode_seed(self.config.seed, self.step, b)))
             .collect::<Result<Vec<_>, _>>()?;
@@ -496,75 +489,4 @@ pub fn model_fingerprint(
     hasher.0.update(&json);
     model.visit(&mut hasher);
     iris_core::embedding::ModelFingerprint::new(hasher.0.finalize().into())
-}
-
-/// Everything that can go wrong while training.
-#[derive(Debug)]
-pub enum TrainError {
-    /// The model refused a configuration or a tensor shape.
-    Model(crate::Error),
-    /// Training data could not be loaded or generated.
-    Data(DataError),
-    /// An `iris-core` operation failed (the bank, a `.irisemb` file).
-    Core(iris_core::Error),
-    /// The loss is NaN or infinite (the weights were left unchanged).
-    Diverged {
-        /// The loss value.
-        loss: f32,
-    },
-    /// A checkpoint file could not be written or read.
-    Checkpoint {
-        /// The file or folder at fault.
-        path: PathBuf,
-        /// What went wrong.
-        reason: String,
-    },
-}
-
-impl fmt::Display for TrainError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            TrainError::Model(e) => e.fmt(f),
-            TrainError::Data(e) => write!(f, "training data: {e}"),
-            TrainError::Core(e) => e.fmt(f),
-            TrainError::Diverged { loss } => {
-                write!(
-                    f,
-                    "training diverged: the loss is {loss} (try a lower learning rate)"
-                )
-            }
-            TrainError::Checkpoint { path, reason } => {
-                write!(f, "checkpoint {}: {reason}", path.display())
-            }
-        }
-    }
-}
-
-impl std::error::Error for TrainError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            TrainError::Model(e) => Some(e),
-            TrainError::Data(e) => Some(e),
-            TrainError::Core(e) => Some(e),
-            TrainError::Diverged { .. } | TrainError::Checkpoint { .. } => None,
-        }
-    }
-}
-
-impl From<crate::Error> for TrainError {
-    fn from(e: crate::Error) -> Self {
-        TrainError::Model(e)
-    }
-}
-
-impl From<DataError> for TrainError {
-    fn from(e: DataError) -> Self {
-        TrainError::Data(e)
-    }
-}
-
-impl From<iris_core::Error> for TrainError {
-    fn from(e: iris_core::Error) -> Self {
-        TrainError::Core(e)
-    }
 }

@@ -8,11 +8,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use iris_core::nifti::{write_image, write_labels};
 use iris_core::volume::{Affine, Image, LabelMap};
+use iris_train::Error;
 use iris_train::data::atlas::{HELD_OUT_BRODMANN, SHELL_LABELS, load_atlases};
 use iris_train::data::episode::mask_voxels;
 use iris_train::data::{
-    AtlasSource, DataError, EpisodeConfig, EpisodeSampler, IntensityConfig, MsdDataset, Source,
-    SpatialConfig, Subject, Warp,
+    AtlasSource, EpisodeConfig, EpisodeSampler, IntensityConfig, MsdDataset, Source, SpatialConfig,
+    Subject, Warp,
 };
 use ndarray::{Array3, s};
 use rand::SeedableRng;
@@ -474,7 +475,7 @@ fn msd_errors_name_the_file_and_the_problem() {
         let text = err.to_string();
         assert!(text.contains(needle), "{text:?} lacks {needle:?}");
         assert!(
-            matches!(&err, DataError::Dataset { path, .. } if path.ends_with(path_end))
+            matches!(&err, Error::Dataset { path, .. } if path.ends_with(path_end))
                 || text.contains(path_end),
             "{text}"
         );

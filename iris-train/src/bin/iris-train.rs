@@ -20,10 +20,11 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use iris_train::Error;
 use iris_train::checkpoint;
 use iris_train::data::{AtlasSource, EpisodeConfig, EpisodeSampler, atlas::load_atlases};
 use iris_train::model::IrisConfig;
-use iris_train::training::{TrainError, Trainer, TrainingConfig, evaluate, held_out_episodes};
+use iris_train::training::{Trainer, TrainingConfig, evaluate, held_out_episodes};
 
 #[derive(Parser)]
 #[command(
@@ -106,11 +107,11 @@ impl Failure {
     }
 }
 
-impl From<TrainError> for Failure {
-    fn from(e: TrainError) -> Self {
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
         let code = match e {
-            TrainError::Checkpoint { .. } => 4,
-            TrainError::Data(_) => 3,
+            Error::Checkpoint { .. } => 4,
+            Error::Dataset { .. } => 3,
             _ => 1,
         };
         Failure::new(code, e.to_string())
@@ -242,7 +243,7 @@ fn load_data(data: &Path, model: &IrisConfig) -> Result<EpisodeSampler, Failure>
             ),
         ));
     }
-    let data_failure = |e: iris_train::data::DataError| {
+    let data_failure = |e: iris_train::Error| {
         Failure::new(
             3,
             format!(

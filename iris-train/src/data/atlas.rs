@@ -19,7 +19,7 @@ use iris_core::preprocess::{
 use iris_core::volume::{Geometry, Image, LabelMap};
 use ndarray::{Array3, Zip};
 
-use super::{DataError, Result};
+use super::{Error, Result};
 
 /// A class's stable global name, `"<source>:<label value>"`, e.g. `"aal:37"`
 /// (AAL's `Hippocampus_L`).
@@ -80,11 +80,11 @@ impl Subject {
     /// same grid (finite values). Computes every label's [`ClassStats`] once.
     ///
     /// # Errors
-    /// [`DataError::Core`] when the image's shape differs from the label
+    /// [`Error::Core`] when the image's shape differs from the label
     /// map's, when it has non-finite values, or when the label map is empty.
     pub fn new(labels: Array3<u16>, image: Option<Array3<f32>>) -> Result<Subject> {
         if labels.is_empty() {
-            return Err(DataError::invalid("labels", "the label map has no voxels"));
+            return Err(Error::invalid("labels", "the label map has no voxels"));
         }
         if let Some(image) = &image {
             if image.dim() != labels.dim() {
@@ -188,7 +188,7 @@ impl Source {
     /// never to be used as training targets.
     ///
     /// # Errors
-    /// [`DataError::Core`] for an empty `name` or no subjects.
+    /// [`Error::Core`] for an empty `name` or no subjects.
     pub fn new(
         name: impl Into<String>,
         names: &BTreeMap<u16, String>,
@@ -197,13 +197,13 @@ impl Source {
     ) -> Result<Source> {
         let name = name.into();
         if name.is_empty() || name.contains(':') {
-            return Err(DataError::invalid(
+            return Err(Error::invalid(
                 "source name",
                 format!("{name:?} must be non-empty and contain no ':'"),
             ));
         }
         if subjects.is_empty() {
-            return Err(DataError::invalid(
+            return Err(Error::invalid(
                 "subjects",
                 format!("source {name} has no subjects"),
             ));
@@ -408,8 +408,8 @@ impl AtlasSource {
     /// next to the volume (`value name [code]` per line).
     ///
     /// # Errors
-    /// [`DataError::Core`] for a missing or unreadable NIfTI (naming the
-    /// file) or an invalid spacing; [`DataError::Dataset`] for a names file
+    /// [`Error::Core`] for a missing or unreadable NIfTI (naming the
+    /// file) or an invalid spacing; [`Error::Dataset`] for a names file
     /// that cannot be read or parsed.
     pub fn load(self, data_dir: &Path, spacing_mm: f64) -> Result<Source> {
         let (labels_file, image_file) = self.files();
@@ -575,24 +575,24 @@ fn numbered_names(labels: &Array3<u16>, prefix: &str) -> BTreeMap<u16, String> {
 /// lines ignored.
 ///
 /// # Errors
-/// [`DataError::Dataset`] naming the file and line for a line that does
+/// [`Error::Dataset`] naming the file and line for a line that does
 /// not start with a label value and a name, or a repeated value.
 pub fn read_names(path: &Path) -> Result<BTreeMap<u16, String>> {
     let text = std::fs::read_to_string(path)
-        .map_err(|e| DataError::dataset(path, format!("cannot read label names: {e}")))?;
+        .map_err(|e| Error::dataset(path, format!("cannot read label names: {e}")))?;
     let mut names = BTreeMap::new();
     for (i, line) in text.lines().enumerate() {
         let mut parts = line.split_whitespace();
         let Some(value) = parts.next() else { continue };
         let parsed = value.parse::<u16>().ok().zip(parts.next());
         let Some((value, name)) = parsed else {
-            return Err(DataError::dataset(
+            return Err(Error::dataset(
                 path,
                 format!("line {}: expected `value name`, found {line:?}", i + 1),
             ));
         };
         if names.insert(value, name.to_string()).is_some() {
-            return Err(DataError::dataset(
+            return Err(Error::dataset(
                 path,
                 format!("line {}: label {value} is named twice", i + 1),
             ));

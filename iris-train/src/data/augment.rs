@@ -19,7 +19,7 @@ use ndarray::{Array3, ArrayViewMut1, Axis};
 use rand::{Rng, RngExt};
 use rand_distr::StandardNormal;
 
-use super::{DataError, Result};
+use super::{Error, Result};
 
 /// Ranges of the random spatial transform. Defaults follow the paper:
 /// scale 0.9-1.1, rotation ±10 degrees, plus a mild smooth deformation.
@@ -61,29 +61,29 @@ impl SpatialConfig {
     /// Checks the ranges.
     ///
     /// # Errors
-    /// [`DataError::Core`] naming the field.
+    /// [`Error::Core`] naming the field.
     pub fn validate(&self) -> Result<()> {
         let [lo, hi] = self.scale;
         if !(lo.is_finite() && hi.is_finite() && 0.0 < lo && lo <= hi) {
-            return Err(DataError::invalid(
+            return Err(Error::invalid(
                 "spatial.scale",
                 format!("{:?} must be a positive, increasing range", self.scale),
             ));
         }
         if !(self.rotation_deg.is_finite() && (0.0..=180.0).contains(&self.rotation_deg)) {
-            return Err(DataError::invalid(
+            return Err(Error::invalid(
                 "spatial.rotation_deg",
                 format!("{} must be within 0-180", self.rotation_deg),
             ));
         }
         if !(self.deformation_std.is_finite() && self.deformation_std >= 0.0) {
-            return Err(DataError::invalid(
+            return Err(Error::invalid(
                 "spatial.deformation_std",
                 format!("{} must be >= 0", self.deformation_std),
             ));
         }
         if self.deformation_grid < 2 {
-            return Err(DataError::invalid(
+            return Err(Error::invalid(
                 "spatial.deformation_grid",
                 format!("{} must be at least 2", self.deformation_grid),
             ));
@@ -121,7 +121,7 @@ impl Warp {
     /// the patch centre at source position `center`.
     ///
     /// # Errors
-    /// [`DataError::Core`] for an invalid `config` or a zero `patch` dimension.
+    /// [`Error::Core`] for an invalid `config` or a zero `patch` dimension.
     pub fn random(
         rng: &mut impl Rng,
         config: &SpatialConfig,
@@ -267,7 +267,7 @@ fn to_array<T>(shape: [usize; 3], data: Vec<T>) -> Array3<T> {
 
 fn check_patch(patch: [usize; 3]) -> Result<()> {
     if patch.contains(&0) {
-        return Err(DataError::invalid(
+        return Err(Error::invalid(
             "patch",
             format!("{patch:?} has a zero dimension"),
         ));
@@ -369,13 +369,13 @@ impl IntensityConfig {
     /// Checks the ranges.
     ///
     /// # Errors
-    /// [`DataError::Core`] naming the field.
+    /// [`Error::Core`] naming the field.
     pub fn validate(&self) -> Result<()> {
         let range = |name: &'static str, [lo, hi]: [f32; 2], min: f32| {
             if lo.is_finite() && hi.is_finite() && min <= lo && lo <= hi {
                 Ok(())
             } else {
-                Err(DataError::invalid(
+                Err(Error::invalid(
                     name,
                     format!("[{lo}, {hi}] must be an increasing range >= {min}"),
                 ))
@@ -390,11 +390,11 @@ impl IntensityConfig {
             ("intensity.noise_std_max", self.noise_std_max),
         ] {
             if !(v.is_finite() && v >= 0.0) {
-                return Err(DataError::invalid(name, format!("{v} must be >= 0")));
+                return Err(Error::invalid(name, format!("{v} must be >= 0")));
             }
         }
         if !(0.0..=1.0).contains(&self.blur_probability) {
-            return Err(DataError::invalid(
+            return Err(Error::invalid(
                 "intensity.blur_probability",
                 format!("{} is not a probability", self.blur_probability),
             ));
@@ -410,7 +410,7 @@ impl IntensityConfig {
 /// units (so that they are not undone by a later normalisation).
 ///
 /// # Errors
-/// [`DataError::Core`] for an invalid `config` or a non-finite image.
+/// [`Error::Core`] for an invalid `config` or a non-finite image.
 pub fn augment_intensity(
     image: &mut Array3<f32>,
     rng: &mut impl Rng,

@@ -23,7 +23,7 @@ use rand::{Rng, RngExt, SeedableRng};
 use super::atlas::{ClassInfo, ClassKey, Source, Subject, neighbours6};
 use super::augment::{IntensityConfig, SpatialConfig, Warp, augment_intensity, uniform};
 use super::synth::{SynthConfig, synthesize};
-use super::{DataError, Result};
+use super::{Error, Result};
 
 /// Everything that shapes an episode. [`EpisodeConfig::new`] gives the
 /// defaults documented on each field.
@@ -87,17 +87,17 @@ impl EpisodeConfig {
     /// Checks every field.
     ///
     /// # Errors
-    /// [`DataError::Core`] naming the first invalid field.
+    /// [`Error::Core`] naming the first invalid field.
     pub fn validate(&self) -> Result<()> {
         if self.patch.iter().any(|&p| p < 2) {
-            return Err(DataError::invalid(
+            return Err(Error::invalid(
                 "patch",
                 format!("{:?} must be at least 2 voxels per axis", self.patch),
             ));
         }
         iris_core::volume::checked_voxel_count(self.patch)?;
         if self.max_classes == 0 {
-            return Err(DataError::invalid("max_classes", "must be at least 1"));
+            return Err(Error::invalid("max_classes", "must be at least 1"));
         }
         for (name, p) in [
             ("class_drop_probability", self.class_drop_probability),
@@ -108,7 +108,7 @@ impl EpisodeConfig {
             ("perturb_probability", self.perturb_probability),
         ] {
             if !(0.0..=1.0).contains(&p) {
-                return Err(DataError::invalid(name, format!("{p} is not within 0-1")));
+                return Err(Error::invalid(name, format!("{p} is not within 0-1")));
             }
         }
         self.spatial.validate()?;
@@ -168,7 +168,7 @@ impl EpisodeSampler {
     /// A sampler over `sources` (already at the training spacing).
     ///
     /// # Errors
-    /// [`DataError::Core`] for an invalid `config`, or when no source has an
+    /// [`Error::Core`] for an invalid `config`, or when no source has an
     /// eligible class.
     pub fn new(sources: Vec<Source>, config: EpisodeConfig) -> Result<EpisodeSampler> {
         config.validate()?;
@@ -224,7 +224,7 @@ impl EpisodeSampler {
             })
             .collect();
         if self.eligible.iter().flatten().all(Vec::is_empty) {
-            return Err(DataError::invalid(
+            return Err(Error::invalid(
                 "sources",
                 format!(
                     "no class is eligible (not held out, at least {min} voxels) in {} source(s)",
@@ -325,16 +325,17 @@ impl EpisodeSampler {
     /// from seeds taken from `rng`, so the result depends on `rng` only.
     ///
     /// # Errors
-    /// [`DataError::Core`] with [`iris_core::Error::EmptyMask`] when a class
+    /// [`Error::Core`] with [`iris_core::Error::EmptyMask`] when a class
     /// of the task vanishes from every reference draw (too small or cut
     /// off), or for an invalid task (labels not in the source).
     pub fn generate(&self, task: &Task, rng: &mut impl Rng) -> Result<Episode> {
-        let source = self.sources.get(task.source).ok_or_else(|| {
-            DataError::invalid("task.source", format!("no source {}", task.source))
-        })?;
+        let source = self
+            .sources
+            .get(task.source)
+            .ok_or_else(|| Error::invalid("task.source", format!("no source {}", task.source)))?;
         let subject = |i: usize| {
             source.subjects().get(i).ok_or_else(|| {
-                DataError::invalid(
+                Error::invalid(
                     "task subject",
                     format!("{} has no subject {i}", source.name()),
                 )
@@ -385,11 +386,11 @@ impl EpisodeSampler {
             let task = self.sample_task(&mut rng);
             match self.generate(&task, &mut rng) {
                 Ok(episode) => return Ok(episode),
-                Err(e @ DataError::Core(iris_core::Error::EmptyMask { .. })) => last = Some(e),
+                Err(e @ Error::Core(iris_core::Error::EmptyMask { .. })) => last = Some(e),
                 Err(e) => return Err(e),
             }
         }
-        Err(last.unwrap_or_else(|| DataError::invalid("episode", "no attempt made")))
+        Err(last.unwrap_or_else(|| Error::invalid("episode", "no attempt made")))
     }
 
     /// Reference draws until every class is present.
@@ -427,7 +428,7 @@ impl EpisodeSampler {
         let mut hi = [0usize; 3];
         for &l in labels {
             let stats = subject.stats(l).ok_or_else(|| {
-                DataError::invalid(
+                Error::invalid(
                     "task labels",
                     format!("label {l} is absent from the subject"),
                 )

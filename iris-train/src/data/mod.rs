@@ -34,7 +34,7 @@
 //! let episode = sampler.episode(7)?;
 //! assert_eq!(episode.query_image.dim(), (16, 16, 16));
 //! assert_eq!(episode.reference_masks.dim().0, episode.classes.len());
-//! # Ok::<(), iris_train::data::DataError>(())
+//! # Ok::<(), iris_train::Error>(())
 //! ```
 
 pub mod atlas;
@@ -49,62 +49,4 @@ pub use episode::{Episode, EpisodeConfig, EpisodeSampler, Task};
 pub use msd::{MsdCase, MsdDataset};
 pub use synth::SynthConfig;
 
-use std::fmt;
-use std::path::PathBuf;
-
-/// Everything that can go wrong while loading or generating training data.
-#[derive(Debug)]
-pub enum DataError {
-    /// An `iris-core` operation failed (NIfTI reading, resampling, an
-    /// invalid argument), with that error's own details.
-    Core(iris_core::Error),
-    /// A dataset file is missing, unreadable or inconsistent.
-    Dataset {
-        /// The file (or folder) at fault.
-        path: PathBuf,
-        /// What is wrong with it, with the values found.
-        reason: String,
-    },
-}
-
-impl DataError {
-    /// A [`DataError::Dataset`] about `path`.
-    pub(crate) fn dataset(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
-        DataError::Dataset {
-            path: path.into(),
-            reason: reason.into(),
-        }
-    }
-
-    /// An invalid argument or configuration value (as `iris-core` reports it).
-    pub(crate) fn invalid(name: &'static str, reason: impl Into<String>) -> Self {
-        DataError::Core(iris_core::Error::invalid(name, reason))
-    }
-}
-
-impl fmt::Display for DataError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            DataError::Core(e) => e.fmt(f),
-            DataError::Dataset { path, reason } => write!(f, "{}: {reason}", path.display()),
-        }
-    }
-}
-
-impl std::error::Error for DataError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            DataError::Core(e) => Some(e),
-            DataError::Dataset { .. } => None,
-        }
-    }
-}
-
-impl From<iris_core::Error> for DataError {
-    fn from(e: iris_core::Error) -> Self {
-        DataError::Core(e)
-    }
-}
-
-/// Result alias of this module.
-pub type Result<T, E = DataError> = std::result::Result<T, E>;
+pub(crate) use crate::error::{Error, Result};

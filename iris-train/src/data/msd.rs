@@ -27,7 +27,7 @@ use iris_core::preprocess::{canonical, resample_image, resample_labels, target_g
 use serde_json::{Map, Value};
 
 use super::atlas::{Source, Subject};
-use super::{DataError, Result};
+use super::{Error, Result};
 
 /// One training case: its image channels and its label map.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,7 +59,7 @@ impl MsdDataset {
     /// Reads and checks `root/dataset.json` and the files it implies.
     ///
     /// # Errors
-    /// [`DataError::Dataset`] naming the file: a missing or unreadable
+    /// [`Error::Dataset`] naming the file: a missing or unreadable
     /// `dataset.json`, invalid JSON, a missing or malformed `labels` or
     /// channel map, a `training` entry or image file that does not exist,
     /// or a case count that differs from `numTraining`.
@@ -67,16 +67,13 @@ impl MsdDataset {
         let root = root.as_ref().to_path_buf();
         let json_path = root.join("dataset.json");
         let text = std::fs::read_to_string(&json_path)
-            .map_err(|e| DataError::dataset(&json_path, format!("cannot read: {e}")))?;
+            .map_err(|e| Error::dataset(&json_path, format!("cannot read: {e}")))?;
         let json: Value = serde_json::from_str(&text)
-            .map_err(|e| DataError::dataset(&json_path, format!("invalid JSON: {e}")))?;
+            .map_err(|e| Error::dataset(&json_path, format!("invalid JSON: {e}")))?;
         let Value::Object(json) = json else {
-            return Err(DataError::dataset(
-                &json_path,
-                "top level is not a JSON object",
-            ));
+            return Err(Error::dataset(&json_path, "top level is not a JSON object"));
         };
-        let bad = |reason: String| DataError::dataset(&json_path, reason);
+        let bad = |reason: String| Error::dataset(&json_path, reason);
         let name = match json.get("name") {
             Some(Value::String(n)) if !n.is_empty() => n.clone(),
             _ => root
@@ -102,7 +99,7 @@ impl MsdDataset {
         for case in &cases {
             for file in case.channels.iter().chain([&case.labels]) {
                 if !file.is_file() {
-                    return Err(DataError::dataset(
+                    return Err(Error::dataset(
                         file,
                         format!(
                             "missing file of case {:?} listed by {}",
@@ -135,13 +132,13 @@ impl MsdDataset {
     /// `spacing_mm` (image trilinear, labels nearest). No class is held out.
     ///
     /// # Errors
-    /// [`DataError::Core`] for an unreadable NIfTI (naming it), an image and
+    /// [`Error::Core`] for an unreadable NIfTI (naming it), an image and
     /// label map on different grids, or an invalid spacing;
-    /// [`DataError::Dataset`] for a channel that does not exist or a label
+    /// [`Error::Dataset`] for a channel that does not exist or a label
     /// value that `dataset.json` does not name (naming the label file).
     pub fn load_source(&self, spacing_mm: f64, channel: usize) -> Result<Source> {
         if channel >= self.channel_names.len() {
-            return Err(DataError::dataset(
+            return Err(Error::dataset(
                 self.root.join("dataset.json"),
                 format!(
                     "channel {channel} requested, the dataset has {}",
@@ -161,7 +158,7 @@ impl MsdDataset {
                     .into_iter()
                     .find(|v| *v != 0 && !self.classes.contains_key(v))
                 {
-                    return Err(DataError::dataset(
+                    return Err(Error::dataset(
                         &case.labels,
                         format!("label value {v} is not named in dataset.json `labels`"),
                     ));
@@ -291,11 +288,10 @@ fn nnunet_cases(root: &Path, json: &Map<String, Value>, channels: usize) -> Resu
     };
     let labels_dir = root.join("labelsTr");
     let entries = std::fs::read_dir(&labels_dir)
-        .map_err(|e| DataError::dataset(&labels_dir, format!("cannot list label files: {e}")))?;
+        .map_err(|e| Error::dataset(&labels_dir, format!("cannot list label files: {e}")))?;
     let mut cases = Vec::new();
     for entry in entries {
-        let entry =
-            entry.map_err(|e| DataError::dataset(&labels_dir, format!("cannot list: {e}")))?;
+        let entry = entry.map_err(|e| Error::dataset(&labels_dir, format!("cannot list: {e}")))?;
         let labels = entry.path();
         let file = entry.file_name().to_string_lossy().into_owned();
         if file.starts_with('.') || !file.ends_with(&ending) {

@@ -17,7 +17,7 @@ use rand_distr::StandardNormal;
 
 use super::atlas::SHELL_LABELS;
 use super::augment::{smooth_field, uniform};
-use super::{DataError, Result};
+use super::{Error, Result};
 
 /// Ranges of the synthetic image model.
 #[derive(Clone, Debug, PartialEq)]
@@ -51,31 +51,31 @@ impl SynthConfig {
     /// Checks the ranges.
     ///
     /// # Errors
-    /// [`DataError::Core`] naming the field.
+    /// [`Error::Core`] naming the field.
     pub fn validate(&self) -> Result<()> {
         for (name, [lo, hi]) in [("synth.mean", self.mean), ("synth.std", self.std)] {
             if !(lo.is_finite() && hi.is_finite() && lo <= hi) || (name == "synth.std" && lo < 0.0)
             {
-                return Err(DataError::invalid(
+                return Err(Error::invalid(
                     name,
                     format!("[{lo}, {hi}] must be an increasing range (std >= 0)"),
                 ));
             }
         }
         if !(self.bias_std.is_finite() && self.bias_std >= 0.0) {
-            return Err(DataError::invalid(
+            return Err(Error::invalid(
                 "synth.bias_std",
                 format!("{} must be >= 0", self.bias_std),
             ));
         }
         if !(0.0..=1.0).contains(&self.strip_probability) {
-            return Err(DataError::invalid(
+            return Err(Error::invalid(
                 "synth.strip_probability",
                 format!("{} is not a probability", self.strip_probability),
             ));
         }
         if self.bias_grid < 2 {
-            return Err(DataError::invalid(
+            return Err(Error::invalid(
                 "synth.bias_grid",
                 format!("{} must be at least 2", self.bias_grid),
             ));
@@ -88,7 +88,7 @@ impl SynthConfig {
 /// roughly in `[0, 1.5]`, not normalised) from a label map.
 ///
 /// # Errors
-/// [`DataError::Core`] for an invalid `config` or an empty label map.
+/// [`Error::Core`] for an invalid `config` or an empty label map.
 pub fn synthesize(
     labels: &Array3<u16>,
     rng: &mut impl Rng,
@@ -96,7 +96,7 @@ pub fn synthesize(
 ) -> Result<Array3<f32>> {
     config.validate()?;
     if labels.is_empty() {
-        return Err(DataError::invalid("labels", "empty label map"));
+        return Err(Error::invalid("labels", "empty label map"));
     }
     // One (mean, std) per label present, drawn in increasing label order.
     let mut present = vec![false; usize::from(u16::MAX) + 1];
