@@ -11,6 +11,8 @@
 //! Run: `cargo bench -p iris-train --bench forward` (2 threads unless
 //! `RAYON_NUM_THREADS` says otherwise).
 
+mod common;
+
 use std::time::Instant;
 
 use burn::prelude::*;
@@ -95,14 +97,6 @@ fn breakdown(model: &Iris, inputs: &[Tensor<5>; 4]) -> [f64; 3] {
     [encoder, task_encoder, decoder]
 }
 
-/// Peak resident memory of this process in MiB (Linux `VmHWM`), if known.
-fn peak_memory_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
-}
-
 fn main() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         // SAFETY: set before any other thread exists (burn's rayon pool is
@@ -147,7 +141,7 @@ fn main() {
             "       forward+backward parts: encoder (2 images) {encoder:.3} s, task encoder {task_encoder:.3} s, decoder + head {decoder:.3} s"
         );
     }
-    if let Some(peak) = peak_memory_mib() {
+    if let Some(peak) = common::peak_rss_mib() {
         println!("peak resident memory {peak:.0} MiB");
     }
 }

@@ -9,6 +9,8 @@
 //!
 //! Run: `RAYON_NUM_THREADS=2 cargo bench -p iris-train --bench train_step`.
 
+mod common;
+
 use std::time::Instant;
 
 use iris_train::data::{ClassKey, Episode};
@@ -46,21 +48,8 @@ fn episode(patch: [usize; 3], seed: u64) -> Episode {
     }
 }
 
-/// Peak resident set size of this process in MiB (`VmHWM`), if known.
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
-}
-
-/// Resets the peak RSS to the current RSS (Linux `clear_refs` 5).
-fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
 fn bench(name: &str, model: IrisConfig, steps: usize) {
-    reset_peak_rss();
+    common::reset_peak_rss();
     let device = iris_train::device::select_device();
     let patch = model.patch_size;
     let config = TrainingConfig::new(model, 1000);
@@ -78,7 +67,7 @@ fn bench(name: &str, model: IrisConfig, steps: usize) {
         .collect();
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
-    let peak = peak_rss_mib().map_or("unknown".to_string(), |m| format!("{m:.0} MiB"));
+    let peak = common::peak_rss_mib().map_or("unknown".to_string(), |m| format!("{m:.0} MiB"));
     println!(
         "{name:>5}: {:.3} s/step (median of {steps}), {:.2} episodes/s, peak RSS {peak}",
         median,
