@@ -13,13 +13,19 @@
 //! step to resume exactly (see [`crate::checkpoint`]).
 //!
 //! ```no_run
-//! use iris_train::training::{Trainer, TrainingConfig};
+//! use std::path::Path;
+//! use iris_train::data::atlas::{load_atlases, AtlasSource};
+//! use iris_train::data::{EpisodeConfig, EpisodeSampler};
 //! use iris_train::model::IrisConfig;
-//! # fn episodes(seed: u64) -> Result<iris_train::data::Episode, iris_train::Error> { unimplemented!() }
-//! let config = TrainingConfig::new(IrisConfig::tiny(), 100);
+//! use iris_train::training::{Trainer, TrainingConfig};
+//!
+//! let model = IrisConfig::tiny();
+//! let atlases = load_atlases(Path::new("data"), &AtlasSource::TRAINING, model.spacing_mm)?;
+//! let sampler = EpisodeSampler::new(atlases, EpisodeConfig::new(model.patch_size))?;
+//! let config = TrainingConfig::new(model, 100);
 //! let mut trainer = Trainer::new(config, &iris_train::device::select_device())?;
 //! while trainer.step() < 100 {
-//!     let stats = trainer.train_with(&episodes)?;
+//!     let stats = trainer.train_with(&|seed| sampler.episode(seed))?;
 //!     println!("step {}: loss {:.3}, Dice {:.3}", trainer.step(), stats.loss, stats.dice);
 //! }
 //! # Ok::<(), iris_train::Error>(())
