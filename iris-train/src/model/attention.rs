@@ -14,7 +14,7 @@ use burn::tensor::activation::gelu;
 
 /// Epsilon of the layer norm in front of self-attention and feed-forward
 /// units (the reference's `PreNorm`).
-const PRE_NORM_EPSILON: f64 = 1e-4;
+pub(crate) const PRE_NORM_EPSILON: f64 = 1e-4;
 
 /// Sizes shared by all attention units of one feature width.
 #[derive(Config, Debug)]
@@ -46,8 +46,8 @@ impl AttentionConfig {
 /// Two linear layers with an exact GELU between them.
 #[derive(Module, Debug)]
 pub struct Mlp {
-    fc1: Linear,
-    fc2: Linear,
+    pub(crate) fc1: Linear,
+    pub(crate) fc2: Linear,
 }
 
 /// Configuration of an [`Mlp`].
@@ -83,15 +83,15 @@ impl Mlp {
 /// `x + Mlp(LayerNorm(x))`.
 #[derive(Module, Debug)]
 pub struct FeedForward {
-    norm: LayerNorm,
-    mlp: Mlp,
+    pub(crate) norm: LayerNorm,
+    pub(crate) mlp: Mlp,
 }
 
 /// `x + SelfAttention(LayerNorm(x))`.
 #[derive(Module, Debug)]
 pub struct SelfAttention {
-    norm: LayerNorm,
-    attention: MultiHeadAttention,
+    pub(crate) norm: LayerNorm,
+    pub(crate) attention: MultiHeadAttention,
 }
 
 /// `x + CrossAttention(LayerNorm(x), LayerNorm'(context))`: the tokens `x`
@@ -99,9 +99,9 @@ pub struct SelfAttention {
 /// with eps 1e-5).
 #[derive(Module, Debug)]
 pub struct CrossAttention {
-    norm_query: LayerNorm,
-    norm_context: LayerNorm,
-    attention: MultiHeadAttention,
+    pub(crate) norm_query: LayerNorm,
+    pub(crate) norm_context: LayerNorm,
+    pub(crate) attention: MultiHeadAttention,
 }
 
 impl AttentionConfig {

@@ -6,10 +6,11 @@
 //! residual; when the channel count changes the residual is itself a
 //! pre-activation unit.
 
-use burn::nn::conv::{Conv3d, Conv3dConfig};
-use burn::nn::{InstanceNorm, InstanceNormConfig, PaddingConfig3d};
+use burn::nn::{InstanceNorm, InstanceNormConfig};
 use burn::prelude::*;
-use burn::tensor::activation::relu;
+
+use super::conv::{Conv3x3, Conv3x3Config, conv3x3};
+use super::ops::instance_norm_relu;
 
 /// Epsilon of every instance norm in the encoder and decoder blocks.
 const BLOCK_NORM_EPSILON: f64 = 1e-4;
@@ -27,8 +28,8 @@ pub struct PreActConvConfig {
 /// padding 1).
 #[derive(Module, Debug)]
 pub struct PreActConv {
-    norm: InstanceNorm,
-    conv: Conv3d,
+    pub(crate) norm: InstanceNorm,
+    pub(crate) conv: Conv3x3,
 }
 
 impl PreActConvConfig {
@@ -39,10 +40,7 @@ impl PreActConvConfig {
                 .with_epsilon(BLOCK_NORM_EPSILON)
                 .with_affine(false)
                 .init(device),
-            conv: Conv3dConfig::new([self.channels_in, self.channels_out], [3, 3, 3])
-                .with_padding(PaddingConfig3d::Explicit(1, 1, 1))
-                .with_bias(false)
-                .init(device),
+            conv: Conv3x3Config::new(self.channels_in, self.channels_out).init(device),
         }
     }
 }
@@ -52,7 +50,7 @@ impl PreActConv {
     /// - `x`: `[B, channels_in, D, H, W]`
     /// - output: `[B, channels_out, D, H, W]`
     pub fn forward(&self, x: Tensor<5>) -> Tensor<5> {
-        self.conv.forward(relu(self.norm.forward(x)))
+        self.conv.forward(instance_norm_relu(&self.norm, x))
     }
 }
 
@@ -70,9 +68,9 @@ pub struct BasicBlockConfig {
 /// [`PreActConv`] otherwise.
 #[derive(Module, Debug)]
 pub struct BasicBlock {
-    conv1: PreActConv,
-    conv2: PreActConv,
-    shortcut: Option<PreActConv>,
+    pub(crate) conv1: PreActConv,
+    pub(crate) conv2: PreActConv,
+    pub(crate) shortcut: Option<PreActConv>,
 }
 
 impl BasicBlockConfig {
@@ -92,11 +90,25 @@ impl BasicBlock {
     /// - `x`: `[B, channels_in, D, H, W]`
     /// - output: `[B, channels_out, D, H, W]`
     pub fn forward(&self, x: Tensor<5>) -> Tensor<5> {
-        let residual = match &self.shortcut {
-            Some(shortcut) => shortcut.forward(x.clone()),
-            None => x.clone(),
+        let Some(shortcut) = &self.shortcut else {
+            return self.conv2.forward(self.conv1.forward(x.clone())) + x;
         };
-        self.conv2.forward(self.conv1.forward(x)) + residual
+        let (norm, other) = (&self.conv1.norm, &shortcut.norm);
+        if norm.affine || other.affine || norm.epsilon != other.epsilon {
+            return self.conv2.forward(self.conv1.forward(x.clone())) + shortcut.forward(x);
+        }
+        // `conv1` and the shortcut normalise the same input identically
+        // (instance norm, no affine parameters, same epsilon), so one
+        // normalisation and one convolution with both weight sets stacked
+        // serve both.
+        let [channels_out, ..] = self.conv1.conv.weight.dims();
+        let weight = Tensor::cat(
+            vec![self.conv1.conv.weight.val(), shortcut.conv.weight.val()],
+            0,
+        );
+        let both = conv3x3(instance_norm_relu(norm, x), weight);
+        let residual = both.clone().narrow(1, channels_out, channels_out);
+        self.conv2.forward(both.narrow(1, 0, channels_out)) + residual
     }
 }
 
@@ -116,7 +128,7 @@ pub struct BlockStackConfig {
 /// decoder stage after its upsampling and skip concatenation.
 #[derive(Module, Debug)]
 pub struct BlockStack {
-    blocks: Vec<BasicBlock>,
+    pub(crate) blocks: Vec<BasicBlock>,
 }
 
 impl BlockStackConfig {
@@ -178,5 +190,43 @@ mod tests {
             stack.forward(random([1, 3, 4, 4, 4], &device)).dims(),
             [1, 5, 4, 4, 4]
         );
+    }
+
+    #[test]
+    fn the_shared_normalisation_of_conv1_and_the_shortcut_changes_nothing() {
+        let device = device().autodiff();
+        let block = BasicBlockConfig::new(3, 5).init(&device);
+        let shortcut = block.shortcut.as_ref().expect("channels change");
+        let x = random([2, 3, 4, 5, 6], &device).require_grad();
+        let upstream = random([2, 5, 4, 5, 6], &device);
+        let fused = block.forward(x.clone());
+        let separate =
+            block.conv2.forward(block.conv1.forward(x.clone())) + shortcut.forward(x.clone());
+        let difference = (fused.clone() - separate.clone())
+            .abs()
+            .max()
+            .into_scalar::<f32>();
+        assert!(difference < 1e-5, "outputs differ by {difference}");
+        let grads_fused = (fused * upstream.clone()).sum().backward();
+        let grads_separate = (separate * upstream).sum().backward();
+        for (got, expected) in [
+            (x.grad(&grads_fused), x.grad(&grads_separate)),
+            (
+                shortcut.conv.weight.val().grad(&grads_fused),
+                shortcut.conv.weight.val().grad(&grads_separate),
+            ),
+            (
+                block.conv1.conv.weight.val().grad(&grads_fused),
+                block.conv1.conv.weight.val().grad(&grads_separate),
+            ),
+        ] {
+            let (got, expected) = (got.expect("gradient"), expected.expect("gradient"));
+            let scale = expected.clone().abs().max().into_scalar::<f32>();
+            let difference = (got - expected).abs().max().into_scalar::<f32>();
+            assert!(
+                difference <= 1e-4 * scale,
+                "gradients differ by {difference}"
+            );
+        }
     }
 }

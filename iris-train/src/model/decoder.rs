@@ -49,12 +49,12 @@ pub struct DecoderConfig {
 /// `MultiPriorAttentionBlock`).
 #[derive(Module, Debug)]
 pub struct FusionBlock {
-    tokens_read_image: CrossAttention,
-    tokens_feed_forward: FeedForward,
-    image_read_tokens: CrossAttention,
-    image_feed_forward: FeedForward,
-    tokens_self_attention: SelfAttention,
-    tokens_feed_forward_2: FeedForward,
+    pub(crate) tokens_read_image: CrossAttention,
+    pub(crate) tokens_feed_forward: FeedForward,
+    pub(crate) image_read_tokens: CrossAttention,
+    pub(crate) image_feed_forward: FeedForward,
+    pub(crate) tokens_self_attention: SelfAttention,
+    pub(crate) tokens_feed_forward_2: FeedForward,
 }
 
 impl FusionBlock {
@@ -90,7 +90,7 @@ impl FusionBlock {
 /// The fusion of one decoder level with its task tokens.
 #[derive(Module, Debug)]
 pub struct FusionLayer {
-    blocks: Vec<FusionBlock>,
+    pub(crate) blocks: Vec<FusionBlock>,
 }
 
 impl FusionLayer {
@@ -117,7 +117,7 @@ impl FusionLayer {
 /// blocks.
 #[derive(Module, Debug)]
 pub struct UpBlock {
-    blocks: BlockStack,
+    pub(crate) blocks: BlockStack,
 }
 
 impl UpBlock {
@@ -136,9 +136,9 @@ impl UpBlock {
 #[derive(Module, Debug)]
 pub struct Decoder {
     /// Fusion layers, deepest level first.
-    fusions: Vec<FusionLayer>,
+    pub(crate) fusions: Vec<FusionLayer>,
     /// Up blocks from level 4 to 3, 3 to 2, 2 to 1 and 1 to 0.
-    ups: Vec<UpBlock>,
+    pub(crate) ups: Vec<UpBlock>,
 }
 
 impl DecoderConfig {
@@ -217,9 +217,9 @@ pub struct ClassifierHeadConfig {
 /// dots it with the full-resolution features.
 #[derive(Module, Debug)]
 pub struct ClassifierHead {
-    norm: LayerNorm,
-    mlp_1: Mlp,
-    mlp_2: Mlp,
+    pub(crate) norm: LayerNorm,
+    pub(crate) mlp_1: Mlp,
+    pub(crate) mlp_2: Mlp,
 }
 
 impl ClassifierHeadConfig {

@@ -2,11 +2,10 @@
 //! convolution and one [`BasicBlock`], then four stages of 2x max pooling and
 //! a stack of basic blocks.
 
-use burn::nn::PaddingConfig3d;
-use burn::nn::conv::{Conv3d, Conv3dConfig};
 use burn::prelude::*;
 
 use super::blocks::{BasicBlock, BasicBlockConfig, BlockStack, BlockStackConfig};
+use super::conv::{Conv3x3, Conv3x3Config};
 use super::ops::max_pool_2x;
 
 /// Configuration of the [`Encoder`].
@@ -23,9 +22,9 @@ pub struct EncoderConfig {
 /// Image encoder producing features at five resolutions.
 #[derive(Module, Debug)]
 pub struct Encoder {
-    stem: Conv3d,
-    stem_block: BasicBlock,
-    stages: Vec<BlockStack>,
+    pub(crate) stem: Conv3x3,
+    pub(crate) stem_block: BasicBlock,
+    pub(crate) stages: Vec<BlockStack>,
 }
 
 impl EncoderConfig {
@@ -33,10 +32,7 @@ impl EncoderConfig {
     pub fn init(&self, device: &Device) -> Encoder {
         let c = self.channels;
         Encoder {
-            stem: Conv3dConfig::new([1, c[0]], [3, 3, 3])
-                .with_padding(PaddingConfig3d::Explicit(1, 1, 1))
-                .with_bias(false)
-                .init(device),
+            stem: Conv3x3Config::new(1, c[0]).init(device),
             stem_block: BasicBlockConfig::new(c[0], c[0]).init(device),
             stages: (1..5)
                 .map(|level| {

@@ -6,6 +6,7 @@
 //! | file | block | reference |
 //! |---|---|---|
 //! | [`ops`] | trilinear upsampling and its adjoint, pixel (un)shuffle, max pool | `F.interpolate`, `pixel_ops.py` |
+//! | [`conv`] | 3x3x3 convolution with a fast CPU path | `nn.Conv3d` |
 //! | [`blocks`] | pre-activation `BasicBlock` | `conv_blocks.py` |
 //! | [`attention`] | pre-norm self/cross-attention and feed-forward units | `attention_blocks.py` |
 //! | [`encoder`] | image encoder, five levels | `encoder.py` |
@@ -19,6 +20,7 @@
 
 pub mod attention;
 pub mod blocks;
+pub mod conv;
 pub mod decoder;
 pub mod encoder;
 pub mod ops;

@@ -102,12 +102,12 @@ pub struct TaskEncoderConfig {
 /// reference's `TaskQueryAttentionBlock`).
 #[derive(Module, Debug)]
 pub struct TaskQueryBlock {
-    self_attention_1: SelfAttention,
-    feed_forward_1: FeedForward,
-    cross_attention: CrossAttention,
-    feed_forward_cross: FeedForward,
-    self_attention_2: SelfAttention,
-    feed_forward_2: FeedForward,
+    pub(crate) self_attention_1: SelfAttention,
+    pub(crate) feed_forward_1: FeedForward,
+    pub(crate) cross_attention: CrossAttention,
+    pub(crate) feed_forward_cross: FeedForward,
+    pub(crate) self_attention_2: SelfAttention,
+    pub(crate) feed_forward_2: FeedForward,
 }
 
 impl TaskQueryBlock {
@@ -142,22 +142,22 @@ impl TaskQueryBlock {
 #[derive(Module, Debug)]
 pub struct TaskEncoderStage {
     /// Learnable queries `[T, C]`.
-    queries: Param<Tensor<2>>,
-    expand_norm: InstanceNorm,
-    expand: Conv3d,
-    merge_norm: InstanceNorm,
-    merge: Conv3d,
+    pub(crate) queries: Param<Tensor<2>>,
+    pub(crate) expand_norm: InstanceNorm,
+    pub(crate) expand: Conv3d,
+    pub(crate) merge_norm: InstanceNorm,
+    pub(crate) merge: Conv3d,
     /// Learnable positional embedding `[1, 1, D, H, W]` (patch size).
-    position: Param<Tensor<5>>,
-    squeeze_norm: InstanceNorm,
-    squeeze: Conv3d,
-    norm_foreground: LayerNorm,
-    norm_query: LayerNorm,
-    norm_combined: LayerNorm,
-    norm_post: LayerNorm,
-    blocks: Vec<TaskQueryBlock>,
+    pub(crate) position: Param<Tensor<5>>,
+    pub(crate) squeeze_norm: InstanceNorm,
+    pub(crate) squeeze: Conv3d,
+    pub(crate) norm_foreground: LayerNorm,
+    pub(crate) norm_query: LayerNorm,
+    pub(crate) norm_combined: LayerNorm,
+    pub(crate) norm_post: LayerNorm,
+    pub(crate) blocks: Vec<TaskQueryBlock>,
     /// Upsampling factor `s` from this level to full resolution.
-    scale: usize,
+    pub(crate) scale: usize,
 }
 
 impl TaskEncoderConfig {
@@ -262,7 +262,10 @@ impl TaskEncoderStage {
             .reshape([b * k, 1, dd, hh, ww]);
         let masks = masks.reshape([b * k, 1, dd, hh, ww]);
         let merged = Tensor::cat(vec![x, masks], 1);
-        let merged = self.merge.forward(relu(self.merge_norm.forward(merged)));
+        let merged = super::conv::conv3d_forward(
+            &self.merge,
+            super::ops::instance_norm_relu(&self.merge_norm, merged),
+        );
         let position = self.position.val().slice([0..1, 0..1, 0..dd, 0..hh, 0..ww]);
         let merged = pixel_unshuffle_3d(merged + position, s);
         let merged = self
@@ -300,7 +303,7 @@ impl TaskEncoderStage {
 /// first.
 #[derive(Module, Debug)]
 pub struct TaskEncoder {
-    stages: Vec<TaskEncoderStage>,
+    pub(crate) stages: Vec<TaskEncoderStage>,
 }
 
 impl TaskEncoder {
