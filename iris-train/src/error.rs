@@ -51,6 +51,15 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// The model could not be exported to ONNX (a part with no ONNX
+    /// equivalent, a model that does not match its configuration, or a
+    /// file that could not be written).
+    Export {
+        /// The part of the model or the file at fault.
+        what: String,
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 impl Error {
@@ -94,6 +103,7 @@ impl fmt::Display for Error {
             Self::Checkpoint { path, reason } => {
                 write!(f, "checkpoint {}: {reason}", path.display())
             }
+            Self::Export { what, reason } => write!(f, "ONNX export, {what}: {reason}"),
         }
     }
 }

@@ -39,6 +39,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod export;
 pub mod loss;
 pub mod model;
 pub mod training;

@@ -5,12 +5,15 @@
 //! iris-train train --preset small --steps 20000 --out runs/small [--resume]
 //!     [--threads N] [--minutes M] [--seed S] [--data DIR] [--eval-every N]
 //!     [--checkpoint-every N] [--batch-size B] [--quiet]
+//! iris-train export --checkpoint runs/small --out models/iris-small [--name NAME] [--quiet]
+//! iris-train export --random --preset tiny [--seed S] --out models/iris-tiny-random
 //! ```
 //!
 //! Exit codes: 0 done (the step count or the time limit was reached and a
-//! checkpoint written), 1 training failed, 2 bad arguments, 3 training data
-//! missing or unreadable, 4 checkpoint problem (nothing to resume, or a
-//! checkpoint in the way of a fresh run, or a write failed).
+//! checkpoint written; or the model folder written), 1 training or export
+//! failed, 2 bad arguments, 3 training data missing or unreadable, 4
+//! checkpoint problem (nothing to resume or export, or a checkpoint in the
+//! way of a fresh run, or a write failed).
 
 use std::fs;
 use std::io::Write;
@@ -21,10 +24,10 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use iris_train::Error;
-use iris_train::checkpoint;
 use iris_train::data::{AtlasSource, EpisodeConfig, EpisodeSampler, atlas::load_atlases};
 use iris_train::model::IrisConfig;
 use iris_train::training::{Trainer, TrainingConfig, evaluate, held_out_episodes};
+use iris_train::{checkpoint, export};
 
 #[derive(Parser)]
 #[command(
@@ -42,6 +45,9 @@ enum Command {
     /// Episodic training (Algorithm 1) with checkpoints, metrics and the
     /// EMA memory bank written to the output folder.
     Train(TrainArgs),
+    /// Export a checkpoint (or fresh weights) as the model folder the
+    /// engine loads: three ONNX graphs, manifest.json and the memory bank.
+    Export(ExportArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -49,6 +55,16 @@ enum Preset {
     Tiny,
     Small,
     Paper,
+}
+
+impl Preset {
+    fn config(self) -> IrisConfig {
+        match self {
+            Preset::Tiny => IrisConfig::tiny(),
+            Preset::Small => IrisConfig::small(),
+            Preset::Paper => IrisConfig::paper(),
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -92,6 +108,33 @@ struct TrainArgs {
     quiet: bool,
 }
 
+#[derive(clap::Args)]
+struct ExportArgs {
+    /// The training output folder (the --out of `train`) or its
+    /// checkpoint/ folder.
+    #[arg(long, required_unless_present = "random")]
+    checkpoint: Option<PathBuf>,
+    /// Export freshly initialised weights of --preset instead of a
+    /// checkpoint (for tests and engine development).
+    #[arg(long, conflicts_with = "checkpoint", requires = "preset")]
+    random: bool,
+    /// Model size of --random.
+    #[arg(long, value_enum, conflicts_with = "checkpoint")]
+    preset: Option<Preset>,
+    /// Seed of the --random weights.
+    #[arg(long, default_value_t = 0, conflicts_with = "checkpoint")]
+    seed: u64,
+    /// The model folder to write, e.g. models/iris-small.
+    #[arg(long)]
+    out: PathBuf,
+    /// The model's name in the manifest (default: the --out folder's name).
+    #[arg(long)]
+    name: Option<String>,
+    /// No summary.
+    #[arg(long)]
+    quiet: bool,
+}
+
 /// A failure with the exit code it maps to.
 struct Failure {
     code: u8,
@@ -119,8 +162,11 @@ impl From<Error> for Failure {
 }
 
 fn main() -> ExitCode {
-    let Command::Train(args) = Cli::parse().command;
-    match train(&args) {
+    let result = match Cli::parse().command {
+        Command::Train(args) => train(&args),
+        Command::Export(args) => export(&args),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
             eprintln!("iris-train: {}", failure.message);
@@ -152,11 +198,7 @@ fn train(args: &TrainArgs) -> Result<(), Failure> {
                 ),
             ));
         }
-        let model = match args.preset {
-            Some(Preset::Tiny) => IrisConfig::tiny(),
-            Some(Preset::Small) => IrisConfig::small(),
-            Some(Preset::Paper) | None => IrisConfig::paper(),
-        };
+        let model = args.preset.unwrap_or(Preset::Paper).config();
         let config = TrainingConfig::new(model, args.steps)
             .with_seed(args.seed)
             .with_batch_size(args.batch_size);
@@ -226,6 +268,83 @@ fn train(args: &TrainArgs) -> Result<(), Failure> {
             trainer.step(),
             args.steps,
             args.out.join(checkpoint::CHECKPOINT_DIR).display()
+        );
+    }
+    Ok(())
+}
+
+fn export(args: &ExportArgs) -> Result<(), Failure> {
+    let start = Instant::now();
+    let name = match (&args.name, args.out.file_name()) {
+        (Some(name), _) => name.clone(),
+        (None, Some(folder)) => folder.to_string_lossy().into_owned(),
+        (None, None) => {
+            return Err(Failure::new(
+                2,
+                format!(
+                    "--out {} has no folder name: pass --name",
+                    args.out.display()
+                ),
+            ));
+        }
+    };
+    let device = iris_train::device::select_device();
+    let fingerprint = match (&args.checkpoint, args.random, args.preset) {
+        (Some(dir), ..) => {
+            // The run folder holds checkpoint/; accept that folder itself too.
+            let run = [Some(dir.as_path()), dir.parent()]
+                .into_iter()
+                .flatten()
+                .find(|run| checkpoint::find(run).is_some())
+                .ok_or_else(|| {
+                    Failure::new(
+                        4,
+                        format!(
+                            "{}: no checkpoint found (pass the --out folder of `iris-train train`)",
+                            dir.display()
+                        ),
+                    )
+                })?;
+            let trainer = Trainer::resume(run, &device)?;
+            export::export(
+                trainer.model(),
+                &trainer.config().model,
+                &name,
+                &args.out,
+                Some(trainer.bank()),
+            )?
+        }
+        (None, true, Some(preset)) => {
+            let config = preset.config();
+            device.seed(args.seed);
+            let model = config.init(&device)?;
+            export::export(&model, &config, &name, &args.out, None)?
+        }
+        _ => {
+            return Err(Failure::new(
+                2,
+                "pass --checkpoint DIR or --random --preset P",
+            ));
+        }
+    };
+    if !args.quiet {
+        let sizes: Vec<String> = [
+            export::ENCODER_FILE,
+            export::TASK_ENCODER_FILE,
+            export::DECODER_FILE,
+            export::BANK_FILE,
+        ]
+        .iter()
+        .filter_map(|file| {
+            let bytes = fs::metadata(args.out.join(file)).ok()?.len();
+            Some(format!("{file} {:.2} MB", bytes as f64 / 1e6))
+        })
+        .collect();
+        println!(
+            "exported {name} to {} in {:.1} s: {}; fingerprint {fingerprint}",
+            args.out.display(),
+            start.elapsed().as_secs_f64(),
+            sizes.join(", ")
         );
     }
     Ok(())

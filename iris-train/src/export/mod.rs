@@ -1,0 +1,317 @@
+//! ONNX export: the model as three graphs plus a manifest, the folder the
+//! `iris-core` engine loads.
+//!
+//! burn's own ONNX export cannot express this model (3-D convolutions,
+//! instance norm, attention...), so the graphs are built here from the
+//! model's structure and weights with standard ONNX operators (opset 17),
+//! one function per block type (`layers`), and serialised as protobuf.
+//!
+//! A model folder holds:
+//!
+//! | file | content |
+//! |---|---|
+//! | `manifest.json` | format, name, the [`IrisConfig`] JSON, patch size, spacing, channels, task stage shapes, weights fingerprint, opset, graph files, bank file |
+//! | `encoder.onnx` | `image` `[batch, 1, D, H, W]` to `features_0` .. `features_4`, level `l` being `[batch, C_l, D / 2^l, H / 2^l, W / 2^l]` |
+//! | `task_encoder.onnx` | `features_{5-S}` .. `features_4` and `masks` `[batch, classes, D, H, W]` (binary) to `task_0` .. `task_{S-1}` `[batch, classes, T + 1, C_{4-s}]` (deepest first) |
+//! | `decoder.onnx` | `features_0` .. `features_4` and `task_0` .. `task_{S-1}` to `logits` `[batch, classes, D, H, W]` |
+//! | `memory_bank.irisemb` | the EMA memory bank, when there is one |
+//!
+//! All tensors are `f32`, axes `[D, H, W]` with W fastest; `batch` and
+//! `classes` are symbolic dimensions, the spatial sizes are the patch size.
+//! The weights are embedded in the graphs (no external data files).
+//!
+//! ```
+//! use iris_train::model::IrisConfig;
+//!
+//! let config = IrisConfig::tiny();
+//! let model = config.init(&iris_train::device::select_device())?;
+//! let out = std::env::temp_dir().join(format!("iris-export-doc-{}", std::process::id()));
+//! let fingerprint = iris_train::export::export(&model, &config, "iris-tiny", &out, None)?;
+//! assert_eq!(fingerprint, iris_train::training::model_fingerprint(&model, &config));
+//! assert!(out.join("decoder.onnx").is_file());
+//! # std::fs::remove_dir_all(&out).ok();
+//! # Ok::<(), iris_train::Error>(())
+//! ```
+
+mod graph;
+mod layers;
+mod parts;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use iris_core::embedding::ModelFingerprint;
+use prost::Message;
+use serde_json::json;
+use tract_onnx::pb::ModelProto;
+
+pub use graph::OPSET;
+
+use crate::Error;
+use crate::bank::MemoryBank;
+use crate::model::{Iris, IrisConfig};
+use crate::training::model_fingerprint;
+
+/// The manifest's file name in a model folder.
+pub const MANIFEST_FILE: &str = "manifest.json";
+/// The encoder graph's file name.
+pub const ENCODER_FILE: &str = "encoder.onnx";
+/// The task encoder graph's file name.
+pub const TASK_ENCODER_FILE: &str = "task_encoder.onnx";
+/// The decoder graph's file name.
+pub const DECODER_FILE: &str = "decoder.onnx";
+/// The memory bank's file name (present only when exported with a bank).
+pub const BANK_FILE: &str = crate::checkpoint::BANK_FILE;
+/// The `format` value of a manifest.
+pub const FORMAT: &str = "iris-model";
+/// The `format_version` of the manifests written here.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The three ONNX graphs of a model (see the [module docs](self)).
+#[derive(Clone, Debug)]
+pub struct OnnxGraphs {
+    /// `encoder.onnx`.
+    pub encoder: ModelProto,
+    /// `task_encoder.onnx`.
+    pub task_encoder: ModelProto,
+    /// `decoder.onnx`.
+    pub decoder: ModelProto,
+}
+
+impl OnnxGraphs {
+    /// Builds the graphs of `model`, whose sizes are `config`.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for an invalid configuration, [`Error::Export`]
+    /// when the model's weights do not have the shapes `config` gives or a
+    /// part has no ONNX equivalent.
+    pub fn new(model: &Iris, config: &IrisConfig) -> Result<Self, Error> {
+        check_model(model, config)?;
+        Ok(OnnxGraphs {
+            encoder: parts::encoder(model, config)?,
+            task_encoder: parts::task_encoder(model, config)?,
+            decoder: parts::decoder(model, config)?,
+        })
+    }
+
+    /// Each graph's file name and protobuf bytes: encoder, task encoder,
+    /// decoder.
+    pub fn to_files(&self) -> [(&'static str, Vec<u8>); 3] {
+        [
+            (ENCODER_FILE, self.encoder.encode_to_vec()),
+            (TASK_ENCODER_FILE, self.task_encoder.encode_to_vec()),
+            (DECODER_FILE, self.decoder.encode_to_vec()),
+        ]
+    }
+}
+
+/// Checks that the weights of `model` have the shapes `config` gives, so
+/// the graphs (whose shapes come from `config`) fit them.
+fn check_model(model: &Iris, config: &IrisConfig) -> Result<(), Error> {
+    config.validate()?;
+    let c = config.channels;
+    let mut checks: Vec<(String, Vec<usize>, Vec<usize>)> = vec![(
+        "encoder.stem.weight".into(),
+        model.encoder.stem.weight.dims()[..2].to_vec(),
+        vec![c[0], 1],
+    )];
+    for (i, stage) in model.encoder.stages.iter().enumerate() {
+        if let Some(block) = stage.blocks.last() {
+            checks.push((
+                format!("encoder.stages.{i} output channels"),
+                vec![block.conv2.conv.weight.dims()[0]],
+                vec![c[i + 1]],
+            ));
+        }
+    }
+    let stages = &model.task_encoder.stages;
+    checks.push((
+        "task encoder stages".into(),
+        vec![stages.len(), model.decoder.fusions.len()],
+        vec![config.task_stages, config.task_stages],
+    ));
+    for (s, stage) in stages.iter().enumerate() {
+        let [pd, ph, pw] = config.patch_size;
+        checks.push((
+            format!("task_encoder.stages.{s}.queries"),
+            stage.queries.dims().to_vec(),
+            vec![config.query_tokens, c[4 - s]],
+        ));
+        checks.push((
+            format!("task_encoder.stages.{s}.position"),
+            stage.position.dims().to_vec(),
+            vec![1, 1, pd, ph, pw],
+        ));
+    }
+    checks.push((
+        "head.mlp_2 output channels".into(),
+        vec![model.head.mlp_2.fc2.weight.dims()[1]],
+        vec![c[0]],
+    ));
+    match checks
+        .into_iter()
+        .find(|(_, found, expected)| found != expected)
+    {
+        Some((what, found, expected)) => Err(Error::Export {
+            what,
+            reason: format!(
+                "the weights have shape {found:?} but the configuration gives {expected:?} (export the model with the configuration it was built with)"
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The manifest of a model folder (see the [module docs](self)): the
+/// `memory_bank` key is present only when `with_bank`.
+fn manifest(
+    config: &IrisConfig,
+    name: &str,
+    fingerprint: ModelFingerprint,
+    with_bank: bool,
+) -> serde_json::Value {
+    let stages: Vec<_> = config
+        .task_channels()
+        .into_iter()
+        .map(|channels| json!({ "tokens": config.query_tokens + 1, "channels": channels }))
+        .collect();
+    let mut manifest = json!({
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "config": config,
+        "patch_size": config.patch_size,
+        "spacing_mm": config.spacing_mm,
+        "channels": config.channels,
+        "stages": stages,
+        "fingerprint": fingerprint.to_string(),
+        "opset": OPSET,
+        "graphs": {
+            "encoder": ENCODER_FILE,
+            "task_encoder": TASK_ENCODER_FILE,
+            "decoder": DECODER_FILE,
+        },
+    });
+    if with_bank {
+        manifest["memory_bank"] = json!(BANK_FILE);
+    }
+    manifest
+}
+
+/// Exports `model` (sizes `config`) as the model folder `out_dir` named
+/// `name`: the three graphs, `manifest.json` and, when `bank` has entries,
+/// `memory_bank.irisemb`. Returns the weights' fingerprint (the one in the
+/// manifest and the bank).
+///
+/// Every file is first written under a temporary name in `out_dir`, then
+/// all are renamed into place, the manifest last; a bank file left by an
+/// earlier export is removed when this one has none. Other files in
+/// `out_dir` are left alone.
+///
+/// # Errors
+/// As [`OnnxGraphs::new`]; [`Error::Export`] naming the file that could
+/// not be written (nothing is then renamed into place) or an empty `name`.
+pub fn export(
+    model: &Iris,
+    config: &IrisConfig,
+    name: &str,
+    out_dir: &Path,
+    bank: Option<&MemoryBank>,
+) -> Result<ModelFingerprint, Error> {
+    if name.trim().is_empty() {
+        return Err(Error::Export {
+            what: "model name".into(),
+            reason: "must not be empty".into(),
+        });
+    }
+    let graphs = OnnxGraphs::new(model, config)?;
+    let fingerprint = model_fingerprint(model, config);
+    let failed = |path: &Path, e: &dyn std::fmt::Display| Error::Export {
+        what: path.display().to_string(),
+        reason: e.to_string(),
+    };
+    fs::create_dir_all(out_dir).map_err(|e| failed(out_dir, &e))?;
+
+    let mut staged = Staged::new(out_dir);
+    let mut with_bank = false;
+    if let Some(bank) = bank.filter(|bank| !bank.is_empty()) {
+        let tmp = staged.add(BANK_FILE);
+        with_bank = bank.write(&tmp, fingerprint).map_err(|e| {
+            staged.discard();
+            failed(&out_dir.join(BANK_FILE), &e)
+        })?;
+    }
+    if !with_bank {
+        staged.remove_if_present(BANK_FILE);
+    }
+    let manifest = manifest(config, name, fingerprint, with_bank);
+    let manifest = serde_json::to_string_pretty(&manifest).unwrap_or_default() + "\n";
+    let files = graphs
+        .to_files()
+        .into_iter()
+        .chain([(MANIFEST_FILE, manifest.into_bytes())]);
+    for (file, bytes) in files {
+        let tmp = staged.add(file);
+        fs::write(&tmp, bytes).map_err(|e| {
+            staged.discard();
+            failed(&out_dir.join(file), &e)
+        })?;
+    }
+    staged.commit().map_err(|(path, e)| failed(&path, &e))?;
+    Ok(fingerprint)
+}
+
+/// Files written under temporary names, renamed into place together.
+struct Staged {
+    dir: PathBuf,
+    /// `(temporary, final)` paths, in commit order.
+    files: Vec<(PathBuf, PathBuf)>,
+    /// Files to delete on commit.
+    stale: Vec<PathBuf>,
+}
+
+impl Staged {
+    fn new(dir: &Path) -> Self {
+        Staged {
+            dir: dir.to_path_buf(),
+            files: Vec::new(),
+            stale: Vec::new(),
+        }
+    }
+
+    /// The temporary path to write `file` to.
+    fn add(&mut self, file: &str) -> PathBuf {
+        let tmp = self.dir.join(format!(".{file}.tmp-{}", std::process::id()));
+        self.files.push((tmp.clone(), self.dir.join(file)));
+        tmp
+    }
+
+    fn remove_if_present(&mut self, file: &str) {
+        let path = self.dir.join(file);
+        if path.exists() {
+            self.stale.push(path);
+        }
+    }
+
+    /// Removes the temporary files (after a failure; best effort).
+    fn discard(&self) {
+        for (tmp, _) in &self.files {
+            let _ = fs::remove_file(tmp);
+        }
+    }
+
+    /// Renames every file into place (in the order added) and deletes the
+    /// stale ones.
+    fn commit(self) -> Result<(), (PathBuf, std::io::Error)> {
+        for (tmp, path) in &self.files {
+            if let Err(e) = fs::rename(tmp, path) {
+                self.discard();
+                return Err((path.clone(), e));
+            }
+        }
+        for path in &self.stale {
+            fs::remove_file(path).map_err(|e| (path.clone(), e))?;
+        }
+        Ok(())
+    }
+}
