@@ -77,6 +77,15 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// A model folder (its `manifest.json` or an ONNX graph) cannot be
+    /// loaded, or a graph failed to run.
+    #[cfg(feature = "std")]
+    Model {
+        /// The file involved (the manifest or the graph).
+        path: std::path::PathBuf,
+        /// What is wrong, in words.
+        reason: String,
+    },
 }
 
 /// Ways in which the bytes of a `.irisemb` file can be wrong.
@@ -165,7 +174,9 @@ impl fmt::Display for Error {
             #[cfg(feature = "std")]
             Error::Io { path, source } => write!(f, "{}: {source}", path.display()),
             #[cfg(feature = "std")]
-            Error::Nifti { path, reason } => write!(f, "{}: {reason}", path.display()),
+            Error::Nifti { path, reason } | Error::Model { path, reason } => {
+                write!(f, "{}: {reason}", path.display())
+            }
         }
     }
 }

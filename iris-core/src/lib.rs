@@ -18,6 +18,7 @@
 //! | [`labels`] | probabilities to labels, largest connected component | no |
 //! | [`metrics`] | Dice per class | no |
 //! | `nifti` | NIfTI-1 read/write (`.nii`, `.nii.gz`) | yes |
+//! | `engine` | the ONNX inference engine: [`Model`] encodes references and segments queries | yes |
 //!
 //! Without default features the crate is `#![no_std]` + `alloc`, so an
 //! embedded device can load and use `.irisemb` files with no filesystem.
@@ -29,6 +30,8 @@ extern crate alloc;
 extern crate std;
 
 pub mod embedding;
+#[cfg(feature = "std")]
+pub mod engine;
 pub mod error;
 pub mod irisemb;
 pub mod labels;
@@ -39,6 +42,10 @@ pub mod preprocess;
 pub mod volume;
 pub mod window;
 
+#[cfg(feature = "std")]
+pub use engine::{
+    EncodeOptions, Manifest, Model, Progress, SegmentOptions, Segmentation, TaskClass,
+};
 pub use error::{Error, FormatError, Result};
 
 /// The types most programs need, in one import.

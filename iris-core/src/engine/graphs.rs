@@ -1,0 +1,357 @@
+//! The three ONNX graphs in tract: read once, planned per pinned shape.
+//!
+//! The graphs declare the batch and the class dimensions symbolic (`batch`,
+//! `classes`). tract runs a plan with symbolic dimensions about 5x slower
+//! than one whose every shape is known, so each graph is planned for batch
+//! 1, the model's patch and one class count `K` at a time. Optimised plans
+//! are kept per `K` ([`MAX_PLANS`] per graph, least recently used dropped
+//! first), so repeated calls with the same `K` never optimise again.
+//!
+//! Every plan runs its matrix products on the model's [`Executor`], a rayon
+//! pool with one thread per core (tract's `multithread-mm`).
+
+// This crate is `no_std`; the engine is `std` code.
+use std::prelude::rust_2024::*;
+use std::{format, vec};
+
+use std::collections::HashMap;
+use std::fmt::Display;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tract_linalg::multithread::Executor;
+use tract_onnx::prelude::{
+    Datum, Framework, InferenceFact, InferenceModel, InferenceModelExt, RunOptions, TValue, TVec,
+    Tensor, TypedRunnableModel,
+};
+use tract_onnx::tract_hir::infer::Factoid;
+
+use crate::error::{Error, Result};
+
+/// Most optimised plans kept per graph (one per class count).
+pub const MAX_PLANS: usize = 8;
+
+/// One dimension of a graph input or output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Dim {
+    /// The symbolic batch dimension, always run as 1.
+    Batch,
+    /// The symbolic class dimension `K`.
+    Classes,
+    /// A dimension fixed by the manifest.
+    Fixed(usize),
+}
+
+/// A named graph input or output and its shape.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Port {
+    pub name: String,
+    pub dims: Vec<Dim>,
+}
+
+impl Port {
+    pub fn new(name: impl Into<String>, dims: Vec<Dim>) -> Port {
+        Port {
+            name: name.into(),
+            dims,
+        }
+    }
+
+    /// The concrete shape for `classes` classes and batch 1.
+    pub fn shape(&self, classes: usize) -> Vec<usize> {
+        self.dims
+            .iter()
+            .map(|d| match *d {
+                Dim::Batch => 1,
+                Dim::Classes => classes,
+                Dim::Fixed(n) => n,
+            })
+            .collect()
+    }
+
+    /// `name [batch, classes, 64, ...]`.
+    fn describe(&self) -> String {
+        let dims: Vec<String> = self
+            .dims
+            .iter()
+            .map(|d| match d {
+                Dim::Batch => "batch".into(),
+                Dim::Classes => "classes".into(),
+                Dim::Fixed(n) => n.to_string(),
+            })
+            .collect();
+        format!("`{}` [{}]", self.name, dims.join(", "))
+    }
+}
+
+/// One ONNX graph, as read, with its optimised plans.
+pub(crate) struct Graph {
+    path: PathBuf,
+    /// The graph as parsed, shapes still symbolic; cloned for every new plan.
+    model: InferenceModel,
+    /// The expected inputs, in the graph's input order.
+    inputs: Vec<Port>,
+    /// The expected outputs, in the order [`Graph::run`] returns them.
+    outputs: Vec<Port>,
+    /// For each expected output, its position among the graph's outputs.
+    output_slots: Vec<usize>,
+    plans: Mutex<Plans>,
+}
+
+#[derive(Default)]
+struct Plans {
+    clock: u64,
+    /// Class count to (last use, plan).
+    by_classes: HashMap<usize, (u64, Arc<TypedRunnableModel>)>,
+}
+
+impl Graph {
+    /// Reads the ONNX graph at `path` and checks that its inputs and
+    /// outputs are exactly `inputs` and `outputs` (names; element type f32;
+    /// every fixed dimension that the file declares concretely).
+    pub fn load(path: &Path, inputs: &[Port], outputs: Vec<Port>) -> Result<Graph> {
+        let fail = |reason: String| Error::Model {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let tract = |what: &str, e: &dyn Display| fail(format!("{what}: {e:#}"));
+        if !path.is_file() {
+            return Err(fail("the graph file is missing".into()));
+        }
+        let model = tract_onnx::onnx()
+            .model_for_path(path)
+            .map_err(|e| tract("cannot read the ONNX graph", &e))?;
+        let input_outlets = model
+            .input_outlets()
+            .map_err(|e| tract("cannot list the inputs", &e))?;
+        let names: Vec<&str> = input_outlets
+            .iter()
+            .map(|o| model.node(o.node).name.as_str())
+            .collect();
+        let expected = |ports: &[Port]| ports.iter().map(Port::describe).collect::<Vec<_>>();
+        let mut ordered = Vec::with_capacity(inputs.len());
+        for name in &names {
+            match inputs.iter().find(|p| p.name == *name) {
+                Some(port) if names.len() == inputs.len() => ordered.push(port.clone()),
+                _ => {
+                    return Err(fail(format!(
+                        "the graph's inputs are {names:?}, expected {}",
+                        expected(inputs).join(", ")
+                    )));
+                }
+            }
+        }
+        for (ix, port) in ordered.iter().enumerate() {
+            let fact = model
+                .input_fact(ix)
+                .map_err(|e| tract("cannot read an input", &e))?;
+            check_declared(fact, port).map_err(fail)?;
+        }
+        let output_names: Vec<String> = model
+            .output_outlets()
+            .map_err(|e| tract("cannot list the outputs", &e))?
+            .iter()
+            .map(|&o| {
+                model
+                    .outlet_label(o)
+                    .unwrap_or(&model.node(o.node).name)
+                    .to_string()
+            })
+            .collect();
+        let output_slots = outputs
+            .iter()
+            .map(|port| {
+                output_names
+                    .iter()
+                    .position(|n| *n == port.name)
+                    .ok_or_else(|| {
+                        fail(format!(
+                            "the graph has no output `{}` (its outputs are {output_names:?}, \
+                             expected {})",
+                            port.name,
+                            expected(&outputs).join(", ")
+                        ))
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Graph {
+            path: path.to_path_buf(),
+            model,
+            inputs: ordered,
+            outputs,
+            output_slots,
+            plans: Mutex::new(Plans::default()),
+        })
+    }
+
+    /// The graph's inputs, in the order [`Graph::run`] takes them.
+    pub fn inputs(&self) -> &[Port] {
+        &self.inputs
+    }
+
+    /// The optimised plan for `classes` classes, built on first use.
+    pub fn plan(&self, classes: usize, executor: &Executor) -> Result<Arc<TypedRunnableModel>> {
+        // A panic while building a plan cannot leave the map half-written.
+        let mut plans = self.plans.lock().unwrap_or_else(PoisonError::into_inner);
+        plans.clock += 1;
+        let now = plans.clock;
+        if let Some((used, plan)) = plans.by_classes.get_mut(&classes) {
+            *used = now;
+            return Ok(Arc::clone(plan));
+        }
+        let plan = self.build(classes, executor)?;
+        if plans.by_classes.len() >= MAX_PLANS
+            && let Some(oldest) = plans
+                .by_classes
+                .iter()
+                .min_by_key(|(_, (used, _))| *used)
+                .map(|(k, _)| *k)
+        {
+            plans.by_classes.remove(&oldest);
+        }
+        plans.by_classes.insert(classes, (now, Arc::clone(&plan)));
+        Ok(plan)
+    }
+
+    /// Class counts with a plan ready, ascending.
+    pub fn planned(&self) -> Vec<usize> {
+        let plans = self.plans.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut ks: Vec<usize> = plans.by_classes.keys().copied().collect();
+        ks.sort_unstable();
+        ks
+    }
+
+    fn build(&self, classes: usize, executor: &Executor) -> Result<Arc<TypedRunnableModel>> {
+        let fail = |e: &dyn Display| Error::Model {
+            path: self.path.clone(),
+            reason: format!("cannot plan the graph for {classes} class(es): {e:#}"),
+        };
+        let mut model = self.model.clone();
+        for (ix, port) in self.inputs.iter().enumerate() {
+            model
+                .set_input_fact(
+                    ix,
+                    InferenceFact::dt_shape(f32::datum_type(), port.shape(classes)),
+                )
+                .map_err(|e| fail(&e))?;
+        }
+        let typed = model.into_optimized().map_err(|e| fail(&e))?;
+        for (port, &slot) in self.outputs.iter().zip(&self.output_slots) {
+            let fact = typed.output_fact(slot).map_err(|e| fail(&e))?;
+            let want = port.shape(classes);
+            if fact.datum_type != f32::datum_type()
+                || fact.shape.as_concrete() != Some(want.as_slice())
+            {
+                return Err(Error::Model {
+                    path: self.path.clone(),
+                    reason: format!(
+                        "output `{}` is {:?} {:?} for {classes} class(es), expected f32 {want:?}",
+                        port.name, fact.datum_type, fact.shape
+                    ),
+                });
+            }
+        }
+        let options = RunOptions {
+            executor: Some(executor.clone()),
+            ..RunOptions::default()
+        };
+        typed
+            .into_runnable_with_options(&options)
+            .map_err(|e| fail(&e))
+    }
+
+    /// Runs `plan` (from [`Graph::plan`]) on `inputs`, given in the order of
+    /// [`Graph::inputs`]; returns the outputs in the order given to
+    /// [`Graph::load`].
+    pub fn run(&self, plan: &Arc<TypedRunnableModel>, inputs: TVec<TValue>) -> Result<Vec<TValue>> {
+        let outputs = plan.run(inputs).map_err(|e| Error::Model {
+            path: self.path.clone(),
+            reason: format!("running the graph failed: {e:#}"),
+        })?;
+        Ok(self
+            .output_slots
+            .iter()
+            .map(|&slot| outputs[slot].clone())
+            .collect())
+    }
+
+    /// The file the graph was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Checks what the file declares for an input against `port`: element type
+/// f32 and, where the file gives a number, the fixed dimensions.
+fn check_declared(fact: &InferenceFact, port: &Port) -> core::result::Result<(), String> {
+    let mismatch = |found: String| {
+        format!(
+            "input `{}` is declared {found}, expected f32 {}",
+            port.name,
+            port.describe()
+        )
+    };
+    if let Some(dt) = fact.datum_type.concretize()
+        && dt != f32::datum_type()
+    {
+        return Err(mismatch(format!("{dt:?}")));
+    }
+    let dims: Vec<_> = fact.shape.dims().collect();
+    let rank_ok = if fact.shape.is_open() {
+        dims.len() <= port.dims.len()
+    } else {
+        dims.len() == port.dims.len()
+    };
+    let fixed_ok = dims.iter().zip(&port.dims).all(|(found, want)| {
+        match (found.concretize().and_then(|d| d.as_i64()), want) {
+            (Some(n), Dim::Fixed(w)) => usize::try_from(n).is_ok_and(|n| n == *w),
+            _ => true,
+        }
+    });
+    if rank_ok && fixed_ok {
+        Ok(())
+    } else {
+        Err(mismatch(format!("{:?}", fact.shape)))
+    }
+}
+
+/// The pool tract's matrix products run on: one thread per core.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] if the operating system refuses the threads.
+pub(crate) fn executor() -> Result<Executor> {
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("iris-tract-{i}"))
+        .build()
+        .map(|pool| Executor::MultiThread(Arc::new(pool)))
+        .map_err(|e| {
+            Error::invalid(
+                "thread pool",
+                format!("cannot start {threads} threads: {e}"),
+            )
+        })
+}
+
+/// A tract tensor of `shape` holding `values` (C order).
+pub(crate) fn tensor(shape: &[usize], values: &[f32]) -> Result<TValue> {
+    Tensor::from_shape(shape, values)
+        .map(TValue::from)
+        .map_err(|e| Error::ShapeMismatch {
+            what: format!("graph input of shape {shape:?}: {e}"),
+            expected: shape.to_vec(),
+            found: vec![values.len()],
+        })
+}
+
+/// The f32 values of a graph output, C order.
+pub(crate) fn values<'a>(graph: &Graph, value: &'a TValue) -> Result<&'a [f32]> {
+    value
+        .try_as_plain_ram()
+        .and_then(|view| view.as_slice::<f32>())
+        .map_err(|e| Error::Model {
+            path: graph.path.clone(),
+            reason: format!("an output is not an f32 tensor: {e:#}"),
+        })
+}

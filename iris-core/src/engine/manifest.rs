@@ -1,0 +1,371 @@
+//! `manifest.json`: what a model folder holds, read and checked.
+//!
+//! The format is the contract between the exporter (`iris-train export`) and
+//! this engine (`notes/onnx-contract.md` in the project): a UTF-8 JSON object
+//! with `format` `"iris-model"`, `format_version` 1, the model's `name`,
+//! `patch_size` `[D, H, W]` (voxels), `spacing_mm`, the encoder `channels`
+//! per level (full resolution first), the task-embedding `stages` (deepest
+//! first), the weights `fingerprint` (64 hex digits), the three graph file
+//! names and optionally a `memory_bank` file. Unknown keys are ignored.
+
+// This crate is `no_std`; the engine is `std` code.
+use std::format;
+use std::prelude::rust_2024::*;
+
+use std::path::{Component, Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::embedding::{MAX_STAGES, ModelFingerprint, StageShape};
+use crate::error::{Error, Result};
+use crate::volume::checked_voxel_count;
+
+/// The `format` value of every manifest.
+pub const FORMAT: &str = "iris-model";
+
+/// The newest `format_version` this engine reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Encoder feature levels: level `i` has `channels[i]` channels and the
+/// patch size divided by `2^i` along every axis.
+pub const LEVELS: usize = 5;
+
+/// Largest patch edge accepted, in voxels (the released model uses 128).
+pub const MAX_PATCH: usize = 512;
+
+/// A model folder's `manifest.json`, checked, with file names resolved
+/// against the folder.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Manifest {
+    /// Model name, e.g. `"iris-small"`.
+    pub name: String,
+    /// Network input window in voxels, `[D, H, W]`; every edge a multiple of
+    /// `2^(LEVELS - 1)` = 16.
+    pub patch_size: [usize; 3],
+    /// Isotropic voxel spacing the model works at, mm.
+    pub spacing_mm: f64,
+    /// Encoder channels per level, full resolution first.
+    pub channels: [usize; LEVELS],
+    /// Task-embedding stages, deepest first: stage `s` is
+    /// `[tokens, channels[LEVELS - 1 - s]]`, the foreground token last.
+    pub stages: Vec<StageShape>,
+    /// SHA-256 of the weights, written into every `.irisemb` the model makes.
+    pub fingerprint: ModelFingerprint,
+    /// The encoder graph (image window to features).
+    pub encoder: PathBuf,
+    /// The task-encoder graph (features and masks to task embeddings).
+    pub task_encoder: PathBuf,
+    /// The decoder graph (features and task embeddings to logits).
+    pub decoder: PathBuf,
+    /// The memory bank (`.irisemb`) shipped with the model, if any.
+    pub memory_bank: Option<PathBuf>,
+}
+
+/// The JSON as written; unknown keys (e.g. `config`, `opset`) are ignored.
+#[derive(Deserialize)]
+struct Raw {
+    format: String,
+    format_version: u32,
+    name: String,
+    patch_size: [usize; 3],
+    spacing_mm: f64,
+    channels: [usize; LEVELS],
+    stages: Vec<RawStage>,
+    fingerprint: String,
+    graphs: RawGraphs,
+    memory_bank: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawStage {
+    tokens: u32,
+    channels: u32,
+}
+
+#[derive(Deserialize)]
+struct RawGraphs {
+    encoder: String,
+    task_encoder: String,
+    decoder: String,
+}
+
+impl Manifest {
+    /// Reads and checks `dir/manifest.json`; file names are resolved
+    /// against `dir`.
+    ///
+    /// Checked: the format and version; a patch of 16 to [`MAX_PATCH`]
+    /// voxels per axis, each a multiple of 16; a finite positive spacing;
+    /// non-zero channels; 1 to [`LEVELS`] stages, all with the same token
+    /// count (at least 2) and stage `s` with `channels[LEVELS - 1 - s]`
+    /// channels; a 64-digit hex fingerprint; graph and bank names that are
+    /// relative paths inside the folder. The files themselves are not opened.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if it cannot be read; [`Error::Model`] naming the file
+    /// for JSON that does not parse or a field that breaks the contract,
+    /// with the field, what was expected and what was found.
+    pub fn read(dir: &Path) -> Result<Manifest> {
+        let path = dir.join("manifest.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        Manifest::parse(&text, dir).map_err(|reason| Error::Model { path, reason })
+    }
+
+    /// Parses manifest JSON as [`Manifest::read`] describes; the error is
+    /// a sentence naming the field.
+    pub(crate) fn parse(text: &str, dir: &Path) -> core::result::Result<Manifest, String> {
+        let raw: Raw = serde_json::from_str(text).map_err(|e| format!("invalid manifest: {e}"))?;
+        if raw.format != FORMAT {
+            return Err(format!(
+                "`format` is {:?}, expected {FORMAT:?}: not an iris model manifest",
+                raw.format
+            ));
+        }
+        if raw.format_version == 0 || raw.format_version > FORMAT_VERSION {
+            return Err(format!(
+                "`format_version` {} is not supported (this engine reads version {FORMAT_VERSION})",
+                raw.format_version
+            ));
+        }
+        let unit = 1 << (LEVELS - 1);
+        if raw
+            .patch_size
+            .iter()
+            .any(|&p| p < unit || p > MAX_PATCH || p % unit != 0)
+        {
+            return Err(format!(
+                "`patch_size` {:?}: every edge must be a multiple of {unit} between {unit} and \
+                 {MAX_PATCH} voxels",
+                raw.patch_size
+            ));
+        }
+        checked_voxel_count(raw.patch_size).map_err(|e| format!("`patch_size`: {e}"))?;
+        if !(raw.spacing_mm.is_finite() && raw.spacing_mm > 0.0) {
+            return Err(format!(
+                "`spacing_mm` {} must be a positive number of millimetres",
+                raw.spacing_mm
+            ));
+        }
+        if raw.channels.contains(&0) {
+            return Err(format!("`channels` {:?} has a zero entry", raw.channels));
+        }
+        let stages = check_stages(&raw.stages, &raw.channels)?;
+        let fingerprint = ModelFingerprint::from_hex(&raw.fingerprint)
+            .map_err(|e| format!("`fingerprint`: {e}"))?;
+        let file = |field: &str, name: &str| -> core::result::Result<PathBuf, String> {
+            let relative = Path::new(name);
+            let inside = !name.is_empty()
+                && relative
+                    .components()
+                    .all(|c| matches!(c, Component::Normal(_)));
+            if inside {
+                Ok(dir.join(relative))
+            } else {
+                Err(format!(
+                    "`{field}` {name:?} must be a file name inside the model folder"
+                ))
+            }
+        };
+        Ok(Manifest {
+            name: raw.name,
+            patch_size: raw.patch_size,
+            spacing_mm: raw.spacing_mm,
+            channels: raw.channels,
+            stages,
+            fingerprint,
+            encoder: file("graphs.encoder", &raw.graphs.encoder)?,
+            task_encoder: file("graphs.task_encoder", &raw.graphs.task_encoder)?,
+            decoder: file("graphs.decoder", &raw.graphs.decoder)?,
+            memory_bank: raw
+                .memory_bank
+                .as_deref()
+                .map(|name| file("memory_bank", name))
+                .transpose()?,
+        })
+    }
+
+    /// Spatial size of feature level `level`, `[D, H, W] / 2^level`.
+    pub fn level_shape(&self, level: usize) -> [usize; 3] {
+        self.patch_size.map(|p| p >> level)
+    }
+
+    /// The first encoder level the task encoder reads: `LEVELS - stages`.
+    pub fn first_task_level(&self) -> usize {
+        LEVELS - self.stages.len()
+    }
+}
+
+fn check_stages(
+    raw: &[RawStage],
+    channels: &[usize; LEVELS],
+) -> core::result::Result<Vec<StageShape>, String> {
+    if raw.is_empty() || raw.len() > LEVELS.min(MAX_STAGES) {
+        return Err(format!(
+            "`stages` has {} entries, expected 1 to {LEVELS}",
+            raw.len()
+        ));
+    }
+    let tokens = raw[0].tokens;
+    let mut stages = Vec::with_capacity(raw.len());
+    for (s, stage) in raw.iter().enumerate() {
+        let level = LEVELS - 1 - s;
+        if stage.tokens != tokens || tokens < 2 {
+            return Err(format!(
+                "`stages[{s}].tokens` is {}: every stage needs the same number of tokens, \
+                 at least 2 (query tokens then the foreground token), found {tokens} in stage 0",
+                stage.tokens
+            ));
+        }
+        if stage.channels as usize != channels[level] {
+            return Err(format!(
+                "`stages[{s}].channels` is {}, expected {} (`channels[{level}]`: stages run \
+                 from the deepest level up)",
+                stage.channels, channels[level]
+            ));
+        }
+        let shape = StageShape {
+            tokens: stage.tokens,
+            channels: stage.channels,
+        };
+        shape
+            .value_count()
+            .map_err(|e| format!("`stages[{s}]`: {e}"))?;
+        stages.push(shape);
+    }
+    Ok(stages)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(edit: impl FnOnce(&mut serde_json::Value)) -> String {
+        let mut v = serde_json::json!({
+            "format": "iris-model",
+            "format_version": 1,
+            "name": "iris-tiny",
+            "config": {"channels": [4, 8, 8, 16, 16]},
+            "patch_size": [32, 32, 48],
+            "spacing_mm": 3.0,
+            "channels": [4, 8, 8, 16, 16],
+            "stages": [
+                {"tokens": 3, "channels": 16},
+                {"tokens": 3, "channels": 16},
+                {"tokens": 3, "channels": 8}
+            ],
+            "fingerprint": "ab".repeat(32),
+            "opset": 17,
+            "graphs": {"encoder": "encoder.onnx", "task_encoder": "task_encoder.onnx", "decoder": "decoder.onnx"},
+            "memory_bank": "memory_bank.irisemb"
+        });
+        edit(&mut v);
+        v.to_string()
+    }
+
+    fn parse(edit: impl FnOnce(&mut serde_json::Value)) -> core::result::Result<Manifest, String> {
+        Manifest::parse(&json(edit), Path::new("/models/tiny"))
+    }
+
+    #[test]
+    fn reads_the_contract_example() {
+        let m = parse(|_| {}).expect("valid");
+        assert_eq!(m.name, "iris-tiny");
+        assert_eq!(m.patch_size, [32, 32, 48]);
+        assert_eq!(m.level_shape(4), [2, 2, 3]);
+        assert_eq!(m.first_task_level(), 2);
+        assert_eq!(
+            m.stages[2],
+            StageShape {
+                tokens: 3,
+                channels: 8
+            }
+        );
+        assert_eq!(m.fingerprint.as_bytes(), &[0xab; 32]);
+        assert_eq!(m.decoder, Path::new("/models/tiny/decoder.onnx"));
+        assert_eq!(
+            m.memory_bank.as_deref(),
+            Some(Path::new("/models/tiny/memory_bank.irisemb"))
+        );
+        let no_bank = parse(|v| {
+            v.as_object_mut().map(|o| o.remove("memory_bank"));
+        })
+        .expect("valid");
+        assert_eq!(no_bank.memory_bank, None);
+    }
+
+    #[test]
+    fn names_the_broken_field() {
+        type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
+        let cases: [(&str, Edit); 11] = [
+            ("`format`", Box::new(|v| v["format"] = "onnx".into())),
+            (
+                "`format_version` 2",
+                Box::new(|v| v["format_version"] = 2.into()),
+            ),
+            (
+                "`patch_size` [32, 32, 40]",
+                Box::new(|v| v["patch_size"] = serde_json::json!([32, 32, 40])),
+            ),
+            (
+                "`patch_size` [1024",
+                Box::new(|v| v["patch_size"] = serde_json::json!([1024, 32, 32])),
+            ),
+            (
+                "`spacing_mm`",
+                Box::new(|v| v["spacing_mm"] = (-1.0).into()),
+            ),
+            (
+                "`channels`",
+                Box::new(|v| v["channels"] = serde_json::json!([4, 0, 8, 16, 16])),
+            ),
+            (
+                "`stages[2].channels` is 8, expected 16",
+                Box::new(|v| v["channels"] = serde_json::json!([4, 8, 16, 16, 16])),
+            ),
+            (
+                "`stages[1].tokens`",
+                Box::new(|v| v["stages"][1]["tokens"] = 4.into()),
+            ),
+            (
+                "`fingerprint`",
+                Box::new(|v| v["fingerprint"] = "abc".into()),
+            ),
+            (
+                "`graphs.decoder` \"../decoder.onnx\"",
+                Box::new(|v| v["graphs"]["decoder"] = "../decoder.onnx".into()),
+            ),
+            (
+                "missing field `graphs`",
+                Box::new(|v| {
+                    v.as_object_mut().map(|o| o.remove("graphs"));
+                }),
+            ),
+        ];
+        for (needle, edit) in cases {
+            let err = parse(edit).expect_err(needle);
+            assert!(err.contains(needle), "{needle:?} not in {err:?}");
+        }
+        let err = Manifest::parse("{not json", Path::new(".")).expect_err("not JSON");
+        assert!(err.starts_with("invalid manifest"), "{err}");
+    }
+
+    #[test]
+    fn read_names_the_file() {
+        let dir = std::env::temp_dir().join(format!("iris-manifest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let missing = Manifest::read(&dir).expect_err("no manifest");
+        assert!(matches!(missing, Error::Io { .. }), "{missing}");
+        std::fs::write(
+            dir.join("manifest.json"),
+            json(|v| v["format"] = "x".into()),
+        )
+        .expect("write");
+        let bad = Manifest::read(&dir).expect_err("bad format");
+        let text = bad.to_string();
+        std::fs::remove_dir_all(&dir).ok();
+        assert!(matches!(bad, Error::Model { .. }));
+        assert!(text.contains("manifest.json: `format`"), "{text}");
+    }
+}

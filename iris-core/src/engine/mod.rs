@@ -1,0 +1,650 @@
+//! The ONNX inference engine: a model folder in, task embeddings and
+//! segmentations out (`std` only).
+//!
+//! A model folder (written by `iris-train export`) holds `manifest.json`
+//! ([`Manifest`]) and three ONNX graphs, run with tract:
+//!
+//! | graph | inputs | outputs |
+//! |---|---|---|
+//! | `encoder.onnx` | `image` `[1, 1, D, H, W]` | `features_0..4`, `[1, C_i, D/2^i, H/2^i, W/2^i]` |
+//! | `task_encoder.onnx` | the deepest `S` feature levels, `masks` `[1, K, D, H, W]` | `task_0..S-1`, `[1, K, tokens, C]` |
+//! | `decoder.onnx` | `features_0..4`, `task_0..S-1` | `logits` `[1, K, D, H, W]` |
+//!
+//! `[D, H, W]` is the model's patch; `K` the number of classes.
+//! [`Model::encode_task`] turns a reference image and label map into a
+//! [`TaskEmbedding`] (one encoder and one task-encoder run for all `K`
+//! classes); [`Model::segment`] applies it to a query volume in sliding
+//! windows (per window one encoder and one decoder run for all `K`
+//! classes). The steps around the graphs are `iris-core`'s own, in the
+//! order of `docs/pipeline.md`: canonical orientation, resampling to the
+//! model's spacing, intensity normalisation, the reference crop, Gaussian
+//! blending, threshold + argmax, largest component, and the way back to the
+//! query's own grid and affine.
+//!
+//! # Speed
+//! Every graph is planned for batch 1, the patch and a given `K` (a plan
+//! with symbolic shapes runs about 5x slower), once: plans are cached per
+//! `K`, so the first call with a new class count pays for tract's
+//! optimisation and later ones do not. Matrix products run on a pool with
+//! one thread per core. A [`Model`] is `Send + Sync`: share it by reference
+//! or in an `Arc` and segment from several threads at once.
+
+// This crate is `no_std`; the engine is `std` code.
+use std::prelude::rust_2024::*;
+use std::{format, vec};
+
+mod graphs;
+mod manifest;
+mod pipeline;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use ndarray::{Array3, Array4, ArrayView3, ArrayView4, Axis};
+use tract_linalg::multithread::Executor;
+use tract_onnx::prelude::{TValue, TVec};
+
+pub use graphs::MAX_PLANS;
+pub use manifest::{FORMAT, FORMAT_VERSION, LEVELS, MAX_PATCH, Manifest};
+
+use crate::embedding::{
+    ClassEmbedding, MAX_CLASSES, ModelFingerprint, Preprocessing, Provenance, TaskEmbedding,
+};
+use crate::error::{Error, Result};
+use crate::irisemb;
+use crate::preprocess::IntensityPolicy;
+use crate::volume::{Image, LabelMap};
+use graphs::{Dim, Graph, Port};
+
+/// A class to encode: its value in the reference label map and the name
+/// stored with its embedding (may be empty).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskClass {
+    /// Label value in the reference label map (non-zero).
+    pub label: u16,
+    /// Class name, stored in the `.irisemb`.
+    pub name: String,
+}
+
+impl TaskClass {
+    /// A class with label value `label` and name `name`.
+    pub fn new(label: u16, name: impl Into<String>) -> TaskClass {
+        TaskClass {
+            label,
+            name: name.into(),
+        }
+    }
+}
+
+/// Settings of [`Model::encode_task`].
+#[derive(Clone, Debug, Default)]
+pub struct EncodeOptions {
+    /// How to normalise the reference's intensities; `None` detects CT or
+    /// MR with [`IntensityPolicy::detect`]. The policy used is recorded in
+    /// the embedding, and queries get the same one by default.
+    pub intensity: Option<IntensityPolicy>,
+}
+
+/// Settings of [`Model::segment`].
+#[derive(Clone)]
+pub struct SegmentOptions {
+    /// How to normalise the query's intensities; `None` uses the policy
+    /// recorded in the task embedding (that of its reference).
+    pub intensity: Option<IntensityPolicy>,
+    /// Overlap of neighbouring windows, a fraction of the window in `[0, 1)`. Default 0.5.
+    pub overlap: f64,
+    /// Probability the best class needs to label a voxel, in `(0, 1]`. Default 0.5.
+    pub threshold: f32,
+    /// Keep only the largest 26-connected component of each label. Default true.
+    pub largest_component: bool,
+    /// Also return the blended probability map of every class. Default false.
+    pub probabilities: bool,
+    /// Called after every window with the windows done so far and the total.
+    pub progress: Option<Arc<dyn Fn(Progress) + Send + Sync>>,
+}
+
+impl Default for SegmentOptions {
+    fn default() -> Self {
+        SegmentOptions {
+            intensity: None,
+            overlap: 0.5,
+            threshold: crate::labels::DEFAULT_THRESHOLD,
+            largest_component: true,
+            probabilities: false,
+            progress: None,
+        }
+    }
+}
+
+impl core::fmt::Debug for SegmentOptions {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("SegmentOptions")
+            .field("intensity", &self.intensity)
+            .field("overlap", &self.overlap)
+            .field("threshold", &self.threshold)
+            .field("largest_component", &self.largest_component)
+            .field("probabilities", &self.probabilities)
+            .field("progress", &self.progress.as_ref().map(|_| "Fn(Progress)"))
+            .finish()
+    }
+}
+
+/// How far a segmentation is: windows decoded so far, out of `total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Progress {
+    /// Windows decoded so far (1 to `total`).
+    pub done: usize,
+    /// Windows in the whole volume.
+    pub total: usize,
+}
+
+/// The result of [`Model::segment`], on the query's own grid.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Segmentation {
+    /// Labels on the query's original grid and affine: each voxel holds the
+    /// label value of its class, 0 for background.
+    pub labels: LabelMap,
+    /// The label value of each class, in the embedding's order.
+    pub classes: Vec<u32>,
+    /// With [`SegmentOptions::probabilities`]: per class (same order), the
+    /// blended probability in `[0, 1]` on the original grid.
+    pub probabilities: Option<Vec<Image>>,
+    /// Number of windows the query was decoded in.
+    pub windows: usize,
+}
+
+/// The encoder's features of one window: five levels, full resolution
+/// first (see the [module docs](self)). Made by [`Model::encode_window`].
+#[derive(Clone)]
+pub struct Features {
+    levels: Vec<TValue>,
+}
+
+impl Features {
+    /// Shape of every level, `[1, C_i, D/2^i, H/2^i, W/2^i]`.
+    pub fn shapes(&self) -> Vec<Vec<usize>> {
+        self.levels.iter().map(|t| t.shape().to_vec()).collect()
+    }
+}
+
+impl core::fmt::Debug for Features {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Features")
+            .field("shapes", &self.shapes())
+            .finish()
+    }
+}
+
+/// An Iris model loaded from a model folder, ready to encode references and
+/// segment queries (see the [module docs](self)).
+///
+/// ```no_run
+/// use iris_core::engine::{EncodeOptions, Model, SegmentOptions, TaskClass};
+/// use iris_core::nifti;
+///
+/// let model = Model::load("models/iris-small")?;
+/// let (reference, _) = nifti::read_image("ref.nii.gz")?;
+/// let (labels, _) = nifti::read_labels("ref_labels.nii.gz")?;
+/// let classes = [TaskClass::new(1, "liver"), TaskClass::new(2, "spleen")];
+/// let task = model.encode_task(&reference, &labels, &classes, &EncodeOptions::default())?;
+///
+/// let (query, info) = nifti::read_image("query.nii.gz")?;
+/// let result = model.segment(&query, &task, &SegmentOptions::default())?;
+/// nifti::write_labels("query_seg.nii.gz", &result.labels, Some(&info))?;
+/// # Ok::<(), iris_core::Error>(())
+/// ```
+pub struct Model {
+    manifest: Manifest,
+    encoder: Graph,
+    task_encoder: Graph,
+    decoder: Graph,
+    executor: Executor,
+}
+
+impl core::fmt::Debug for Model {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Model")
+            .field("manifest", &self.manifest)
+            .field("task_encoder_plans", &self.task_encoder.planned())
+            .field("decoder_plans", &self.decoder.planned())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Model {
+    /// Loads the model folder `dir`: reads and checks `manifest.json`, reads
+    /// the three graphs and checks their input and output names and the
+    /// shapes they declare against the manifest. Plans are built on first use.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the manifest cannot be read; [`Error::Model`] naming
+    /// the manifest or the graph for anything that breaks the model-folder
+    /// contract; [`Error::InvalidArgument`] if no thread pool can be started.
+    pub fn load(dir: impl AsRef<Path>) -> Result<Model> {
+        let manifest = Manifest::read(dir.as_ref())?;
+        let [d, h, w] = manifest.patch_size;
+        let spatial = |level: usize| [d, h, w].map(|n| Dim::Fixed(n >> level));
+        let level = |i: usize| {
+            let [sd, sh, sw] = spatial(i);
+            Port::new(
+                format!("features_{i}"),
+                vec![Dim::Batch, Dim::Fixed(manifest.channels[i]), sd, sh, sw],
+            )
+        };
+        let levels = |from: usize| (from..LEVELS).map(level).collect::<Vec<_>>();
+        let tasks: Vec<Port> = manifest
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(s, stage)| {
+                Port::new(
+                    format!("task_{s}"),
+                    vec![
+                        Dim::Batch,
+                        Dim::Classes,
+                        Dim::Fixed(stage.tokens as usize),
+                        Dim::Fixed(stage.channels as usize),
+                    ],
+                )
+            })
+            .collect();
+        let [sd, sh, sw] = spatial(0);
+        let per_class = |name: &str| Port::new(name, vec![Dim::Batch, Dim::Classes, sd, sh, sw]);
+        let image = Port::new("image", vec![Dim::Batch, Dim::Fixed(1), sd, sh, sw]);
+
+        let encoder = Graph::load(&manifest.encoder, &[image], levels(0))?;
+        let mut task_inputs = levels(manifest.first_task_level());
+        task_inputs.push(per_class("masks"));
+        let task_encoder = Graph::load(&manifest.task_encoder, &task_inputs, tasks.clone())?;
+        let mut decoder_inputs = levels(0);
+        decoder_inputs.extend(tasks);
+        let decoder = Graph::load(
+            &manifest.decoder,
+            &decoder_inputs,
+            vec![per_class("logits")],
+        )?;
+        Ok(Model {
+            manifest,
+            encoder,
+            task_encoder,
+            decoder,
+            executor: graphs::executor()?,
+        })
+    }
+
+    /// The model's manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The fingerprint of the model's weights, as recorded in its embeddings.
+    pub fn fingerprint(&self) -> &ModelFingerprint {
+        &self.manifest.fingerprint
+    }
+
+    /// The memory bank named by the manifest, read and checked against this
+    /// model, or `None` when the model has none.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the file cannot be read; [`Error::Model`] naming it
+    /// if it is not a valid `.irisemb`; [`Error::ModelMismatch`] or
+    /// [`Error::ShapeMismatch`] if it belongs to another model.
+    pub fn memory_bank(&self) -> Result<Option<TaskEmbedding>> {
+        let Some(path) = &self.manifest.memory_bank else {
+            return Ok(None);
+        };
+        let bank = irisemb::read_file(path).map_err(|e| match e {
+            Error::Format(format) => Error::Model {
+                path: path.clone(),
+                reason: format!("invalid memory bank: {format}"),
+            },
+            other => other,
+        })?;
+        self.check_task(&bank)?;
+        Ok(Some(bank))
+    }
+
+    /// Encodes the classes `classes` of a reference image and its label map
+    /// (same grid, any orientation and spacing) into a one-shot task
+    /// embedding, all classes in one task-encoder run.
+    ///
+    /// The reference is reoriented to RAS, resampled to the model's spacing
+    /// (trilinear image, nearest labels) and cropped to the patch around the
+    /// bounding box of all the classes together; the crop is normalised with
+    /// `options.intensity` (detected when `None`), and each class becomes
+    /// one binary mask.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for no class, more than [`MAX_CLASSES`],
+    /// label 0 or a repeated label, a class too small to survive
+    /// resampling, or classes too far apart to share one crop;
+    /// [`Error::EmptyMask`] for a label absent from the label map;
+    /// [`Error::NonFinite`] for NaN or infinite voxels; grid mismatches
+    /// between `reference` and `labels`; [`Error::Model`] if a graph fails.
+    pub fn encode_task(
+        &self,
+        reference: &Image,
+        labels: &LabelMap,
+        classes: &[TaskClass],
+        options: &EncodeOptions,
+    ) -> Result<TaskEmbedding> {
+        check_class_count(classes.len())?;
+        let class_labels: Vec<u16> = classes.iter().map(|c| c.label).collect();
+        let patch = self.manifest.patch_size;
+        let input = pipeline::prepare_reference(
+            reference,
+            labels,
+            &class_labels,
+            self.manifest.spacing_mm,
+            patch,
+            options.intensity,
+        )?;
+        let features = self.encode_window(input.image.data().view())?;
+        let [d, h, w] = patch;
+        let masks = ArrayView4::from_shape((classes.len(), d, h, w), &input.masks)
+            .map_err(|e| Error::invalid("masks", e.to_string()))?;
+        let stages = self.encode_masks(&features, masks)?;
+        let embeddings = classes
+            .iter()
+            .enumerate()
+            .map(|(k, class)| {
+                let per_stage = stages
+                    .iter()
+                    .map(|stage| stage.index_axis(Axis(0), k).iter().copied().collect())
+                    .collect();
+                ClassEmbedding::new(
+                    class.label.into(),
+                    class.name.clone(),
+                    Provenance::OneShot,
+                    per_stage,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let spacing = self.manifest.spacing_mm as f32;
+        let preprocessing = Preprocessing {
+            spacing_mm: [spacing; 3],
+            patch: patch.map(|p| p as u32),
+            intensity: input.intensity,
+        };
+        TaskEmbedding::new(
+            self.manifest.fingerprint,
+            preprocessing,
+            self.manifest.stages.clone(),
+            embeddings,
+        )
+    }
+
+    /// Segments `query` (any orientation and spacing) with every class of
+    /// `task`: one encoder and one decoder run per window for all classes.
+    ///
+    /// The labels come back on the query's own grid and affine, each voxel
+    /// holding its class's label value (see [`Segmentation`]).
+    ///
+    /// # Errors
+    /// [`Error::ModelMismatch`] if `task` was made by another model;
+    /// [`Error::ShapeMismatch`] or [`Error::InvalidArgument`] if its stage
+    /// shapes or preprocessing disagree with the manifest, or a class label
+    /// does not fit 16 bits; [`Error::NonFinite`] for NaN or infinite query
+    /// voxels; invalid options (overlap outside `[0, 1)`, threshold outside
+    /// `(0, 1]`); [`Error::TooLarge`] for absurd sizes; [`Error::Model`] if
+    /// a graph fails.
+    pub fn segment(
+        &self,
+        query: &Image,
+        task: &TaskEmbedding,
+        options: &SegmentOptions,
+    ) -> Result<Segmentation> {
+        self.check_task(task)?;
+        let class_labels = task
+            .classes()
+            .iter()
+            .map(|c| {
+                u16::try_from(c.label()).map_err(|_| {
+                    Error::invalid(
+                        "class label",
+                        format!(
+                            "class {:?} has label {}, which does not fit a 16-bit label map",
+                            c.name(),
+                            c.label()
+                        ),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let intensity = options.intensity.unwrap_or(task.preprocessing().intensity);
+        let task_values = self.task_tensors(task)?;
+        let encoder = self.encoder.plan(1, &self.executor)?;
+        let decoder = self.decoder.plan(class_labels.len(), &self.executor)?;
+        pipeline::segment_with(
+            query,
+            self.manifest.spacing_mm,
+            self.manifest.patch_size,
+            &class_labels,
+            intensity,
+            options,
+            |window| {
+                let features = self.run_encoder(&encoder, window.view())?;
+                let logits = self.run_decoder(&decoder, &features, &task_values)?;
+                Ok(graphs::values(&self.decoder, &logits)?.to_vec())
+            },
+        )
+    }
+
+    /// Runs the encoder on one normalised window (`[D, H, W]` = the patch).
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] for another shape; [`Error::NonFinite`] for
+    /// NaN or infinite values; [`Error::Model`] if the graph fails.
+    pub fn encode_window(&self, window: ArrayView3<'_, f32>) -> Result<Features> {
+        let plan = self.encoder.plan(1, &self.executor)?;
+        self.run_encoder(&plan, window)
+    }
+
+    /// Runs the task encoder on a reference window's features and one
+    /// binary mask per class (`[K, D, H, W]`, values 0 or 1, on the window's
+    /// grid). Returns one `[K, tokens, channels]` array per stage, deepest
+    /// first: class `k`'s task embedding.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] for masks not of the patch shape;
+    /// [`Error::InvalidArgument`] for no class or more than [`MAX_CLASSES`];
+    /// [`Error::Model`] if the graph fails.
+    pub fn encode_masks(
+        &self,
+        features: &Features,
+        masks: ArrayView4<'_, f32>,
+    ) -> Result<Vec<Array3<f32>>> {
+        let (k, d, h, w) = masks.dim();
+        check_class_count(k)?;
+        let [pd, ph, pw] = self.manifest.patch_size;
+        if [d, h, w] != [pd, ph, pw] {
+            return Err(Error::ShapeMismatch {
+                what: "reference masks [K, D, H, W] vs the model's patch".into(),
+                expected: vec![k, pd, ph, pw],
+                found: vec![k, d, h, w],
+            });
+        }
+        let plan = self.task_encoder.plan(k, &self.executor)?;
+        let masks = masks.as_standard_layout();
+        let masks = graphs::tensor(&[1, k, d, h, w], masks.as_slice().unwrap_or_default())?;
+        let inputs = self.feed(&self.task_encoder, &features.levels, &[], Some(masks))?;
+        self.task_encoder
+            .run(&plan, inputs)?
+            .iter()
+            .zip(&self.manifest.stages)
+            .map(|(value, stage)| {
+                let shape = (k, stage.tokens as usize, stage.channels as usize);
+                let data = graphs::values(&self.task_encoder, value)?.to_vec();
+                Array3::from_shape_vec(shape, data)
+                    .map_err(|e| Error::invalid("task encoder output", e.to_string()))
+            })
+            .collect()
+    }
+
+    /// Runs the decoder on a window's features with every class of `task`.
+    /// Returns the logits `[K, D, H, W]` (apply the sigmoid for probabilities).
+    ///
+    /// # Errors
+    /// As [`Model::segment`] for the task; [`Error::Model`] if the graph fails.
+    pub fn decode_window(&self, features: &Features, task: &TaskEmbedding) -> Result<Array4<f32>> {
+        self.check_task(task)?;
+        let k = task.classes().len();
+        let plan = self.decoder.plan(k, &self.executor)?;
+        let logits = self.run_decoder(&plan, features, &self.task_tensors(task)?)?;
+        let [d, h, w] = self.manifest.patch_size;
+        Array4::from_shape_vec(
+            (k, d, h, w),
+            graphs::values(&self.decoder, &logits)?.to_vec(),
+        )
+        .map_err(|e| Error::invalid("decoder output", e.to_string()))
+    }
+
+    /// Class counts with a ready (optimised) decoder plan, ascending.
+    pub fn planned_class_counts(&self) -> Vec<usize> {
+        self.decoder.planned()
+    }
+
+    fn run_encoder(
+        &self,
+        plan: &Arc<tract_onnx::prelude::TypedRunnableModel>,
+        window: ArrayView3<'_, f32>,
+    ) -> Result<Features> {
+        let (d, h, w) = window.dim();
+        let patch = self.manifest.patch_size;
+        if [d, h, w] != patch {
+            return Err(Error::ShapeMismatch {
+                what: "encoder window vs the model's patch".into(),
+                expected: patch.to_vec(),
+                found: vec![d, h, w],
+            });
+        }
+        let bad = window.iter().filter(|v| !v.is_finite()).count();
+        if bad > 0 {
+            return Err(Error::NonFinite {
+                what: "encoder window",
+                count: bad,
+            });
+        }
+        let window = window.as_standard_layout();
+        let image = graphs::tensor(&[1, 1, d, h, w], window.as_slice().unwrap_or_default())?;
+        let inputs: TVec<TValue> = [image].into_iter().collect();
+        Ok(Features {
+            levels: self.encoder.run(plan, inputs)?,
+        })
+    }
+
+    fn run_decoder(
+        &self,
+        plan: &Arc<tract_onnx::prelude::TypedRunnableModel>,
+        features: &Features,
+        task: &[TValue],
+    ) -> Result<TValue> {
+        let inputs = self.feed(&self.decoder, &features.levels, task, None)?;
+        let mut outputs = self.decoder.run(plan, inputs)?;
+        outputs.pop().ok_or_else(|| Error::Model {
+            path: self.decoder.path().to_path_buf(),
+            reason: "the graph returned no logits".into(),
+        })
+    }
+
+    /// The inputs of `graph` in its order, by name: `features_i` from
+    /// `levels`, `task_s` from `task`, `masks` from `masks`.
+    fn feed(
+        &self,
+        graph: &Graph,
+        levels: &[TValue],
+        task: &[TValue],
+        masks: Option<TValue>,
+    ) -> Result<TVec<TValue>> {
+        graph
+            .inputs()
+            .iter()
+            .map(|port| {
+                let indexed = |prefix: &str, values: &[TValue]| {
+                    port.name
+                        .strip_prefix(prefix)
+                        .and_then(|i| i.parse::<usize>().ok())
+                        .and_then(|i| values.get(i).cloned())
+                };
+                let value = match port.name.as_str() {
+                    "masks" => masks.clone(),
+                    _ => indexed("features_", levels).or_else(|| indexed("task_", task)),
+                };
+                value.ok_or_else(|| Error::Model {
+                    path: graph.path().to_path_buf(),
+                    reason: format!("no value for input `{}`", port.name),
+                })
+            })
+            .collect()
+    }
+
+    /// Checks that `task` was made by this model and has its stage shapes
+    /// and preprocessing geometry.
+    fn check_task(&self, task: &TaskEmbedding) -> Result<()> {
+        task.ensure_model(&self.manifest.fingerprint)?;
+        let flat = |shapes: &[crate::embedding::StageShape]| {
+            shapes
+                .iter()
+                .flat_map(|s| [s.tokens as usize, s.channels as usize])
+                .collect::<Vec<_>>()
+        };
+        if task.stage_shapes() != self.manifest.stages.as_slice() {
+            return Err(Error::ShapeMismatch {
+                what: "task embedding stages ([tokens, channels] per stage) vs the model".into(),
+                expected: flat(&self.manifest.stages),
+                found: flat(task.stage_shapes()),
+            });
+        }
+        let pre = task.preprocessing();
+        let spacing = self.manifest.spacing_mm as f32;
+        let same_spacing = pre
+            .spacing_mm
+            .iter()
+            .all(|s| (s - spacing).abs() <= 1e-4 * spacing);
+        if !same_spacing || pre.patch != self.manifest.patch_size.map(|p| p as u32) {
+            return Err(Error::invalid(
+                "task embedding",
+                format!(
+                    "made for spacing {:?} mm and patch {:?}, but the model uses {} mm and {:?}",
+                    pre.spacing_mm, pre.patch, self.manifest.spacing_mm, self.manifest.patch_size
+                ),
+            ));
+        }
+        check_class_count(task.classes().len())
+    }
+
+    /// One `[1, K, tokens, channels]` tensor per stage from `task`'s classes.
+    fn task_tensors(&self, task: &TaskEmbedding) -> Result<Vec<TValue>> {
+        let k = task.classes().len();
+        task.stage_shapes()
+            .iter()
+            .enumerate()
+            .map(|(s, stage)| {
+                let values: Vec<f32> = task
+                    .classes()
+                    .iter()
+                    .flat_map(|c| c.stages()[s].iter().copied())
+                    .collect();
+                graphs::tensor(
+                    &[1, k, stage.tokens as usize, stage.channels as usize],
+                    &values,
+                )
+            })
+            .collect()
+    }
+}
+
+fn check_class_count(k: usize) -> Result<()> {
+    if k == 0 || k > MAX_CLASSES {
+        return Err(Error::invalid(
+            "classes",
+            format!("{k} classes given, expected 1 to {MAX_CLASSES}"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod testing;
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,415 @@
+//! A model folder of known maths for the engine's tests: three small ONNX
+//! graphs written with tract-onnx's protobuf types, obeying the graph
+//! contract (names, symbolic `batch` and `classes`, fixed spatial sizes) so
+//! that every output can be computed by hand.
+//!
+//! With `x` the normalised window, `P_n` average pooling by `n`, `c_i` the
+//! per-level channel scales, `W_s` the per-stage token matrices:
+//! - encoder: `features_i = P_{2^i}(x) * c_i` (channel `j` scaled by `c_i[j]`);
+//! - task encoder: `m_k = mean(mask_k)`, `f = mean(features_2^2)` over all
+//!   channels and voxels, `task_s[k] = (m_k + f) * W_s`;
+//! - decoder: `g = mean_j(features_0)`, `t_k = mean(task_0[k])`,
+//!   `logits_k = 1 - 4 (g - t_k)^2`, so class `k` wins where
+//!   `|g - t_k| <= 0.5` (a band of intensities per class).
+
+// This crate is `no_std`; the engine is `std` code.
+use std::eprintln;
+use std::prelude::rust_2024::*;
+use std::{format, vec};
+
+use std::path::Path;
+
+use prost::Message;
+use tract_onnx::pb::{
+    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
+    TensorShapeProto, TypeProto, ValueInfoProto, attribute_proto::AttributeType,
+    tensor_proto::DataType, tensor_shape_proto::Dimension, tensor_shape_proto::dimension,
+    type_proto,
+};
+
+use super::LEVELS;
+
+/// A graph dimension: symbolic (`"batch"`, `"classes"`) or fixed.
+#[derive(Clone, Copy)]
+pub enum D {
+    Sym(&'static str),
+    N(usize),
+}
+
+/// Builds one ONNX graph node by node.
+#[derive(Default)]
+pub struct OnnxGraph {
+    graph: GraphProto,
+    next: usize,
+}
+
+fn value_info(name: &str, dims: &[D]) -> ValueInfoProto {
+    let dim = dims
+        .iter()
+        .map(|d| Dimension {
+            denotation: String::new(),
+            value: Some(match *d {
+                D::Sym(s) => dimension::Value::DimParam(s.into()),
+                D::N(n) => dimension::Value::DimValue(n as i64),
+            }),
+        })
+        .collect();
+    ValueInfoProto {
+        name: name.into(),
+        r#type: Some(TypeProto {
+            denotation: String::new(),
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: DataType::Float as i32,
+                shape: Some(TensorShapeProto { dim }),
+            })),
+        }),
+        doc_string: String::new(),
+    }
+}
+
+/// An integer-list attribute.
+pub fn ints(name: &str, values: &[i64]) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Ints as i32,
+        ints: values.to_vec(),
+        ..AttributeProto::default()
+    }
+}
+
+/// An integer attribute.
+pub fn int(name: &str, value: i64) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Int as i32,
+        i: value,
+        ..AttributeProto::default()
+    }
+}
+
+impl OnnxGraph {
+    pub fn input(&mut self, name: &str, dims: &[D]) -> String {
+        self.graph.input.push(value_info(name, dims));
+        name.into()
+    }
+
+    pub fn output(&mut self, from: &str, name: &str, dims: &[D]) {
+        self.op_to("Identity", &[from], vec![], name);
+        self.graph.output.push(value_info(name, dims));
+    }
+
+    /// An f32 initializer of shape `dims`.
+    pub fn constant(&mut self, values: &[f32], dims: &[usize]) -> String {
+        let name = self.fresh("const");
+        self.graph.initializer.push(TensorProto {
+            dims: dims.iter().map(|&d| d as i64).collect(),
+            data_type: DataType::Float as i32,
+            float_data: values.to_vec(),
+            name: name.clone(),
+            ..TensorProto::default()
+        });
+        name
+    }
+
+    /// An int64 initializer (1-D).
+    pub fn int64s(&mut self, values: &[i64]) -> String {
+        let name = self.fresh("ints");
+        self.graph.initializer.push(TensorProto {
+            dims: vec![values.len() as i64],
+            data_type: DataType::Int64 as i32,
+            int64_data: values.to_vec(),
+            name: name.clone(),
+            ..TensorProto::default()
+        });
+        name
+    }
+
+    pub fn op(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>) -> String {
+        let out = self.fresh(op);
+        self.op_to(op, inputs, attrs, &out);
+        out
+    }
+
+    fn op_to(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>, out: &str) {
+        let name = self.fresh("node");
+        self.graph.node.push(NodeProto {
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![out.into()],
+            name,
+            op_type: op.into(),
+            attribute: attrs,
+            ..NodeProto::default()
+        });
+    }
+
+    fn fresh(&mut self, prefix: &str) -> String {
+        self.next += 1;
+        format!("{prefix}_{}", self.next)
+    }
+
+    pub fn save(mut self, path: &Path) {
+        self.graph.name = "synthetic".into();
+        let model = ModelProto {
+            ir_version: 8,
+            opset_import: vec![OperatorSetIdProto {
+                domain: String::new(),
+                version: 17,
+            }],
+            producer_name: "iris-core tests".into(),
+            graph: Some(self.graph),
+            ..ModelProto::default()
+        };
+        std::fs::write(path, model.encode_to_vec()).expect("write graph");
+    }
+}
+
+/// The synthetic model's parameters (see the module docs).
+#[derive(Clone, Debug)]
+pub struct Synthetic {
+    pub patch: [usize; 3],
+    pub spacing_mm: f64,
+    pub channels: [usize; LEVELS],
+    pub tokens: usize,
+    pub stages: usize,
+    /// `c_i`, `channels[i]` values per level.
+    pub scales: Vec<Vec<f32>>,
+    /// `W_s`, `tokens * channels[LEVELS - 1 - s]` values per stage.
+    pub tokens_init: Vec<Vec<f32>>,
+    /// 64 hex digits.
+    pub fingerprint: String,
+}
+
+impl Synthetic {
+    /// A tiny model: patch 16^3 at `spacing_mm`, 3 stages of 3 tokens.
+    pub fn new(spacing_mm: f64, fingerprint_byte: u8) -> Synthetic {
+        let channels = [2, 3, 4, 3, 2];
+        let tokens = 3;
+        let stages = 3;
+        let scales = channels
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| (0..c).map(|j| 0.5 + 0.25 * (i + j) as f32).collect())
+            .collect();
+        let tokens_init = (0..stages)
+            .map(|s| {
+                let c = channels[LEVELS - 1 - s];
+                (0..tokens * c)
+                    .map(|i| 1.0 + 0.1 * ((i * 7 + s) % 5) as f32)
+                    .collect()
+            })
+            .collect();
+        Synthetic {
+            patch: [16, 16, 16],
+            spacing_mm,
+            channels,
+            tokens,
+            stages,
+            scales,
+            tokens_init,
+            fingerprint: format!("{fingerprint_byte:02x}").repeat(32),
+        }
+    }
+
+    fn level_dims(&self, i: usize, batch_second: D) -> Vec<D> {
+        let [d, h, w] = self.patch.map(|p| p >> i);
+        vec![D::Sym("batch"), batch_second, D::N(d), D::N(h), D::N(w)]
+    }
+
+    fn task_dims(&self, s: usize) -> Vec<D> {
+        vec![
+            D::Sym("batch"),
+            D::Sym("classes"),
+            D::N(self.tokens),
+            D::N(self.channels[LEVELS - 1 - s]),
+        ]
+    }
+
+    /// Writes `manifest.json` and the three graphs into `dir`.
+    pub fn write(&self, dir: &Path) {
+        std::fs::create_dir_all(dir).expect("model dir");
+        let stages: Vec<_> = (0..self.stages)
+            .map(|s| {
+                serde_json::json!({"tokens": self.tokens, "channels": self.channels[LEVELS - 1 - s]})
+            })
+            .collect();
+        let manifest = serde_json::json!({
+            "format": "iris-model",
+            "format_version": 1,
+            "name": "synthetic",
+            "config": {},
+            "patch_size": self.patch,
+            "spacing_mm": self.spacing_mm,
+            "channels": self.channels,
+            "stages": stages,
+            "fingerprint": self.fingerprint,
+            "opset": 17,
+            "graphs": {"encoder": "encoder.onnx", "task_encoder": "task_encoder.onnx", "decoder": "decoder.onnx"}
+        });
+        std::fs::write(dir.join("manifest.json"), manifest.to_string()).expect("manifest");
+        self.encoder().save(&dir.join("encoder.onnx"));
+        self.task_encoder().save(&dir.join("task_encoder.onnx"));
+        self.decoder().save(&dir.join("decoder.onnx"));
+    }
+
+    fn encoder(&self) -> OnnxGraph {
+        let mut g = OnnxGraph::default();
+        let image = g.input("image", &self.level_dims(0, D::N(1)));
+        for i in 0..LEVELS {
+            let pooled = if i == 0 {
+                image.clone()
+            } else {
+                let k = 1i64 << i;
+                g.op(
+                    "AveragePool",
+                    &[&image],
+                    vec![ints("kernel_shape", &[k; 3]), ints("strides", &[k; 3])],
+                )
+            };
+            let scale = g.constant(&self.scales[i], &[1, self.channels[i], 1, 1, 1]);
+            let out = g.op("Mul", &[&pooled, &scale], vec![]);
+            let dims = self.level_dims(i, D::N(self.channels[i]));
+            g.output(&out, &format!("features_{i}"), &dims);
+        }
+        g
+    }
+
+    fn task_encoder(&self) -> OnnxGraph {
+        let mut g = OnnxGraph::default();
+        let first = LEVELS - self.stages;
+        let levels: Vec<String> = (first..LEVELS)
+            .map(|i| {
+                let dims = self.level_dims(i, D::N(self.channels[i]));
+                g.input(&format!("features_{i}"), &dims)
+            })
+            .collect();
+        let masks = g.input("masks", &self.level_dims(0, D::Sym("classes")));
+        let axis4 = g.int64s(&[4]);
+        let m = g.op(
+            "ReduceMean",
+            &[&masks],
+            vec![ints("axes", &[2, 3, 4]), int("keepdims", 1)],
+        );
+        let m = g.op("Squeeze", &[&m, &axis4], vec![]);
+        let f2 = &levels[2 - first];
+        let sq = g.op("Mul", &[f2, f2], vec![]);
+        let f = g.op(
+            "ReduceMean",
+            &[&sq],
+            vec![ints("axes", &[1, 2, 3, 4]), int("keepdims", 1)],
+        );
+        let f = g.op("Squeeze", &[&f, &axis4], vec![]);
+        let mf = g.op("Add", &[&m, &f], vec![]);
+        for s in 0..self.stages {
+            let c = self.channels[LEVELS - 1 - s];
+            let w = g.constant(&self.tokens_init[s], &[1, 1, self.tokens, c]);
+            let out = g.op("Mul", &[&mf, &w], vec![]);
+            g.output(&out, &format!("task_{s}"), &self.task_dims(s));
+        }
+        g
+    }
+
+    fn decoder(&self) -> OnnxGraph {
+        let mut g = OnnxGraph::default();
+        let levels: Vec<String> = (0..LEVELS)
+            .map(|i| {
+                let dims = self.level_dims(i, D::N(self.channels[i]));
+                g.input(&format!("features_{i}"), &dims)
+            })
+            .collect();
+        let tasks: Vec<String> = (0..self.stages)
+            .map(|s| g.input(&format!("task_{s}"), &self.task_dims(s)))
+            .collect();
+        let gmean = g.op(
+            "ReduceMean",
+            &[&levels[0]],
+            vec![ints("axes", &[1]), int("keepdims", 1)],
+        );
+        let t = g.op(
+            "ReduceMean",
+            &[&tasks[0]],
+            vec![ints("axes", &[2, 3]), int("keepdims", 1)],
+        );
+        let axis4 = g.int64s(&[4]);
+        let t = g.op("Unsqueeze", &[&t, &axis4], vec![]);
+        let diff = g.op("Sub", &[&gmean, &t], vec![]);
+        let sq = g.op("Mul", &[&diff, &diff], vec![]);
+        let four = g.constant(&[4.0], &[1]);
+        let one = g.constant(&[1.0], &[1]);
+        let scaled = g.op("Mul", &[&sq, &four], vec![]);
+        let logits = g.op("Sub", &[&one, &scaled], vec![]);
+        g.output(&logits, "logits", &self.level_dims(0, D::Sym("classes")));
+        g
+    }
+
+    /// `mean(c_0)`: the decoder's `g` is this times the window.
+    pub fn mean_scale0(&self) -> f32 {
+        self.scales[0].iter().sum::<f32>() / self.scales[0].len() as f32
+    }
+
+    /// The decoder's logits for one window and the per-class `t_k`, as the
+    /// graph computes them (`[K, D, H, W]`, C order).
+    pub fn logits(&self, window: &[f32], t: &[f32]) -> Vec<f32> {
+        let a = self.mean_scale0();
+        t.iter()
+            .flat_map(|&tk| {
+                window.iter().map(move |&x| {
+                    let d = a * x - tk;
+                    1.0 - 4.0 * d * d
+                })
+            })
+            .collect()
+    }
+}
+
+/// A fresh folder under the system temp dir, removed on drop.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "iris-engine-{tag}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).expect("temp dir");
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `data/<rel>` of the workspace if it exists. Otherwise prints why the
+/// caller skips and returns `None`, or panics when `IRIS_REQUIRE_DATA=1`.
+pub fn data_file(rel: &str) -> Option<std::path::PathBuf> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../data")
+        .join(rel);
+    if path.is_file() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var("IRIS_REQUIRE_DATA").map_or(true, |v| v != "1"),
+        "{} is missing and IRIS_REQUIRE_DATA=1: run scripts/fetch-data.sh",
+        path.display()
+    );
+    eprintln!(
+        "skipping: {} is absent; run scripts/fetch-data.sh",
+        path.display()
+    );
+    None
+}
+
+/// Colin27 (`ch2`) and its AAL labels, as read from `data/mricron`.
+pub fn colin() -> Option<(crate::volume::Image, crate::volume::LabelMap)> {
+    let image = data_file("mricron/ch2.nii.gz")?;
+    let labels = data_file("mricron/aal.nii.gz")?;
+    let (image, _) = crate::nifti::read_image(image).expect("ch2 reads");
+    let (labels, _) = crate::nifti::read_labels(labels).expect("aal reads");
+    Some((image, labels))
+}

@@ -1,0 +1,432 @@
+//! The engine on ONNX graphs of known maths ([`Synthetic`]): loading and its
+//! errors, what the graphs compute through tract, plan caching, model
+//! fingerprints, memory banks and concurrent use.
+
+// This crate is `no_std`; the engine is `std` code.
+use std::prelude::rust_2024::*;
+use std::vec;
+
+use std::sync::Arc;
+
+use ndarray::{Array3, Axis};
+
+use super::pipeline::{prepare_reference, segment_with};
+use super::testing::{Synthetic, TempDir, colin};
+use super::*;
+use crate::embedding::StageShape;
+use crate::irisemb::{self, Payload};
+use crate::preprocess::{resample_image, target_geometry};
+
+const SPACING: f64 = 6.0;
+
+fn model_dir(fingerprint_byte: u8) -> (TempDir, Synthetic) {
+    let dir = TempDir::new("model");
+    let synthetic = Synthetic::new(SPACING, fingerprint_byte);
+    synthetic.write(&dir.0);
+    (dir, synthetic)
+}
+
+fn thalamus_and_caudate() -> Vec<TaskClass> {
+    vec![
+        TaskClass::new(77, "Thalamus_L"),
+        TaskClass::new(78, "Thalamus_R"),
+        TaskClass::new(71, "Caudate_L"),
+    ]
+}
+
+/// `f` of the synthetic task encoder: `mean_j(c_2j^2) * mean(P_4(x)^2)` for
+/// the normalised reference crop `x` (16^3, pooled to 4^3).
+fn feature_energy(synthetic: &Synthetic, crop: &Array3<f32>) -> f32 {
+    let mut pooled = Array3::<f64>::zeros((4, 4, 4));
+    for ((d, h, w), &v) in crop.indexed_iter() {
+        pooled[[d / 4, h / 4, w / 4]] += f64::from(v) / 64.0;
+    }
+    let energy = pooled.iter().map(|p| p * p).sum::<f64>() / 64.0;
+    let scales = &synthetic.scales[2];
+    let c2 = scales.iter().map(|c| f64::from(c * c)).sum::<f64>() / scales.len() as f64;
+    (c2 * energy) as f32
+}
+
+#[test]
+fn model_is_send_and_sync() {
+    fn shared<T: Send + Sync>() {}
+    shared::<Model>();
+    shared::<Features>();
+}
+
+#[test]
+fn loads_a_model_folder() {
+    let (dir, synthetic) = model_dir(0x11);
+    let model = Model::load(&dir.0).expect("loads");
+    let manifest = model.manifest();
+    assert_eq!(manifest.name, "synthetic");
+    assert_eq!(manifest.patch_size, synthetic.patch);
+    assert_eq!(manifest.stages.len(), 3);
+    assert_eq!(model.fingerprint().to_string(), synthetic.fingerprint);
+    assert_eq!(model.memory_bank().expect("no bank"), None);
+    assert!(model.planned_class_counts().is_empty(), "plans are lazy");
+}
+
+#[test]
+fn broken_model_folders_name_the_file() {
+    let (dir, synthetic) = model_dir(0x11);
+    // The encoder's graph where the decoder should be: wrong inputs.
+    std::fs::copy(dir.0.join("encoder.onnx"), dir.0.join("decoder.onnx")).expect("copy");
+    let err = Model::load(&dir.0).expect_err("wrong graph").to_string();
+    assert!(
+        err.contains("decoder.onnx") && err.contains("inputs are [\"image\"]"),
+        "{err}"
+    );
+    std::fs::remove_file(dir.0.join("decoder.onnx")).expect("remove");
+    let err = Model::load(&dir.0).expect_err("missing graph").to_string();
+    assert!(
+        err.contains("decoder.onnx: the graph file is missing"),
+        "{err}"
+    );
+    std::fs::write(dir.0.join("decoder.onnx"), b"not protobuf").expect("write");
+    let err = Model::load(&dir.0).expect_err("garbage").to_string();
+    assert!(
+        err.contains("decoder.onnx: cannot read the ONNX graph"),
+        "{err}"
+    );
+
+    // Graphs for a 16^3 patch under a manifest that says 32^3.
+    let other = TempDir::new("patch");
+    synthetic.write(&other.0);
+    let text = std::fs::read_to_string(other.0.join("manifest.json")).expect("manifest");
+    let text = text.replace("\"patch_size\":[16,16,16]", "\"patch_size\":[32,16,16]");
+    std::fs::write(other.0.join("manifest.json"), text).expect("manifest");
+    let err = Model::load(&other.0).expect_err("patch").to_string();
+    assert!(
+        err.contains("encoder.onnx: input `image` is declared"),
+        "{err}"
+    );
+}
+
+#[test]
+fn encode_task_runs_the_graphs_on_the_reference_crop() {
+    let Some((image, labels)) = colin() else {
+        return;
+    };
+    let (dir, synthetic) = model_dir(0x11);
+    let model = Model::load(&dir.0).expect("loads");
+    for classes in [&thalamus_and_caudate()[..1], &thalamus_and_caudate()[..]] {
+        let task = model
+            .encode_task(&image, &labels, classes, &EncodeOptions::default())
+            .expect("encodes");
+        assert_eq!(task.model(), model.fingerprint());
+        assert_eq!(task.stage_shapes(), model.manifest().stages.as_slice());
+        let pre = task.preprocessing();
+        assert_eq!(pre.patch, [16; 3]);
+        assert_eq!(pre.spacing_mm, [6.0; 3]);
+        assert_eq!(pre.intensity, IntensityPolicy::MR);
+
+        let wanted: Vec<u16> = classes.iter().map(|c| c.label).collect();
+        let input =
+            prepare_reference(&image, &labels, &wanted, SPACING, [16; 3], None).expect("prepared");
+        let f = feature_energy(&synthetic, input.image.data());
+        let voxels = input.image.data().len();
+        assert_eq!(task.classes().len(), classes.len());
+        for (k, (class, want)) in task.classes().iter().zip(classes).enumerate() {
+            assert_eq!(class.label(), u32::from(want.label));
+            assert_eq!(class.name(), want.name);
+            assert_eq!(class.provenance(), Provenance::OneShot);
+            let mask = &input.masks[k * voxels..][..voxels];
+            let m = mask.iter().sum::<f32>() / voxels as f32;
+            assert!(m > 0.0);
+            for (s, stage) in class.stages().iter().enumerate() {
+                assert_eq!(stage.len(), synthetic.tokens_init[s].len());
+                for (got, w) in stage.iter().zip(&synthetic.tokens_init[s]) {
+                    let want = (m + f) * w;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                        "class {k} stage {s}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+    // Plans for K = 1 and K = 3 are kept.
+    assert_eq!(model.task_encoder.planned(), [1, 3]);
+}
+
+/// The synthetic decoder's `t_k`: the mean of class `k`'s deepest stage.
+fn t_values(task: &TaskEmbedding) -> Vec<f32> {
+    task.classes()
+        .iter()
+        .map(|c| c.stages()[0].iter().sum::<f32>() / c.stages()[0].len() as f32)
+        .collect()
+}
+
+/// Colin27 at the model's spacing (canonical), so that labels and
+/// probabilities stay on the grid the decisions are made on.
+fn colin_at_model_spacing(image: &Image) -> Image {
+    let grid = target_geometry(image.geometry(), SPACING).expect("grid");
+    resample_image(image, &grid).expect("resample")
+}
+
+#[test]
+fn segment_equals_the_graph_maths_in_the_pipeline() {
+    let Some((image, labels)) = colin() else {
+        return;
+    };
+    let (dir, synthetic) = model_dir(0x11);
+    let model = Model::load(&dir.0).expect("loads");
+    let query = colin_at_model_spacing(&image);
+    let options = SegmentOptions {
+        probabilities: true,
+        largest_component: false,
+        ..SegmentOptions::default()
+    };
+    for count in [1, 3] {
+        let classes = &thalamus_and_caudate()[..count];
+        let task = model
+            .encode_task(&image, &labels, classes, &EncodeOptions::default())
+            .expect("encodes");
+        let got = model.segment(&query, &task, &options).expect("segments");
+        let t = t_values(&task);
+        let class_labels: Vec<u16> = classes.iter().map(|c| c.label).collect();
+        let want = segment_with(
+            &query,
+            SPACING,
+            [16; 3],
+            &class_labels,
+            IntensityPolicy::MR,
+            &options,
+            |window| {
+                let values = window.as_standard_layout();
+                Ok(synthetic.logits(values.as_slice().expect("contiguous"), &t))
+            },
+        )
+        .expect("reference pipeline");
+        assert_eq!(got.classes, want.classes);
+        assert_eq!(got.windows, want.windows);
+        assert_eq!(got.labels.geometry(), query.geometry());
+        let probs = got.probabilities.expect("asked for");
+        let want_probs = want.probabilities.expect("asked for");
+        for (a, b) in probs.iter().zip(&want_probs) {
+            let worst = a
+                .data()
+                .iter()
+                .zip(b.data())
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0f32, f32::max);
+            assert!(worst < 5e-4, "{worst}");
+        }
+        // Labels agree except where tract's rounding can flip a decision:
+        // the best probability within 2e-3 of the threshold or of the runner-up.
+        let mut differ = 0;
+        for ((i, &a), &b) in got.labels.data().indexed_iter().zip(want.labels.data()) {
+            if a != b {
+                differ += 1;
+                let mut p: Vec<f32> = probs.iter().map(|m| m.data()[i]).collect();
+                p.sort_by(|x, y| y.total_cmp(x));
+                let near = (p[0] - 0.5).abs() < 2e-3 || p.get(1).is_some_and(|q| p[0] - q < 2e-3);
+                assert!(near, "label {a} vs {b} at {i:?}: {p:?}");
+            }
+        }
+        assert!(differ * 1000 < query.data().len(), "{differ} labels differ");
+        let present = got.labels.labels_present();
+        assert!(!present.is_empty(), "some class is found");
+        assert!(present.iter().all(|l| class_labels.contains(l)));
+    }
+    assert_eq!(model.planned_class_counts(), [1, 3]);
+}
+
+#[test]
+fn plans_are_built_once_per_class_count() {
+    let (dir, _) = model_dir(0x11);
+    let model = Model::load(&dir.0).expect("loads");
+    let first = model.decoder.plan(3, &model.executor).expect("plan");
+    let again = model.decoder.plan(3, &model.executor).expect("plan");
+    assert!(Arc::ptr_eq(&first, &again), "the cached plan is reused");
+    for k in 1..=MAX_PLANS + 1 {
+        model.decoder.plan(k, &model.executor).expect("plan");
+    }
+    // Nine class counts through a cache of eight: K = 1, the least recently
+    // used, is dropped; K = 3 (cached, reused in the loop) stays.
+    assert_eq!(
+        model.planned_class_counts(),
+        (2..=MAX_PLANS + 1).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn embeddings_of_another_model_are_refused() {
+    let Some((image, labels)) = colin() else {
+        return;
+    };
+    let (dir_a, _) = model_dir(0x11);
+    let (dir_b, _) = model_dir(0x22);
+    let a = Model::load(&dir_a.0).expect("loads");
+    let b = Model::load(&dir_b.0).expect("loads");
+    let classes = &thalamus_and_caudate()[..1];
+    let task = a
+        .encode_task(&image, &labels, classes, &EncodeOptions::default())
+        .expect("encodes");
+    let query = colin_at_model_spacing(&image);
+    let err = b
+        .segment(&query, &task, &SegmentOptions::default())
+        .expect_err("other model");
+    assert!(matches!(err, Error::ModelMismatch { .. }), "{err}");
+    let features = b
+        .encode_window(query.data().slice(ndarray::s![..16, ..16, ..16]))
+        .expect("features");
+    assert!(matches!(
+        b.decode_window(&features, &task),
+        Err(Error::ModelMismatch { .. })
+    ));
+
+    // Same fingerprint, other stage shapes.
+    let shapes = vec![StageShape {
+        tokens: 2,
+        channels: 2,
+    }];
+    let class =
+        ClassEmbedding::new(1, "x", Provenance::OneShot, vec![vec![0.5; 4]]).expect("class");
+    let odd = TaskEmbedding::new(*a.fingerprint(), *task.preprocessing(), shapes, vec![class])
+        .expect("embedding");
+    assert!(matches!(
+        a.segment(&query, &odd, &SegmentOptions::default()),
+        Err(Error::ShapeMismatch { .. })
+    ));
+}
+
+#[test]
+fn memory_bank_is_read_and_checked() {
+    let Some((image, labels)) = colin() else {
+        return;
+    };
+    let (dir, _) = model_dir(0x11);
+    let text = std::fs::read_to_string(dir.0.join("manifest.json")).expect("manifest");
+    let mut json: serde_json::Value = serde_json::from_str(&text).expect("json");
+    json["memory_bank"] = "bank.irisemb".into();
+    std::fs::write(dir.0.join("manifest.json"), json.to_string()).expect("manifest");
+    let model = Model::load(&dir.0).expect("loads");
+    assert!(matches!(model.memory_bank(), Err(Error::Io { .. })));
+
+    let task = model
+        .encode_task(
+            &image,
+            &labels,
+            &thalamus_and_caudate(),
+            &EncodeOptions::default(),
+        )
+        .expect("encodes");
+    let bank_path = dir.0.join("bank.irisemb");
+    irisemb::write_file(&bank_path, &task, Payload::F32).expect("write");
+    assert_eq!(model.memory_bank().expect("bank"), Some(task.clone()));
+
+    std::fs::write(&bank_path, b"IRISEMB?garbage").expect("write");
+    let err = model.memory_bank().expect_err("damaged").to_string();
+    assert!(err.contains("bank.irisemb: invalid memory bank"), "{err}");
+
+    let (other_dir, _) = model_dir(0x22);
+    let other = Model::load(&other_dir.0).expect("loads");
+    let foreign = other
+        .encode_task(
+            &image,
+            &labels,
+            &thalamus_and_caudate()[..1],
+            &EncodeOptions::default(),
+        )
+        .expect("encodes");
+    irisemb::write_file(&bank_path, &foreign, Payload::F32).expect("write");
+    assert!(matches!(
+        model.memory_bank(),
+        Err(Error::ModelMismatch { .. })
+    ));
+}
+
+#[test]
+fn two_threads_segment_like_one() {
+    let Some((image, labels)) = colin() else {
+        return;
+    };
+    let (dir, _) = model_dir(0x11);
+    let model = Model::load(&dir.0).expect("loads");
+    let one = model
+        .encode_task(
+            &image,
+            &labels,
+            &thalamus_and_caudate()[..1],
+            &EncodeOptions::default(),
+        )
+        .expect("encodes");
+    let three = model
+        .encode_task(
+            &image,
+            &labels,
+            &thalamus_and_caudate(),
+            &EncodeOptions::default(),
+        )
+        .expect("encodes");
+    let options = SegmentOptions {
+        probabilities: true,
+        ..SegmentOptions::default()
+    };
+    // The query at 1 mm: resampled on the way in and back on the way out.
+    let alone: Vec<Segmentation> = [&one, &three]
+        .iter()
+        .map(|task| model.segment(&image, task, &options).expect("segments"))
+        .collect();
+    assert_eq!(alone[1].labels.geometry(), image.geometry());
+    let fresh = Model::load(&dir.0).expect("loads");
+    let together: Vec<Segmentation> = std::thread::scope(|scope| {
+        let handles: Vec<_> = [&one, &three, &one, &three]
+            .into_iter()
+            .map(|task| {
+                let (model, image, options) = (&fresh, &image, &options);
+                scope.spawn(move || model.segment(image, task, options).expect("segments"))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
+    });
+    for (i, got) in together.iter().enumerate() {
+        assert_eq!(got, &alone[i % 2], "thread {i}");
+    }
+}
+
+#[test]
+fn window_level_calls_check_their_input() {
+    let (dir, _) = model_dir(0x11);
+    let model = Model::load(&dir.0).expect("loads");
+    let wrong = Array3::<f32>::zeros((16, 16, 8));
+    assert!(matches!(
+        model.encode_window(wrong.view()),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    let mut nan = Array3::<f32>::zeros((16, 16, 16));
+    nan[[1, 2, 3]] = f32::NAN;
+    assert!(matches!(
+        model.encode_window(nan.view()),
+        Err(Error::NonFinite { count: 1, .. })
+    ));
+    let x = Array3::from_shape_fn((16, 16, 16), |(d, h, w)| {
+        (d + 2 * h + 3 * w) as f32 / 50.0 - 1.0
+    });
+    let features = model.encode_window(x.view()).expect("features");
+    assert_eq!(features.shapes()[4], [1, 2, 1, 1, 1]);
+    let masks = ndarray::Array4::<f32>::zeros((2, 16, 16, 8));
+    assert!(matches!(
+        model.encode_masks(&features, masks.view()),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    let none = ndarray::Array4::<f32>::zeros((0, 16, 16, 16));
+    assert!(matches!(
+        model.encode_masks(&features, none.view()),
+        Err(Error::InvalidArgument {
+            name: "classes",
+            ..
+        })
+    ));
+    // encode_masks output shapes: one [K, tokens, channels] per stage.
+    let masks = ndarray::Array4::<f32>::from_elem((2, 16, 16, 16), 1.0);
+    let stages = model.encode_masks(&features, masks.view()).expect("stages");
+    let shapes: Vec<_> = stages.iter().map(|s| s.dim()).collect();
+    assert_eq!(shapes, [(2, 3, 2), (2, 3, 3), (2, 3, 4)]);
+    assert!(stages[0].index_axis(Axis(0), 0) == stages[0].index_axis(Axis(0), 1));
+}
