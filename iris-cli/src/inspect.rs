@@ -1,0 +1,150 @@
+//! `iris inspect`: what a `.irisemb` file holds.
+
+use std::path::{Path, PathBuf};
+
+use iris_core::embedding::{Provenance, TaskEmbedding};
+use iris_core::irisemb;
+use iris_core::preprocess::IntensityPolicy;
+use serde_json::{Value, json};
+
+use crate::failure::Failure;
+
+/// Arguments of `iris inspect`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The task embedding (or memory bank) to describe.
+    #[arg(value_name = "TASK.irisemb")]
+    task: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Reads a `.irisemb` file; any problem is a failure naming the file.
+pub fn read_task(path: &Path) -> Result<TaskEmbedding, Failure> {
+    irisemb::read_file(path).map_err(|e| Failure::input(path, e))
+}
+
+/// Runs `iris inspect`.
+pub fn run(args: &Args) -> Result<(), Failure> {
+    let task = read_task(&args.task)?;
+    if args.json {
+        println!("{:#}", describe_json(&args.task, &task));
+    } else {
+        print!("{}", describe_text(&args.task, &task));
+    }
+    Ok(())
+}
+
+/// The intensity policy in words.
+pub fn intensity_text(policy: &IntensityPolicy) -> String {
+    match *policy {
+        IntensityPolicy::Ct { min_hu, max_hu } => {
+            format!("CT: clip to [{min_hu}, {max_hu}] HU, then z-score")
+        }
+        IntensityPolicy::Percentile { low, high } => {
+            format!("clip to percentiles {low} to {high}, then z-score")
+        }
+    }
+}
+
+fn intensity_json(policy: &IntensityPolicy) -> Value {
+    match *policy {
+        IntensityPolicy::Ct { min_hu, max_hu } => {
+            json!({ "policy": "ct", "min_hu": min_hu, "max_hu": max_hu })
+        }
+        IntensityPolicy::Percentile { low, high } => {
+            json!({ "policy": "percentile", "low": low, "high": high })
+        }
+    }
+}
+
+fn provenance_text(provenance: Provenance) -> String {
+    match provenance {
+        Provenance::OneShot => "one-shot".into(),
+        Provenance::Ensemble { references } => format!("ensemble of {references} references"),
+        Provenance::MemoryBank { updates, momentum } => {
+            format!("memory bank ({updates} updates, momentum {momentum})")
+        }
+        Provenance::Tuned { steps, references } => {
+            format!("tuned ({steps} steps from {references} references)")
+        }
+    }
+}
+
+fn provenance_json(provenance: Provenance) -> Value {
+    match provenance {
+        Provenance::OneShot => json!({ "kind": "one-shot" }),
+        Provenance::Ensemble { references } => {
+            json!({ "kind": "ensemble", "references": references })
+        }
+        Provenance::MemoryBank { updates, momentum } => {
+            json!({ "kind": "memory-bank", "updates": updates, "momentum": momentum })
+        }
+        Provenance::Tuned { steps, references } => {
+            json!({ "kind": "tuned", "steps": steps, "references": references })
+        }
+    }
+}
+
+fn describe_text(path: &Path, task: &TaskEmbedding) -> String {
+    let pre = task.preprocessing();
+    let [sd, sh, sw] = pre.spacing_mm;
+    let [pd, ph, pw] = pre.patch;
+    let stages = task
+        .stage_shapes()
+        .iter()
+        .map(|s| format!("[{}, {}]", s.tokens, s.channels))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut out = format!(
+        "{}\n  model      {}\n  spacing    {sd} x {sh} x {sw} mm ([D, H, W])\n  \
+         patch      {pd} x {ph} x {pw} voxels ([D, H, W])\n  intensity  {}\n  \
+         stages     {}: {stages} ([tokens, channels])\n  classes    {}\n",
+        path.display(),
+        task.model(),
+        intensity_text(&pre.intensity),
+        task.stage_shapes().len(),
+        task.classes().len(),
+    );
+    let width = task
+        .classes()
+        .iter()
+        .map(|c| c.name().chars().count())
+        .chain([4])
+        .max()
+        .unwrap_or(4);
+    out += &format!("  {:>6}  {:width$}  provenance\n", "label", "name");
+    for class in task.classes() {
+        out += &format!(
+            "  {:>6}  {:width$}  {}\n",
+            class.label(),
+            class.name(),
+            provenance_text(class.provenance())
+        );
+    }
+    out
+}
+
+fn describe_json(path: &Path, task: &TaskEmbedding) -> Value {
+    let pre = task.preprocessing();
+    json!({
+        "file": path.display().to_string(),
+        "model": task.model().to_string(),
+        "preprocessing": {
+            "spacing_mm": pre.spacing_mm,
+            "patch": pre.patch,
+            "intensity": intensity_json(&pre.intensity),
+        },
+        "stages": task.stage_shapes().iter()
+            .map(|s| json!({ "tokens": s.tokens, "channels": s.channels }))
+            .collect::<Vec<_>>(),
+        "classes": task.classes().iter()
+            .map(|c| json!({
+                "label": c.label(),
+                "name": c.name(),
+                "provenance": provenance_json(c.provenance()),
+            }))
+            .collect::<Vec<_>>(),
+    })
+}

@@ -1,0 +1,519 @@
+//! The `iris` binary run as a user runs it: on `.irisemb` files made through
+//! iris-core's API and on the real volumes of `data/` (fetched by
+//! `scripts/fetch-data.sh`; tests that need them skip when absent, and fail
+//! under `IRIS_REQUIRE_DATA=1`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use iris_core::embedding::{
+    ClassEmbedding, ModelFingerprint, Preprocessing, Provenance, StageShape, TaskEmbedding,
+};
+use iris_core::irisemb::{self, Payload};
+use iris_core::nifti;
+use iris_core::preprocess::IntensityPolicy;
+use iris_core::volume::{Affine, LabelMap};
+use serde_json::Value;
+
+/// Runs `iris args...` with IRIS_MODEL unset.
+fn iris<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_iris"))
+        .args(args)
+        .env_remove("IRIS_MODEL")
+        .output()
+        .expect("the iris binary runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts the exit code, showing the output otherwise.
+fn expect_code(o: &Output, code: i32) {
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "stdout:\n{}\nstderr:\n{}",
+        stdout(o),
+        stderr(o)
+    );
+}
+
+fn json(o: &Output) -> Value {
+    expect_code(o, 0);
+    serde_json::from_slice(&o.stdout).expect("valid JSON on stdout")
+}
+
+/// A fresh folder, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "iris-cli-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+
+    fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `data/<rel>`, or `None` (skip) when absent; panics under IRIS_REQUIRE_DATA=1.
+fn data_file(rel: &str) -> Option<PathBuf> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../data")
+        .join(rel);
+    if path.is_file() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var("IRIS_REQUIRE_DATA").as_deref() != Ok("1"),
+        "{} is missing and IRIS_REQUIRE_DATA=1: run scripts/fetch-data.sh",
+        path.display()
+    );
+    eprintln!(
+        "skipping: {} is absent; run scripts/fetch-data.sh",
+        path.display()
+    );
+    None
+}
+
+const SHAPES: [StageShape; 2] = [
+    StageShape {
+        tokens: 3,
+        channels: 4,
+    },
+    StageShape {
+        tokens: 3,
+        channels: 2,
+    },
+];
+
+fn preprocessing() -> Preprocessing {
+    Preprocessing {
+        spacing_mm: [1.5, 1.5, 2.0],
+        patch: [64, 64, 32],
+        intensity: IntensityPolicy::CT,
+    }
+}
+
+/// A task embedding of `classes` (label, name), every value of class `i`
+/// equal to `value + i`, made by model `model`.
+fn task(model: u8, classes: &[(u32, &str)], value: f32) -> TaskEmbedding {
+    let classes = classes
+        .iter()
+        .enumerate()
+        .map(|(i, &(label, name))| {
+            let v = value + i as f32;
+            ClassEmbedding::new(
+                label,
+                name,
+                Provenance::OneShot,
+                vec![vec![v; 12], vec![-v; 6]],
+            )
+            .unwrap()
+        })
+        .collect();
+    TaskEmbedding::new(
+        ModelFingerprint::new([model; 32]),
+        preprocessing(),
+        SHAPES.to_vec(),
+        classes,
+    )
+    .unwrap()
+}
+
+fn write_task(dir: &TempDir, name: &str, t: &TaskEmbedding) -> PathBuf {
+    let path = dir.join(name);
+    irisemb::write_file(&path, t, Payload::F32).unwrap();
+    path
+}
+
+#[test]
+fn help_documents_the_exit_codes_and_usage_errors_exit_2() {
+    let o = iris(&["--help"]);
+    expect_code(&o, 0);
+    let help = stdout(&o);
+    for line in [
+        "0  success",
+        "2  usage error",
+        "3  bad input file",
+        "4  model problem",
+    ] {
+        assert!(help.contains(line), "{help}");
+    }
+    expect_code(&iris(&["eval", "--pred", "x.nii"]), 2);
+    expect_code(&iris(&["no-such-command"]), 2);
+    // --task and --bank are alternatives.
+    let o = iris(&[
+        "segment",
+        "--image",
+        "q.nii",
+        "--task",
+        "t.irisemb",
+        "--bank",
+        "--out",
+        "s.nii",
+    ]);
+    expect_code(&o, 2);
+}
+
+#[test]
+fn inspect_reports_what_the_file_holds() {
+    let dir = TempDir::new("inspect");
+    let t = task(7, &[(1, "liver"), (5, "spleen")], 0.5);
+    let path = write_task(&dir, "task.irisemb", &t);
+    let v = json(&iris(&[Path::new("inspect"), &path, Path::new("--json")]));
+    assert_eq!(v["model"], "07".repeat(32));
+    assert_eq!(
+        v["preprocessing"]["spacing_mm"],
+        serde_json::json!([1.5, 1.5, 2.0])
+    );
+    assert_eq!(v["preprocessing"]["patch"], serde_json::json!([64, 64, 32]));
+    assert_eq!(
+        v["preprocessing"]["intensity"],
+        serde_json::json!({"policy": "ct", "min_hu": -991.0, "max_hu": 500.0})
+    );
+    assert_eq!(
+        v["stages"],
+        serde_json::json!([{"tokens": 3, "channels": 4}, {"tokens": 3, "channels": 2}])
+    );
+    assert_eq!(
+        v["classes"],
+        serde_json::json!([
+            {"label": 1, "name": "liver", "provenance": {"kind": "one-shot"}},
+            {"label": 5, "name": "spleen", "provenance": {"kind": "one-shot"}},
+        ])
+    );
+    let o = iris(&[Path::new("inspect"), &path]);
+    expect_code(&o, 0);
+    let text = stdout(&o);
+    for part in [
+        "07070707",
+        "1.5 x 1.5 x 2 mm",
+        "64 x 64 x 32 voxels",
+        "[3, 4], [3, 2]",
+        "spleen",
+        "one-shot",
+    ] {
+        assert!(text.contains(part), "{part:?} missing from\n{text}");
+    }
+}
+
+#[test]
+fn damaged_or_foreign_embedding_files_exit_3_naming_the_file() {
+    let dir = TempDir::new("corrupt");
+    let path = write_task(&dir, "task.irisemb", &task(7, &[(1, "liver")], 0.5));
+    let mut bytes = std::fs::read(&path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    let flipped = dir.join("flipped.irisemb");
+    std::fs::write(&flipped, &bytes).unwrap();
+    let o = iris(&[Path::new("inspect"), &flipped]);
+    expect_code(&o, 3);
+    let err = stderr(&o);
+    assert!(
+        err.contains("flipped.irisemb") && err.contains("checksum"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+
+    let text = dir.join("notes.irisemb");
+    std::fs::write(&text, "just some text, not an embedding").unwrap();
+    let o = iris(&[Path::new("inspect"), &text]);
+    expect_code(&o, 3);
+    assert!(stderr(&o).contains("notes.irisemb") && stderr(&o).contains("not an .irisemb file"));
+
+    let missing = dir.join("absent.irisemb");
+    let o = iris(&[Path::new("inspect"), &missing]);
+    expect_code(&o, 3);
+    assert!(stderr(&o).contains("absent.irisemb"), "{}", stderr(&o));
+}
+
+#[test]
+fn ensemble_averages_and_refuses_mixed_models() {
+    let dir = TempDir::new("ensemble");
+    let classes = [(1, "liver"), (5, "spleen")];
+    let a = write_task(&dir, "a.irisemb", &task(7, &classes, 1.0));
+    let b = write_task(&dir, "b.irisemb", &task(7, &classes, 3.0));
+    let c = write_task(&dir, "c.irisemb", &task(7, &classes, 8.0));
+    let merged = dir.join("merged.irisemb");
+    let o = iris(&[
+        Path::new("ensemble"),
+        Path::new("--out"),
+        &merged,
+        &a,
+        &b,
+        &c,
+    ]);
+    expect_code(&o, 0);
+    let m = irisemb::read_file(&merged).unwrap();
+    // Class 0: mean of 1, 3, 8 = 4; class 1: mean of 2, 4, 9 = 5.
+    assert_eq!(m.class(1).unwrap().stages()[0], [4.0; 12]);
+    assert_eq!(m.class(5).unwrap().stages()[1], [-5.0; 6]);
+    assert_eq!(
+        m.class(5).unwrap().provenance(),
+        Provenance::Ensemble { references: 3 }
+    );
+    let v = json(&iris(&[Path::new("inspect"), &merged, Path::new("--json")]));
+    assert_eq!(
+        v["classes"][0]["provenance"],
+        serde_json::json!({"kind": "ensemble", "references": 3})
+    );
+
+    // Another model: exit 4, both files named, nothing written.
+    let other = write_task(&dir, "other.irisemb", &task(9, &classes, 1.0));
+    let out = dir.join("mixed.irisemb");
+    let o = iris(&[Path::new("ensemble"), Path::new("--out"), &out, &a, &other]);
+    expect_code(&o, 4);
+    let err = stderr(&o);
+    assert!(
+        err.contains("a.irisemb") && err.contains("other.irisemb"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&"09".repeat(32)) && err.contains(&"07".repeat(32)),
+        "{err}"
+    );
+    assert!(!out.exists());
+
+    // Other classes: exit 3 naming the classes.
+    let liver = write_task(&dir, "liver.irisemb", &task(7, &[(1, "liver")], 1.0));
+    let o = iris(&[Path::new("ensemble"), Path::new("--out"), &out, &a, &liver]);
+    expect_code(&o, 3);
+    assert!(stderr(&o).contains("spleen"), "{}", stderr(&o));
+    assert!(!out.exists());
+
+    // One file is not an ensemble.
+    expect_code(
+        &iris(&[Path::new("ensemble"), Path::new("--out"), &out, &a]),
+        2,
+    );
+}
+
+/// Dice of `label` between two maps, counted here independently of iris-core.
+fn dice(a: &LabelMap, b: &LabelMap, label: u16) -> Option<f64> {
+    let (mut na, mut nb, mut both) = (0u64, 0u64, 0u64);
+    for (&x, &y) in a.data().iter().zip(b.data().iter()) {
+        na += u64::from(x == label);
+        nb += u64::from(y == label);
+        both += u64::from(x == label && y == label);
+    }
+    (na + nb > 0).then(|| 2.0 * both as f64 / (na + nb) as f64)
+}
+
+#[test]
+fn eval_scores_a_real_atlas_against_itself_and_a_shifted_copy() {
+    let Some(aal) = data_file("mricron/aal.nii.gz") else {
+        return;
+    };
+    let dir = TempDir::new("eval");
+    let v = json(&iris(&[
+        Path::new("eval"),
+        Path::new("--pred"),
+        &aal,
+        Path::new("--truth"),
+        &aal,
+        Path::new("--json"),
+    ]));
+    let classes = v["classes"].as_array().unwrap();
+    assert_eq!(classes.len(), 116, "AAL has 116 regions");
+    let (atlas, info) = nifti::read_labels(&aal).unwrap();
+    for c in classes {
+        assert_eq!(c["dice"], 1.0, "{c}");
+        assert_eq!(c["prediction_ml"], c["truth_ml"]);
+        // 1 mm voxels: mL = voxels / 1000.
+        let label = c["label"].as_u64().unwrap() as u16;
+        let ml = atlas.count(label) as f64 / 1000.0;
+        assert!((c["truth_ml"].as_f64().unwrap() - ml).abs() < 1e-9, "{c}");
+    }
+    assert_eq!(v["mean_dice"], 1.0);
+
+    // The same atlas moved by 3 voxels along w (and its grid kept).
+    let mut data = ndarray::Array3::<u16>::zeros(atlas.data().dim());
+    let w = atlas.shape()[2];
+    data.slice_mut(ndarray::s![.., .., 3..])
+        .assign(&atlas.data().slice(ndarray::s![.., .., ..w - 3]));
+    let shifted = LabelMap::with_geometry(data, *atlas.geometry()).unwrap();
+    let shifted_path = dir.join("shifted.nii.gz");
+    nifti::write_labels(&shifted_path, &shifted, Some(&info)).unwrap();
+    let v = json(&iris(&[
+        Path::new("eval"),
+        Path::new("--pred"),
+        &shifted_path,
+        Path::new("--truth"),
+        &aal,
+        Path::new("--classes"),
+        Path::new("1,2,45,200"),
+        Path::new("--json"),
+    ]));
+    let classes = v["classes"].as_array().unwrap();
+    assert_eq!(classes.len(), 4);
+    for c in &classes[..3] {
+        let label = c["label"].as_u64().unwrap() as u16;
+        let d = c["dice"].as_f64().unwrap();
+        let want = dice(&shifted, &atlas, label).unwrap();
+        assert!(d < 1.0 && d > 0.3, "{c}");
+        assert!((d - want).abs() < 1e-12, "{c}: independent Dice {want}");
+    }
+    // Label 200 is in neither map.
+    assert_eq!(classes[3]["dice"], Value::Null);
+    let o = iris(&[
+        Path::new("eval"),
+        Path::new("--pred"),
+        &shifted_path,
+        Path::new("--truth"),
+        &aal,
+        Path::new("--classes"),
+        Path::new("1"),
+    ]);
+    expect_code(&o, 0);
+    assert!(stdout(&o).contains("mean Dice"), "{}", stdout(&o));
+}
+
+#[test]
+fn eval_refuses_label_maps_on_other_grids() {
+    let dir = TempDir::new("grids");
+    let affine = Affine([
+        [-1.0, 0.0, 0.0, 10.0],
+        [0.0, 1.0, 0.0, -20.0],
+        [0.0, 0.0, 1.0, 5.0],
+        [0.0, 0.0, 0.0, 1.0],
+    ]);
+    let map = |shape: [usize; 3], affine| {
+        let n = shape.iter().product();
+        LabelMap::from_vec(shape, affine, (0..n).map(|i| (i % 3) as u16).collect()).unwrap()
+    };
+    let truth = dir.join("truth.nii.gz");
+    nifti::write_labels(&truth, &map([8, 9, 10], affine), None).unwrap();
+    let cropped = dir.join("cropped.nii.gz");
+    nifti::write_labels(&cropped, &map([8, 9, 9], affine), None).unwrap();
+    let mut moved_affine = affine;
+    moved_affine.0[1][3] += 5.0;
+    let moved = dir.join("moved.nii.gz");
+    nifti::write_labels(&moved, &map([8, 9, 10], moved_affine), None).unwrap();
+
+    let o = iris(&[
+        Path::new("eval"),
+        Path::new("--pred"),
+        &cropped,
+        Path::new("--truth"),
+        &truth,
+    ]);
+    expect_code(&o, 3);
+    let err = stderr(&o);
+    assert!(
+        err.contains("shape") && err.contains("cropped.nii.gz") && err.contains("truth.nii.gz"),
+        "{err}"
+    );
+    assert!(
+        err.contains("[8, 9, 10]") && err.contains("[8, 9, 9]"),
+        "{err}"
+    );
+
+    let o = iris(&[
+        Path::new("eval"),
+        Path::new("--pred"),
+        &moved,
+        Path::new("--truth"),
+        &truth,
+    ]);
+    expect_code(&o, 3);
+    let err = stderr(&o);
+    assert!(
+        err.contains("affine") && err.contains("moved.nii.gz"),
+        "{err}"
+    );
+
+    let not_nifti = dir.join("fake.nii.gz");
+    std::fs::write(&not_nifti, "hello").unwrap();
+    let o = iris(&[
+        Path::new("eval"),
+        Path::new("--pred"),
+        &not_nifti,
+        Path::new("--truth"),
+        &truth,
+    ]);
+    expect_code(&o, 3);
+    assert!(stderr(&o).contains("fake.nii.gz"), "{}", stderr(&o));
+
+    // The same grid: fine, and Dice 1 for itself.
+    let v = json(&iris(&[
+        Path::new("eval"),
+        Path::new("--pred"),
+        &truth,
+        Path::new("--truth"),
+        &truth,
+        Path::new("--json"),
+    ]));
+    assert_eq!(v["mean_dice"], 1.0);
+}
+
+#[test]
+fn commands_that_need_a_model_say_where_they_looked() {
+    let dir = TempDir::new("model");
+    let missing = dir.join("no-model-here");
+    let out = dir.join("task.irisemb");
+    let o = iris(&[
+        Path::new("encode"),
+        Path::new("--image"),
+        Path::new("ref.nii.gz"),
+        Path::new("--label"),
+        Path::new("ref_label.nii.gz"),
+        Path::new("--out"),
+        &out,
+        Path::new("--model"),
+        &missing,
+    ]);
+    expect_code(&o, 4);
+    let err = stderr(&o);
+    assert!(
+        err.contains(&format!(
+            "no model at {}: pass --model DIR or set IRIS_MODEL",
+            missing.display()
+        )),
+        "{err}"
+    );
+    // IRIS_MODEL is read when --model is absent.
+    let o = Command::new(env!("CARGO_BIN_EXE_iris"))
+        .args(["segment", "--image", "q.nii.gz", "--bank", "--out"])
+        .arg(dir.join("seg.nii.gz"))
+        .env("IRIS_MODEL", &missing)
+        .output()
+        .unwrap();
+    expect_code(&o, 4);
+    assert!(
+        stderr(&o).contains(&missing.display().to_string()),
+        "{}",
+        stderr(&o)
+    );
+    // Bad output names are usage errors, found before any work.
+    let o = iris(&[
+        Path::new("segment"),
+        Path::new("--image"),
+        Path::new("q.nii.gz"),
+        Path::new("--bank"),
+        Path::new("--out"),
+        &dir.join("seg.png"),
+    ]);
+    expect_code(&o, 2);
+    assert!(stderr(&o).contains(".nii or .nii.gz"), "{}", stderr(&o));
+    assert!(!out.exists());
+}
