@@ -12,8 +12,8 @@
 //!
 //! `[D, H, W]` is the model's patch; `K` the number of classes.
 //! [`Model::encode_task`] turns a reference image and label map into a
-//! [`TaskEmbedding`] (one encoder and one task-encoder run for all `K`
-//! classes); [`Model::segment`] applies it to a query volume in sliding
+//! [`TaskEmbedding`] (one encoder run, then one task-encoder run per
+//! class); [`Model::segment`] applies it to a query volume in sliding
 //! windows (per window one encoder and one decoder run for all `K`
 //! classes). The steps around the graphs are `iris-core`'s own, in the
 //! order of `docs/pipeline.md`: canonical orientation, resampling to the
@@ -23,8 +23,9 @@
 //!
 //! # Speed
 //! Every graph is planned for batch 1, the patch and a given `K` (a plan
-//! with symbolic shapes runs about 5x slower), once: plans are cached per
-//! `K`, so the first call with a new class count pays for tract's
+//! with symbolic shapes runs about 5x slower), once: decoder plans are
+//! cached per `K` (the encoder's and the task encoder's need one class at
+//! most), so the first call with a new class count pays for tract's
 //! optimisation and later ones do not. Matrix products run on a pool with
 //! one thread per core. A [`Model`] is `Send + Sync`: share it by reference
 //! or in an `Arc` and segment from several threads at once.
@@ -306,7 +307,8 @@ impl Model {
 
     /// Encodes the classes `classes` of a reference image and its label map
     /// (same grid, any orientation and spacing) into a one-shot task
-    /// embedding, all classes in one task-encoder run.
+    /// embedding: one encoder run, then the task encoder for each class
+    /// (see [`Model::encode_masks`]).
     ///
     /// The reference is reoriented to RAS, resampled to the model's spacing
     /// (trilinear image, nearest labels) and cropped to the patch around the
@@ -445,6 +447,13 @@ impl Model {
     /// grid). Returns one `[K, tokens, channels]` array per stage, deepest
     /// first: class `k`'s task embedding.
     ///
+    /// The graph encodes every class on its own (classes are folded into
+    /// the batch), so the classes are run one at a time through the plan
+    /// for one class: tract 0.23.9 gives 3-D convolutions with a batch
+    /// above 1 its generic eager im2col, which made one `K`-class run 20
+    /// times slower than `K` one-class runs (see `docs/pipeline.md`); the
+    /// results are the same.
+    ///
     /// # Errors
     /// [`Error::ShapeMismatch`] for masks not of the patch shape;
     /// [`Error::InvalidArgument`] for no class or more than [`MAX_CLASSES`];
@@ -464,17 +473,26 @@ impl Model {
                 found: vec![k, d, h, w],
             });
         }
-        let plan = self.task_encoder.plan(k, &self.executor)?;
-        let masks = masks.as_standard_layout();
-        let masks = graphs::tensor(&[1, k, d, h, w], masks.as_slice().unwrap_or_default())?;
-        let inputs = self.feed(&self.task_encoder, &features.levels, &[], Some(masks))?;
-        self.task_encoder
-            .run(&plan, inputs)?
+        let plan = self.task_encoder.plan(1, &self.executor)?;
+        let mut stages: Vec<Vec<f32>> = self
+            .manifest
+            .stages
             .iter()
+            .map(|s| Vec::with_capacity(k * s.tokens as usize * s.channels as usize))
+            .collect();
+        for mask in masks.outer_iter() {
+            let mask = mask.as_standard_layout();
+            let mask = graphs::tensor(&[1, 1, d, h, w], mask.as_slice().unwrap_or_default())?;
+            let inputs = self.feed(&self.task_encoder, &features.levels, &[], Some(mask))?;
+            for (stage, value) in stages.iter_mut().zip(self.task_encoder.run(&plan, inputs)?) {
+                stage.extend_from_slice(graphs::values(&self.task_encoder, &value)?);
+            }
+        }
+        stages
+            .into_iter()
             .zip(&self.manifest.stages)
-            .map(|(value, stage)| {
+            .map(|(data, stage)| {
                 let shape = (k, stage.tokens as usize, stage.channels as usize);
-                let data = graphs::values(&self.task_encoder, value)?.to_vec();
                 Array3::from_shape_vec(shape, data)
                     .map_err(|e| Error::invalid("task encoder output", e.to_string()))
             })
