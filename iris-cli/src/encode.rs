@@ -48,12 +48,7 @@ pub fn run(args: &Args, quiet: bool) -> Result<(), Failure> {
     irisemb::write_file(&args.out, &task, Payload::F32)
         .map_err(|e| Failure::output(&args.out, e))?;
     if !quiet {
-        let classes = task
-            .classes()
-            .iter()
-            .map(|c| format!("{} {:?}", c.label(), c.name()))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let classes = crate::model::class_list(&task);
         println!(
             "wrote {}: {} class(es) ({classes}) for model {}",
             args.out.display(),

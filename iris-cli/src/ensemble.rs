@@ -58,12 +58,7 @@ pub fn run(args: &Args, quiet: bool) -> Result<(), Failure> {
     irisemb::write_file(&args.out, &merged, Payload::F32)
         .map_err(|e| Failure::output(&args.out, e))?;
     if !quiet {
-        let classes = merged
-            .classes()
-            .iter()
-            .map(|c| format!("{} {:?}", c.label(), c.name()))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let classes = crate::model::class_list(&merged);
         println!(
             "wrote {}: {} classes ({classes}), the mean of {} files",
             args.out.display(),

@@ -200,3 +200,13 @@ impl Reference<'_> {
             .collect())
     }
 }
+
+/// The classes of `task` as `label "name"` pairs, comma separated, for the
+/// one-line summaries of the commands that write an `.irisemb`.
+pub fn class_list(task: &TaskEmbedding) -> String {
+    task.classes()
+        .iter()
+        .map(|c| format!("{} {:?}", c.label(), c.name()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
