@@ -1,0 +1,520 @@
+//! `IrisModel`: loading a model folder, encoding tasks from references and
+//! segmenting queries.
+
+use core::ffi::{c_char, c_void};
+use std::sync::Arc;
+
+use iris_core::preprocess::IntensityPolicy;
+use iris_core::{EncodeOptions, Error, Model, Progress, SegmentOptions, TaskClass};
+
+use crate::args::{self, Versioned, check_reserved};
+use crate::status::{Failure, FfiResult, IrisStatus, guard};
+use crate::task::{IrisTask, give_task};
+use crate::view::{IrisDataType, IrisVolumeView, check_view};
+
+/// An Iris model loaded from a model folder. Opaque; made by
+/// `iris_model_load` and freed with `iris_model_free`.
+///
+/// Thread safety: a model may be used from several threads at once (encode
+/// and segment concurrently with one model); only `iris_model_free` must
+/// not run while another call uses it.
+pub struct IrisModel {
+    model: Model,
+}
+
+/// How to normalise intensities (the `modality` field of the options).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IrisModality {
+    /// Encoding: detect CT (air and bone on a Hounsfield scale) or MR from
+    /// the reference's intensities. Segmenting: use what the task's
+    /// reference used.
+    Auto = 0,
+    /// CT: clip to the Hounsfield window [-991, 500], then z-score.
+    Ct = 1,
+    /// MR (and PET): clip to the 2nd-98th percentiles, then z-score.
+    Mr = 2,
+}
+
+fn intensity(modality: u32, name: &str) -> FfiResult<Option<IntensityPolicy>> {
+    match modality {
+        m if m == IrisModality::Auto as u32 => Ok(None),
+        m if m == IrisModality::Ct as u32 => Ok(Some(IntensityPolicy::CT)),
+        m if m == IrisModality::Mr as u32 => Ok(Some(IntensityPolicy::MR)),
+        other => Err(Failure::invalid(format!(
+            "`{name}.modality` is {other}, expected IRIS_MODALITY_AUTO (0), _CT (1) or _MR (2)"
+        ))),
+    }
+}
+
+/// Settings of `iris_task_encode`. Initialise with
+/// `iris_encode_options_default`, then change fields.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct IrisEncodeOptions {
+    /// `sizeof(IrisEncodeOptions)` (set by the `_default` function).
+    pub struct_size: u32,
+    /// An `IrisModality`. Default `IRIS_MODALITY_AUTO`.
+    pub modality: u32,
+    /// Must be zero (room for later fields).
+    pub reserved: [u64; 8],
+}
+
+impl Versioned for IrisEncodeOptions {
+    const NAME: &'static str = "IrisEncodeOptions";
+}
+
+/// Called by `iris_segment` after every sliding window with the windows
+/// done so far and the total, and `progress_user`. It may be called from a
+/// thread other than the caller's and must return normally (no longjmp, no
+/// C++ exception).
+pub type IrisProgressFn = Option<unsafe extern "C" fn(done: u64, total: u64, user: *mut c_void)>;
+
+/// Settings of `iris_segment`. Initialise with
+/// `iris_segment_options_default`, then change fields.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct IrisSegmentOptions {
+    /// `sizeof(IrisSegmentOptions)` (set by the `_default` function).
+    pub struct_size: u32,
+    /// An `IrisModality`. Default `IRIS_MODALITY_AUTO`: the task's own.
+    pub modality: u32,
+    /// Probability the best class needs to label a voxel, in (0, 1].
+    /// Default 0.5.
+    pub threshold: f32,
+    /// Non-zero: keep only the largest 26-connected component of each
+    /// label. Default 1.
+    pub largest_component: u32,
+    /// Overlap of neighbouring windows, a fraction of the window in [0, 1).
+    /// Default 0.5.
+    pub overlap: f64,
+    /// Progress callback, or NULL (the default).
+    pub progress: IrisProgressFn,
+    /// Passed to `progress` unchanged; borrowed. Default NULL.
+    pub progress_user: *mut c_void,
+    /// Must be zero (room for later fields).
+    pub reserved: [u64; 8],
+}
+
+impl Versioned for IrisSegmentOptions {
+    const NAME: &'static str = "IrisSegmentOptions";
+}
+
+/// The caller's progress callback, which the header requires to be callable
+/// from any thread.
+struct CallerProgress {
+    callback: unsafe extern "C" fn(u64, u64, *mut c_void),
+    user: *mut c_void,
+}
+
+impl CallerProgress {
+    fn call(&self, p: Progress) {
+        // SAFETY: the caller's callback, called as IrisProgressFn documents.
+        unsafe { (self.callback)(p.done as u64, p.total as u64, self.user) }
+    }
+}
+
+// SAFETY: `IrisProgressFn`'s contract makes the callback and its user
+// pointer usable from any thread; libiris never dereferences `user`.
+unsafe impl Send for CallerProgress {}
+// SAFETY: as above.
+unsafe impl Sync for CallerProgress {}
+
+/// Fills `options` with the defaults of every field (including
+/// `struct_size`).
+///
+/// Returns `IRIS_OK` or `IRIS_ERROR_NULL_POINTER`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn iris_encode_options_default(
+    options: *mut IrisEncodeOptions,
+) -> IrisStatus {
+    guard(|| {
+        // SAFETY: `options` is valid or NULL per this function's contract
+        // (a caller struct of this header's size; written, not read).
+        let options = unsafe { args::borrow_mut(options, "options") }?;
+        *options = IrisEncodeOptions {
+            struct_size: size_of::<IrisEncodeOptions>() as u32,
+            modality: IrisModality::Auto as u32,
+            reserved: [0; 8],
+        };
+        Ok(())
+    })
+}
+
+/// Fills `options` with the defaults of every field (including
+/// `struct_size`).
+///
+/// Returns `IRIS_OK` or `IRIS_ERROR_NULL_POINTER`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn iris_segment_options_default(
+    options: *mut IrisSegmentOptions,
+) -> IrisStatus {
+    guard(|| {
+        // SAFETY: `options` is valid or NULL per this function's contract
+        // (a caller struct of this header's size; written, not read).
+        let options = unsafe { args::borrow_mut(options, "options") }?;
+        let defaults = SegmentOptions::default();
+        *options = IrisSegmentOptions {
+            struct_size: size_of::<IrisSegmentOptions>() as u32,
+            modality: IrisModality::Auto as u32,
+            threshold: defaults.threshold,
+            largest_component: u32::from(defaults.largest_component),
+            overlap: defaults.overlap,
+            progress: None,
+            progress_user: core::ptr::null_mut(),
+            reserved: [0; 8],
+        };
+        Ok(())
+    })
+}
+
+/// A model-folder failure while loading is a malformed folder, not an
+/// inference failure.
+fn load_failure(e: Error) -> Failure {
+    match e {
+        Error::Model { .. } => Failure::new(IrisStatus::IrisErrorFormat, e.to_string()),
+        other => other.into(),
+    }
+}
+
+/// Loads a model folder (`manifest.json` and three ONNX graphs, as written
+/// by `iris-train export`). Optimised plans are built on first use.
+///
+/// `dir`: NUL-terminated folder name. On success `*out` is a new model that
+/// the caller owns and frees with `iris_model_free`; on failure `*out` is
+/// NULL.
+///
+/// Returns `IRIS_OK`, `IRIS_ERROR_NULL_POINTER`, `IRIS_ERROR_IO` (no
+/// manifest), `IRIS_ERROR_FORMAT` (a manifest or graph that breaks the
+/// model-folder contract).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn iris_model_load(
+    dir: *const c_char,
+    out: *mut *mut IrisModel,
+) -> IrisStatus {
+    guard(|| {
+        // SAFETY: pointers are valid or NULL per this function's contract.
+        let slot = unsafe { args::out_handle(out, "out") }?;
+        // SAFETY: as above.
+        let dir = unsafe { args::path(dir, "dir") }?;
+        let model = Model::load(&dir).map_err(load_failure)?;
+        args::give(slot, IrisModel { model });
+        Ok(())
+    })
+}
+
+/// Frees a model and sets `*model` to NULL. `model == NULL` and
+/// `*model == NULL` are allowed and do nothing. No other call may be using
+/// the model.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn iris_model_free(model: *mut *mut IrisModel) {
+    guard(|| {
+        // SAFETY: `model` is NULL or points to NULL or a live model (this function's contract).
+        unsafe { args::free_handle(model) };
+        Ok(())
+    });
+}
+
+/// The memory bank shipped with the model: the embeddings of every class
+/// seen in training, to pick from with `iris_task_select_labels` /
+/// `iris_task_select_names` instead of encoding a reference.
+///
+/// On success `*out` is a new task that the caller owns and frees with
+/// `iris_task_free`; on failure `*out` is NULL.
+///
+/// Returns `IRIS_OK`, `IRIS_ERROR_NULL_POINTER`, `IRIS_ERROR_INVALID_ARGUMENT`
+/// (the model ships no memory bank), `IRIS_ERROR_IO`, `IRIS_ERROR_FORMAT`,
+/// `IRIS_ERROR_MODEL_MISMATCH`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn iris_model_memory_bank(
+    model: *const IrisModel,
+    out: *mut *mut IrisTask,
+) -> IrisStatus {
+    guard(|| {
+        // SAFETY: pointers are valid or NULL per this function's contract.
+        let slot = unsafe { args::out_handle(out, "out") }?;
+        // SAFETY: as above.
+        let model = unsafe { args::borrow(model, "model") }?;
+        let bank = model
+            .model
+            .memory_bank()
+            .map_err(load_failure)?
+            .ok_or_else(|| {
+                Failure::invalid(format!(
+                    "model {:?} ships no memory bank (its manifest names none)",
+                    model.model.manifest().name
+                ))
+            })?;
+        give_task(slot, bank);
+        Ok(())
+    })
+}
+
+/// Checks that `task` was made by `model` (same weights fingerprint).
+///
+/// Returns `IRIS_OK`, `IRIS_ERROR_NULL_POINTER`, `IRIS_ERROR_MODEL_MISMATCH`
+/// (both fingerprints in the message).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn iris_task_check_model(
+    task: *const IrisTask,
+    model: *const IrisModel,
+) -> IrisStatus {
+    guard(|| {
+        // SAFETY: pointers are valid or NULL per this function's contract.
+        let task = unsafe { args::borrow(task, "task") }?;
+        // SAFETY: as above.
+        let model = unsafe { args::borrow(model, "model") }?;
+        Ok(task.embedding.ensure_model(model.model.fingerprint())?)
+    })
+}
+
+/// Encodes classes of a reference image and its label map into a one-shot
+/// task (all classes in one run of the task encoder).
+///
+/// `image`: the reference intensities (any `IrisDataType`; CT in Hounsfield
+/// units). `labels`: its label map on the same grid (same dims, affines
+/// equal within 1e-4 mm; any integer type, values in 0..65535). Both are
+/// borrowed during the call only; any orientation and spacing.
+/// `label_values`: `count` (>= 1) distinct non-zero labels to encode.
+/// `names` (nullable): `count` NUL-terminated UTF-8 class names (an entry
+/// may be NULL for an empty name); stored in the task. `options`
+/// (nullable): NULL for the defaults.
+///
+/// On success `*out` is a new task that the caller owns and frees with
+/// `iris_task_free`; on failure `*out` is NULL.
+///
+/// Returns `IRIS_OK`, `IRIS_ERROR_NULL_POINTER`, `IRIS_ERROR_INVALID_ARGUMENT`,
+/// `IRIS_ERROR_BUFFER_TOO_SMALL` (`data_bytes` short), `IRIS_ERROR_SHAPE` (grids
+/// differ), `IRIS_ERROR_TOO_LARGE`, `IRIS_ERROR_NON_FINITE`,
+/// `IRIS_ERROR_EMPTY_MASK` (a label absent from the label map),
+/// `IRIS_ERROR_INFERENCE`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn iris_task_encode(
+    model: *const IrisModel,
+    image: *const IrisVolumeView,
+    labels: *const IrisVolumeView,
+    label_values: *const u16,
+    names: *const *const c_char,
+    count: usize,
+    options: *const IrisEncodeOptions,
+    out: *mut *mut IrisTask,
+) -> IrisStatus {
+    guard(|| {
+        // SAFETY: every pointer is valid or NULL per this function's contract.
+        let slot = unsafe { args::out_handle(out, "out") }?;
+        // SAFETY: as above.
+        let model = unsafe { args::borrow(model, "model") }?;
+        // SAFETY: as above.
+        let image = unsafe { check_view(image, "image") }?.to_image()?;
+        // SAFETY: as above.
+        let labels = unsafe { check_view(labels, "labels") }?.to_labels("labels")?;
+        if count == 0 {
+            return Err(Failure::invalid(
+                "`count` is 0: name at least one label to encode",
+            ));
+        }
+        // SAFETY: `label_values` holds `count` values per this function's contract.
+        let values = unsafe { args::slice(label_values, count, "label_values") }?;
+        // SAFETY: a non-NULL `names` holds `count` pointers per this function's contract.
+        let names =
+            unsafe { args::slice(names, if names.is_null() { 0 } else { count }, "names") }?;
+        let classes = values
+            .iter()
+            .enumerate()
+            .map(|(i, &label)| {
+                let name = match names.get(i) {
+                    // SAFETY: a non-NULL entry is a NUL-terminated string (this function's contract).
+                    Some(&p) if !p.is_null() => unsafe { args::text(p, &format!("names[{i}]")) }?,
+                    _ => "",
+                };
+                Ok(TaskClass::new(label, name))
+            })
+            .collect::<FfiResult<Vec<_>>>()?;
+        let mut settings = EncodeOptions::default();
+        if !options.is_null() {
+            // SAFETY: a non-NULL `options` is a valid struct per this function's contract.
+            let o = unsafe { args::versioned(options, "options") }?;
+            check_reserved(&o.reserved, "options")?;
+            settings.intensity = intensity(o.modality, "options")?;
+        }
+        give_task(
+            slot,
+            model
+                .model
+                .encode_task(&image, &labels, &classes, &settings)?,
+        );
+        Ok(())
+    })
+}
+
+/// Segments a query volume with every class of `task`, on the query's own
+/// grid.
+///
+/// `query`: the image (any `IrisDataType`, orientation and spacing),
+/// borrowed. `task`: made by this model. `options` (nullable): NULL for the
+/// defaults. `label_dtype`: `IRIS_DATA_TYPE_U8` or `IRIS_DATA_TYPE_U16`, the
+/// type of `labels_out`; every label of the task must fit it.
+/// `labels_out`: caller memory of `labels_out_bytes` bytes (at least D*H*W
+/// times the size of `label_dtype`), any alignment; receives the label
+/// value of each voxel (0: background), C order `[D, H, W]` like `query`.
+/// `probabilities_out` (nullable): caller memory of `probabilities_count`
+/// floats, at least K*D*H*W for K classes; receives for each class in the
+/// task's order (`iris_task_class`) its probability in [0, 1] per voxel,
+/// class-major (`[K, D, H, W]`). Every size is checked before the model
+/// runs. Outputs are complete only when `IRIS_OK` is returned.
+///
+/// Several threads may segment with one model at once.
+///
+/// Returns `IRIS_OK`, `IRIS_ERROR_NULL_POINTER`, `IRIS_ERROR_INVALID_ARGUMENT`,
+/// `IRIS_ERROR_BUFFER_TOO_SMALL`, `IRIS_ERROR_MODEL_MISMATCH` (task of another
+/// model), `IRIS_ERROR_SHAPE`, `IRIS_ERROR_TOO_LARGE`, `IRIS_ERROR_NON_FINITE`,
+/// `IRIS_ERROR_INFERENCE`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn iris_segment(
+    model: *const IrisModel,
+    query: *const IrisVolumeView,
+    task: *const IrisTask,
+    options: *const IrisSegmentOptions,
+    label_dtype: u32,
+    labels_out: *mut c_void,
+    labels_out_bytes: u64,
+    probabilities_out: *mut f32,
+    probabilities_count: u64,
+) -> IrisStatus {
+    guard(|| {
+        // SAFETY: every pointer is valid or NULL per this function's contract.
+        let model = unsafe { args::borrow(model, "model") }?;
+        // SAFETY: as above.
+        let task = unsafe { args::borrow(task, "task") }?;
+        // SAFETY: as above.
+        let query = unsafe { check_view(query, "query") }?;
+        let voxels = query.geometry.len() as u64;
+        let classes = task.embedding.classes();
+
+        let dtype = IrisDataType::from_code(label_dtype, "label_dtype")?;
+        let limit = match dtype {
+            IrisDataType::U8 => u32::from(u8::MAX),
+            IrisDataType::U16 => u32::from(u16::MAX),
+            _ => {
+                return Err(Failure::invalid(format!(
+                    "`label_dtype` is {dtype:?}: labels are written as IRIS_DATA_TYPE_U8 or _U16"
+                )));
+            }
+        };
+        if let Some(c) = classes.iter().find(|c| c.label() > limit) {
+            return Err(Failure::invalid(format!(
+                "class {:?} has label {}, which does not fit `label_dtype` {dtype:?}: use \
+                 IRIS_DATA_TYPE_U16",
+                c.name(),
+                c.label()
+            )));
+        }
+        let label_bytes = voxels * dtype.size() as u64;
+        if labels_out.is_null() {
+            return Err(Failure::null("labels_out"));
+        }
+        if labels_out_bytes < label_bytes {
+            return Err(Failure::too_small(
+                "labels_out",
+                label_bytes,
+                labels_out_bytes,
+                "bytes",
+            ));
+        }
+        let want_probabilities = !probabilities_out.is_null();
+        let probability_count = voxels.checked_mul(classes.len() as u64).ok_or_else(|| {
+            Failure::new(IrisStatus::IrisErrorTooLarge, "probabilities are too large")
+        })?;
+        if want_probabilities && probabilities_count < probability_count {
+            return Err(Failure::too_small(
+                "probabilities_out",
+                probability_count,
+                probabilities_count,
+                "floats (classes x voxels)",
+            ));
+        }
+        if !want_probabilities && probabilities_count != 0 {
+            return Err(Failure::new(
+                IrisStatus::IrisErrorNullPointer,
+                format!(
+                    "`probabilities_out` is NULL but `probabilities_count` is \
+                     {probabilities_count}: pass 0 when no probabilities are wanted"
+                ),
+            ));
+        }
+
+        let mut settings = SegmentOptions {
+            probabilities: want_probabilities,
+            ..SegmentOptions::default()
+        };
+        if !options.is_null() {
+            // SAFETY: a non-NULL `options` is a valid struct per this function's contract.
+            let o = unsafe { args::versioned(options, "options") }?;
+            check_reserved(&o.reserved, "options")?;
+            settings.intensity = intensity(o.modality, "options")?;
+            settings.threshold = o.threshold;
+            settings.overlap = o.overlap;
+            settings.largest_component = o.largest_component != 0;
+            if let Some(callback) = o.progress {
+                let caller = CallerProgress {
+                    callback,
+                    user: o.progress_user,
+                };
+                settings.progress = Some(Arc::new(move |p: Progress| caller.call(p)));
+            }
+        }
+
+        let image = query.to_image()?;
+        let result = model.model.segment(&image, &task.embedding, &settings)?;
+        let n = args::length(voxels, "query voxels")?;
+        if result.labels.shape() != query.geometry.shape() {
+            return Err(Failure::new(
+                IrisStatus::IrisErrorShape,
+                format!(
+                    "the engine returned labels of shape {:?} for a query of {:?}",
+                    result.labels.shape(),
+                    query.geometry.shape()
+                ),
+            ));
+        }
+        // SAFETY: `labels_out` holds `labels_out_bytes` >= n * size writable bytes.
+        let out = unsafe { args::bytes_mut(labels_out.cast(), n * dtype.size(), "labels_out") }?;
+        let labels = result.labels.data().iter();
+        match dtype {
+            IrisDataType::U8 => out.iter_mut().zip(labels).for_each(|(o, &l)| *o = l as u8),
+            _ => out
+                .chunks_exact_mut(2)
+                .zip(labels)
+                .for_each(|(o, &l)| o.copy_from_slice(&l.to_ne_bytes())),
+        }
+        if want_probabilities {
+            let maps = result.probabilities.unwrap_or_default();
+            if maps.len() != classes.len()
+                || maps.iter().any(|m| m.shape() != query.geometry.shape())
+            {
+                return Err(Failure::new(
+                    IrisStatus::IrisErrorShape,
+                    format!(
+                        "the engine returned {} probability maps for {} classes",
+                        maps.len(),
+                        classes.len()
+                    ),
+                ));
+            }
+            let floats = args::length(probability_count, "probabilities")?;
+            // SAFETY: `probabilities_out` holds `probabilities_count` >= floats writable floats.
+            let out = unsafe {
+                args::bytes_mut(
+                    probabilities_out.cast(),
+                    floats * size_of::<f32>(),
+                    "probabilities_out",
+                )
+            }?;
+            let values = maps.iter().flat_map(|m| m.data().iter());
+            out.chunks_exact_mut(4)
+                .zip(values)
+                .for_each(|(o, p)| o.copy_from_slice(&p.to_ne_bytes()));
+        }
+        Ok(())
+    })
+}

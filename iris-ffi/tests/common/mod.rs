@@ -1,0 +1,166 @@
+//! A tiny real model and small phantom volumes for the model tests and the
+//! C programs: the model is `iris-train`'s `tiny` preset with seeded random
+//! weights, exported as the model folder the engine loads (as
+//! `iris-train export --random --preset tiny` does).
+
+use std::path::{Path, PathBuf};
+
+use iris_core::embedding::{ModelFingerprint, TaskEmbedding};
+use iris_core::engine::{EncodeOptions, Model, TaskClass};
+use iris_core::irisemb::{self, Payload};
+use iris_core::nifti;
+use iris_core::volume::{Affine, Image, LabelMap};
+
+/// A folder removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("iris-ffi-{name}-{}", std::process::id()));
+        std::fs::remove_dir_all(&dir).ok();
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        std::fs::remove_dir_all(&self.0).ok();
+    }
+}
+
+/// Exports the tiny preset with weights drawn from `seed` into `dir`.
+pub fn export_tiny_model(dir: &Path, seed: u64) -> ModelFingerprint {
+    let config = iris_train::model::IrisConfig::tiny();
+    let device = iris_train::device::select_device();
+    device.seed(seed);
+    let model = config.init(&device).expect("tiny preset");
+    iris_train::export::export(&model, &config, "iris-tiny-random", dir, None).expect("export")
+}
+
+/// A phantom on a `shape` grid placed by `affine`: a textured background
+/// (fractional values), a ball of label 1 centred at voxel `ball` with
+/// radius `radius` voxels, and a box of label 2 at `[lo, hi)` per axis.
+pub fn phantom(
+    shape: [usize; 3],
+    affine: Affine,
+    ball: [f64; 3],
+    radius: f64,
+    boxed: ([usize; 3], [usize; 3]),
+) -> (Image, LabelMap) {
+    let mut voxels = Vec::new();
+    let mut labels = Vec::new();
+    for d in 0..shape[0] {
+        for h in 0..shape[1] {
+            for w in 0..shape[2] {
+                let p = [d as f64, h as f64, w as f64];
+                let r2: f64 = (0..3).map(|a| (p[a] - ball[a]).powi(2)).sum();
+                let inside_box = (0..3).all(|a| (boxed.0[a]..boxed.1[a]).contains(&[d, h, w][a]));
+                let texture = 20.0 * (0.7 * p[0]).sin() * (0.5 * p[1]).cos() + 0.25 * p[2];
+                let (value, label) = if r2 <= radius * radius {
+                    (700.0, 1)
+                } else if inside_box {
+                    (350.0, 2)
+                } else {
+                    (100.0, 0)
+                };
+                voxels.push((value + texture) as f32);
+                labels.push(label);
+            }
+        }
+    }
+    (
+        Image::from_vec(shape, affine, voxels).expect("valid image"),
+        LabelMap::from_vec(shape, affine, labels).expect("valid labels"),
+    )
+}
+
+/// Where the fixture files are.
+pub struct Fixture {
+    pub root: TempDir,
+    pub model: PathBuf,
+    pub data: PathBuf,
+}
+
+impl Fixture {
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.data.join(name)
+    }
+}
+
+/// The reference (40^3 voxels of 3 mm) and its labels.
+pub fn reference() -> (Image, LabelMap) {
+    let mut affine = Affine::from_spacing([3.0, 3.0, 3.0]);
+    affine.0[0][3] = -60.0;
+    affine.0[1][3] = -60.0;
+    affine.0[2][3] = -60.0;
+    phantom(
+        [40, 40, 40],
+        affine,
+        [20.0, 18.0, 21.0],
+        7.0,
+        ([5, 26, 8], [14, 34, 30]),
+    )
+}
+
+/// A query on another grid (anisotropic, axis d flipped) with the ball and
+/// box elsewhere, and its true labels.
+pub fn query(shift: f64) -> (Image, LabelMap) {
+    let affine = Affine([
+        [-3.5, 0.0, 0.0, 60.0],
+        [0.0, 2.5, 0.0, -50.0],
+        [0.0, 0.0, 3.0, -55.0 + shift],
+        [0.0, 0.0, 0.0, 1.0],
+    ]);
+    phantom(
+        [36, 44, 40],
+        affine,
+        [17.0, 20.0 + shift, 19.0],
+        6.0,
+        ([4, 30, 6], [12, 40, 26]),
+    )
+}
+
+/// Exports the model and writes ref.nii.gz, ref_labels.nii.gz, query.nii.gz,
+/// query_truth.nii.gz, query2.nii.gz and foreign.irisemb (the reference's
+/// task with another model's fingerprint).
+pub fn fixture(name: &str) -> Fixture {
+    let root = TempDir::new(name);
+    let model = root.0.join("model");
+    let data = root.0.join("data");
+    std::fs::create_dir_all(&data).expect("data dir");
+    export_tiny_model(&model, 7);
+
+    let (image, labels) = reference();
+    nifti::write_image(data.join("ref.nii.gz"), &image, None).expect("write");
+    nifti::write_labels(data.join("ref_labels.nii.gz"), &labels, None).expect("write");
+    let (q, truth) = query(0.0);
+    nifti::write_image(data.join("query.nii.gz"), &q, None).expect("write");
+    nifti::write_labels(data.join("query_truth.nii.gz"), &truth, None).expect("write");
+    let (q2, _) = query(4.0);
+    nifti::write_image(data.join("query2.nii.gz"), &q2, None).expect("write");
+
+    let own = encode(&Model::load(&model).expect("model loads"), &image, &labels);
+    irisemb::write_file(data.join("foreign.irisemb"), &foreign(&own), Payload::F32).expect("write");
+    Fixture { root, model, data }
+}
+
+/// Labels 1 and 2 of the reference, as segment.c encodes them (no names,
+/// default options).
+pub fn encode(model: &Model, image: &Image, labels: &LabelMap) -> TaskEmbedding {
+    let classes = [TaskClass::new(1, ""), TaskClass::new(2, "")];
+    model
+        .encode_task(image, labels, &classes, &EncodeOptions::default())
+        .expect("encodes")
+}
+
+/// `task` as if another model had made it.
+pub fn foreign(task: &TaskEmbedding) -> TaskEmbedding {
+    TaskEmbedding::new(
+        ModelFingerprint::new([0xee; 32]),
+        *task.preprocessing(),
+        task.stage_shapes().to_vec(),
+        task.classes().to_vec(),
+    )
+    .expect("valid")
+}

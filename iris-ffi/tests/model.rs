@@ -1,0 +1,619 @@
+//! Everything that needs a model, on a tiny real one (one test binary, as
+//! each links the whole engine):
+//! - the model functions of the C ABI, each result compared with the Rust
+//!   API's on the same input (tract's proxy idea: one computation through
+//!   both doors), and their error paths: another model's task, labels that
+//!   do not fit, short buffers, a memory bank, several threads;
+//! - the C and C++ programs against the libiris this test run built:
+//!   tests/c/run.sh installs it (header, versioned .so, .a, iris.pc), builds
+//!   tests/c/abi_errors.c, examples/c/segment.c (shared and static) and
+//!   examples/cpp/viewer.cpp with gcc/g++ `-Wall -Wextra -Werror -pedantic`,
+//!   runs them, and runs abi_errors and segment under valgrind (no invalid
+//!   access, no leak); then the labels the C program wrote are compared,
+//!   voxel for voxel, with those of the Rust API on the same files.
+
+mod common;
+
+use core::ffi::{CStr, c_void};
+use core::ptr::{null, null_mut};
+use std::ffi::CString;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use iris::*;
+use iris_core::engine::{Model, SegmentOptions};
+use iris_core::irisemb::{self, Payload};
+use iris_core::nifti;
+use iris_core::volume::{Image, LabelMap, Volume};
+
+fn last_error() -> String {
+    // SAFETY: iris_last_error always returns a valid NUL-terminated string.
+    unsafe { CStr::from_ptr(iris_last_error()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[track_caller]
+fn expect(status: IrisStatus, want: IrisStatus, words: &[&str]) {
+    let message = last_error();
+    assert_eq!(status, want, "message: {message}");
+    for w in words {
+        assert!(message.contains(w), "{message:?} lacks {w:?}");
+    }
+}
+
+/// A C view of a volume, with its affine copied into `affine`.
+fn view<T: Copy>(
+    volume: &Volume<T>,
+    dtype: IrisDataType,
+    affine: &mut [f64; 16],
+) -> IrisVolumeView {
+    let a = volume.geometry().affine().0;
+    *affine = core::array::from_fn(|i| a[i / 4][i % 4]);
+    let data = volume.data().as_slice().expect("standard layout");
+    IrisVolumeView {
+        struct_size: size_of::<IrisVolumeView>() as u32,
+        dtype: dtype as u32,
+        dims: volume.shape().map(|d| d as u64),
+        spacing_mm: volume.geometry().spacing(),
+        affine: affine.as_ptr(),
+        data: data.as_ptr().cast(),
+        data_bytes: size_of_val(data) as u64,
+    }
+}
+
+fn load(dir: &std::path::Path) -> *mut IrisModel {
+    let dir = CString::new(dir.to_str().expect("utf-8")).expect("no NUL");
+    let mut model = null_mut();
+    // SAFETY: a valid path and out-pointer.
+    expect(
+        unsafe { iris_model_load(dir.as_ptr(), &mut model) },
+        IrisStatus::IrisOk,
+        &[],
+    );
+    model
+}
+
+struct Inputs {
+    image: Image,
+    labels: LabelMap,
+    query: Image,
+}
+
+fn inputs() -> Inputs {
+    let (image, labels) = common::reference();
+    let (query, _) = common::query(0.0);
+    Inputs {
+        image,
+        labels,
+        query,
+    }
+}
+
+/// Encodes labels 1 and 2 through the C ABI.
+fn encode(model: *const IrisModel, inputs: &Inputs, names: &[&CStr]) -> *mut IrisTask {
+    let (mut a, mut b) = ([0.0; 16], [0.0; 16]);
+    let image = view(&inputs.image, IrisDataType::F32, &mut a);
+    let labels = view(&inputs.labels, IrisDataType::U16, &mut b);
+    let values = [1u16, 2];
+    let names: Vec<_> = names.iter().map(|n| n.as_ptr()).collect();
+    let mut task = null_mut();
+    // SAFETY: live views, two labels and two names (or NULL), a valid out-pointer.
+    let status = unsafe {
+        iris_task_encode(
+            model,
+            &image,
+            &labels,
+            values.as_ptr(),
+            if names.is_empty() {
+                null()
+            } else {
+                names.as_ptr()
+            },
+            2,
+            null(),
+            &mut task,
+        )
+    };
+    expect(status, IrisStatus::IrisOk, &[]);
+    task
+}
+
+#[test]
+fn encode_and_segment_match_the_rust_api() {
+    let dir = common::TempDir::new("model-match");
+    common::export_tiny_model(&dir.0, 3);
+    let rust = Model::load(&dir.0).expect("loads");
+    let model = load(&dir.0);
+    let inputs = inputs();
+
+    let task = encode(model, &inputs, &[c"ball", c"box"]);
+    let expected_task = common::encode(&rust, &inputs.image, &inputs.labels);
+    // The task's values, read back through its bytes.
+    let mut written = 0usize;
+    let mut bytes = vec![0u8; 1 << 20];
+    // SAFETY: a live task and buffer.
+    let status =
+        unsafe { iris_task_save_buffer(task, bytes.as_mut_ptr(), bytes.len(), &mut written) };
+    expect(status, IrisStatus::IrisOk, &[]);
+    let through_c = irisemb::read(&bytes[..written]).expect("valid");
+    assert_eq!(through_c.classes().len(), 2);
+    for (c, r) in through_c.classes().iter().zip(expected_task.classes()) {
+        assert_eq!(
+            c.stages(),
+            r.stages(),
+            "class {} embeds as the Rust API does",
+            c.label()
+        );
+    }
+    assert_eq!(through_c.classes()[1].name(), "box");
+    // SAFETY: both live.
+    expect(
+        unsafe { iris_task_check_model(task, model) },
+        IrisStatus::IrisOk,
+        &[],
+    );
+
+    // Segment with probabilities; labels as uint8 and as uint16.
+    let expected = rust
+        .segment(
+            &inputs.query,
+            &expected_task,
+            &SegmentOptions {
+                probabilities: true,
+                ..SegmentOptions::default()
+            },
+        )
+        .expect("segments");
+    let mut a = [0.0; 16];
+    let query = view(&inputs.query, IrisDataType::F32, &mut a);
+    let n = inputs.query.geometry().len();
+    let mut labels8 = vec![0xAAu8; n + 1];
+    let mut probabilities = vec![-1.0f32; 2 * n];
+    let done = AtomicU64::new(0);
+    unsafe extern "C" fn progress(_done: u64, _total: u64, user: *mut c_void) {
+        // SAFETY: `user` is the AtomicU64 below, alive during iris_segment.
+        unsafe { &*user.cast::<AtomicU64>() }.fetch_add(1, Ordering::Relaxed);
+    }
+    let mut options = core::mem::MaybeUninit::<IrisSegmentOptions>::uninit();
+    // SAFETY: fills the struct.
+    unsafe { iris_segment_options_default(options.as_mut_ptr()) };
+    // SAFETY: initialised above.
+    let mut options = unsafe { options.assume_init() };
+    options.progress = Some(progress);
+    options.progress_user = (&raw const done).cast_mut().cast();
+    // SAFETY: live model, view, task; buffers of the stated sizes.
+    let status = unsafe {
+        iris_segment(
+            model,
+            &query,
+            task,
+            &options,
+            IrisDataType::U8 as u32,
+            labels8.as_mut_ptr().cast(),
+            labels8.len() as u64,
+            probabilities.as_mut_ptr(),
+            probabilities.len() as u64,
+        )
+    };
+    expect(status, IrisStatus::IrisOk, &[]);
+    let want: Vec<u8> = expected.labels.data().iter().map(|&l| l as u8).collect();
+    assert_eq!(&labels8[..n], want.as_slice());
+    assert_eq!(labels8[n], 0xAA, "nothing written past the labels");
+    let maps = expected.probabilities.expect("asked for");
+    let want: Vec<f32> = maps.iter().flat_map(|m| m.data().iter().copied()).collect();
+    assert_eq!(probabilities, want);
+    assert_eq!(done.load(Ordering::Relaxed), expected.windows as u64);
+
+    let mut labels16 = vec![0u16; n];
+    // SAFETY: as above, no probabilities; NULL options.
+    let status = unsafe {
+        iris_segment(
+            model,
+            &query,
+            task,
+            null(),
+            IrisDataType::U16 as u32,
+            labels16.as_mut_ptr().cast(),
+            (2 * n) as u64,
+            null_mut(),
+            0,
+        )
+    };
+    expect(status, IrisStatus::IrisOk, &[]);
+    let want: Vec<u16> = expected.labels.data().iter().copied().collect();
+    assert_eq!(labels16, want);
+
+    let (mut task, mut model) = (task, model);
+    // SAFETY: both live; freed once.
+    unsafe {
+        iris_task_free(&mut task);
+        iris_model_free(&mut model);
+    }
+    assert!(task.is_null() && model.is_null());
+}
+
+#[test]
+fn a_task_of_another_model_is_refused() {
+    let dir = common::TempDir::new("model-mismatch");
+    common::export_tiny_model(&dir.0, 5);
+    let model = load(&dir.0);
+    let inputs = inputs();
+    let own = encode(model, &inputs, &[]);
+    // The same classes with another model's fingerprint, through a buffer.
+    let mut bytes = vec![0u8; 1 << 20];
+    let mut written = 0;
+    // SAFETY: a live task and buffer.
+    unsafe { iris_task_save_buffer(own, bytes.as_mut_ptr(), bytes.len(), &mut written) };
+    let foreign = common::foreign(&irisemb::read(&bytes[..written]).expect("valid"));
+    let foreign_bytes = irisemb::write(&foreign, Payload::F16).expect("writable");
+    let mut other = null_mut();
+    // SAFETY: a live buffer.
+    let status =
+        unsafe { iris_task_load_buffer(foreign_bytes.as_ptr(), foreign_bytes.len(), &mut other) };
+    expect(status, IrisStatus::IrisOk, &[]);
+
+    // SAFETY: live handles.
+    let status = unsafe { iris_task_check_model(other, model) };
+    expect(
+        status,
+        IrisStatus::IrisErrorModelMismatch,
+        &["eeee", "another model"],
+    );
+    let mut a = [0.0; 16];
+    let query = view(&inputs.query, IrisDataType::F32, &mut a);
+    let n = inputs.query.geometry().len();
+    let mut labels = vec![0u16; n];
+    // SAFETY: live handles and buffers.
+    let status = unsafe {
+        iris_segment(
+            model,
+            &query,
+            other,
+            null(),
+            3,
+            labels.as_mut_ptr().cast(),
+            2 * n as u64,
+            null_mut(),
+            0,
+        )
+    };
+    expect(status, IrisStatus::IrisErrorModelMismatch, &["re-encode"]);
+    let pair = [own.cast_const(), other.cast_const()];
+    let mut merged = null_mut();
+    // SAFETY: two live tasks.
+    let status = unsafe { iris_task_ensemble(pair.as_ptr(), 2, &mut merged) };
+    expect(status, IrisStatus::IrisErrorModelMismatch, &[]);
+
+    let (mut own, mut other, mut model) = (own, other, model);
+    // SAFETY: live handles, freed once.
+    unsafe {
+        iris_task_free(&mut own);
+        iris_task_free(&mut other);
+        iris_model_free(&mut model);
+    }
+}
+
+#[test]
+fn segment_checks_outputs_before_running() {
+    let dir = common::TempDir::new("model-outputs");
+    common::export_tiny_model(&dir.0, 6);
+    let model = load(&dir.0);
+    let inputs = inputs();
+    let task = encode(model, &inputs, &[]);
+    let mut a = [0.0; 16];
+    let query = view(&inputs.query, IrisDataType::F32, &mut a);
+    let n = inputs.query.geometry().len() as u64;
+    let mut labels = vec![0u16; n as usize];
+    let mut one = 0f32;
+    let run = |dtype: u32, bytes: u64, p: *mut f32, count: u64, out: *mut c_void| {
+        // SAFETY: live handles; every size is checked before anything is written.
+        unsafe { iris_segment(model, &query, task, null(), dtype, out, bytes, p, count) }
+    };
+    let out = labels.as_mut_ptr().cast();
+    expect(
+        run(3, 2 * n - 1, null_mut(), 0, out),
+        IrisStatus::IrisErrorBufferTooSmall,
+        &[&format!("expected {} bytes, got {}", 2 * n, 2 * n - 1)],
+    );
+    expect(
+        run(3, 2 * n, null_mut(), 0, null_mut()),
+        IrisStatus::IrisErrorNullPointer,
+        &["labels_out"],
+    );
+    expect(
+        run(3, 2 * n, &mut one, 1, out),
+        IrisStatus::IrisErrorBufferTooSmall,
+        &[&format!("expected {} floats", 2 * n)],
+    );
+    expect(
+        run(3, 2 * n, null_mut(), 5, out),
+        IrisStatus::IrisErrorNullPointer,
+        &["probabilities_out"],
+    );
+    expect(
+        run(5, 4 * n, null_mut(), 0, out),
+        IrisStatus::IrisErrorInvalidArgument,
+        &["label_dtype"],
+    );
+    expect(
+        run(42, 4 * n, null_mut(), 0, out),
+        IrisStatus::IrisErrorInvalidArgument,
+        &["label_dtype` = 42"],
+    );
+    assert!(labels.iter().all(|&l| l == 0), "nothing was written");
+
+    // A class labelled 300 does not fit uint8 labels.
+    let mut bytes = vec![0u8; 1 << 20];
+    let mut written = 0;
+    // SAFETY: a live task and buffer.
+    unsafe { iris_task_save_buffer(task, bytes.as_mut_ptr(), bytes.len(), &mut written) };
+    let own = irisemb::read(&bytes[..written]).expect("valid");
+    let mut class = own.classes()[0].clone();
+    class = iris_core::embedding::ClassEmbedding::new(
+        300,
+        "big",
+        class.provenance(),
+        class.stages().to_vec(),
+    )
+    .expect("valid");
+    let big = iris_core::embedding::TaskEmbedding::new(
+        *own.model(),
+        *own.preprocessing(),
+        own.stage_shapes().to_vec(),
+        vec![class],
+    )
+    .expect("valid");
+    let big_bytes = irisemb::write(&big, Payload::F32).expect("writable");
+    let mut big_task = null_mut();
+    // SAFETY: a live buffer.
+    unsafe { iris_task_load_buffer(big_bytes.as_ptr(), big_bytes.len(), &mut big_task) };
+    // SAFETY: live handles and buffers.
+    let status = unsafe {
+        iris_segment(
+            model,
+            &query,
+            big_task,
+            null(),
+            1,
+            labels.as_mut_ptr().cast(),
+            n,
+            null_mut(),
+            0,
+        )
+    };
+    expect(
+        status,
+        IrisStatus::IrisErrorInvalidArgument,
+        &["label 300", "IRIS_DATA_TYPE_U16"],
+    );
+
+    let mut options = core::mem::MaybeUninit::<IrisSegmentOptions>::uninit();
+    // SAFETY: fills the struct.
+    unsafe { iris_segment_options_default(options.as_mut_ptr()) };
+    // SAFETY: initialised above.
+    let mut options = unsafe { options.assume_init() };
+    options.modality = 9;
+    // SAFETY: live handles and buffers.
+    let status = unsafe {
+        iris_segment(
+            model,
+            &query,
+            task,
+            &options,
+            3,
+            labels.as_mut_ptr().cast(),
+            2 * n,
+            null_mut(),
+            0,
+        )
+    };
+    expect(
+        status,
+        IrisStatus::IrisErrorInvalidArgument,
+        &["modality` is 9"],
+    );
+
+    let (mut task, mut big_task, mut model) = (task, big_task, model);
+    // SAFETY: live handles, freed once.
+    unsafe {
+        iris_task_free(&mut task);
+        iris_task_free(&mut big_task);
+        iris_model_free(&mut model);
+    }
+}
+
+#[test]
+fn memory_bank_is_read_when_the_model_ships_one() {
+    let dir = common::TempDir::new("model-bank");
+    common::export_tiny_model(&dir.0, 8);
+    let model = load(&dir.0);
+    let mut bank = core::ptr::dangling_mut::<IrisTask>();
+    // SAFETY: live model, valid out-pointer.
+    let status = unsafe { iris_model_memory_bank(model, &mut bank) };
+    expect(
+        status,
+        IrisStatus::IrisErrorInvalidArgument,
+        &["no memory bank"],
+    );
+    assert!(bank.is_null());
+
+    // Ship the reference's classes as the model's memory bank.
+    let inputs = inputs();
+    let task = encode(model, &inputs, &[c"ball", c"box"]);
+    let file =
+        CString::new(dir.0.join("memory_bank.irisemb").to_str().expect("utf-8")).expect("no NUL");
+    // SAFETY: live task and path.
+    expect(
+        unsafe { iris_task_save(task, file.as_ptr()) },
+        IrisStatus::IrisOk,
+        &[],
+    );
+    let manifest = dir.0.join("manifest.json");
+    let text = std::fs::read_to_string(&manifest).expect("manifest");
+    let text = text.replacen('{', "{\n  \"memory_bank\": \"memory_bank.irisemb\",", 1);
+    std::fs::write(&manifest, text).expect("manifest");
+    let mut with_bank = load(&dir.0);
+    // SAFETY: as above.
+    let status = unsafe { iris_model_memory_bank(with_bank, &mut bank) };
+    expect(status, IrisStatus::IrisOk, &[]);
+    let mut picked = null_mut();
+    let names = [c"box".as_ptr()];
+    // SAFETY: a live bank and one name.
+    let status = unsafe { iris_task_select_names(bank, names.as_ptr(), 1, &mut picked) };
+    expect(status, IrisStatus::IrisOk, &[]);
+    let (mut label, mut count) = (0u32, 0usize);
+    // SAFETY: a live task.
+    unsafe {
+        iris_task_num_classes(picked, &mut count);
+        iris_task_class(picked, 0, &mut label, null_mut(), 0, null_mut());
+    }
+    assert_eq!((count, label), (1, 2));
+
+    let (mut model, mut task, mut bank, mut picked) = (model, task, bank, picked);
+    // SAFETY: live handles, freed once.
+    unsafe {
+        iris_task_free(&mut picked);
+        iris_task_free(&mut bank);
+        iris_task_free(&mut task);
+        iris_model_free(&mut with_bank);
+        iris_model_free(&mut model);
+    }
+}
+
+#[test]
+fn one_model_segments_from_several_threads() {
+    let dir = common::TempDir::new("model-threads");
+    common::export_tiny_model(&dir.0, 9);
+    let model = load(&dir.0);
+    let inputs = inputs();
+    let task = encode(model, &inputs, &[]);
+    let queries: Vec<Image> = (0..3)
+        .map(|i| common::query(f64::from(i) * 3.0).0)
+        .collect();
+
+    // Raw pointers are not Send; the C contract makes both shareable.
+    let (m, t) = (model as usize, task as usize);
+    let segment = move |query: &Image| {
+        let mut a = [0.0; 16];
+        let v = view(query, IrisDataType::F32, &mut a);
+        let mut labels = vec![0u16; query.geometry().len()];
+        // SAFETY: the model and task outlive the threads (joined below).
+        let status = unsafe {
+            iris_segment(
+                m as *const IrisModel,
+                &v,
+                t as *const IrisTask,
+                null(),
+                3,
+                labels.as_mut_ptr().cast(),
+                (2 * labels.len()) as u64,
+                null_mut(),
+                0,
+            )
+        };
+        assert_eq!(status, IrisStatus::IrisOk, "{}", last_error());
+        labels
+    };
+    let sequential: Vec<Vec<u16>> = queries.iter().map(segment).collect();
+    let parallel: Vec<Vec<u16>> = std::thread::scope(|s| {
+        let handles: Vec<_> = queries
+            .iter()
+            .map(|q| s.spawn(move || segment(q)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
+    });
+    assert_eq!(parallel, sequential);
+
+    let (mut task, mut model) = (task, model);
+    // SAFETY: live handles, freed once.
+    unsafe {
+        iris_task_free(&mut task);
+        iris_model_free(&mut model);
+    }
+}
+
+/// `target/<profile>/deps`: where cargo builds libiris.so and libiris.a,
+/// next to this test binary (`cargo test` builds every crate type of the
+/// library there, and copies none of them up to `target/<profile>`).
+fn build_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().expect("target/<profile>/deps").to_path_buf();
+    for lib in ["libiris.so", "libiris.a"] {
+        assert!(
+            dir.join(lib).is_file(),
+            "{} is missing: cargo builds it with the tests",
+            dir.join(lib).display()
+        );
+    }
+    dir
+}
+
+#[test]
+fn c_and_cpp_programs_build_run_and_match_the_rust_api() {
+    let fixture = common::fixture("c-programs");
+    let work = fixture.root.0.join("work");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/c/run.sh");
+    let output = Command::new("bash")
+        .arg(&script)
+        .arg(build_dir())
+        .arg(&fixture.model)
+        .arg(&fixture.data)
+        .arg(&work)
+        .output()
+        .expect("bash runs tests/c/run.sh");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "tests/c/run.sh failed:\n{log}");
+    assert!(
+        log.contains("abi_errors: ") && log.contains(" 0 failed"),
+        "{log}"
+    );
+    assert!(
+        log.contains("threaded results equal the sequential run"),
+        "{log}"
+    );
+    assert!(
+        log.contains("label 1: Dice") && log.contains("label 2: Dice"),
+        "{log}"
+    );
+
+    // The Rust API on the same files.
+    let model = Model::load(&fixture.model).expect("model loads");
+    let (image, _) = nifti::read_image(fixture.file("ref.nii.gz")).expect("read");
+    let (labels, _) = nifti::read_labels(fixture.file("ref_labels.nii.gz")).expect("read");
+    let (query, _) = nifti::read_image(fixture.file("query.nii.gz")).expect("read");
+    let task = common::encode(&model, &image, &labels);
+    let expected = model
+        .segment(&query, &task, &SegmentOptions::default())
+        .expect("segments");
+    for name in ["segment.nii.gz", "segment_static.nii.gz"] {
+        let (written, _) = nifti::read_labels(work.join(name)).expect("C output");
+        assert_eq!(written.data(), expected.labels.data(), "{name}");
+        query
+            .geometry()
+            .ensure_same(written.geometry(), name)
+            .expect("the C output lies on the query's grid");
+    }
+    // Under valgrind the labels are not compared voxel for voxel: its
+    // virtual CPU has no AVX-512, so tract picks other matrix kernels, and
+    // an untrained model's probabilities sit close enough to the threshold
+    // for rounding to move voxels. The run must still write a label map of
+    // the task's classes on the query's grid.
+    let (written, _) = nifti::read_labels(work.join("segment_valgrind.nii.gz")).expect("C output");
+    query
+        .geometry()
+        .ensure_same(written.geometry(), "segment_valgrind.nii.gz")
+        .expect("the C output lies on the query's grid");
+    assert!(
+        written.data().iter().all(|&l| l <= 2),
+        "labels 0, 1, 2 only"
+    );
+}
