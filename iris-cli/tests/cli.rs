@@ -1,19 +1,22 @@
 //! The `iris` binary run as a user runs it: on `.irisemb` files made through
-//! iris-core's API and on the real volumes of `data/` (fetched by
+//! iris-core's API, on the real volumes of `data/` (fetched by
 //! `scripts/fetch-data.sh`; tests that need them skip when absent, and fail
-//! under `IRIS_REQUIRE_DATA=1`).
+//! under `IRIS_REQUIRE_DATA=1`), and end to end on a tiny exported model
+//! (`iris_tests::fixture`), every output compared with the Rust API's.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use iris_core::embedding::{
     ClassEmbedding, ModelFingerprint, Preprocessing, Provenance, StageShape, TaskEmbedding,
 };
+use iris_core::engine::{EncodeOptions, Model, SegmentOptions, TaskClass};
 use iris_core::irisemb::{self, Payload};
+use iris_core::metrics::dice_per_class;
 use iris_core::nifti;
 use iris_core::preprocess::IntensityPolicy;
 use iris_core::volume::{Affine, LabelMap};
+use iris_tests::{TempDir, fixture};
 use serde_json::Value;
 
 /// Runs `iris args...` with IRIS_MODEL unset.
@@ -47,32 +50,6 @@ fn expect_code(o: &Output, code: i32) {
 fn json(o: &Output) -> Value {
     expect_code(o, 0);
     serde_json::from_slice(&o.stdout).expect("valid JSON on stdout")
-}
-
-/// A fresh folder, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "iris-cli-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&path).unwrap();
-        TempDir(path)
-    }
-
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// `data/<rel>`, or `None` (skip) when absent; panics under IRIS_REQUIRE_DATA=1.
@@ -516,4 +493,174 @@ fn commands_that_need_a_model_say_where_they_looked() {
     expect_code(&o, 2);
     assert!(stderr(&o).contains(".nii or .nii.gz"), "{}", stderr(&o));
     assert!(!out.exists());
+}
+
+/// The user's whole journey on a real (tiny, untrained) exported model:
+/// encode a reference, inspect the task, segment a query from the task and
+/// straight from the reference (labels, probabilities, preview), score it,
+/// and refuse another model's task. Every output equals what the Rust API
+/// computes from the same files.
+#[test]
+fn encode_segment_eval_on_an_exported_model_match_the_rust_api() {
+    let files = fixture::fixture("cli-journey");
+    let model_dir = files.model.as_os_str();
+    let (reference, reference_labels) = (files.file("ref.nii.gz"), files.file("ref_labels.nii.gz"));
+    let (query_path, truth_path) = (files.file("query.nii.gz"), files.file("query_truth.nii.gz"));
+    let out = |name: &str| files.root.join(name);
+
+    let task_path = out("task.irisemb");
+    expect_code(
+        &iris(&[
+            "encode".as_ref(),
+            "--model".as_ref(),
+            model_dir,
+            "--image".as_ref(),
+            reference.as_os_str(),
+            "--label".as_ref(),
+            reference_labels.as_os_str(),
+            "--classes".as_ref(),
+            "1,2".as_ref(),
+            "--names".as_ref(),
+            "ball,box".as_ref(),
+            "--out".as_ref(),
+            task_path.as_os_str(),
+            "--quiet".as_ref(),
+        ]),
+        0,
+    );
+    let model = Model::load(&files.model).unwrap();
+    let (image, _) = nifti::read_image(&reference).unwrap();
+    let (labels, _) = nifti::read_labels(&reference_labels).unwrap();
+    let classes = [TaskClass::new(1, "ball"), TaskClass::new(2, "box")];
+    let task = model
+        .encode_task(&image, &labels, &classes, &EncodeOptions::default())
+        .unwrap();
+    assert_eq!(irisemb::read_file(&task_path).unwrap(), task);
+
+    let v = json(&iris(&[
+        "inspect".as_ref(),
+        task_path.as_os_str(),
+        "--json".as_ref(),
+    ]));
+    assert_eq!(v["model"], model.fingerprint().to_string());
+    assert_eq!(v["classes"][0]["name"], "ball");
+    assert_eq!(v["classes"][1]["label"], 2);
+
+    // From the task file, with probabilities and a preview.
+    let (seg, probs, png) = (out("seg.nii.gz"), out("p.nii.gz"), out("seg.png"));
+    let summary = json(&iris(&[
+        "segment".as_ref(),
+        "--model".as_ref(),
+        model_dir,
+        "--image".as_ref(),
+        query_path.as_os_str(),
+        "--task".as_ref(),
+        task_path.as_os_str(),
+        "--out".as_ref(),
+        seg.as_os_str(),
+        "--probabilities".as_ref(),
+        probs.as_os_str(),
+        "--preview".as_ref(),
+        png.as_os_str(),
+        "--json".as_ref(),
+    ]));
+    let (query, _) = nifti::read_image(&query_path).unwrap();
+    let options = SegmentOptions {
+        probabilities: true,
+        ..SegmentOptions::default()
+    };
+    let expected = model.segment(&query, &task, &options).unwrap();
+    let (written, _) = nifti::read_labels(&seg).unwrap();
+    query
+        .geometry()
+        .ensure_same(written.geometry(), "seg.nii.gz")
+        .expect("labels on the query's grid");
+    assert_eq!(written.data(), expected.labels.data());
+    for (i, class) in summary["classes"].as_array().unwrap().iter().enumerate() {
+        let label = [1u16, 2][i];
+        let voxels = expected
+            .labels
+            .data()
+            .iter()
+            .filter(|&&l| l == label)
+            .count();
+        assert_eq!(class["voxels"], voxels, "class {label}");
+    }
+    let maps = expected.probabilities.as_ref().unwrap();
+    for (label, map) in [1, 2].iter().zip(maps) {
+        let (p, _) = nifti::read_image(out(&format!("p-{label}.nii.gz"))).unwrap();
+        assert_eq!(p.data(), map.data(), "probabilities of class {label}");
+    }
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    let ihdr = |at: usize| u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap());
+    assert_eq!(
+        (ihdr(16), ihdr(20)),
+        (
+            summary["preview"]["width"].as_u64().unwrap() as u32,
+            summary["preview"]["height"].as_u64().unwrap() as u32
+        )
+    );
+
+    // Straight from the reference: the same task, so the same labels.
+    let seg2 = out("seg2.nii.gz");
+    expect_code(
+        &iris(&[
+            "segment".as_ref(),
+            "--model".as_ref(),
+            model_dir,
+            "--image".as_ref(),
+            query_path.as_os_str(),
+            "--ref-image".as_ref(),
+            reference.as_os_str(),
+            "--ref-label".as_ref(),
+            reference_labels.as_os_str(),
+            "--classes".as_ref(),
+            "1,2".as_ref(),
+            "--out".as_ref(),
+            seg2.as_os_str(),
+            "--quiet".as_ref(),
+        ]),
+        0,
+    );
+    assert_eq!(
+        nifti::read_labels(&seg2).unwrap().0.data(),
+        expected.labels.data()
+    );
+
+    // Dice against the truth, as iris-core computes it.
+    let report = json(&iris(&[
+        "eval".as_ref(),
+        "--pred".as_ref(),
+        seg.as_os_str(),
+        "--truth".as_ref(),
+        truth_path.as_os_str(),
+        "--classes".as_ref(),
+        "1,2".as_ref(),
+        "--json".as_ref(),
+    ]));
+    let (truth, _) = nifti::read_labels(&truth_path).unwrap();
+    let dice = dice_per_class(&expected.labels, &truth, &[1, 2]).unwrap();
+    for (i, d) in dice.iter().enumerate() {
+        let got = report["classes"][i]["dice"].as_f64();
+        assert_eq!(got, *d, "class {}", i + 1);
+    }
+
+    // Another model's task: exit 4, naming the file, and no output left.
+    let refused = out("refused.nii.gz");
+    let foreign = files.file("foreign.irisemb");
+    let o = iris(&[
+        "segment".as_ref(),
+        "--model".as_ref(),
+        model_dir,
+        "--image".as_ref(),
+        query_path.as_os_str(),
+        "--task".as_ref(),
+        foreign.as_os_str(),
+        "--out".as_ref(),
+        refused.as_os_str(),
+    ]);
+    expect_code(&o, 4);
+    assert!(stderr(&o).contains("foreign.irisemb"), "{}", stderr(&o));
+    assert!(!refused.exists());
 }

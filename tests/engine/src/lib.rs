@@ -1,7 +1,11 @@
 //! Tests that need more than one iris crate (see `tests/`): the
 //! `iris-core` ONNX engine running the graphs `iris-train` exports, checked
 //! against the burn model they came from. This library holds what the tests
-//! share: the real volumes of `data/` and temporary folders.
+//! of every crate share: the real volumes of `data/`, temporary folders, and
+//! (in [`fixture`]) a tiny exported model with phantom volumes, which the
+//! C ABI's and the `iris` command's tests use too.
+
+pub mod fixture;
 
 use std::path::{Path, PathBuf};
 
@@ -65,6 +69,11 @@ impl TempDir {
     /// The folder.
     pub fn path(&self) -> &Path {
         &self.0
+    }
+
+    /// `name` inside the folder.
+    pub fn join(&self, name: impl AsRef<Path>) -> PathBuf {
+        self.0.join(name)
     }
 }
 

@@ -19,6 +19,7 @@ use iris_core::preprocess::{
     resample_labels, target_geometry,
 };
 use iris_core::volume::{Image, LabelMap};
+use iris_tests::fixture::with_tiny_model;
 use iris_tests::{TempDir, colin};
 use iris_train::model::{Iris, IrisConfig};
 
@@ -51,20 +52,10 @@ struct Exported {
 }
 
 fn export(seed: u64) -> Exported {
-    // The device's random generator is shared by the tests running in
-    // parallel: seed and draw every weight (Perturb touches them all, so
-    // none is left to lazy initialisation) under one lock, so that each
-    // seed always gives the same model.
-    static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let config = IrisConfig::tiny();
-    let model = {
-        let _guard = RNG
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let device = Device::flex();
-        device.seed(seed);
-        config.init(&device).expect("model").map(&mut Perturb)
-    };
+    // Perturb touches every weight, so none is left to draw lazily later.
+    let (model, config) = with_tiny_model(seed, |model, config| {
+        (model.map(&mut Perturb), config.clone())
+    });
     let dir = TempDir::new("model");
     iris_train::export::export(&model, &config, "iris-tiny-test", dir.path(), None)
         .expect("export");

@@ -1,46 +1,59 @@
-//! A tiny real model and small phantom volumes for the model tests and the
-//! C programs: the model is `iris-train`'s `tiny` preset with seeded random
-//! weights, exported as the model folder the engine loads (as
-//! `iris-train export --random --preset tiny` does).
+//! A tiny real model and small phantom volumes, for tests that run the
+//! engine, the C ABI or the `iris` command without a trained model: the
+//! model is `iris-train`'s `tiny` preset with seeded random weights,
+//! exported as the model folder the engine loads (what `iris-train export
+//! --random --preset tiny` writes).
 
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
 use iris_core::embedding::{ModelFingerprint, TaskEmbedding};
 use iris_core::engine::{EncodeOptions, Model, TaskClass};
 use iris_core::irisemb::{self, Payload};
 use iris_core::nifti;
 use iris_core::volume::{Affine, Image, LabelMap};
+use iris_train::model::{Iris, IrisConfig};
 
-/// A folder removed on drop.
-pub struct TempDir(pub PathBuf);
+use crate::TempDir;
 
-impl TempDir {
-    pub fn new(name: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("iris-ffi-{name}-{}", std::process::id()));
-        std::fs::remove_dir_all(&dir).ok();
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        std::fs::remove_dir_all(&self.0).ok();
-    }
+/// Runs `f` on the `tiny` preset with weights drawn from `seed`.
+///
+/// The device's random generator is shared by every test running in
+/// parallel in one binary, and burn draws some weights lazily: `f` runs
+/// under one lock with the seeded draws, so a seed always gives the same
+/// weights however the tests interleave.
+///
+/// # Panics
+/// If the preset cannot be built (a bug).
+pub fn with_tiny_model<R>(seed: u64, f: impl FnOnce(Iris, &IrisConfig) -> R) -> R {
+    static RNG: Mutex<()> = Mutex::new(());
+    let _guard = RNG.lock().unwrap_or_else(PoisonError::into_inner);
+    let config = IrisConfig::tiny();
+    let device = iris_train::device::select_device();
+    device.seed(seed);
+    f(
+        config.init(&device).expect("the tiny preset builds"),
+        &config,
+    )
 }
 
 /// Exports the tiny preset with weights drawn from `seed` into `dir`.
+///
+/// # Panics
+/// If the export fails.
 pub fn export_tiny_model(dir: &Path, seed: u64) -> ModelFingerprint {
-    let config = iris_train::model::IrisConfig::tiny();
-    let device = iris_train::device::select_device();
-    device.seed(seed);
-    let model = config.init(&device).expect("tiny preset");
-    iris_train::export::export(&model, &config, "iris-tiny-random", dir, None).expect("export")
+    with_tiny_model(seed, |model, config| {
+        iris_train::export::export(&model, config, "iris-tiny-random", dir, None)
+    })
+    .expect("export")
 }
 
 /// A phantom on a `shape` grid placed by `affine`: a textured background
 /// (fractional values), a ball of label 1 centred at voxel `ball` with
 /// radius `radius` voxels, and a box of label 2 at `[lo, hi)` per axis.
+///
+/// # Panics
+/// If `shape` and `affine` do not make a valid grid.
 pub fn phantom(
     shape: [usize; 3],
     affine: Affine,
@@ -75,14 +88,19 @@ pub fn phantom(
     )
 }
 
-/// Where the fixture files are.
+/// A tiny model and phantom volumes on disk (see [`fixture`]).
+#[derive(Debug)]
 pub struct Fixture {
+    /// Holds everything; removed on drop.
     pub root: TempDir,
+    /// The model folder.
     pub model: PathBuf,
+    /// The volumes and embeddings [`fixture`] lists.
     pub data: PathBuf,
 }
 
 impl Fixture {
+    /// `name` in the data folder.
     pub fn file(&self, name: &str) -> PathBuf {
         self.data.join(name)
     }
@@ -121,13 +139,17 @@ pub fn query(shift: f64) -> (Image, LabelMap) {
     )
 }
 
-/// Exports the model and writes ref.nii.gz, ref_labels.nii.gz, query.nii.gz,
+/// Exports the tiny model (seed 7) into `<root>/model` and writes into
+/// `<root>/data` ref.nii.gz, ref_labels.nii.gz, query.nii.gz,
 /// query_truth.nii.gz, query2.nii.gz and foreign.irisemb (the reference's
 /// task with another model's fingerprint).
+///
+/// # Panics
+/// If a file cannot be written.
 pub fn fixture(name: &str) -> Fixture {
     let root = TempDir::new(name);
-    let model = root.0.join("model");
-    let data = root.0.join("data");
+    let model = root.join("model");
+    let data = root.join("data");
     std::fs::create_dir_all(&data).expect("data dir");
     export_tiny_model(&model, 7);
 
@@ -147,6 +169,9 @@ pub fn fixture(name: &str) -> Fixture {
 
 /// Labels 1 and 2 of the reference, as segment.c encodes them (no names,
 /// default options).
+///
+/// # Panics
+/// If encoding fails.
 pub fn encode(model: &Model, image: &Image, labels: &LabelMap) -> TaskEmbedding {
     let classes = [TaskClass::new(1, ""), TaskClass::new(2, "")];
     model
@@ -155,6 +180,9 @@ pub fn encode(model: &Model, image: &Image, labels: &LabelMap) -> TaskEmbedding 
 }
 
 /// `task` as if another model had made it.
+///
+/// # Panics
+/// Never for a valid `task`.
 pub fn foreign(task: &TaskEmbedding) -> TaskEmbedding {
     TaskEmbedding::new(
         ModelFingerprint::new([0xee; 32]),
