@@ -44,7 +44,8 @@ pub mod window;
 
 #[cfg(feature = "std")]
 pub use engine::{
-    EncodeOptions, Manifest, Model, Progress, SegmentOptions, Segmentation, TaskClass,
+    EncodeOptions, Manifest, Model, PoolReference, Progress, RetrievalLevel, RetrieveOptions,
+    SegmentOptions, Segmentation, TaskClass,
 };
 pub use error::{Error, FormatError, Result};
 

@@ -37,6 +37,7 @@ use std::{format, vec};
 mod graphs;
 mod manifest;
 mod pipeline;
+mod retrieval;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -47,6 +48,7 @@ use tract_onnx::prelude::{TValue, TVec};
 
 pub use graphs::MAX_PLANS;
 pub use manifest::{FORMAT, FORMAT_VERSION, LEVELS, MAX_PATCH, Manifest};
+pub use retrieval::{ClassChoice, PoolReference, Retrieval, RetrievalLevel, RetrieveOptions};
 
 use crate::embedding::{
     ClassEmbedding, MAX_CLASSES, ModelFingerprint, Preprocessing, Provenance, TaskEmbedding,

@@ -16,8 +16,8 @@ use super::{Progress, SegmentOptions, Segmentation};
 use crate::error::{Error, Result};
 use crate::labels::{check_class_labels, keep_largest_components};
 use crate::preprocess::{
-    IntensityPolicy, LabelSelection, canonical, crop_or_pad, reference_crop, resample_image,
-    resample_labels, target_geometry,
+    IntensityPolicy, LabelSelection, Reorientation, canonical, crop_or_pad, reference_crop,
+    resample_image, resample_labels, target_geometry,
 };
 use crate::volume::{Image, LabelMap, MAX_VOXELS, checked_voxel_count};
 use crate::window::{BlendOptions, Blender, WindowPlan};
@@ -137,6 +137,52 @@ pub(crate) fn prepare_reference(
     })
 }
 
+/// A query ready for the sliding window.
+pub(crate) struct QueryInput {
+    /// The query in canonical orientation at the model's spacing,
+    /// normalised.
+    pub image: Image,
+    /// How to take results back to the query's own grid.
+    pub reorientation: Reorientation,
+    /// The windows over `image`.
+    pub plan: WindowPlan,
+}
+
+/// Prepares a query: canonical orientation, resampling to `spacing_mm`
+/// (trilinear), normalisation of the whole volume with `intensity`, and
+/// windows of `patch` overlapping by `overlap`.
+///
+/// # Errors
+/// [`Error::NonFinite`] for NaN or infinite voxels; [`Error::TooLarge`] for
+/// volumes or plans past the limits; an invalid `overlap` as
+/// [`WindowPlan::new`].
+pub(crate) fn prepare_query(
+    query: &Image,
+    spacing_mm: f64,
+    patch: [usize; 3],
+    intensity: IntensityPolicy,
+    overlap: f64,
+) -> Result<QueryInput> {
+    query.ensure_finite("query image")?;
+    if !overlap.is_finite() {
+        return Err(Error::invalid(
+            "overlap",
+            format!("{overlap} is not a fraction in [0, 1)"),
+        ));
+    }
+    let (canonical_query, reorientation) = canonical(query)?;
+    let grid = target_geometry(canonical_query.geometry(), spacing_mm)?;
+    let mut image = resample_image(&canonical_query, &grid)?;
+    drop(canonical_query);
+    intensity.normalize_in_place(&mut image)?;
+    let plan = WindowPlan::new(grid.shape(), patch, overlap as f32)?;
+    Ok(QueryInput {
+        image,
+        reorientation,
+        plan,
+    })
+}
+
 /// The logistic function, `1 / (1 + e^-x)`.
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
@@ -167,20 +213,12 @@ pub(crate) fn segment_with(
     options: &SegmentOptions,
     mut run: impl FnMut(&Array3<f32>) -> Result<Vec<f32>>,
 ) -> Result<Segmentation> {
-    query.ensure_finite("query image")?;
-    if !options.overlap.is_finite() {
-        return Err(Error::invalid(
-            "overlap",
-            format!("{} is not a fraction in [0, 1)", options.overlap),
-        ));
-    }
-    let (canonical_query, reorientation) = canonical(query)?;
-    let grid = target_geometry(canonical_query.geometry(), spacing_mm)?;
-    let mut image = resample_image(&canonical_query, &grid)?;
-    drop(canonical_query);
-    intensity.normalize_in_place(&mut image)?;
-
-    let plan = WindowPlan::new(grid.shape(), patch, options.overlap as f32)?;
+    let QueryInput {
+        image,
+        reorientation,
+        plan,
+    } = prepare_query(query, spacing_mm, patch, intensity, options.overlap)?;
+    let grid = *image.geometry();
     let blend = BlendOptions {
         threshold: options.threshold,
         ..BlendOptions::default()
