@@ -191,6 +191,24 @@ typedef enum IrisModality {
 } IrisModality;
 
 /**
+ * How `iris_retrieve` chooses references (the `level` field of
+ * `IrisRetrieveOptions`).
+ */
+typedef enum IrisRetrievalLevel {
+  /**
+   * Per class: segment the query with the initial reference, encode its
+   * predicted masks, and pick the references whose embedding of that
+   * class is most similar (the paper's object-level retrieval).
+   */
+  IRIS_RETRIEVAL_LEVEL_OBJECT = 0,
+  /**
+   * Per query: pick the references whose whole image is most similar
+   * (global image descriptors; needs references added from images).
+   */
+  IRIS_RETRIEVAL_LEVEL_IMAGE = 1,
+} IrisRetrievalLevel;
+
+/**
  * An Iris model loaded from a model folder. Opaque; made by
  * `iris_model_load` and freed with `iris_model_free`.
  *
@@ -199,6 +217,17 @@ typedef enum IrisModality {
  * not run while another call uses it.
  */
 typedef struct IrisModel IrisModel;
+
+/**
+ * A pool of encoded references for context retrieval (`iris_retrieve`).
+ * Opaque; made by `iris_pool_new`, filled with `iris_pool_add_reference`
+ * or `iris_pool_add_task`, freed with `iris_pool_free`.
+ *
+ * Thread safety: adding to a pool must not run while another call uses
+ * it; a pool that is no longer changed may be used by several
+ * `iris_retrieve` calls at once.
+ */
+typedef struct IrisPool IrisPool;
 
 /**
  * A task embedding: for each class, what the model distilled from a
@@ -336,6 +365,36 @@ typedef struct IrisSegmentOptions {
    */
   uint64_t reserved[8];
 } IrisSegmentOptions;
+
+/**
+ * Settings of `iris_retrieve`. Initialise with
+ * `iris_retrieve_options_default`, then change fields.
+ */
+typedef struct IrisRetrieveOptions {
+  /**
+   * `sizeof(IrisRetrieveOptions)` (set by the `_default` function).
+   */
+  uint32_t struct_size;
+  /**
+   * An `IrisRetrievalLevel`. Default `IRIS_RETRIEVAL_LEVEL_OBJECT`.
+   */
+  uint32_t level;
+  /**
+   * References averaged per class (object level) or images chosen
+   * (image level), at least 1; more than the pool holds takes all of
+   * it. Default 1.
+   */
+  uint32_t top_k;
+  /**
+   * Index (in the order added) of the reference that segments the query
+   * first at object level. Default 0.
+   */
+  uint32_t initial;
+  /**
+   * Must be zero (room for later fields).
+   */
+  uint64_t reserved[8];
+} IrisRetrieveOptions;
 
 #ifdef __cplusplus
 extern "C" {
@@ -709,6 +768,103 @@ enum IrisStatus iris_segment(const struct IrisModel *model,
                              uint64_t labels_out_bytes,
                              float *probabilities_out,
                              uint64_t probabilities_count);
+
+/**
+ * Fills `options` with the defaults of every field (including
+ * `struct_size`).
+ *
+ * Returns `IRIS_OK` or `IRIS_ERROR_NULL_POINTER`.
+ */
+enum IrisStatus iris_retrieve_options_default(struct IrisRetrieveOptions *options);
+
+/**
+ * Makes an empty pool. On success `*out` is a new pool that the caller
+ * owns and frees with `iris_pool_free`; on failure `*out` is NULL.
+ *
+ * Returns `IRIS_OK` or `IRIS_ERROR_NULL_POINTER`.
+ */
+enum IrisStatus iris_pool_new(struct IrisPool **out);
+
+/**
+ * Frees a pool and sets `*pool` to NULL. `pool == NULL` and
+ * `*pool == NULL` are allowed and do nothing.
+ */
+void iris_pool_free(struct IrisPool **pool);
+
+/**
+ * Encodes a reference image and its label map (as `iris_task_encode`
+ * does, same arguments) together with its global image descriptor, and
+ * adds it to `pool` under `name` (NUL-terminated UTF-8, copied). Such a
+ * reference serves both retrieval levels. Nothing is added on failure.
+ *
+ * Returns what `iris_task_encode` returns, and `IRIS_ERROR_NULL_POINTER`
+ * for a NULL `pool` or `name`.
+ */
+enum IrisStatus iris_pool_add_reference(struct IrisPool *pool,
+                                        const struct IrisModel *model,
+                                        const char *name,
+                                        const struct IrisVolumeView *image,
+                                        const struct IrisVolumeView *labels,
+                                        const uint16_t *label_values,
+                                        const char *const *names,
+                                        size_t count,
+                                        const struct IrisEncodeOptions *options);
+
+/**
+ * Adds a task made from one reference (e.g. an `.irisemb` file loaded
+ * with `iris_task_load`) to `pool` under `name` (NUL-terminated UTF-8);
+ * both are copied. Such a reference has no image descriptor: it serves
+ * object-level retrieval only.
+ *
+ * Returns `IRIS_OK`, `IRIS_ERROR_NULL_POINTER`, `IRIS_ERROR_INVALID_ARGUMENT`
+ * (a name that is not UTF-8).
+ */
+enum IrisStatus iris_pool_add_task(struct IrisPool *pool,
+                                   const char *name,
+                                   const struct IrisTask *task);
+
+/**
+ * The number of references in `pool`, into `*count`.
+ *
+ * Returns `IRIS_OK` or `IRIS_ERROR_NULL_POINTER`.
+ */
+enum IrisStatus iris_pool_size(const struct IrisPool *pool, size_t *count);
+
+/**
+ * Segments `query` with references retrieved from `pool`: for each class,
+ * the average of the `top_k` most similar references that have it (see
+ * `IrisRetrievalLevel`).
+ *
+ * `labels` / `label_count`: the classes to segment (label values), or
+ * NULL / 0 for every class of the initial reference.
+ * `retrieve_options` and `segment_options` (both nullable): NULL for the
+ * defaults; object level segments twice and reports progress for each
+ * pass. `label_dtype`, `labels_out`, `probabilities_out` and their sizes
+ * are as in `iris_segment`, for the classes in the order asked (or of the
+ * initial reference). `task_out` (nullable): on success receives a new
+ * task holding the embeddings used (per class, the average of the chosen
+ * references), owned by the caller and freed with `iris_task_free`; set
+ * to NULL on failure. Outputs are complete only when `IRIS_OK` is
+ * returned.
+ *
+ * Returns `IRIS_OK`, `IRIS_ERROR_NULL_POINTER`, `IRIS_ERROR_INVALID_ARGUMENT`
+ * (empty pool, `top_k` 0, `initial` past the pool, a class no reference
+ * has, image level with a reference added as a task), what `iris_segment`
+ * returns.
+ */
+enum IrisStatus iris_retrieve(const struct IrisModel *model,
+                              const struct IrisPool *pool,
+                              const struct IrisVolumeView *query,
+                              const uint32_t *labels,
+                              size_t label_count,
+                              const struct IrisRetrieveOptions *retrieve_options,
+                              const struct IrisSegmentOptions *segment_options,
+                              uint32_t label_dtype,
+                              void *labels_out,
+                              uint64_t labels_out_bytes,
+                              float *probabilities_out,
+                              uint64_t probabilities_count,
+                              struct IrisTask **task_out);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -8,7 +8,7 @@
 //! - every function that can fail returns an [`IrisStatus`]; the message is
 //!   kept per thread and read with [`iris_last_error`];
 //! - objects are opaque handles ([`IrisModel`], [`IrisTask`],
-//!   [`IrisVolume`]) made through `IrisX **out` (set to NULL on failure)
+//!   [`IrisPool`], [`IrisVolume`]) made through `IrisX **out` (set to NULL on failure)
 //!   and released with `iris_x_free(IrisX **)`, which accepts NULL and nulls
 //!   the pointer;
 //! - volumes in caller memory are described by an [`IrisVolumeView`];
@@ -48,12 +48,18 @@ mod task;
 
 mod model;
 
+mod pool;
+
 mod args;
 
 pub use model::{
     IrisEncodeOptions, IrisModality, IrisModel, IrisProgressFn, IrisSegmentOptions,
     iris_encode_options_default, iris_model_free, iris_model_load, iris_model_memory_bank,
     iris_segment, iris_segment_options_default, iris_task_check_model, iris_task_encode,
+};
+pub use pool::{
+    IrisPool, IrisRetrievalLevel, IrisRetrieveOptions, iris_pool_add_reference, iris_pool_add_task,
+    iris_pool_free, iris_pool_new, iris_pool_size, iris_retrieve, iris_retrieve_options_default,
 };
 pub use status::{IrisStatus, iris_last_error, iris_status_name};
 pub use task::{

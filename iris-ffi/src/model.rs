@@ -5,12 +5,12 @@ use core::ffi::{c_char, c_void};
 use std::sync::Arc;
 
 use iris_core::preprocess::IntensityPolicy;
-use iris_core::{EncodeOptions, Error, Model, Progress, SegmentOptions, TaskClass};
+use iris_core::{EncodeOptions, Error, Model, Progress, SegmentOptions, Segmentation, TaskClass};
 
 use crate::args::{self, Versioned, check_reserved};
 use crate::status::{Failure, FfiResult, IrisStatus, guard};
 use crate::task::{IrisTask, give_task};
-use crate::view::{IrisDataType, IrisVolumeView, check_view};
+use crate::view::{CheckedView, IrisDataType, IrisVolumeView, check_view};
 
 /// An Iris model loaded from a model folder. Opaque; made by
 /// `iris_model_load` and freed with `iris_model_free`.
@@ -19,7 +19,7 @@ use crate::view::{IrisDataType, IrisVolumeView, check_view};
 /// and segment concurrently with one model); only `iris_model_free` must
 /// not run while another call uses it.
 pub struct IrisModel {
-    model: Model,
+    pub(crate) model: Model,
 }
 
 /// How to normalise intensities (the `modality` field of the options).
@@ -308,35 +308,10 @@ pub unsafe extern "C" fn iris_task_encode(
         let image = unsafe { check_view(image, "image") }?.to_image()?;
         // SAFETY: as above.
         let labels = unsafe { check_view(labels, "labels") }?.to_labels("labels")?;
-        if count == 0 {
-            return Err(Failure::invalid(
-                "`count` is 0: name at least one label to encode",
-            ));
-        }
-        // SAFETY: `label_values` holds `count` values per this function's contract.
-        let values = unsafe { args::slice(label_values, count, "label_values") }?;
-        // SAFETY: a non-NULL `names` holds `count` pointers per this function's contract.
-        let names =
-            unsafe { args::slice(names, if names.is_null() { 0 } else { count }, "names") }?;
-        let classes = values
-            .iter()
-            .enumerate()
-            .map(|(i, &label)| {
-                let name = match names.get(i) {
-                    // SAFETY: a non-NULL entry is a NUL-terminated string (this function's contract).
-                    Some(&p) if !p.is_null() => unsafe { args::text(p, &format!("names[{i}]")) }?,
-                    _ => "",
-                };
-                Ok(TaskClass::new(label, name))
-            })
-            .collect::<FfiResult<Vec<_>>>()?;
-        let mut settings = EncodeOptions::default();
-        if !options.is_null() {
-            // SAFETY: a non-NULL `options` is a valid struct per this function's contract.
-            let o = unsafe { args::versioned(options, "options") }?;
-            check_reserved(&o.reserved, "options")?;
-            settings.intensity = intensity(o.modality, "options")?;
-        }
+        // SAFETY: `label_values` and `names` are as this function's contract says.
+        let classes = unsafe { task_classes(label_values, names, count) }?;
+        // SAFETY: a non-NULL `options` is a valid struct per this function's contract.
+        let settings = unsafe { encode_settings(options) }?;
         give_task(
             slot,
             model
@@ -345,6 +320,58 @@ pub unsafe extern "C" fn iris_task_encode(
         );
         Ok(())
     })
+}
+
+/// The classes to encode: `count` (>= 1) label values with their names
+/// (`names` NULL, or `count` strings of which any may be NULL for "").
+///
+/// # Safety
+/// `label_values` must hold `count` values and a non-NULL `names` `count`
+/// pointers, each NULL or a NUL-terminated string.
+pub(crate) unsafe fn task_classes(
+    label_values: *const u16,
+    names: *const *const c_char,
+    count: usize,
+) -> FfiResult<Vec<TaskClass>> {
+    if count == 0 {
+        return Err(Failure::invalid(
+            "`count` is 0: name at least one label to encode",
+        ));
+    }
+    // SAFETY: `label_values` holds `count` values (the caller's guarantee).
+    let values = unsafe { args::slice(label_values, count, "label_values") }?;
+    // SAFETY: a non-NULL `names` holds `count` pointers (the caller's guarantee).
+    let names = unsafe { args::slice(names, if names.is_null() { 0 } else { count }, "names") }?;
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, &label)| {
+            let name = match names.get(i) {
+                // SAFETY: a non-NULL entry is a NUL-terminated string (the caller's guarantee).
+                Some(&p) if !p.is_null() => unsafe { args::text(p, &format!("names[{i}]")) }?,
+                _ => "",
+            };
+            Ok(TaskClass::new(label, name))
+        })
+        .collect()
+}
+
+/// The engine's settings from a caller's `IrisEncodeOptions` (NULL: the
+/// defaults).
+///
+/// # Safety
+/// A non-NULL `options` must point to a valid `IrisEncodeOptions`.
+pub(crate) unsafe fn encode_settings(
+    options: *const IrisEncodeOptions,
+) -> FfiResult<EncodeOptions> {
+    let mut settings = EncodeOptions::default();
+    if !options.is_null() {
+        // SAFETY: a non-NULL `options` is a valid struct (the caller's guarantee).
+        let o = unsafe { args::versioned(options, "options") }?;
+        check_reserved(&o.reserved, "options")?;
+        settings.intensity = intensity(o.modality, "options")?;
+    }
+    Ok(settings)
 }
 
 /// Segments a query volume with every class of `task`, on the query's own
@@ -388,9 +415,60 @@ pub unsafe extern "C" fn iris_segment(
         let task = unsafe { args::borrow(task, "task") }?;
         // SAFETY: as above.
         let query = unsafe { check_view(query, "query") }?;
-        let voxels = query.geometry.len() as u64;
-        let classes = task.embedding.classes();
+        let labels = task
+            .embedding
+            .classes()
+            .iter()
+            .map(|c| (c.label(), c.name()));
+        // SAFETY: the output pointers and sizes are as this function's contract says.
+        let outputs = unsafe {
+            SegmentOutputs::check(
+                &query,
+                labels,
+                label_dtype,
+                labels_out,
+                labels_out_bytes,
+                probabilities_out,
+                probabilities_count,
+            )
+        }?;
+        // SAFETY: a non-NULL `options` is a valid struct per this function's contract.
+        let settings = unsafe { segment_settings(options, outputs.wants_probabilities()) }?;
+        let result = model
+            .model
+            .segment(&query.to_image()?, &task.embedding, &settings)?;
+        outputs.write(&query, &result)
+    })
+}
 
+/// The caller's output buffers of a segmentation, checked against the query
+/// and the classes before the model runs.
+pub(crate) struct SegmentOutputs<'a> {
+    dtype: IrisDataType,
+    classes: usize,
+    labels: &'a mut [u8],
+    probabilities: Option<&'a mut [u8]>,
+}
+
+impl<'a> SegmentOutputs<'a> {
+    /// Checks `label_dtype` (U8 or U16, fitting every class label) and the
+    /// buffer sizes for `query` and `classes` (label, name).
+    ///
+    /// # Safety
+    /// `labels_out` must hold `labels_out_bytes` writable bytes and a
+    /// non-NULL `probabilities_out` `probabilities_count` writable floats,
+    /// used by nothing else during `'a`.
+    pub(crate) unsafe fn check<'n>(
+        query: &CheckedView<'_>,
+        classes: impl ExactSizeIterator<Item = (u32, &'n str)>,
+        label_dtype: u32,
+        labels_out: *mut c_void,
+        labels_out_bytes: u64,
+        probabilities_out: *mut f32,
+        probabilities_count: u64,
+    ) -> FfiResult<SegmentOutputs<'a>> {
+        let voxels = query.geometry.len() as u64;
+        let count = classes.len();
         let dtype = IrisDataType::from_code(label_dtype, "label_dtype")?;
         let limit = match dtype {
             IrisDataType::U8 => u32::from(u8::MAX),
@@ -401,13 +479,13 @@ pub unsafe extern "C" fn iris_segment(
                 )));
             }
         };
-        if let Some(c) = classes.iter().find(|c| c.label() > limit) {
-            return Err(Failure::invalid(format!(
-                "class {:?} has label {}, which does not fit `label_dtype` {dtype:?}: use \
-                 IRIS_DATA_TYPE_U16",
-                c.name(),
-                c.label()
-            )));
+        for (label, name) in classes {
+            if label > limit {
+                return Err(Failure::invalid(format!(
+                    "class {name:?} has label {label}, which does not fit `label_dtype` {dtype:?}: \
+                     use IRIS_DATA_TYPE_U16"
+                )));
+            }
         }
         let label_bytes = voxels * dtype.size() as u64;
         if labels_out.is_null() {
@@ -421,100 +499,129 @@ pub unsafe extern "C" fn iris_segment(
                 "bytes",
             ));
         }
-        let want_probabilities = !probabilities_out.is_null();
-        let probability_count = voxels.checked_mul(classes.len() as u64).ok_or_else(|| {
+        let probability_count = voxels.checked_mul(count as u64).ok_or_else(|| {
             Failure::new(IrisStatus::IrisErrorTooLarge, "probabilities are too large")
         })?;
-        if want_probabilities && probabilities_count < probability_count {
-            return Err(Failure::too_small(
-                "probabilities_out",
-                probability_count,
-                probabilities_count,
-                "floats (classes x voxels)",
-            ));
-        }
-        if !want_probabilities && probabilities_count != 0 {
-            return Err(Failure::new(
-                IrisStatus::IrisErrorNullPointer,
-                format!(
-                    "`probabilities_out` is NULL but `probabilities_count` is \
-                     {probabilities_count}: pass 0 when no probabilities are wanted"
-                ),
-            ));
-        }
-
-        let mut settings = SegmentOptions {
-            probabilities: want_probabilities,
-            ..SegmentOptions::default()
-        };
-        if !options.is_null() {
-            // SAFETY: a non-NULL `options` is a valid struct per this function's contract.
-            let o = unsafe { args::versioned(options, "options") }?;
-            check_reserved(&o.reserved, "options")?;
-            settings.intensity = intensity(o.modality, "options")?;
-            settings.threshold = o.threshold;
-            settings.overlap = o.overlap;
-            settings.largest_component = o.largest_component != 0;
-            if let Some(callback) = o.progress {
-                let caller = CallerProgress {
-                    callback,
-                    user: o.progress_user,
-                };
-                settings.progress = Some(Arc::new(move |p: Progress| caller.call(p)));
-            }
-        }
-
-        let image = query.to_image()?;
-        let result = model.model.segment(&image, &task.embedding, &settings)?;
-        let n = args::length(voxels, "query voxels")?;
-        if result.labels.shape() != query.geometry.shape() {
-            return Err(Failure::new(
-                IrisStatus::IrisErrorShape,
-                format!(
-                    "the engine returned labels of shape {:?} for a query of {:?}",
-                    result.labels.shape(),
-                    query.geometry.shape()
-                ),
-            ));
-        }
-        // SAFETY: `labels_out` holds `labels_out_bytes` >= n * size writable bytes.
-        let out = unsafe { args::bytes_mut(labels_out.cast(), n * dtype.size(), "labels_out") }?;
-        let labels = result.labels.data().iter();
-        match dtype {
-            IrisDataType::U8 => out.iter_mut().zip(labels).for_each(|(o, &l)| *o = l as u8),
-            _ => out
-                .chunks_exact_mut(2)
-                .zip(labels)
-                .for_each(|(o, &l)| o.copy_from_slice(&l.to_ne_bytes())),
-        }
-        if want_probabilities {
-            let maps = result.probabilities.unwrap_or_default();
-            if maps.len() != classes.len()
-                || maps.iter().any(|m| m.shape() != query.geometry.shape())
-            {
+        let probabilities = if probabilities_out.is_null() {
+            if probabilities_count != 0 {
                 return Err(Failure::new(
-                    IrisStatus::IrisErrorShape,
+                    IrisStatus::IrisErrorNullPointer,
                     format!(
-                        "the engine returned {} probability maps for {} classes",
-                        maps.len(),
-                        classes.len()
+                        "`probabilities_out` is NULL but `probabilities_count` is \
+                         {probabilities_count}: pass 0 when no probabilities are wanted"
                     ),
                 ));
             }
+            None
+        } else {
+            if probabilities_count < probability_count {
+                return Err(Failure::too_small(
+                    "probabilities_out",
+                    probability_count,
+                    probabilities_count,
+                    "floats (classes x voxels)",
+                ));
+            }
             let floats = args::length(probability_count, "probabilities")?;
-            // SAFETY: `probabilities_out` holds `probabilities_count` >= floats writable floats.
-            let out = unsafe {
+            // SAFETY: `probabilities_out` holds at least `floats` writable floats (checked above).
+            Some(unsafe {
                 args::bytes_mut(
                     probabilities_out.cast(),
                     floats * size_of::<f32>(),
                     "probabilities_out",
                 )
-            }?;
+            }?)
+        };
+        let n = args::length(voxels, "query voxels")?;
+        // SAFETY: `labels_out` holds `labels_out_bytes` >= n * size writable bytes.
+        let labels = unsafe { args::bytes_mut(labels_out.cast(), n * dtype.size(), "labels_out") }?;
+        Ok(SegmentOutputs {
+            dtype,
+            classes: count,
+            labels,
+            probabilities,
+        })
+    }
+
+    /// Whether the caller asked for probabilities.
+    pub(crate) fn wants_probabilities(&self) -> bool {
+        self.probabilities.is_some()
+    }
+
+    /// Copies `result` into the buffers, after checking its shapes.
+    pub(crate) fn write(self, query: &CheckedView<'_>, result: &Segmentation) -> FfiResult {
+        let shape = query.geometry.shape();
+        if result.labels.shape() != shape {
+            return Err(Failure::new(
+                IrisStatus::IrisErrorShape,
+                format!(
+                    "the engine returned labels of shape {:?} for a query of {shape:?}",
+                    result.labels.shape()
+                ),
+            ));
+        }
+        let labels = result.labels.data().iter();
+        match self.dtype {
+            IrisDataType::U8 => self
+                .labels
+                .iter_mut()
+                .zip(labels)
+                .for_each(|(o, &l)| *o = l as u8),
+            _ => self
+                .labels
+                .chunks_exact_mut(2)
+                .zip(labels)
+                .for_each(|(o, &l)| o.copy_from_slice(&l.to_ne_bytes())),
+        }
+        if let Some(out) = self.probabilities {
+            let maps = result.probabilities.as_deref().unwrap_or_default();
+            if maps.len() != self.classes || maps.iter().any(|m| m.shape() != shape) {
+                return Err(Failure::new(
+                    IrisStatus::IrisErrorShape,
+                    format!(
+                        "the engine returned {} probability maps for {} classes",
+                        maps.len(),
+                        self.classes
+                    ),
+                ));
+            }
             let values = maps.iter().flat_map(|m| m.data().iter());
             out.chunks_exact_mut(4)
                 .zip(values)
                 .for_each(|(o, p)| o.copy_from_slice(&p.to_ne_bytes()));
         }
         Ok(())
-    })
+    }
+}
+
+/// The engine's settings from a caller's `IrisSegmentOptions` (NULL: the
+/// defaults), with probabilities as asked.
+///
+/// # Safety
+/// A non-NULL `options` must point to a valid `IrisSegmentOptions`.
+pub(crate) unsafe fn segment_settings(
+    options: *const IrisSegmentOptions,
+    probabilities: bool,
+) -> FfiResult<SegmentOptions> {
+    let mut settings = SegmentOptions {
+        probabilities,
+        ..SegmentOptions::default()
+    };
+    if !options.is_null() {
+        // SAFETY: a non-NULL `options` is a valid struct (the caller's guarantee).
+        let o = unsafe { args::versioned(options, "options") }?;
+        check_reserved(&o.reserved, "options")?;
+        settings.intensity = intensity(o.modality, "options")?;
+        settings.threshold = o.threshold;
+        settings.overlap = o.overlap;
+        settings.largest_component = o.largest_component != 0;
+        if let Some(callback) = o.progress {
+            let caller = CallerProgress {
+                callback,
+                user: o.progress_user,
+            };
+            settings.progress = Some(Arc::new(move |p: Progress| caller.call(p)));
+        }
+    }
+    Ok(settings)
 }

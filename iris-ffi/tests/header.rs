@@ -13,7 +13,8 @@ use std::process::Command;
 
 use iris::{
     IRIS_ABI_VERSION, IRIS_VERSION_MAJOR, IRIS_VERSION_MINOR, IRIS_VERSION_PATCH, IrisDataType,
-    IrisEncodeOptions, IrisModality, IrisSegmentOptions, IrisStatus, IrisVolumeView,
+    IrisEncodeOptions, IrisModality, IrisRetrievalLevel, IrisRetrieveOptions, IrisSegmentOptions,
+    IrisStatus, IrisVolumeView,
 };
 
 fn root() -> PathBuf {
@@ -163,6 +164,9 @@ int main(void) {
     FIELD(IrisSegmentOptions, largest_component) FIELD(IrisSegmentOptions, overlap)
     FIELD(IrisSegmentOptions, progress) FIELD(IrisSegmentOptions, progress_user)
     FIELD(IrisSegmentOptions, reserved)
+    SIZE(IrisRetrieveOptions) FIELD(IrisRetrieveOptions, level) FIELD(IrisRetrieveOptions, top_k)
+    FIELD(IrisRetrieveOptions, initial) FIELD(IrisRetrieveOptions, reserved)
+    VALUE(IRIS_RETRIEVAL_LEVEL_OBJECT) VALUE(IRIS_RETRIEVAL_LEVEL_IMAGE)
     SIZE(IrisStatus)
     VALUE(IRIS_OK) VALUE(IRIS_ERROR_NULL_POINTER) VALUE(IRIS_ERROR_BUFFER_TOO_SMALL)
     VALUE(IRIS_ERROR_MODEL_MISMATCH) VALUE(IRIS_ERROR_PANIC) VALUE(IRIS_ERROR_VERSION)
@@ -255,6 +259,34 @@ int main(void) {
         (
             "IrisSegmentOptions.reserved",
             offset_of!(IrisSegmentOptions, reserved) as u64,
+        ),
+        (
+            "IrisRetrieveOptions",
+            size_of::<IrisRetrieveOptions>() as u64,
+        ),
+        (
+            "IrisRetrieveOptions.level",
+            offset_of!(IrisRetrieveOptions, level) as u64,
+        ),
+        (
+            "IrisRetrieveOptions.top_k",
+            offset_of!(IrisRetrieveOptions, top_k) as u64,
+        ),
+        (
+            "IrisRetrieveOptions.initial",
+            offset_of!(IrisRetrieveOptions, initial) as u64,
+        ),
+        (
+            "IrisRetrieveOptions.reserved",
+            offset_of!(IrisRetrieveOptions, reserved) as u64,
+        ),
+        (
+            "IRIS_RETRIEVAL_LEVEL_OBJECT",
+            IrisRetrievalLevel::Object as u64,
+        ),
+        (
+            "IRIS_RETRIEVAL_LEVEL_IMAGE",
+            IrisRetrievalLevel::Image as u64,
         ),
         ("IrisStatus", size_of::<IrisStatus>() as u64),
         ("IRIS_OK", IrisStatus::IrisOk as u64),

@@ -20,7 +20,9 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use iris::*;
-use iris_core::engine::{Model, SegmentOptions};
+use iris_core::engine::{
+    EncodeOptions, Model, PoolReference, RetrievalLevel, RetrieveOptions, SegmentOptions, TaskClass,
+};
 use iris_core::irisemb::{self, Payload};
 use iris_core::nifti;
 use iris_core::volume::{Image, LabelMap, Volume};
@@ -623,4 +625,263 @@ fn c_and_cpp_programs_build_run_and_match_the_rust_api() {
         written.data().iter().all(|&l| l <= 2),
         "labels 0, 1, 2 only"
     );
+}
+
+/// Adds the reference `(image, labels)` to `pool` through the C ABI under
+/// `name`, encoding labels 1 and 2.
+fn add_reference(
+    pool: *mut IrisPool,
+    model: *const IrisModel,
+    name: &CStr,
+    image: &Image,
+    labels: &LabelMap,
+) {
+    let (mut a, mut b) = ([0.0; 16], [0.0; 16]);
+    let image = view(image, IrisDataType::F32, &mut a);
+    let labels = view(labels, IrisDataType::U16, &mut b);
+    let values = [1u16, 2];
+    // SAFETY: live handles and views, two labels, no names.
+    let status = unsafe {
+        iris_pool_add_reference(
+            pool,
+            model,
+            name.as_ptr(),
+            &image,
+            &labels,
+            values.as_ptr(),
+            null(),
+            2,
+            null(),
+        )
+    };
+    expect(status, IrisStatus::IrisOk, &[]);
+}
+
+#[test]
+fn retrieve_matches_the_rust_api_at_both_levels() {
+    let dir = TempDir::new("model-retrieve");
+    fixture::export_tiny_model(dir.path(), 12);
+    let model = load(dir.path());
+    let rust = Model::load(dir.path()).expect("loads");
+    let (ref_image, ref_labels) = fixture::reference();
+    let (other_image, other_labels) = fixture::query(3.0);
+    let (query, _) = fixture::query(0.0);
+
+    let mut pool = null_mut();
+    // SAFETY: a valid out-pointer.
+    expect(unsafe { iris_pool_new(&mut pool) }, IrisStatus::IrisOk, &[]);
+    add_reference(pool, model, c"atlas", &ref_image, &ref_labels);
+    add_reference(pool, model, c"other", &other_image, &other_labels);
+    let mut size = 0;
+    // SAFETY: live pool, valid out-pointer.
+    unsafe { iris_pool_size(pool, &mut size) };
+    assert_eq!(size, 2);
+    let classes = [TaskClass::new(1, ""), TaskClass::new(2, "")];
+    let expected_pool: Vec<PoolReference> = [
+        ("atlas", &ref_image, &ref_labels),
+        ("other", &other_image, &other_labels),
+    ]
+    .into_iter()
+    .map(|(name, image, labels)| {
+        rust.encode_pool_reference(name, image, labels, &classes, &EncodeOptions::default())
+            .expect("encodes")
+    })
+    .collect();
+
+    let mut a = [0.0; 16];
+    let query_view = view(&query, IrisDataType::F32, &mut a);
+    let n = query.geometry().len();
+    for (level, c_level) in [
+        (RetrievalLevel::Object, IrisRetrievalLevel::Object),
+        (RetrievalLevel::Image, IrisRetrievalLevel::Image),
+    ] {
+        let mut options = core::mem::MaybeUninit::<IrisRetrieveOptions>::uninit();
+        // SAFETY: fills the struct.
+        unsafe { iris_retrieve_options_default(options.as_mut_ptr()) };
+        // SAFETY: initialised above.
+        let mut options = unsafe { options.assume_init() };
+        options.level = c_level as u32;
+        options.top_k = 1;
+        let mut labels = vec![0u8; n];
+        let mut probabilities = vec![0f32; 2 * n];
+        let mut task = null_mut();
+        // SAFETY: live handles and buffers of the sizes given.
+        let status = unsafe {
+            iris_retrieve(
+                model,
+                pool,
+                &query_view,
+                null(),
+                0,
+                &options,
+                null(),
+                IrisDataType::U8 as u32,
+                labels.as_mut_ptr().cast(),
+                n as u64,
+                probabilities.as_mut_ptr(),
+                2 * n as u64,
+                &mut task,
+            )
+        };
+        expect(status, IrisStatus::IrisOk, &[]);
+
+        let settings = RetrieveOptions {
+            level,
+            top_k: 1,
+            segment: SegmentOptions {
+                probabilities: true,
+                ..SegmentOptions::default()
+            },
+            ..RetrieveOptions::default()
+        };
+        let expected = rust
+            .retrieve(&query, &expected_pool, &[], &settings)
+            .expect("retrieves");
+        let want: Vec<u8> = expected
+            .segmentation
+            .labels
+            .data()
+            .iter()
+            .map(|&l| l as u8)
+            .collect();
+        assert_eq!(labels, want, "{level:?}");
+        let maps = expected.segmentation.probabilities.expect("asked for");
+        let want: Vec<f32> = maps.iter().flat_map(|m| m.data().iter().copied()).collect();
+        assert_eq!(probabilities, want, "{level:?}");
+        let mut bytes = vec![0u8; 1 << 20];
+        let mut written = 0;
+        // SAFETY: a live task and buffer.
+        unsafe { iris_task_save_buffer(task, bytes.as_mut_ptr(), bytes.len(), &mut written) };
+        assert_eq!(
+            irisemb::read(&bytes[..written]).expect("valid"),
+            expected.task
+        );
+        // SAFETY: a live task, freed once.
+        unsafe { iris_task_free(&mut task) };
+    }
+
+    // Errors: each answered with its code and a message naming the cause.
+    let mut labels = vec![0u8; n];
+    let run = |pool: *const IrisPool,
+               options: *const IrisRetrieveOptions,
+               bytes: u64,
+               labels: &mut [u8]| {
+        let mut task = null_mut();
+        // SAFETY: live handles; sizes are checked before anything is written.
+        let status = unsafe {
+            iris_retrieve(
+                model,
+                pool,
+                &query_view,
+                null(),
+                0,
+                options,
+                null(),
+                1,
+                labels.as_mut_ptr().cast(),
+                bytes,
+                null_mut(),
+                0,
+                &mut task,
+            )
+        };
+        if status == IrisStatus::IrisOk {
+            // SAFETY: the task this call made, freed once.
+            unsafe { iris_task_free(&mut task) };
+        }
+        assert!(task.is_null(), "no task left on failure");
+        status
+    };
+    expect(
+        run(null(), null(), n as u64, &mut labels),
+        IrisStatus::IrisErrorNullPointer,
+        &["`pool` is NULL"],
+    );
+    expect(
+        run(pool, null(), n as u64 - 1, &mut labels),
+        IrisStatus::IrisErrorBufferTooSmall,
+        &["labels_out"],
+    );
+    let mut options = core::mem::MaybeUninit::<IrisRetrieveOptions>::uninit();
+    // SAFETY: fills the struct.
+    unsafe { iris_retrieve_options_default(options.as_mut_ptr()) };
+    // SAFETY: initialised above.
+    let defaults = unsafe { options.assume_init() };
+    for (options, words) in [
+        (
+            IrisRetrieveOptions {
+                top_k: 0,
+                ..defaults
+            },
+            "top_k` is 0",
+        ),
+        (
+            IrisRetrieveOptions {
+                initial: 2,
+                ..defaults
+            },
+            "pool holds 2",
+        ),
+        (
+            IrisRetrieveOptions {
+                level: 7,
+                ..defaults
+            },
+            "level` is 7",
+        ),
+        (
+            IrisRetrieveOptions {
+                struct_size: 8,
+                ..defaults
+            },
+            "struct_size` is 8",
+        ),
+    ] {
+        expect(
+            run(pool, &options, n as u64, &mut labels),
+            IrisStatus::IrisErrorInvalidArgument,
+            &[words],
+        );
+    }
+    let mut empty = null_mut();
+    // SAFETY: a valid out-pointer.
+    unsafe { iris_pool_new(&mut empty) };
+    expect(
+        run(empty, null(), n as u64, &mut labels),
+        IrisStatus::IrisErrorInvalidArgument,
+        &["pool holds 0"],
+    );
+    // A task alone has no image descriptor: object level only.
+    let mut task = encode(model, &inputs(), &[]);
+    // SAFETY: live handles.
+    expect(
+        unsafe { iris_pool_add_task(empty, c"file".as_ptr(), task) },
+        IrisStatus::IrisOk,
+        &[],
+    );
+    let by_image = IrisRetrieveOptions {
+        level: IrisRetrievalLevel::Image as u32,
+        ..defaults
+    };
+    expect(
+        run(empty, &by_image, n as u64, &mut labels),
+        IrisStatus::IrisErrorInvalidArgument,
+        &["\"file\"", "descriptor"],
+    );
+    expect(
+        run(empty, null(), n as u64, &mut labels),
+        IrisStatus::IrisOk,
+        &[],
+    );
+
+    let mut model = model;
+    // SAFETY: live handles, each freed once; freeing NULL is allowed.
+    unsafe {
+        iris_task_free(&mut task);
+        iris_pool_free(&mut empty);
+        iris_pool_free(&mut pool);
+        iris_pool_free(&mut pool);
+        iris_model_free(&mut model);
+    }
+    assert!(pool.is_null() && empty.is_null());
 }

@@ -240,6 +240,60 @@ static void segmenting(IrisModel *model, IrisTask *task, const IrisVolumeView *q
     free(path);
 }
 
+static void pools(IrisModel *model, IrisTask *task, const IrisVolumeView *query) {
+    uint64_t voxels = query->dims[0] * query->dims[1] * query->dims[2];
+    uint8_t *labels = malloc(voxels);
+    IrisPool *pool = NULL;
+    IrisTask *used = NULL;
+    IrisRetrieveOptions options;
+    size_t size = 7;
+
+    if (labels == NULL) {
+        check("malloc", 0);
+        return;
+    }
+    expect("iris_pool_new(NULL)", iris_pool_new(NULL), IRIS_ERROR_NULL_POINTER, "out");
+    expect("iris_pool_new", iris_pool_new(&pool), IRIS_OK, NULL);
+    expect("retrieve from an empty pool",
+           iris_retrieve(model, pool, query, NULL, 0, NULL, NULL, IRIS_DATA_TYPE_U8, labels,
+                         voxels, NULL, 0, &used),
+           IRIS_ERROR_INVALID_ARGUMENT, "pool holds 0");
+    check("a failed retrieve sets *task_out = NULL", used == NULL);
+    expect("add to a NULL pool", iris_pool_add_task(NULL, "a", task), IRIS_ERROR_NULL_POINTER,
+           "pool");
+    expect("add with a NULL name", iris_pool_add_task(pool, NULL, task), IRIS_ERROR_NULL_POINTER,
+           "name");
+    expect("iris_pool_add_task", iris_pool_add_task(pool, "reference", task), IRIS_OK, NULL);
+    expect("iris_pool_size", iris_pool_size(pool, &size), IRIS_OK, NULL);
+    check("the pool holds one reference", size == 1);
+    iris_retrieve_options_default(&options);
+    options.level = IRIS_RETRIEVAL_LEVEL_IMAGE;
+    expect("image level on a task without a descriptor",
+           iris_retrieve(model, pool, query, NULL, 0, &options, NULL, IRIS_DATA_TYPE_U8, labels,
+                         voxels, NULL, 0, NULL),
+           IRIS_ERROR_INVALID_ARGUMENT, "descriptor");
+    iris_retrieve_options_default(&options);
+    options.top_k = 0;
+    expect("top_k 0",
+           iris_retrieve(model, pool, query, NULL, 0, &options, NULL, IRIS_DATA_TYPE_U8, labels,
+                         voxels, NULL, 0, NULL),
+           IRIS_ERROR_INVALID_ARGUMENT, "top_k");
+    expect("short labels_out",
+           iris_retrieve(model, pool, query, NULL, 0, NULL, NULL, IRIS_DATA_TYPE_U8, labels,
+                         voxels - 1, NULL, 0, NULL),
+           IRIS_ERROR_BUFFER_TOO_SMALL, "labels_out");
+    expect("object-level retrieve",
+           iris_retrieve(model, pool, query, NULL, 0, NULL, NULL, IRIS_DATA_TYPE_U8, labels,
+                         voxels, NULL, 0, &used),
+           IRIS_OK, NULL);
+    check("the retrieved task is returned", used != NULL);
+    iris_task_free(&used);
+    iris_pool_free(&pool);
+    iris_pool_free(&pool);
+    check("iris_pool_free nulls the pointer", pool == NULL);
+    free(labels);
+}
+
 static void threads(void) {
     pthread_t a, b;
     void *ra = NULL, *rb = NULL;
@@ -297,6 +351,7 @@ int main(int argc, char **argv) {
         if (task != NULL) {
             embeddings(model, task, argv[2]);
             segmenting(model, task, &query_view, argv[2]);
+            pools(model, task, &query_view);
         }
     }
     iris_task_free(&task);
