@@ -15,6 +15,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use burn::prelude::*;
 use iris_core::embedding::{
     ClassEmbedding, ModelFingerprint, Preprocessing, Provenance, StageShape, TaskEmbedding,
 };
@@ -312,4 +313,31 @@ pub fn class_stages(embedding: &model::TaskEmbedding) -> Vec<Vec<Vec<f32>>> {
         }
     }
     out
+}
+
+/// The inverse of [`class_stages`]: an `iris-core` task embedding as the
+/// model's tensors on `device`, batch 1, classes in the embedding's order:
+/// per level (deepest first) `[1, K, T + 1, C_level]`, from each class's
+/// token-major `(T + 1) * C_level` values.
+pub fn stage_tensors(embedding: &TaskEmbedding, device: &Device) -> model::TaskEmbedding {
+    let classes = embedding.classes();
+    let stages = embedding
+        .stage_shapes()
+        .iter()
+        .enumerate()
+        .map(|(level, shape)| {
+            let values: Vec<f32> = classes
+                .iter()
+                .flat_map(|class| class.stages()[level].iter().copied())
+                .collect();
+            let dims = [
+                1,
+                classes.len(),
+                shape.tokens as usize,
+                shape.channels as usize,
+            ];
+            Tensor::from_data(TensorData::new(values, dims), device)
+        })
+        .collect();
+    model::TaskEmbedding { stages }
 }

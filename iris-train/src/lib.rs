@@ -13,6 +13,12 @@
 //! | [`training`] | the episodic training step and loop ([`Trainer`](training::Trainer)), the model fingerprint |
 //! | [`bank`] | the EMA memory bank of task embeddings, written as `.irisemb` |
 //! | [`checkpoint`] | atomic checkpoints that resume exactly |
+//! | [`tune`] | in-context tuning: the task embedding alone optimised on labelled cases, model frozen |
+//!
+//! In-context tuning ([`tune`], `iris-train tune`) optimises only a task
+//! embedding, by Adam on the segmentation loss over a few labelled cases
+//! with the model frozen, and saves it as a `.irisemb` (provenance
+//! `Tuned`) that the engine uses like any other task embedding.
 //!
 //! All volumes are `[B, C, D, H, W]` tensors (W fastest), the same axis
 //! order as `iris-core`.
@@ -43,5 +49,6 @@ pub mod export;
 pub mod loss;
 pub mod model;
 pub mod training;
+pub mod tune;
 
 pub use error::Error;

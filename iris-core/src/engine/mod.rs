@@ -48,6 +48,7 @@ use tract_onnx::prelude::{TValue, TVec};
 
 pub use graphs::MAX_PLANS;
 pub use manifest::{FORMAT, FORMAT_VERSION, LEVELS, MAX_PATCH, Manifest};
+pub use pipeline::{ReferenceInput, prepare_reference};
 pub use retrieval::{ClassChoice, PoolReference, Retrieval, RetrievalLevel, RetrieveOptions};
 
 use crate::embedding::{

@@ -22,9 +22,10 @@ use crate::preprocess::{
 use crate::volume::{Image, LabelMap, MAX_VOXELS, checked_voxel_count};
 use crate::window::{BlendOptions, Blender, WindowPlan};
 
-/// A reference ready for the encoder and the task encoder.
+/// A reference ready for the encoder and the task encoder (made by
+/// [`prepare_reference`]).
 #[derive(Clone, Debug)]
-pub(crate) struct ReferenceInput {
+pub struct ReferenceInput {
     /// The patch-sized crop at the model's spacing, normalised (z-scored
     /// over the crop, padding included), `[D, H, W]` = the patch.
     pub image: Image,
@@ -40,13 +41,18 @@ pub(crate) struct ReferenceInput {
 /// normalisation of the crop with `intensity` (detected on the raw
 /// reference when `None`), and one mask per class.
 ///
+/// This is what [`Model::encode_task`](super::Model::encode_task) feeds
+/// the graphs; it is public so that other runtimes of the same model
+/// (`iris-train`'s in-context tuning) see references exactly as the engine
+/// does.
+///
 /// # Errors
 /// [`Error::InvalidArgument`] for invalid class labels (none, 0, repeated),
 /// a label that vanishes at the model's spacing, or one that lies outside
 /// the crop; [`Error::EmptyMask`] for a label absent from `labels`;
 /// [`Error::NonFinite`] for NaN or infinite voxels; grid mismatches between
 /// image and labels as [`Volume::ensure_same_grid`](crate::volume::Volume::ensure_same_grid).
-pub(crate) fn prepare_reference(
+pub fn prepare_reference(
     reference: &Image,
     labels: &LabelMap,
     class_labels: &[u16],

@@ -7,13 +7,17 @@
 //!     [--checkpoint-every N] [--batch-size B] [--quiet]
 //! iris-train export --checkpoint runs/small --out models/iris-small [--name NAME] [--quiet]
 //! iris-train export --random --preset tiny [--seed S] --out models/iris-tiny-random
+//! iris-train tune --checkpoint runs/small --task init.irisemb --images a.nii.gz,b.nii.gz
+//!     --labels a_labels.nii.gz,b_labels.nii.gz [--steps N] [--lr X] --out tuned.irisemb [--quiet]
 //! ```
 //!
 //! Exit codes: 0 done (the step count or the time limit was reached and a
-//! checkpoint written; or the model folder written), 1 training or export
-//! failed, 2 bad arguments, 3 training data missing or unreadable, 4
-//! checkpoint problem (nothing to resume or export, or a checkpoint in the
-//! way of a fresh run, or a write failed).
+//! checkpoint written; or the model folder written; or the tuned embedding
+//! written), 1 training, export or tuning failed (for tuning also a task
+//! embedding of another model, or a case without one of the task's labels),
+//! 2 bad arguments, 3 training data (or a file given to `tune`) missing or
+//! unreadable, 4 checkpoint problem (nothing to resume, export or tune
+//! with, or a checkpoint in the way of a fresh run, or a write failed).
 
 use std::fs;
 use std::io::Write;
@@ -23,10 +27,13 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use iris_core::irisemb::{self, Payload};
+use iris_core::nifti;
 use iris_train::Error;
 use iris_train::data::{AtlasSource, EpisodeConfig, EpisodeSampler, atlas::load_atlases};
 use iris_train::model::IrisConfig;
 use iris_train::training::{Trainer, TrainingConfig, evaluate, held_out_episodes};
+use iris_train::tune::{TuneOptions, tune};
 use iris_train::{checkpoint, export};
 
 #[derive(Parser)]
@@ -48,6 +55,9 @@ enum Command {
     /// Export a checkpoint (or fresh weights) as the model folder the
     /// engine loads: three ONNX graphs, manifest.json and the memory bank.
     Export(ExportArgs),
+    /// In-context tuning: optimise a task embedding (.irisemb) on labelled
+    /// cases with the checkpoint's model frozen, and write it as .irisemb.
+    Tune(TuneArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -135,6 +145,35 @@ struct ExportArgs {
     quiet: bool,
 }
 
+#[derive(clap::Args)]
+struct TuneArgs {
+    /// The training output folder (the --out of `train`) or its
+    /// checkpoint/ folder: the model the task embedding belongs to.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// The task embedding to start from (.irisemb made by this model).
+    #[arg(long)]
+    task: PathBuf,
+    /// The cases' images (NIfTI), comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    images: Vec<PathBuf>,
+    /// Their label maps (NIfTI), comma-separated, in the same order.
+    #[arg(long, value_delimiter = ',', required = true)]
+    labels: Vec<PathBuf>,
+    /// Adam steps.
+    #[arg(long, default_value_t = TuneOptions::default().steps)]
+    steps: usize,
+    /// Adam learning rate.
+    #[arg(long, default_value_t = TuneOptions::default().learning_rate)]
+    lr: f64,
+    /// The tuned task embedding to write (.irisemb, exact f32).
+    #[arg(long)]
+    out: PathBuf,
+    /// No progress bar or summary.
+    #[arg(long)]
+    quiet: bool,
+}
+
 /// A failure with the exit code it maps to.
 struct Failure {
     code: u8,
@@ -165,6 +204,7 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Train(args) => train(&args),
         Command::Export(args) => export(&args),
+        Command::Tune(args) => tune_task(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -291,21 +331,7 @@ fn export(args: &ExportArgs) -> Result<(), Failure> {
     let device = iris_train::device::select_device();
     let fingerprint = match (&args.checkpoint, args.random, args.preset) {
         (Some(dir), ..) => {
-            // The run folder holds checkpoint/; accept that folder itself too.
-            let run = [Some(dir.as_path()), dir.parent()]
-                .into_iter()
-                .flatten()
-                .find(|run| checkpoint::find(run).is_some())
-                .ok_or_else(|| {
-                    Failure::new(
-                        4,
-                        format!(
-                            "{}: no checkpoint found (pass the --out folder of `iris-train train`)",
-                            dir.display()
-                        ),
-                    )
-                })?;
-            let trainer = Trainer::resume(run, &device)?;
+            let trainer = Trainer::resume(run_folder(dir)?, &device)?;
             export::export(
                 trainer.model(),
                 &trainer.config().model,
@@ -345,6 +371,101 @@ fn export(args: &ExportArgs) -> Result<(), Failure> {
             args.out.display(),
             start.elapsed().as_secs_f64(),
             sizes.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// The training output folder of `dir`: `dir` itself when it holds a
+/// checkpoint/, else its parent when `dir` is that checkpoint/ folder.
+fn run_folder(dir: &Path) -> Result<&Path, Failure> {
+    [Some(dir), dir.parent()]
+        .into_iter()
+        .flatten()
+        .find(|run| checkpoint::find(run).is_some())
+        .ok_or_else(|| {
+            Failure::new(
+                4,
+                format!(
+                    "{}: no checkpoint found (pass the --out folder of `iris-train train`)",
+                    dir.display()
+                ),
+            )
+        })
+}
+
+fn tune_task(args: &TuneArgs) -> Result<(), Failure> {
+    let start = Instant::now();
+    if args.images.len() != args.labels.len() {
+        return Err(Failure::new(
+            2,
+            format!(
+                "{} --images but {} --labels: give one label map per image",
+                args.images.len(),
+                args.labels.len()
+            ),
+        ));
+    }
+    let options = TuneOptions {
+        steps: args.steps,
+        learning_rate: args.lr,
+    };
+    options
+        .validate()
+        .map_err(|e| Failure::new(2, e.to_string()))?;
+    let unreadable = |path: &Path, e: iris_core::Error| match e {
+        // I/O errors name the file already.
+        iris_core::Error::Io { .. } => Failure::new(3, e.to_string()),
+        e => Failure::new(3, format!("{}: {e}", path.display())),
+    };
+    let init = irisemb::read_file(&args.task).map_err(|e| unreadable(&args.task, e))?;
+    let cases = args
+        .images
+        .iter()
+        .zip(&args.labels)
+        .map(|(image, labels)| {
+            let (image_volume, _) = nifti::read_image(image).map_err(|e| unreadable(image, e))?;
+            let (label_map, _) = nifti::read_labels(labels).map_err(|e| unreadable(labels, e))?;
+            Ok((image_volume, label_map))
+        })
+        .collect::<Result<Vec<_>, Failure>>()?;
+    let device = iris_train::device::select_device();
+    let trainer = Trainer::resume(run_folder(&args.checkpoint)?, &device)?;
+
+    let bar = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(args.steps as u64)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise} < {eta}] {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let tuned = tune(
+        trainer.model(),
+        &trainer.config().model,
+        &init,
+        &cases,
+        &options,
+        |step, loss| {
+            bar.set_position(step as u64);
+            bar.set_message(format!("loss {loss:.4}"));
+        },
+    )?;
+    bar.finish();
+    irisemb::write_file(&args.out, &tuned.embedding, Payload::F32)
+        .map_err(|e| Failure::new(1, e.to_string()))?;
+    if !args.quiet {
+        println!(
+            "tuned {} class(es) on {} case(s) in {:.1} s: loss {:.4} -> {:.4} after {} steps; \
+             written to {}",
+            tuned.embedding.classes().len(),
+            cases.len(),
+            start.elapsed().as_secs_f64(),
+            tuned.initial_loss,
+            tuned.final_loss,
+            args.steps,
+            args.out.display()
         );
     }
     Ok(())
