@@ -4,13 +4,20 @@
 //! iris encode   --image REF --label REF_LABEL [--classes 1,2] [--names a,b] --out task.irisemb
 //! iris segment  --image QUERY (--task task.irisemb | --bank | --ref-image REF --ref-label REF_LABEL)
 //!               [--classes ..] --out seg.nii.gz [--probabilities probs.nii.gz] [--preview seg.png]
+//! iris retrieve --image QUERY --pool DIR --top-k N --out seg.nii.gz [--level object|image]
+//!               [--classes ..] [--initial NAME] [--save-task retrieved.irisemb] [segment's outputs]
 //! iris ensemble --out merged.irisemb a.irisemb b.irisemb ...
 //! iris eval     --pred seg.nii.gz --truth gt.nii.gz [--classes 1,2] [--json]
 //! iris inspect  task.irisemb [--json]
 //! ```
 //!
-//! `--model DIR` (encode, segment) defaults to `$IRIS_MODEL`, else the
-//! workspace's `models/iris-small`. Exit codes are in [`failure`]:
+//! `iris retrieve` takes its references from a pool folder: images and
+//! label maps in the nnU-Net layout (`labelsTr/CASE.nii.gz`,
+//! `imagesTr/CASE_0000.nii.gz`), encoded on the fly, or `.irisemb` files
+//! (object level only); see [`pool`].
+//!
+//! `--model DIR` (encode, segment, retrieve) defaults to `$IRIS_MODEL`,
+//! else the workspace's `models/iris-small`. Exit codes are in [`failure`]:
 //! 0 ok, 1 runtime failure, 2 usage, 3 bad input file, 4 model problem.
 
 mod encode;
@@ -19,7 +26,10 @@ mod eval;
 mod failure;
 mod inspect;
 mod model;
+mod output;
+mod pool;
 mod preview;
+mod retrieve;
 mod segment;
 
 use std::process::ExitCode;
@@ -53,6 +63,11 @@ enum Command {
     /// bank, or a reference image and label map.
     #[command(after_help = EXIT_CODES_HELP)]
     Segment(segment::Args),
+    /// Segment a query volume with references chosen for it from a pool
+    /// (context retrieval): per class by the similarity of the query's first
+    /// prediction (object level), or by whole-image similarity (image level).
+    #[command(after_help = EXIT_CODES_HELP)]
+    Retrieve(retrieve::Args),
     /// Average the task embeddings of several references (context ensemble)
     /// into one .irisemb.
     #[command(after_help = EXIT_CODES_HELP)]
@@ -70,6 +85,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Encode(args) => encode::run(args, cli.quiet),
         Command::Segment(args) => segment::run(args, cli.quiet),
+        Command::Retrieve(args) => retrieve::run(args, cli.quiet),
         Command::Ensemble(args) => ensemble::run(args, cli.quiet),
         Command::Eval(args) => eval::run(args, cli.quiet),
         Command::Inspect(args) => inspect::run(args),

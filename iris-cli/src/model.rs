@@ -84,6 +84,22 @@ pub fn read_image(path: &Path) -> Result<(Image, nifti::NiftiInfo), Failure> {
     Ok((image, info))
 }
 
+/// Reads a reference image and its label map and checks that they share a
+/// grid, naming the files.
+pub fn read_pair(image: &Path, labels: &Path) -> Result<(Image, LabelMap), Failure> {
+    let (pixels, _) = read_image(image)?;
+    let map = crate::eval::read_labels(labels)?;
+    let what = format!(
+        "label map {} vs image {}",
+        labels.display(),
+        image.display()
+    );
+    pixels
+        .ensure_same_grid(&map, &what)
+        .map_err(|e| Failure::input(labels, e))?;
+    Ok((pixels, map))
+}
+
 /// A reference image and label map to encode.
 pub struct Reference<'a> {
     /// The image file.
@@ -107,16 +123,7 @@ impl Reference<'_> {
     /// unreadable files, grids that differ, NaNs or a label that is absent
     /// (each naming the file); the engine's failure otherwise.
     pub fn encode(&self, model: &Model, quiet: bool) -> Result<TaskEmbedding, Failure> {
-        let (image, _) = read_image(self.image)?;
-        let labels = crate::eval::read_labels(self.labels)?;
-        let what = format!(
-            "label map {} vs image {}",
-            self.labels.display(),
-            self.image.display()
-        );
-        image
-            .ensure_same_grid(&labels, &what)
-            .map_err(|e| Failure::input(self.labels, e))?;
+        let (image, labels) = read_pair(self.image, self.labels)?;
         let classes = self.classes(&labels)?;
         let start = Instant::now();
         let options = EncodeOptions {

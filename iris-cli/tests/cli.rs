@@ -4,17 +4,21 @@
 //! under `IRIS_REQUIRE_DATA=1`), and end to end on a tiny exported model
 //! (`iris_tests::fixture`), every output compared with the Rust API's.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use iris_core::embedding::{
     ClassEmbedding, ModelFingerprint, Preprocessing, Provenance, StageShape, TaskEmbedding,
 };
-use iris_core::engine::{EncodeOptions, Model, SegmentOptions, TaskClass};
+use iris_core::engine::{
+    EncodeOptions, Model, PoolReference, Retrieval, RetrievalLevel, RetrieveOptions,
+    SegmentOptions, TaskClass,
+};
 use iris_core::irisemb::{self, Payload};
 use iris_core::nifti;
 use iris_core::preprocess::IntensityPolicy;
-use iris_core::volume::{Affine, LabelMap};
+use iris_core::volume::{Affine, Image, LabelMap};
 use iris_tests::{TempDir, fixture};
 use serde_json::Value;
 
@@ -758,4 +762,492 @@ fn encode_and_segment_real_anatomy_then_eval() {
         let got = report["classes"][i]["dice"].as_f64();
         assert_eq!(got, dice(&pred, &truth, label), "class {label}");
     }
+}
+
+/// A reference like the fixture's, with the ball moved by `shift` voxels and
+/// given `radius`; `relabel` maps each label value of its map.
+fn pool_case(shift: f64, radius: f64, relabel: fn(u16) -> u16) -> (Image, LabelMap) {
+    let (image, _) = fixture::reference();
+    let (image, mut labels) = fixture::phantom(
+        [40, 40, 40],
+        image.geometry().affine(),
+        [20.0 + shift, 18.0 - shift, 21.0],
+        radius,
+        ([5, 26, 8], [14, 34, 30]),
+    );
+    labels.data_mut().mapv_inplace(relabel);
+    (image, labels)
+}
+
+/// Writes a case of an nnU-Net pool: `labelsTr/NAME.nii.gz` and the image
+/// as `imagesTr/IMAGE_FILE`.
+fn write_case(pool: &Path, name: &str, image_file: &str, case: &(Image, LabelMap)) {
+    for sub in ["imagesTr", "labelsTr"] {
+        std::fs::create_dir_all(pool.join(sub)).unwrap();
+    }
+    nifti::write_image(pool.join("imagesTr").join(image_file), &case.0, None).unwrap();
+    nifti::write_labels(
+        pool.join("labelsTr").join(format!("{name}.nii.gz")),
+        &case.1,
+        None,
+    )
+    .unwrap();
+}
+
+/// Asserts that the summary's references per class are `result`'s choices:
+/// the same names in the same order, the same similarities (null for NaN).
+fn assert_choices(summary: &Value, result: &Retrieval, pool: &[PoolReference]) {
+    let classes = summary["classes"].as_array().unwrap();
+    assert_eq!(classes.len(), result.choices.len(), "{summary:#}");
+    for (class, choice) in classes.iter().zip(&result.choices) {
+        assert_eq!(class["label"], choice.label);
+        let references = class["references"].as_array().unwrap();
+        assert_eq!(references.len(), choice.chosen.len(), "{class}");
+        for (reference, chosen) in references.iter().zip(&choice.chosen) {
+            assert_eq!(
+                reference["name"],
+                pool[chosen.index].name.as_str(),
+                "{class}"
+            );
+            match reference["similarity"].as_f64() {
+                Some(s) => assert_eq!(s as f32, chosen.similarity, "{class}"),
+                None => assert!(chosen.similarity.is_nan(), "{class}: {chosen:?}"),
+            }
+        }
+    }
+}
+
+/// Reads the label map `path` and asserts it is `expected`'s, on the
+/// query's grid.
+fn assert_labels(path: &Path, query: &Image, expected: &LabelMap) {
+    let (written, _) = nifti::read_labels(path).unwrap();
+    query
+        .geometry()
+        .ensure_same(written.geometry(), "the retrieved labels")
+        .expect("labels on the query's grid");
+    assert_eq!(written.data(), expected.data());
+}
+
+/// `iris retrieve` on a pool in the nnU-Net layout, at object and image
+/// level: the label map, the references chosen per class (JSON) and the
+/// saved task equal `Model::retrieve` on the same files through the Rust
+/// API. The pool mixes both image names, a case with one class only, a case
+/// with none of the classes asked for (skipped with a note), an AppleDouble
+/// file to ignore, and a dataset.json naming the labels.
+#[test]
+fn retrieve_from_an_image_pool_matches_model_retrieve_at_both_levels() {
+    let files = fixture::fixture("cli-retrieve");
+    let model_dir = files.model.as_os_str();
+    let pool_dir = files.root.join("pool");
+    let cases = [
+        ("case_a", "case_a_0000.nii.gz", pool_case(0.0, 7.0, |l| l)),
+        ("case_b", "case_b.nii.gz", pool_case(3.0, 5.0, |l| l)),
+        // The ball only.
+        (
+            "case_c",
+            "case_c_0000.nii.gz",
+            pool_case(-4.0, 9.0, |l| l % 2),
+        ),
+        // The box only, as label 3.
+        (
+            "case_d",
+            "case_d_0000.nii.gz",
+            pool_case(0.0, 6.0, |l| 3 * (l / 2)),
+        ),
+    ];
+    for (name, image_file, case) in &cases {
+        write_case(&pool_dir, name, image_file, case);
+    }
+    std::fs::write(pool_dir.join("labelsTr/._case_a.nii.gz"), "resource fork").unwrap();
+    std::fs::write(
+        pool_dir.join("dataset.json"),
+        r#"{"name": "phantoms", "labels": {"0": "background", "1": "ball", "2": "box", "3": "slab"}}"#,
+    )
+    .unwrap();
+    let model = Model::load(&files.model).unwrap();
+    let query_path = files.file("query.nii.gz");
+    let (query, _) = nifti::read_image(&query_path).unwrap();
+    let names = ["", "ball", "box", "slab"];
+    // The pool as the command builds it: per case, the classes of `wanted`
+    // it has (every label when empty), named by dataset.json.
+    let pool_of = |wanted: &[u16]| -> Vec<PoolReference> {
+        cases
+            .iter()
+            .filter_map(|(name, _, (image, labels))| {
+                let classes: Vec<TaskClass> = labels
+                    .labels_present()
+                    .into_iter()
+                    .filter(|l| wanted.is_empty() || wanted.contains(l))
+                    .map(|l| TaskClass::new(l, names[usize::from(l)]))
+                    .collect();
+                (!classes.is_empty()).then(|| {
+                    model
+                        .encode_pool_reference(
+                            *name,
+                            image,
+                            labels,
+                            &classes,
+                            &EncodeOptions::default(),
+                        )
+                        .unwrap()
+                })
+            })
+            .collect()
+    };
+    let out = |name: &str| files.root.join(name);
+
+    // Object level, classes by name, the first pass with case_b, k = 2.
+    let (seg, task_path) = (out("object.nii.gz"), out("retrieved.irisemb"));
+    let o = iris(&[
+        "retrieve".as_ref(),
+        "--model".as_ref(),
+        model_dir,
+        "--image".as_ref(),
+        query_path.as_os_str(),
+        "--pool".as_ref(),
+        pool_dir.as_os_str(),
+        "--top-k".as_ref(),
+        "2".as_ref(),
+        "--classes".as_ref(),
+        "ball,box".as_ref(),
+        "--initial".as_ref(),
+        "case_b".as_ref(),
+        "--out".as_ref(),
+        seg.as_os_str(),
+        "--save-task".as_ref(),
+        task_path.as_os_str(),
+        "--json".as_ref(),
+    ]);
+    let summary = json(&o);
+    assert!(
+        stderr(&o).contains("skipping case \"case_d\"")
+            && stderr(&o).contains("none of the classes 1, 2"),
+        "{}",
+        stderr(&o)
+    );
+    let pool = pool_of(&[1, 2]);
+    assert_eq!(pool.len(), 3, "case_d has neither class");
+    let options = RetrieveOptions {
+        top_k: 2,
+        initial: 1,
+        ..RetrieveOptions::default()
+    };
+    let expected = model.retrieve(&query, &pool, &[1, 2], &options).unwrap();
+    assert_labels(&seg, &query, &expected.segmentation.labels);
+    assert_choices(&summary, &expected, &pool);
+    assert_eq!(irisemb::read_file(&task_path).unwrap(), expected.task);
+    assert_eq!(summary["classes"][0]["name"], "ball");
+    assert_eq!(summary["classes"][1]["name"], "box");
+    let retrieval = &summary["retrieval"];
+    assert_eq!(retrieval["level"], "object");
+    assert_eq!(retrieval["top_k"], 2);
+    assert_eq!(retrieval["initial"], "case_b");
+    assert_eq!(
+        retrieval["references"],
+        serde_json::json!(["case_a", "case_b", "case_c"])
+    );
+    assert_eq!(retrieval["skipped"], serde_json::json!(["case_d"]));
+    // The first pass finds both classes, so the choice is by similarity,
+    // and only case_a and case_b have the box.
+    for class in summary["classes"].as_array().unwrap() {
+        assert!(class["references"][0]["similarity"].is_f64(), "{class}");
+    }
+    assert_eq!(
+        summary["classes"][1]["references"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["name"].as_str().unwrap())
+            .filter(|&n| n == "case_c")
+            .count(),
+        0
+    );
+
+    // Image level, every label of the pool (case_d takes part), the text
+    // summary names the references.
+    let seg = out("image.nii.gz");
+    let args = |json: bool| {
+        let mut args = vec![
+            "retrieve".as_ref(),
+            "--model".as_ref(),
+            model_dir,
+            "--image".as_ref(),
+            query_path.as_os_str(),
+            "--pool".as_ref(),
+            pool_dir.as_os_str(),
+            "--top-k".as_ref(),
+            "2".as_ref(),
+            "--level".as_ref(),
+            "image".as_ref(),
+            "--out".as_ref(),
+            seg.as_os_str(),
+        ];
+        if json {
+            args.push("--json".as_ref());
+        }
+        iris(&args)
+    };
+    let summary = json(&args(true));
+    let pool = pool_of(&[]);
+    assert_eq!(pool.len(), 4);
+    let options = RetrieveOptions {
+        level: RetrievalLevel::Image,
+        top_k: 2,
+        ..RetrieveOptions::default()
+    };
+    let expected = model.retrieve(&query, &pool, &[1, 2, 3], &options).unwrap();
+    assert_labels(&seg, &query, &expected.segmentation.labels);
+    assert_choices(&summary, &expected, &pool);
+    assert_eq!(summary["retrieval"]["level"], "image");
+    assert_eq!(summary["retrieval"]["skipped"], serde_json::json!([]));
+    assert_eq!(summary["task"], Value::Null);
+    let o = args(false);
+    expect_code(&o, 0);
+    let text = stdout(&o);
+    let box_row = text
+        .lines()
+        .find(|l| l.split_whitespace().take(2).eq(["2", "box"]))
+        .unwrap_or_else(|| panic!("no row for the box in\n{text}"));
+    for chosen in &expected.choices[1].chosen {
+        let name = &pool[chosen.index].name;
+        let cell = format!("{name} ({:.3})", chosen.similarity);
+        assert!(box_row.contains(&cell), "{cell:?} missing from {box_row:?}");
+    }
+    assert!(text.contains("image level, top 2"), "{text}");
+
+    // --initial naming a case skipped for want of the classes; and a pool
+    // where every case is skipped. Nothing written.
+    let refused = out("refused.nii.gz");
+    let run = |classes: &str, initial: Option<&str>| {
+        let mut args = vec![
+            "retrieve".as_ref(),
+            "--model".as_ref(),
+            model_dir,
+            "--image".as_ref(),
+            query_path.as_os_str(),
+            "--pool".as_ref(),
+            pool_dir.as_os_str(),
+            "--top-k".as_ref(),
+            "1".as_ref(),
+            "--classes".as_ref(),
+            classes.as_ref(),
+            "--out".as_ref(),
+            refused.as_os_str(),
+            "--quiet".as_ref(),
+        ];
+        if let Some(name) = initial {
+            args.extend([OsStr::new("--initial"), OsStr::new(name)]);
+        }
+        iris(&args)
+    };
+    let o = run("1,2", Some("case_d"));
+    expect_code(&o, 3);
+    assert!(
+        stderr(&o).contains("--initial \"case_d\"") && stderr(&o).contains("skipped"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run("7", None);
+    expect_code(&o, 3);
+    assert!(
+        stderr(&o).contains("the pool is empty: no case has any of the classes 7"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run("kidney", None);
+    expect_code(&o, 2);
+    assert!(
+        stderr(&o).contains("\"kidney\"") && stderr(&o).contains("ball, box, slab"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!refused.exists());
+}
+
+/// `iris retrieve` on a folder of `.irisemb` files (object level): labels,
+/// probability maps and choices equal `Model::retrieve` on the same
+/// embeddings; image level is refused, since such files keep no image.
+#[test]
+fn retrieve_from_irisemb_files_matches_model_retrieve() {
+    let files = fixture::fixture("cli-retrieve-emb");
+    let model_dir = files.model.as_os_str();
+    let model = Model::load(&files.model).unwrap();
+    let pool_dir = files.root.join("embeddings");
+    std::fs::create_dir_all(&pool_dir).unwrap();
+    let mut pool = Vec::new();
+    for (name, shift, radius) in [
+        ("alpha", 0.0, 7.0),
+        ("beta", 3.0, 5.0),
+        ("gamma", -4.0, 9.0),
+    ] {
+        let (image, labels) = pool_case(shift, radius, |l| l);
+        let task = fixture::encode(&model, &image, &labels);
+        irisemb::write_file(
+            pool_dir.join(format!("{name}.irisemb")),
+            &task,
+            Payload::F32,
+        )
+        .unwrap();
+        pool.push(PoolReference {
+            name: name.into(),
+            task,
+            descriptor: None,
+        });
+    }
+    let query_path = files.file("query2.nii.gz");
+    let (query, _) = nifti::read_image(&query_path).unwrap();
+    let out = |name: &str| files.root.join(name);
+    let (seg, probs) = (out("seg.nii.gz"), out("p.nii.gz"));
+    let run = |level: &str, seg: &Path| {
+        iris(&[
+            "retrieve".as_ref(),
+            "--model".as_ref(),
+            model_dir,
+            "--image".as_ref(),
+            query_path.as_os_str(),
+            "--pool".as_ref(),
+            pool_dir.as_os_str(),
+            "--top-k".as_ref(),
+            "2".as_ref(),
+            "--level".as_ref(),
+            level.as_ref(),
+            "--initial".as_ref(),
+            "gamma".as_ref(),
+            "--out".as_ref(),
+            seg.as_os_str(),
+            "--probabilities".as_ref(),
+            probs.as_os_str(),
+            "--json".as_ref(),
+        ])
+    };
+    let summary = json(&run("object", &seg));
+    let options = RetrieveOptions {
+        top_k: 2,
+        initial: 2,
+        segment: SegmentOptions {
+            probabilities: true,
+            ..SegmentOptions::default()
+        },
+        ..RetrieveOptions::default()
+    };
+    let expected = model.retrieve(&query, &pool, &[1, 2], &options).unwrap();
+    assert_labels(&seg, &query, &expected.segmentation.labels);
+    assert_choices(&summary, &expected, &pool);
+    assert_eq!(summary["retrieval"]["pool_kind"], "embeddings");
+    let maps = expected.segmentation.probabilities.as_ref().unwrap();
+    for (label, map) in [1, 2].iter().zip(maps) {
+        let (p, _) = nifti::read_image(out(&format!("p-{label}.nii.gz"))).unwrap();
+        assert_eq!(p.data(), map.data(), "probabilities of class {label}");
+    }
+
+    let refused = out("refused.nii.gz");
+    // Another model's embedding in the pool: exit 4, naming the file.
+    let foreign = pool_dir.join("delta.irisemb");
+    std::fs::copy(files.file("foreign.irisemb"), &foreign).unwrap();
+    let o = run("object", &refused);
+    expect_code(&o, 4);
+    assert!(stderr(&o).contains("delta.irisemb"), "{}", stderr(&o));
+    assert!(!refused.exists());
+
+    let o = run("image", &refused);
+    expect_code(&o, 2);
+    let err = stderr(&o);
+    assert!(
+        err.contains("--level image") && err.contains(".irisemb") && err.contains("--level object"),
+        "{err}"
+    );
+    assert!(!refused.exists());
+}
+
+/// Pools and options `iris retrieve` refuses before any work, each with its
+/// exit code and a message naming the problem, leaving nothing behind.
+#[test]
+fn retrieve_refuses_bad_pools_and_options_naming_the_problem() {
+    let dir = TempDir::new("retrieve-bad");
+    let out = dir.join("seg.nii.gz");
+    let run = |pool: &Path, more: &[&str]| {
+        let mut args: Vec<&OsStr> = vec![
+            "retrieve".as_ref(),
+            "--image".as_ref(),
+            "query.nii.gz".as_ref(),
+            "--pool".as_ref(),
+            pool.as_os_str(),
+            "--out".as_ref(),
+            out.as_os_str(),
+        ];
+        args.extend(more.iter().map(OsStr::new));
+        let o = iris(&args);
+        assert!(!out.exists());
+        o
+    };
+    let top = ["--top-k", "1"];
+
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    std::fs::write(empty.join("notes.txt"), "not a reference").unwrap();
+    let o = run(&empty, &top);
+    expect_code(&o, 3);
+    let err = stderr(&o);
+    assert!(
+        err.contains(&empty.display().to_string())
+            && err.contains("the pool is empty")
+            && err.contains("neither labelsTr/"),
+        "{err}"
+    );
+
+    std::fs::create_dir_all(empty.join("labelsTr")).unwrap();
+    let o = run(&empty, &top);
+    expect_code(&o, 3);
+    assert!(stderr(&o).contains("holds no label map"), "{}", stderr(&o));
+
+    let o = run(&dir.join("absent"), &top);
+    expect_code(&o, 3);
+    assert!(
+        stderr(&o).contains("absent: no such folder"),
+        "{}",
+        stderr(&o)
+    );
+
+    // A label map whose image is missing.
+    let orphan = dir.join("orphan");
+    std::fs::create_dir_all(orphan.join("labelsTr")).unwrap();
+    std::fs::write(orphan.join("labelsTr/liver_7.nii.gz"), "").unwrap();
+    let o = run(&orphan, &top);
+    expect_code(&o, 3);
+    let err = stderr(&o);
+    assert!(
+        err.contains("case \"liver_7\" has no image") && err.contains("liver_7_0000.nii.gz"),
+        "{err}"
+    );
+
+    let embeddings = dir.join("embeddings");
+    std::fs::create_dir_all(&embeddings).unwrap();
+    for name in ["a", "b"] {
+        write_task(
+            &dir,
+            &format!("embeddings/{name}.irisemb"),
+            &task(7, &[(1, "liver")], 1.0),
+        );
+    }
+    let o = run(&embeddings, &["--top-k", "1", "--level", "image"]);
+    expect_code(&o, 2);
+    assert!(
+        stderr(&o).contains("keep no image descriptor"),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = run(&embeddings, &["--top-k", "1", "--initial", "c"]);
+    expect_code(&o, 2);
+    let err = stderr(&o);
+    assert!(
+        err.contains("--initial \"c\": no reference of that name")
+            && err.contains("references: a, b"),
+        "{err}"
+    );
+
+    let o = run(&embeddings, &["--top-k", "0"]);
+    expect_code(&o, 2);
+    assert!(stderr(&o).contains("--top-k"), "{}", stderr(&o));
+    expect_code(&run(&embeddings, &[]), 2);
 }
