@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Times the three graphs of an Iris model folder in onnxruntime (CPU).
+
+The same measurements as part 1 of `iris-core/benches/engine.rs` (tract), on
+the same pinned input shapes (batch 1, the model's patch, K classes), so the
+two can be compared on one machine:
+
+    python3 scripts/bench_onnxruntime.py MODEL_DIR [--threads 2] [--runs 5] [--classes 1,15]
+
+Prints one row per graph and class count: the first run (onnxruntime plans
+when the session is created, so this is only the first execution) and the
+median of `--runs` runs. The task encoder is timed two ways: one run with all
+K masks (the graph folds classes into its batch), and K one-class runs, which
+is how the engine runs it in tract. Ends with the process's peak resident
+memory (`ru_maxrss`). Needs numpy and onnxruntime (scripts/test.sh installs
+them); not run by CI.
+"""
+
+import argparse
+import json
+import pathlib
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+import onnxruntime as ort
+
+
+def session(path, threads):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    start = time.perf_counter()
+    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return sess, time.perf_counter() - start
+
+
+def timed(run, runs):
+    """Seconds of the first call, the median of `runs` more, and the last output."""
+    start = time.perf_counter()
+    out = run()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        out = run()
+        times.append(time.perf_counter() - start)
+    return first, statistics.median(times), out
+
+
+def balls(k, patch):
+    """One binary ball per class (radius patch/4), centres moved per class, [1, K, D, H, W]."""
+    d, h, w = patch
+    z, y, x = np.meshgrid(np.arange(d), np.arange(h), np.arange(w), indexing="ij")
+    r2 = (min(patch) / 4.0) ** 2
+    masks = np.zeros((1, k, d, h, w), np.float32)
+    for c in range(k):
+        masks[0, c] = ((z - (d // 2 + c % 3)) ** 2 + (y - h // 2) ** 2 + (x - w // 2) ** 2) <= r2
+    return masks
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", type=pathlib.Path, help="model folder (manifest.json + 3 graphs)")
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per row (default 5)")
+    parser.add_argument("--classes", default="1,15", help="class counts K (default 1,15)")
+    args = parser.parse_args()
+
+    manifest_path = args.model / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        patch = [int(n) for n in manifest["patch_size"]]
+        graphs = manifest["graphs"]
+    except (OSError, ValueError, KeyError) as e:
+        sys.exit(f"{manifest_path}: cannot read the model manifest: {e}")
+    try:
+        classes = [int(k) for k in args.classes.split(",")]
+    except ValueError:
+        sys.exit(f"--classes {args.classes!r}: expected comma-separated integers")
+    if args.runs < 1 or args.threads < 1 or any(k < 1 for k in classes):
+        sys.exit("--runs, --threads and every class count must be at least 1")
+
+    sessions = {}
+    for name in ("encoder", "task_encoder", "decoder"):
+        sessions[name], seconds = session(args.model / graphs[name], args.threads)
+        print(f"{name:<13} session created (graph optimised) in {seconds:.2f} s")
+    print(
+        f"onnxruntime {ort.__version__}, CPU, {args.threads} intra-op thread(s); "
+        f"model {manifest.get('name')!r}, patch {patch}, {manifest.get('spacing_mm')} mm; "
+        f"median of {args.runs} run(s)\n"
+    )
+
+    rows = []
+    rng = np.random.default_rng(0)
+    image = rng.uniform(-1.7, 1.7, size=[1, 1, *patch]).astype(np.float32)
+    encoder = sessions["encoder"]
+    names = [o.name for o in encoder.get_outputs()]
+    first, med, out = timed(lambda: encoder.run(None, {"image": image}), args.runs)
+    features = dict(zip(names, out))
+    rows.append(("encoder", "-", "one window", first, med))
+
+    task_encoder = sessions["task_encoder"]
+    task_inputs = [i.name for i in task_encoder.get_inputs()]
+    task_names = [o.name for o in task_encoder.get_outputs()]
+    decoder = sessions["decoder"]
+    for k in classes:
+        masks = balls(k, patch)
+
+        def encode(m):
+            feed = {n: (m if n == "masks" else features[n]) for n in task_inputs}
+            return task_encoder.run(None, feed)
+
+        first, med, out = timed(lambda: encode(masks), args.runs)
+        rows.append(("task encoder", k, f"one run, K = {k}", first, med))
+        if k > 1:
+            def one_by_one():
+                return [encode(masks[:, c : c + 1]) for c in range(k)]
+
+            first1, med1, _ = timed(one_by_one, args.runs)
+            rows.append(("task encoder", k, f"{k} one-class runs", first1, med1))
+        feed = dict(features)
+        feed.update(zip(task_names, out))
+        first, med, _ = timed(lambda: decoder.run(None, feed), args.runs)
+        rows.append(("decoder", k, "one window, all K", first, med))
+
+    print(f"{'graph':<13} {'K':>3}  {'what':<20} {'first run':>10} {'median':>10}")
+    for graph, k, what, first, med in rows:
+        print(f"{graph:<13} {k!s:>3}  {what:<20} {first:>9.4f}s {med:>9.4f}s")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    print(f"\npeak RSS of this process (ru_maxrss, Python and onnxruntime included): {peak:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
