@@ -161,11 +161,13 @@ impl Model {
     }
 
     /// Encodes a reference for a retrieval pool: its classes as
-    /// [`Model::encode_task`] does, and its image descriptor with the same
+    /// [`Model::encode_task`] does (all in one crop when they fit one, else
+    /// each class in its own), and its image descriptor with the same
     /// intensity policy.
     ///
     /// # Errors
-    /// As [`Model::encode_task`] and [`Model::image_descriptor`].
+    /// As [`Model::encode_task`] for a class that cannot be encoded even on
+    /// its own, and as [`Model::image_descriptor`].
     pub fn encode_pool_reference(
         &self,
         name: impl Into<String>,
@@ -174,7 +176,9 @@ impl Model {
         classes: &[TaskClass],
         options: &EncodeOptions,
     ) -> Result<PoolReference> {
-        let task = self.encode_task(image, labels, classes, options)?;
+        let task = self
+            .encode_in_crops(image, labels, classes, options, false)?
+            .ok_or_else(|| Error::invalid("classes", "no class to encode"))?;
         let descriptor = self.image_descriptor(image, Some(task.preprocessing().intensity))?;
         Ok(PoolReference {
             name: name.into(),
@@ -345,21 +349,42 @@ impl Model {
         let options = EncodeOptions {
             intensity: Some(intensity),
         };
-        match self.encode_task(query, predicted, &found, &options) {
-            Ok(task) => Ok(task.classes().to_vec()),
-            Err(Error::InvalidArgument { .. }) => {
-                let mut own = Vec::new();
-                for class in found {
-                    match self.encode_task(query, predicted, &[class], &options) {
-                        Ok(task) => own.extend_from_slice(task.classes()),
-                        Err(Error::InvalidArgument { .. }) => {}
-                        Err(e) => return Err(e),
-                    }
-                }
-                Ok(own)
-            }
-            Err(e) => Err(e),
+        let own = self.encode_in_crops(query, predicted, &found, &options, true)?;
+        Ok(own.map(|task| task.classes().to_vec()).unwrap_or_default())
+    }
+
+    /// `classes` of an image and its label map encoded together when they
+    /// fit one reference crop, else each in its own crop. A class that
+    /// cannot be encoded even alone (too small at the model's spacing) is
+    /// left out when `skip` is set (`None` when none is left), and is an
+    /// error otherwise.
+    fn encode_in_crops(
+        &self,
+        image: &Image,
+        labels: &LabelMap,
+        classes: &[TaskClass],
+        options: &EncodeOptions,
+        skip: bool,
+    ) -> Result<Option<TaskEmbedding>> {
+        match self.encode_task(image, labels, classes, options) {
+            Ok(task) => return Ok(Some(task)),
+            Err(Error::InvalidArgument { .. }) if classes.len() > 1 => {}
+            Err(Error::InvalidArgument { .. }) if skip => return Ok(None),
+            Err(e) => return Err(e),
         }
+        let mut encoded: Option<TaskEmbedding> = None;
+        for class in classes {
+            let one = match self.encode_task(image, labels, core::slice::from_ref(class), options) {
+                Ok(one) => one,
+                Err(Error::InvalidArgument { .. }) if skip => continue,
+                Err(e) => return Err(e),
+            };
+            encoded = Some(match encoded {
+                Some(task) => task.merge(one)?,
+                None => one,
+            });
+        }
+        Ok(encoded)
     }
 
     /// Image level: the `top_k` references with the most similar

@@ -288,3 +288,34 @@ fn bad_pools_and_options_are_refused_with_the_reason() {
         Err(Error::ModelMismatch { .. })
     ));
 }
+
+#[test]
+fn a_reference_whose_classes_do_not_share_a_crop_is_encoded_class_by_class() {
+    let Setup { model, .. } = setup(25);
+    // 300 mm along d at 3 mm: the ball and the box lie further apart than
+    // the tiny model's 192 mm patch.
+    let (image, labels) = phantom(
+        [100, 24, 24],
+        iris_core::volume::Affine::from_spacing([3.0, 3.0, 3.0]),
+        [10.0, 12.0, 12.0],
+        5.0,
+        ([82, 6, 6], [92, 18, 18]),
+    );
+    let options = EncodeOptions::default();
+    assert!(
+        model
+            .encode_task(&image, &labels, &classes(), &options)
+            .is_err(),
+        "the two classes cannot share one crop"
+    );
+    let reference = model
+        .encode_pool_reference("far apart", &image, &labels, &classes(), &options)
+        .expect("encodes each class alone");
+    for class in classes() {
+        let alone = model
+            .encode_task(&image, &labels, std::slice::from_ref(&class), &options)
+            .expect("encodes");
+        let got = reference.task.class(class.label.into()).expect("present");
+        assert_eq!(got, &alone.classes()[0]);
+    }
+}
