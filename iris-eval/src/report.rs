@@ -1,0 +1,810 @@
+//! The run behind `docs/results.md`: every task on its aligned and moved
+//! queries, Dice per structure of the model and of the position-copy
+//! baseline, timings, and the report (Markdown and CSV).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use iris_core::Result;
+use iris_core::embedding::TaskEmbedding;
+use iris_core::engine::{EncodeOptions, Model, SegmentOptions, TaskClass};
+use iris_core::metrics::dice_per_class;
+use iris_core::preprocess::resample_labels;
+use iris_core::volume::{Image, LabelMap};
+
+use crate::moves::{Move, about_centre, move_image, move_labels};
+use crate::tasks::{self, Kind, Limits, Structure, Task};
+
+/// Structures per task with `--quick`.
+pub const QUICK_STRUCTURES: usize = 2;
+
+/// References of the largest ensemble with `--quick`.
+pub const QUICK_REFERENCES: usize = 3;
+
+/// The moved copies of a reference for the context ensemble use seeds
+/// `ENSEMBLE_SEED + 1`, `+ 2`, ... (the queries use 1, 2, ...).
+pub const ENSEMBLE_SEED: u64 = 1000;
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The model folder (`manifest.json` and graphs).
+    pub model: PathBuf,
+    /// The data folder of `scripts/fetch-data.sh`.
+    pub data: PathBuf,
+    /// Moved queries per task (seeds 1 to `moves`).
+    pub moves: usize,
+    /// References of the largest context ensemble: the reference and
+    /// `references - 1` moved copies of it (seeds from
+    /// [`ENSEMBLE_SEED`]); ensembles of 1, 3 and all are scored. 1: none.
+    pub references: usize,
+    /// At most [`QUICK_STRUCTURES`] structures per task, one move and
+    /// ensembles of at most [`QUICK_REFERENCES`] references.
+    pub quick: bool,
+    /// The command line that made the report, printed in it.
+    pub command: String,
+}
+
+/// One query of a task: aligned (`seed` `None`) or moved.
+#[derive(Clone, Debug)]
+pub struct QueryResult {
+    /// The move's seed, `None` for the aligned query.
+    pub seed: Option<u64>,
+    /// The move applied (identity for the aligned query).
+    pub motion: Move,
+    /// Model Dice per structure (task order); `None`: absent from both maps
+    /// or the model failed (see [`TaskResult::model_error`]).
+    pub model: Vec<Option<f64>>,
+    /// Position-copy Dice per structure.
+    pub baseline: Vec<Option<f64>>,
+    /// Seconds of `Model::segment` on this query.
+    pub segment_s: f64,
+    /// Windows the query was decoded in.
+    pub windows: usize,
+}
+
+/// One task's results.
+#[derive(Clone, Debug)]
+pub struct TaskResult {
+    /// Task identifier.
+    pub id: &'static str,
+    /// Heading.
+    pub title: String,
+    /// What it measures.
+    pub kind: Kind,
+    /// Reference description.
+    pub reference: String,
+    /// Query description.
+    pub query: String,
+    /// The structures scored.
+    pub structures: Vec<Structure>,
+    /// Caveats.
+    pub notes: Vec<String>,
+    /// Why the model could not run this task, if it could not.
+    pub model_error: Option<String>,
+    /// Seconds of `Model::encode_task`.
+    pub encode_s: f64,
+    /// Seconds of the position copy (one resampling for all queries).
+    pub baseline_s: f64,
+    /// Seconds for the whole task (moves and scoring included).
+    pub total_s: f64,
+    /// Aligned query first, then the moved ones.
+    pub queries: Vec<QueryResult>,
+    /// Context ensembles of more than one reference: the number of
+    /// references and the model's Dice per query (as `queries`) and structure.
+    pub ensembles: Vec<(usize, Vec<Vec<Option<f64>>>)>,
+}
+
+/// Everything the report shows.
+#[derive(Clone, Debug)]
+pub struct Run {
+    /// What was asked.
+    pub options: Options,
+    /// The manifest's model name.
+    pub model_name: String,
+    /// The weights' fingerprint (hex).
+    pub fingerprint: String,
+    /// The model's patch, voxels `[D, H, W]`.
+    pub patch: [usize; 3],
+    /// The model's spacing, mm.
+    pub spacing_mm: f64,
+    /// Whether the model folder ships a memory bank.
+    pub memory_bank: bool,
+    /// Logical CPUs available.
+    pub cpus: usize,
+    /// CPU model from `/proc/cpuinfo`.
+    pub cpu_model: String,
+    /// Median seconds of one window (encoder + decoder, one class), if measured.
+    pub window_s: Option<f64>,
+    /// Per task.
+    pub tasks: Vec<TaskResult>,
+    /// Seconds for the whole run (data loading included).
+    pub total_s: f64,
+    /// UTC date and time the run started.
+    pub started: String,
+}
+
+impl Run {
+    /// True when the manifest names a random-weight export.
+    pub fn random_model(&self) -> bool {
+        self.model_name.contains("random")
+    }
+}
+
+/// Runs every task; `progress` gets one line per step.
+///
+/// # Errors
+/// A model folder that does not load; missing or unreadable data (see
+/// [`tasks::build`]). A model that fails on one task is recorded in that
+/// task ([`TaskResult::model_error`]) and the run goes on.
+pub fn run(options: &Options, mut progress: impl FnMut(&str)) -> Result<Run> {
+    let started = utc_now();
+    let start = Instant::now();
+    let model = Model::load(&options.model)?;
+    let manifest = model.manifest().clone();
+    progress(&format!(
+        "model {} ({}), patch {:?} at {} mm",
+        manifest.name,
+        options.model.display(),
+        manifest.patch_size,
+        manifest.spacing_mm
+    ));
+    let limits = Limits {
+        structures: options.quick.then_some(QUICK_STRUCTURES),
+    };
+    let tasks = tasks::build(&options.data, limits)?;
+    progress(&format!(
+        "read data in {:.1} s",
+        start.elapsed().as_secs_f64()
+    ));
+    let (moves, references) = if options.quick {
+        (
+            options.moves.min(1),
+            options.references.min(QUICK_REFERENCES),
+        )
+    } else {
+        (options.moves, options.references)
+    };
+    let mut results = Vec::new();
+    let mut one_class: Option<TaskEmbedding> = None;
+    for task in &tasks {
+        let (result, embedding) = run_task(&model, task, moves, references, &mut progress)?;
+        if one_class.is_none() {
+            one_class = embedding.and_then(|e| {
+                let first = e.classes().first().map(|c| c.label())?;
+                e.select_labels(&[first]).ok()
+            });
+        }
+        results.push(result);
+    }
+    let window_s = match &one_class {
+        Some(task) => Some(time_window(&model, task)?),
+        None => None,
+    };
+    Ok(Run {
+        options: options.clone(),
+        model_name: manifest.name.clone(),
+        fingerprint: manifest.fingerprint.to_string(),
+        patch: manifest.patch_size,
+        spacing_mm: manifest.spacing_mm,
+        memory_bank: manifest.memory_bank.is_some(),
+        cpus: std::thread::available_parallelism().map_or(1, usize::from),
+        cpu_model: cpu_model(),
+        window_s,
+        tasks: results,
+        total_s: start.elapsed().as_secs_f64(),
+        started,
+    })
+}
+
+/// Ensemble sizes scored for `references` references: 3 and all, above 1.
+pub fn ensemble_sizes(references: usize) -> Vec<usize> {
+    let mut sizes: Vec<usize> = [3, references]
+        .into_iter()
+        .filter(|&n| n > 1 && n <= references)
+        .collect();
+    sizes.dedup();
+    sizes
+}
+
+/// Runs one task on its aligned query and `moves` moved ones, with the
+/// one-shot embedding and ensembles of up to `references` references.
+fn run_task(
+    model: &Model,
+    task: &Task,
+    moves: usize,
+    references: usize,
+    progress: &mut impl FnMut(&str),
+) -> Result<(TaskResult, Option<TaskEmbedding>)> {
+    let start = Instant::now();
+    let labels: Vec<u16> = task.structures.iter().map(|s| s.label).collect();
+    let classes: Vec<TaskClass> = task
+        .structures
+        .iter()
+        .map(|s| TaskClass::new(s.label, s.name.clone()))
+        .collect();
+    let encode = |image: &Image, labels: &LabelMap| {
+        model.encode_task(image, labels, &classes, &EncodeOptions::default())
+    };
+    let t = Instant::now();
+    let encoded = encode(&task.reference, &task.reference_labels);
+    let encode_s = t.elapsed().as_secs_f64();
+    let (embedding, mut model_error) = match encoded {
+        Ok(e) => (Some(e), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    // The context ensembles: the reference and moved copies of it.
+    let sizes = ensemble_sizes(references);
+    let mut ensembles = Vec::new();
+    if let (Some(first), Some(&largest)) = (&embedding, sizes.last()) {
+        let mut parts = vec![first.clone()];
+        for seed in (1..largest as u64).map(|i| ENSEMBLE_SEED + i) {
+            let transform = about_centre(&Move::random(seed), task.reference.geometry());
+            let image = move_image(&task.reference, &transform)?;
+            let labels = move_labels(&task.reference_labels, &transform)?;
+            match encode(&image, &labels) {
+                Ok(e) => parts.push(e),
+                Err(e) => {
+                    model_error = Some(format!("moved reference (seed {seed}): {e}"));
+                    break;
+                }
+            }
+        }
+        for &n in sizes.iter().filter(|&&n| n <= parts.len()) {
+            ensembles.push((n, TaskEmbedding::ensemble(&parts[..n])?));
+        }
+    }
+    let t = Instant::now();
+    let copied = resample_labels(&task.reference_labels, task.query.image.geometry())?;
+    let baseline_s = t.elapsed().as_secs_f64();
+
+    let motions = std::iter::once((None, Move::IDENTITY))
+        .chain((1..=moves as u64).map(|seed| (Some(seed), Move::random(seed))));
+    let mut queries = Vec::new();
+    let mut ensemble_dice = vec![Vec::new(); ensembles.len()];
+    for (seed, motion) in motions {
+        let (image, truth) = if seed.is_some() {
+            let transform = about_centre(&motion, task.query.image.geometry());
+            (
+                move_image(&task.query.image, &transform)?,
+                move_labels(&task.query.truth, &transform)?,
+            )
+        } else {
+            (task.query.image.clone(), task.query.truth.clone())
+        };
+        let baseline = dice_per_class(&copied, &truth, &labels)?;
+        let (model_dice, segment_s, windows) = match &embedding {
+            Some(e) => segment(model, &image, e, &truth, &labels)?,
+            None => (vec![None; labels.len()], 0.0, 0),
+        };
+        let query = seed.map_or_else(|| "aligned".to_string(), |s| format!("moved #{s}"));
+        progress(&format!(
+            "{} {query}: model {} | copy {} ({segment_s:.1} s, {windows} windows)",
+            task.id,
+            mean_text(&model_dice),
+            mean_text(&baseline),
+        ));
+        for ((n, ensemble), dice) in ensembles.iter().zip(&mut ensemble_dice) {
+            let (d, _, _) = segment(model, &image, ensemble, &truth, &labels)?;
+            progress(&format!(
+                "{} {query}: ensemble of {n} {}",
+                task.id,
+                mean_text(&d)
+            ));
+            dice.push(d);
+        }
+        queries.push(QueryResult {
+            seed,
+            motion,
+            model: model_dice,
+            baseline,
+            segment_s,
+            windows,
+        });
+    }
+    let result = TaskResult {
+        id: task.id,
+        title: task.title.clone(),
+        kind: task.kind,
+        reference: task.reference_name.clone(),
+        query: task.query.name.clone(),
+        structures: task.structures.clone(),
+        notes: task.notes.clone(),
+        model_error,
+        encode_s,
+        baseline_s,
+        total_s: start.elapsed().as_secs_f64(),
+        queries,
+        ensembles: ensembles
+            .iter()
+            .map(|(n, _)| *n)
+            .zip(ensemble_dice)
+            .collect(),
+    };
+    Ok((result, embedding))
+}
+
+/// The model's Dice per label on one query, the seconds and the windows.
+fn segment(
+    model: &Model,
+    image: &Image,
+    task: &TaskEmbedding,
+    truth: &LabelMap,
+    labels: &[u16],
+) -> Result<(Vec<Option<f64>>, f64, usize)> {
+    let t = Instant::now();
+    let seg = model.segment(image, task, &SegmentOptions::default())?;
+    let seconds = t.elapsed().as_secs_f64();
+    Ok((
+        dice_per_class(&seg.labels, truth, labels)?,
+        seconds,
+        seg.windows,
+    ))
+}
+
+/// Median seconds of one encoder + decoder run on a window (one class),
+/// after one warm-up run.
+fn time_window(model: &Model, task: &TaskEmbedding) -> Result<f64> {
+    let [d, h, w] = model.manifest().patch_size;
+    let window = ndarray_window(d, h, w);
+    let once = || -> Result<f64> {
+        let t = Instant::now();
+        let features = model.encode_window(window.view())?;
+        model.decode_window(&features, task)?;
+        Ok(t.elapsed().as_secs_f64())
+    };
+    once()?;
+    let mut times = (0..3).map(|_| once()).collect::<Result<Vec<_>>>()?;
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// A smooth z-scored-like test window `[D, H, W]`.
+fn ndarray_window(d: usize, h: usize, w: usize) -> ndarray::Array3<f32> {
+    ndarray::Array3::from_shape_fn((d, h, w), |(i, j, k)| {
+        ((i as f32 * 0.3).sin() + (j as f32 * 0.2).cos() + (k as f32 * 0.1).sin()) / 1.5
+    })
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The current UTC time as `YYYY-MM-DD HH:MM UTC`.
+fn utc_now() -> String {
+    utc_text(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    )
+}
+
+/// `secs` since the Unix epoch as `YYYY-MM-DD HH:MM UTC`.
+fn utc_text(secs: u64) -> String {
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60
+    )
+}
+
+/// Mean of the present values.
+fn mean(values: impl IntoIterator<Item = Option<f64>>) -> Option<f64> {
+    let v: Vec<f64> = values.into_iter().flatten().collect();
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
+fn fmt(value: Option<f64>) -> String {
+    value.map_or_else(|| "–".into(), |v| format!("{v:.3}"))
+}
+
+fn mean_text(values: &[Option<f64>]) -> String {
+    fmt(mean(values.iter().copied()))
+}
+
+impl TaskResult {
+    fn aligned(&self) -> Option<&QueryResult> {
+        self.queries.iter().find(|q| q.seed.is_none())
+    }
+
+    fn moved(&self) -> impl Iterator<Item = &QueryResult> {
+        self.queries.iter().filter(|q| q.seed.is_some())
+    }
+
+    /// Mean Dice over the moved queries of structure `i` (model or baseline).
+    fn moved_mean(&self, i: usize, model: bool) -> Option<f64> {
+        mean(
+            self.moved()
+                .map(|q| if model { q.model[i] } else { q.baseline[i] }),
+        )
+    }
+
+    /// Mean over structures of the aligned query.
+    fn aligned_mean(&self, model: bool) -> Option<f64> {
+        self.aligned()
+            .and_then(|q| mean((if model { &q.model } else { &q.baseline }).iter().copied()))
+    }
+
+    /// Mean over structures and moved queries.
+    fn moved_all(&self, model: bool) -> Option<f64> {
+        mean((0..self.structures.len()).map(|i| self.moved_mean(i, model)))
+    }
+}
+
+/// The Markdown report.
+pub fn markdown(run: &Run) -> String {
+    let mut md = String::new();
+    let o = &run.options;
+    let _ = writeln!(md, "# Iris quality report (issue 7)\n");
+    let _ = writeln!(
+        md,
+        "Generated {} by\n\n```sh\n{}\n```\n\n(from the repository root, as `cargo run \
+         --release -p iris-eval -- results ...`; the CSV next to this file has every Dice).\n",
+        run.started, o.command
+    );
+    if run.random_model() {
+        let _ = writeln!(
+            md,
+            "> **This report ran a model with RANDOM weights (`{}`).** Its model columns say \
+             nothing about Iris's quality; they only show the report's shape. The position-copy \
+             baseline columns are real measurements on real volumes.\n",
+            run.model_name
+        );
+    }
+    if o.quick {
+        let _ = writeln!(
+            md,
+            "> **`--quick`**: at most {QUICK_STRUCTURES} structures per task and one moved \
+             query; not the full report.\n"
+        );
+    }
+    let _ = writeln!(md, "## Setup\n");
+    let _ = writeln!(md, "| | |\n|---|---|");
+    let _ = writeln!(md, "| model folder | `{}` |", o.model.display());
+    let _ = writeln!(md, "| manifest name | `{}` |", run.model_name);
+    let _ = writeln!(md, "| weights fingerprint | `{}` |", run.fingerprint);
+    let _ = writeln!(
+        md,
+        "| patch, spacing | {:?} voxels at {} mm |",
+        run.patch, run.spacing_mm
+    );
+    let _ = writeln!(
+        md,
+        "| memory bank | {} |",
+        if run.memory_bank { "yes" } else { "none" }
+    );
+    let _ = writeln!(md, "| data | `{}` |", o.data.display());
+    let _ = writeln!(
+        md,
+        "| machine | {} logical CPUs, {} |",
+        run.cpus, run.cpu_model
+    );
+    let _ = writeln!(
+        md,
+        "| engine settings | `Model::encode_task` + `Model::segment` defaults (overlap 0.5, \
+         threshold 0.5, largest component) |\n"
+    );
+    let _ = writeln!(
+        md,
+        "**Model** = one-shot Iris: the reference image and label map encoded with \
+         `Model::encode_task`, the query segmented with `Model::segment`. **Copy** = the \
+         position-copy baseline: the reference label map resampled onto the query grid by world \
+         position (nearest neighbour), no model at all. **Moved** queries are the real query \
+         under a seeded random similarity transform about its centre (rotation up to 20°, \
+         shift up to 20 mm, scale 0.9-1.1) with the truth moved alike; the copy baseline does \
+         not follow the move. Dice per structure; moved columns are the mean over the moves.\n"
+    );
+    let moves: Vec<&QueryResult> = run
+        .tasks
+        .first()
+        .map(|t| t.moved().collect())
+        .unwrap_or_default();
+    if !moves.is_empty() {
+        let _ = writeln!(md, "Moves (the same seeds for every task):\n");
+        for q in moves {
+            let _ = writeln!(
+                md,
+                "- seed {}: {}",
+                q.seed.unwrap_or_default(),
+                q.motion.describe()
+            );
+        }
+        let _ = writeln!(md);
+    }
+
+    let _ = writeln!(md, "## Goals of issue 7\n");
+    let _ = writeln!(md, "| goal | measured (model) | copy baseline | reached |");
+    let _ = writeln!(md, "|---|---|---|---|");
+    for line in goals(run) {
+        let _ = writeln!(md, "{line}");
+    }
+    let _ = writeln!(md);
+
+    for task in &run.tasks {
+        let _ = writeln!(md, "## {}\n", task.title);
+        let _ = writeln!(
+            md,
+            "Reference: {}. Query: {}. Task `{}`.\n",
+            task.reference, task.query, task.id
+        );
+        if let Some(e) = &task.model_error {
+            let _ = writeln!(md, "**The model could not encode this task:** {e}\n");
+        }
+        let _ = writeln!(
+            md,
+            "| structure | label | model aligned | copy aligned | model moved | copy moved |"
+        );
+        let _ = writeln!(md, "|---|---|---|---|---|---|");
+        let aligned = task.aligned();
+        for (i, s) in task.structures.iter().enumerate() {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} |",
+                s.name,
+                s.label,
+                fmt(aligned.and_then(|q| q.model[i])),
+                fmt(aligned.and_then(|q| q.baseline[i])),
+                fmt(task.moved_mean(i, true)),
+                fmt(task.moved_mean(i, false)),
+            );
+        }
+        let _ = writeln!(
+            md,
+            "| **mean** | | **{}** | **{}** | **{}** | **{}** |\n",
+            fmt(task.aligned_mean(true)),
+            fmt(task.aligned_mean(false)),
+            fmt(task.moved_all(true)),
+            fmt(task.moved_all(false)),
+        );
+        for note in &task.notes {
+            let _ = writeln!(md, "- {note}");
+        }
+        let _ = writeln!(md);
+    }
+
+    ensemble_section(&mut md, run);
+
+    let _ = writeln!(md, "## Timings\n");
+    let _ = writeln!(
+        md,
+        "Release build, {} logical CPUs ({}). Total run {:.1} s (data loading, moves and \
+         scoring included).\n",
+        run.cpus, run.cpu_model, run.total_s
+    );
+    let _ = writeln!(
+        md,
+        "| task | encode s | segment s per query | windows per query | copy s | task total s |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|");
+    for task in &run.tasks {
+        let n = task.queries.len().max(1) as f64;
+        let seg = task.queries.iter().map(|q| q.segment_s).sum::<f64>() / n;
+        let windows = task.queries.iter().map(|q| q.windows).sum::<usize>() as f64 / n;
+        let _ = writeln!(
+            md,
+            "| `{}` | {:.2} | {seg:.2} | {windows:.1} | {:.2} | {:.1} |",
+            task.id, task.encode_s, task.baseline_s, task.total_s
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nOne window (encoder + decoder, one class, {:?} voxels): {}.\n",
+        run.patch,
+        run.window_s.map_or_else(
+            || "not measured".into(),
+            |s| format!("{s:.3} s (median of 3)")
+        )
+    );
+    let _ = writeln!(md, "## Not measured yet\n");
+    let _ = writeln!(
+        md,
+        "- The memory bank on seen classes (`Model::memory_bank`) is not part of this run \
+         yet{}.\n- Colin27 grey/white matter: no truth in `data/`.",
+        if run.memory_bank {
+            ""
+        } else {
+            " (and this model folder has no memory bank)"
+        }
+    );
+    md
+}
+
+/// The context-ensemble table: mean Dice over structures, aligned and
+/// moved, with 1 (the one-shot column of the task tables), 3 and all references.
+fn ensemble_section(md: &mut String, run: &Run) {
+    let sizes: Vec<usize> = run
+        .tasks
+        .iter()
+        .flat_map(|t| t.ensembles.iter().map(|(n, _)| *n))
+        .fold(Vec::new(), |mut v, n| {
+            if !v.contains(&n) {
+                v.push(n);
+            }
+            v
+        });
+    let _ = writeln!(md, "## Context ensemble\n");
+    if sizes.is_empty() {
+        let _ = writeln!(md, "Not run (`--references 1`, or no task encoded).\n");
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "The reference plus moved copies of it (seeds {}+1, ... of the same random moves) \
+         encoded one by one and averaged (`TaskEmbedding::ensemble`); the only real reference \
+         per task is in `data/`, so the extra references are the same anatomy in other poses. \
+         Model Dice, mean over structures (moved: and over the moved queries).\n",
+        ENSEMBLE_SEED
+    );
+    let mut head = String::from("| task | 1 ref aligned | 1 ref moved |");
+    let mut rule = String::from("|---|---|---|");
+    for n in &sizes {
+        let _ = write!(head, " {n} refs aligned | {n} refs moved |");
+        rule.push_str("---|---|");
+    }
+    let _ = writeln!(md, "{head}\n{rule}");
+    for task in &run.tasks {
+        let mut row = format!(
+            "| `{}` | {} | {} |",
+            task.id,
+            fmt(task.aligned_mean(true)),
+            fmt(task.moved_all(true))
+        );
+        for n in &sizes {
+            let found = task.ensembles.iter().find(|(m, _)| m == n);
+            let (aligned, moved) = found.map_or((None, None), |(_, per_query)| {
+                let mut aligned = None;
+                let mut moved = Vec::new();
+                for (q, dice) in task.queries.iter().zip(per_query) {
+                    let m = mean(dice.iter().copied());
+                    if q.seed.is_some() {
+                        moved.push(m);
+                    } else {
+                        aligned = m;
+                    }
+                }
+                (aligned, mean(moved))
+            });
+            let _ = write!(row, " {} | {} |", fmt(aligned), fmt(moved));
+        }
+        let _ = writeln!(md, "{row}");
+    }
+    let _ = writeln!(md);
+}
+
+/// The goals table rows.
+fn goals(run: &Run) -> Vec<String> {
+    let mut rows = Vec::new();
+    let of = |kind: Kind| run.tasks.iter().filter(move |t| t.kind == kind);
+    let reached = |v: Option<f64>, goal: f64| match v {
+        Some(v) if v >= goal => "yes",
+        Some(_) => "no",
+        None => "not measured",
+    };
+    for (kind, goal, what) in [
+        (Kind::BrainMask, 0.95, "brain mask Dice >= 0.95"),
+        (Kind::Tissue, 0.85, "GM / WM Dice >= 0.85"),
+    ] {
+        for task in of(kind) {
+            for (label, model, copy) in [
+                ("aligned", task.aligned_mean(true), task.aligned_mean(false)),
+                ("moved", task.moved_all(true), task.moved_all(false)),
+            ] {
+                rows.push(format!(
+                    "| {what}: `{}` {label} | {} | {} | {} |",
+                    task.id,
+                    fmt(model),
+                    fmt(copy),
+                    reached(model, goal)
+                ));
+            }
+        }
+    }
+    for task in of(Kind::HeldOutAal) {
+        let (model, copy) = (task.moved_all(true), task.moved_all(false));
+        rows.push(format!(
+            "| held-out AAL Dice >= 0.75 on moved queries (mean of {} structures) | {} | {} | {} |",
+            task.structures.len(),
+            fmt(model),
+            fmt(copy),
+            reached(model, 0.75)
+        ));
+        let (model, copy) = (task.aligned_mean(true), task.aligned_mean(false));
+        let gain = model.zip(copy).map(|(m, c)| m - c);
+        rows.push(format!(
+            "| held-out AAL, aligned: model >= copy + 0.10 | {} (gain {}) | {} | {} |",
+            fmt(model),
+            gain.map_or_else(|| "–".into(), |g| format!("{g:+.3}")),
+            fmt(copy),
+            reached(gain, 0.10)
+        ));
+    }
+    rows
+}
+
+/// The CSV: one row per task, query, structure and method.
+pub fn csv(run: &Run) -> String {
+    let mut out =
+        String::from("task,query,seed,label,structure,method,dice,segment_seconds,windows\n");
+    for task in &run.tasks {
+        for (qi, q) in task.queries.iter().enumerate() {
+            let query = if q.seed.is_some() { "moved" } else { "aligned" };
+            let seed = q.seed.map_or_else(String::new, |s| s.to_string());
+            for (i, s) in task.structures.iter().enumerate() {
+                for (method, dice, secs) in [
+                    ("model", q.model[i], format!("{:.3}", q.segment_s)),
+                    ("copy", q.baseline[i], format!("{:.3}", task.baseline_s)),
+                ] {
+                    let dice = dice.map_or_else(String::new, |d| format!("{d:.4}"));
+                    let _ = writeln!(
+                        out,
+                        "{},{query},{seed},{},{},{method},{dice},{secs},{}",
+                        task.id, s.label, s.name, q.windows
+                    );
+                }
+                for (n, per_query) in &task.ensembles {
+                    let dice = per_query[qi][i].map_or_else(String::new, |d| format!("{d:.4}"));
+                    let _ = writeln!(
+                        out,
+                        "{},{query},{seed},{},{},ensemble-{n},{dice},,{}",
+                        task.id, s.label, s.name, q.windows
+                    );
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The CSV path next to a report: `results.md` -> `results.csv`.
+pub fn csv_path(report: &Path) -> PathBuf {
+    report.with_extension("csv")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ensemble_sizes_are_three_and_all() {
+        assert!(ensemble_sizes(1).is_empty());
+        assert_eq!(ensemble_sizes(2), [2]);
+        assert_eq!(ensemble_sizes(3), [3]);
+        assert_eq!(ensemble_sizes(5), [3, 5]);
+    }
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc_text(0), "1970-01-01 00:00 UTC");
+        // 2000-02-29 12:34 (a leap day) and 2026-11-28 09:43.
+        assert_eq!(utc_text(951_827_640), "2000-02-29 12:34 UTC");
+        assert_eq!(utc_text(1_795_858_980), "2026-11-28 09:43 UTC");
+    }
+
+    #[test]
+    fn means_skip_absent_values() {
+        assert_eq!(mean([Some(0.5), None, Some(1.0)]), Some(0.75));
+        assert_eq!(mean([None, None]), None);
+        assert_eq!(fmt(None), "–");
+        assert_eq!(fmt(Some(0.92744)), "0.927");
+    }
+}

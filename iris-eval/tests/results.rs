@@ -1,0 +1,208 @@
+//! `iris-eval` on the real volumes of `data/` (skipped with a message when
+//! absent; an error under `IRIS_REQUIRE_DATA=1`) and a tiny random model.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use iris_core::metrics::dice_per_class;
+use iris_core::preprocess::resample_labels;
+use iris_eval::tasks::{self, HELD_OUT_AAL, Kind, Limits};
+use iris_tests::TempDir;
+
+/// The data folder, or `None` (with a message) when a file is missing.
+fn data_dir() -> Option<PathBuf> {
+    let data = iris_tests::repo_root().join("data");
+    let missing = tasks::missing_files(&data);
+    if missing.is_empty() {
+        return Some(data);
+    }
+    assert!(
+        std::env::var("IRIS_REQUIRE_DATA").as_deref() != Ok("1"),
+        "{missing:?} missing and IRIS_REQUIRE_DATA=1: run scripts/fetch-data.sh"
+    );
+    eprintln!("skipping: {missing:?} absent; run scripts/fetch-data.sh");
+    None
+}
+
+#[test]
+fn aal3_names_map_the_twelve_held_out_structures() {
+    let Some(data) = data_dir() else { return };
+    let aal = tasks::read_names(&data.join(tasks::AAL_NAMES)).expect("AAL names");
+    let aal3 = tasks::read_names(&data.join(tasks::AAL3_NAMES)).expect("AAL3 names");
+    let (volume, _) = iris_core::nifti::read_labels(data.join(tasks::AAL3)).expect("AAL3");
+    let present = volume.labels_present();
+    let held: Vec<(u16, String)> = aal
+        .iter()
+        .filter(|(v, _)| HELD_OUT_AAL.contains(v))
+        .cloned()
+        .collect();
+    assert_eq!(held.len(), 12);
+    let m = tasks::map_aal_to_aal3(&held, &aal3, |v| present.contains(&v));
+    assert!(m.unmapped.is_empty(), "unmapped: {:?}", m.unmapped);
+    let mapped: Vec<u16> = m.mapped.iter().map(|(l, _)| *l).collect();
+    assert_eq!(mapped, HELD_OUT_AAL);
+    for (label, values) in &m.mapped {
+        let name = &held.iter().find(|(v, _)| v == label).expect("held").1;
+        if name.starts_with("Thalamus_") {
+            // The 15 nuclei of one side (AAL3v1 has no voxels of label 81/82).
+            assert_eq!(values.len(), 15, "{name}: {values:?}");
+        } else {
+            assert_eq!(values.len(), 1, "{name}: {values:?}");
+            let aal3_name = &aal3.iter().find(|(v, _)| *v == values[0]).expect("named").1;
+            assert_eq!(aal3_name, name);
+        }
+    }
+    // Over all 116 AAL names, those AAL3 renamed or split are reported.
+    let all = tasks::map_aal_to_aal3(&aal, &aal3, |v| present.contains(&v));
+    assert_eq!(all.mapped.len() + all.unmapped.len(), aal.len());
+    for renamed in ["Frontal_Sup_L", "Cingulum_Ant_L", "Frontal_Sup_Orb_L"] {
+        assert!(
+            all.unmapped.iter().any(|n| n == renamed),
+            "{renamed} should be unmapped: {:?}",
+            all.unmapped
+        );
+    }
+}
+
+#[test]
+fn tasks_have_their_structures_in_reference_and_truth() {
+    let Some(data) = data_dir() else { return };
+    let tasks = tasks::build(&data, Limits::default()).expect("tasks build");
+    let kinds: Vec<Kind> = tasks.iter().map(|t| t.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            Kind::BrainMask,
+            Kind::BrainMask,
+            Kind::Tissue,
+            Kind::HeldOutAal,
+            Kind::CrossSpecies
+        ]
+    );
+    for task in &tasks {
+        task.query
+            .image
+            .ensure_same_grid(&task.query.truth, task.id)
+            .expect("truth on the query grid");
+        for s in &task.structures {
+            assert!(
+                task.reference_labels.count(s.label) > 100,
+                "{}: {} small in the reference",
+                task.id,
+                s.name
+            );
+            assert!(
+                task.query.truth.count(s.label) > 100,
+                "{}: {} small in the truth",
+                task.id,
+                s.name
+            );
+        }
+    }
+    assert_eq!(tasks[3].structures.len(), 12);
+    // Where reference and query are the same volume, the position copy is exact.
+    for task in &tasks[2..] {
+        if task.kind == Kind::HeldOutAal {
+            continue;
+        }
+        let copied =
+            resample_labels(&task.reference_labels, task.query.image.geometry()).expect("copies");
+        let labels: Vec<u16> = task.structures.iter().map(|s| s.label).collect();
+        let dice = dice_per_class(&copied, &task.query.truth, &labels).expect("same grid");
+        assert!(
+            dice.iter().all(|d| *d == Some(1.0)),
+            "{}: {dice:?}",
+            task.id
+        );
+    }
+}
+
+/// The CSV's Dice of `task`, `query` (`aligned`/`moved`), `method`.
+fn csv_dice(csv: &str, task: &str, query: &str, method: &str) -> Vec<f64> {
+    csv.lines()
+        .skip(1)
+        .map(|l| l.split(',').collect::<Vec<_>>())
+        .filter(|f| f[0] == task && f[1] == query && f[5] == method)
+        .map(|f| f[6].parse::<f64>().expect("dice"))
+        .collect()
+}
+
+#[test]
+fn quick_results_on_a_tiny_random_model_write_every_table() {
+    let Some(data) = data_dir() else { return };
+    let dir = TempDir::new("iris-eval");
+    let model = dir.join("model");
+    let fingerprint = iris_tests::fixture::export_tiny_model(&model, 7);
+    let out = dir.join("results.md");
+    let status = Command::new(env!("CARGO_BIN_EXE_iris-eval"))
+        .args(["results", "--quick", "--moves", "2", "--references", "2"])
+        .arg("--model")
+        .arg(&model)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .expect("runs");
+    assert!(status.success());
+    let md = std::fs::read_to_string(&out).expect("report written");
+    let csv = std::fs::read_to_string(out.with_extension("csv")).expect("csv written");
+    for needle in [
+        "iris-tiny-random",
+        "RANDOM weights",
+        "`--quick`",
+        "## Goals of issue 7",
+        "## Brain mask: Colin27 -> MNI152",
+        "## Brain mask: MNI152 -> Colin27",
+        "## Grey and white matter",
+        "## 12 held-out AAL structures",
+        "## Cross-species",
+        "Truth is APPROXIMATE",
+        "## Context ensemble",
+        "| 2 refs aligned | 2 refs moved |",
+        "## Timings",
+        "One window",
+    ] {
+        assert!(md.contains(needle), "report lacks {needle:?}:\n{md}");
+    }
+    assert!(md.contains(&fingerprint.to_string()));
+    let tables = md.matches("| structure | label | model aligned |").count();
+    assert_eq!(tables, 5);
+
+    // The baseline is real: Colin27's brain copied onto MNI152 scores about
+    // 0.93 aligned and drops on the moved query; a volume copied onto
+    // itself is exact.
+    let brain = csv_dice(&csv, "brain-colin27-to-mni152", "aligned", "copy");
+    assert_eq!(brain.len(), 1);
+    assert!((0.88..0.97).contains(&brain[0]), "{brain:?}");
+    let moved = csv_dice(&csv, "brain-colin27-to-mni152", "moved", "copy");
+    assert_eq!(moved.len(), 1, "--quick keeps one move");
+    assert!(moved[0] < brain[0] - 0.05, "{moved:?} vs {brain:?}");
+    for task in [
+        "tissue-mni152-to-inverted-mni152",
+        "neuromaps-inia19-to-inia19",
+    ] {
+        let d = csv_dice(&csv, task, "aligned", "copy");
+        assert_eq!(d, [1.0, 1.0], "{task}");
+    }
+    // One ensemble of 2 references (no ensemble of 3 out of 2): a row per
+    // structure and query, (1 + 1 + 2 + 2 + 2) structures, aligned + 1 move.
+    assert_eq!(csv.matches(",ensemble-2,").count(), 8 * 2);
+    assert!(!csv.contains(",ensemble-3,"));
+    // The model column holds the tiny model's own scores, in [0, 1].
+    let model_dice = csv_dice(&csv, "aal-colin27-to-mni152", "aligned", "model");
+    assert_eq!(model_dice.len(), 2);
+    assert!(model_dice.iter().all(|d| (0.0..=1.0).contains(d)));
+}
+
+#[test]
+fn missing_data_is_an_error_naming_the_files() {
+    let dir = TempDir::new("iris-eval-nodata");
+    let err = tasks::build(dir.path(), Limits::default()).expect_err("no data");
+    let text = err.to_string();
+    assert!(
+        text.contains("ch2.nii.gz") && text.contains("fetch-data.sh"),
+        "{text}"
+    );
+    assert_eq!(tasks::missing_files(dir.path()).len(), 11);
+}
