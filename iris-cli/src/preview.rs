@@ -324,6 +324,7 @@ pub fn encode_png(rgb: &Rgb) -> std::result::Result<Vec<u8>, String> {
 mod tests {
     use super::*;
     use iris_core::volume::{Affine, Volume};
+    use iris_tests::data_file;
 
     /// A canonical grid: `d` to superior (z), `h` to anterior (y), `w` to
     /// right (x), with the given spacing in mm.
@@ -551,27 +552,6 @@ mod tests {
         );
         assert_eq!(info.color_type, png::ColorType::Rgb);
         assert_eq!(&buf[..info.buffer_size()], &p.rgb.pixels[..]);
-    }
-
-    /// `data/<rel>` of the workspace, or `None` (skip) when the data was not
-    /// fetched; a failure under `IRIS_REQUIRE_DATA=1`.
-    fn data_file(rel: &str) -> Option<std::path::PathBuf> {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../data")
-            .join(rel);
-        if path.is_file() {
-            return Some(path);
-        }
-        assert!(
-            std::env::var("IRIS_REQUIRE_DATA").as_deref() != Ok("1"),
-            "{} is missing and IRIS_REQUIRE_DATA=1: run scripts/fetch-data.sh",
-            path.display()
-        );
-        eprintln!(
-            "skipping: {} is absent; run scripts/fetch-data.sh",
-            path.display()
-        );
-        None
     }
 
     #[test]

@@ -19,7 +19,7 @@ use iris_core::irisemb::{self, Payload};
 use iris_core::nifti;
 use iris_core::preprocess::IntensityPolicy;
 use iris_core::volume::{Affine, Image, LabelMap};
-use iris_tests::{TempDir, fixture};
+use iris_tests::{TempDir, data_file, fixture};
 use serde_json::Value;
 
 /// Runs `iris args...` with IRIS_MODEL unset.
@@ -53,26 +53,6 @@ fn expect_code(o: &Output, code: i32) {
 fn json(o: &Output) -> Value {
     expect_code(o, 0);
     serde_json::from_slice(&o.stdout).expect("valid JSON on stdout")
-}
-
-/// `data/<rel>`, or `None` (skip) when absent; panics under IRIS_REQUIRE_DATA=1.
-fn data_file(rel: &str) -> Option<PathBuf> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../data")
-        .join(rel);
-    if path.is_file() {
-        return Some(path);
-    }
-    assert!(
-        std::env::var("IRIS_REQUIRE_DATA").as_deref() != Ok("1"),
-        "{} is missing and IRIS_REQUIRE_DATA=1: run scripts/fetch-data.sh",
-        path.display()
-    );
-    eprintln!(
-        "skipping: {} is absent; run scripts/fetch-data.sh",
-        path.display()
-    );
-    None
 }
 
 const SHAPES: [StageShape; 2] = [

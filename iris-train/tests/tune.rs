@@ -5,7 +5,7 @@
 //! `.irisemb` with `Tuned` provenance, bad input is refused naming the
 //! problem, and the `iris-train tune` command does the same from files.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Mutex, PoisonError};
 
 use burn::module::{Module, ModuleVisitor, Param};
@@ -18,19 +18,13 @@ use iris_core::irisemb::{self, Payload};
 use iris_core::nifti;
 use iris_core::preprocess::IntensityPolicy;
 use iris_core::volume::{Affine, Image, LabelMap};
+use iris_tests::TempDir;
+use iris_tests::fixture::phantom;
 use iris_train::Error;
 use iris_train::bank::{class_stages, stage_tensors};
 use iris_train::model::{self, Iris, IrisConfig};
 use iris_train::training::{Trainer, TrainingConfig, model_fingerprint};
 use iris_train::tune::{TuneOptions, loss_on_cases, tune};
-
-/// A fresh folder under the system temp dir, removed first if present.
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("iris-tune-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
-}
 
 /// The tiny preset with weights drawn from `seed`, on the CPU (plain, or
 /// autodiff when `autodiff`). The device's generator is shared by the
@@ -46,43 +40,6 @@ fn tiny_model(seed: u64, autodiff: bool) -> (Iris, IrisConfig) {
     let model = config.init(&device).expect("tiny preset");
     model_fingerprint(&model, &config);
     (model, config)
-}
-
-/// A phantom on a `shape` grid placed by `affine`: a textured background,
-/// a ball of label 1 centred at voxel `ball` with radius `radius` voxels,
-/// and a box of label 2 at `[lo, hi)` voxels per axis.
-fn phantom(
-    shape: [usize; 3],
-    affine: Affine,
-    ball: [f64; 3],
-    radius: f64,
-    (lo, hi): ([usize; 3], [usize; 3]),
-) -> (Image, LabelMap) {
-    let mut voxels = Vec::new();
-    let mut labels = Vec::new();
-    for d in 0..shape[0] {
-        for h in 0..shape[1] {
-            for w in 0..shape[2] {
-                let p = [d as f64, h as f64, w as f64];
-                let r2: f64 = (0..3).map(|a| (p[a] - ball[a]).powi(2)).sum();
-                let in_box = (0..3).all(|a| (lo[a]..hi[a]).contains(&[d, h, w][a]));
-                let texture = 20.0 * (0.7 * p[0]).sin() * (0.5 * p[1]).cos() + 0.25 * p[2];
-                let (value, label) = if r2 <= radius * radius {
-                    (700.0, 1)
-                } else if in_box {
-                    (350.0, 2)
-                } else {
-                    (100.0, 0)
-                };
-                voxels.push((value + texture) as f32);
-                labels.push(label);
-            }
-        }
-    }
-    (
-        Image::from_vec(shape, affine, voxels).expect("valid image"),
-        LabelMap::from_vec(shape, affine, labels).expect("valid labels"),
-    )
 }
 
 /// Two labelled cases: 40^3 voxels of 4 mm, and 36 x 44 x 40 voxels of
@@ -230,8 +187,8 @@ fn tuning_lowers_the_loss_and_leaves_the_model_bit_identical() {
         tuned.initial_loss
     );
     // The tuned embedding, read back from its file, has the lower loss.
-    let dir = temp_dir("loss");
-    let read_back = round_trip(&tuned.embedding, &dir);
+    let dir = TempDir::new("tune-loss");
+    let read_back = round_trip(&tuned.embedding, dir.path());
     let tuned_loss = loss_on_cases(&model, &config, &read_back, &cases).expect("evaluates");
     assert!(
         (tuned_loss - tuned.final_loss).abs() < 1e-5,
@@ -243,7 +200,6 @@ fn tuning_lowers_the_loss_and_leaves_the_model_bit_identical() {
         "loss {init_loss} -> {tuned_loss}"
     );
     assert!(progress[9].1 < progress[0].1, "{progress:?}");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -266,8 +222,8 @@ fn tuned_embedding_round_trips_with_tuned_provenance() {
         tuned.final_loss
     );
 
-    let dir = temp_dir("round-trip");
-    let task = round_trip(&tuned.embedding, &dir);
+    let dir = TempDir::new("tune-round-trip");
+    let task = round_trip(&tuned.embedding, dir.path());
     assert_eq!(task, tuned.embedding);
     assert_eq!(task.model(), init.model());
     assert_eq!(task.preprocessing(), init.preprocessing());
@@ -292,7 +248,6 @@ fn tuned_embedding_round_trips_with_tuned_provenance() {
             .fold(0.0f32, f32::max);
         assert!(moved > 0.0 && moved < 0.05, "largest change {moved}");
     }
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -442,7 +397,7 @@ fn bad_input_is_refused_naming_the_problem() {
 
 #[test]
 fn command_line_tunes_a_task_from_files() {
-    let dir = temp_dir("cli");
+    let dir = TempDir::new("tune-cli");
     // A one-step training run gives the checkpoint the command loads.
     let run = dir.join("run");
     let (model, config) = tiny_model(8, true);
@@ -520,5 +475,4 @@ fn command_line_tunes_a_task_from_files() {
     assert_eq!(code, Some(3), "{stderr}");
     assert!(stderr.contains("missing.irisemb"), "{stderr}");
     assert!(!out.exists());
-    std::fs::remove_dir_all(&dir).ok();
 }

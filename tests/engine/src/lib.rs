@@ -19,6 +19,28 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// `data/<rel>` of the workspace (fetched by `scripts/fetch-data.sh`), or
+/// `None` (with a message: the caller skips) when it is absent.
+///
+/// # Panics
+/// When the file is absent and `IRIS_REQUIRE_DATA=1`.
+pub fn data_file(rel: &str) -> Option<PathBuf> {
+    let path = repo_root().join("data").join(rel);
+    if path.is_file() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var("IRIS_REQUIRE_DATA").as_deref() != Ok("1"),
+        "{} is missing and IRIS_REQUIRE_DATA=1: run scripts/fetch-data.sh",
+        path.display()
+    );
+    eprintln!(
+        "skipping: {} is absent; run scripts/fetch-data.sh",
+        path.display()
+    );
+    None
+}
+
 /// Colin27 (`data/mricron/ch2.nii.gz`) and its AAL label map, or `None`
 /// (with a message) when `data/` is absent; with `IRIS_REQUIRE_DATA=1`
 /// their absence is an error.
@@ -26,20 +48,8 @@ pub fn repo_root() -> PathBuf {
 /// # Panics
 /// When the files are absent and `IRIS_REQUIRE_DATA=1`, or cannot be read.
 pub fn colin() -> Option<(Image, LabelMap)> {
-    let dir = repo_root().join("data/mricron");
-    let (image, labels) = (dir.join("ch2.nii.gz"), dir.join("aal.nii.gz"));
-    if !(image.is_file() && labels.is_file()) {
-        assert!(
-            std::env::var("IRIS_REQUIRE_DATA").map_or(true, |v| v != "1"),
-            "{} is missing and IRIS_REQUIRE_DATA=1: run scripts/fetch-data.sh",
-            dir.display()
-        );
-        eprintln!(
-            "skipping: {} is absent; run scripts/fetch-data.sh",
-            dir.display()
-        );
-        return None;
-    }
+    let image = data_file("mricron/ch2.nii.gz")?;
+    let labels = data_file("mricron/aal.nii.gz")?;
     let (image, _) = nifti::read_image(&image).expect("ch2 reads");
     let (labels, _) = nifti::read_labels(&labels).expect("aal reads");
     Some((image, labels))
