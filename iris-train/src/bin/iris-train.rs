@@ -30,7 +30,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use iris_core::irisemb::{self, Payload};
 use iris_core::nifti;
 use iris_train::Error;
-use iris_train::data::{AtlasSource, EpisodeConfig, EpisodeSampler, atlas::load_atlases};
+use iris_train::data::atlas::{load_atlases, with_regions};
+use iris_train::data::{AtlasSource, EpisodeConfig, EpisodeSampler};
 use iris_train::model::IrisConfig;
 use iris_train::training::{Trainer, TrainingConfig, evaluate, held_out_episodes};
 use iris_train::tune::{TuneOptions, tune};
@@ -122,6 +123,11 @@ struct TrainArgs {
     /// third of --steps).
     #[arg(long)]
     curriculum_steps: Option<usize>,
+    /// Also train on coarse views of each atlas: its trainable classes
+    /// merged by position into this many regions (large targets; 0 or
+    /// none: parcels only).
+    #[arg(long, value_delimiter = ',', default_values_t = [6, 24])]
+    regions: Vec<usize>,
     /// No progress bar or summary.
     #[arg(long)]
     quiet: bool,
@@ -254,7 +260,7 @@ fn train(args: &TrainArgs) -> Result<(), Failure> {
         Trainer::new(config, &device)?
     };
 
-    let mut sampler = load_data(&args.data, &trainer.config().model)?;
+    let mut sampler = load_data(&args.data, &trainer.config().model, &args.regions)?;
     let mut classes: Vec<_> = sampler
         .trainable_classes()
         .map(|c| (c.key.clone(), c.name.clone()))
@@ -515,7 +521,11 @@ fn tune_task(args: &TuneArgs) -> Result<(), Failure> {
 
 /// The training atlases at the model's spacing, or a failure telling how
 /// to get them.
-fn load_data(data: &Path, model: &IrisConfig) -> Result<EpisodeSampler, Failure> {
+fn load_data(
+    data: &Path,
+    model: &IrisConfig,
+    regions: &[usize],
+) -> Result<EpisodeSampler, Failure> {
     if !data.is_dir() {
         return Err(Failure::new(
             3,
@@ -534,8 +544,9 @@ fn load_data(data: &Path, model: &IrisConfig) -> Result<EpisodeSampler, Failure>
             ),
         )
     };
-    let sources =
-        load_atlases(data, &AtlasSource::TRAINING, model.spacing_mm).map_err(data_failure)?;
+    let sources = load_atlases(data, &AtlasSource::TRAINING, model.spacing_mm)
+        .and_then(|sources| with_regions(sources, regions))
+        .map_err(data_failure)?;
     EpisodeSampler::new(sources, EpisodeConfig::new(model.patch_size)).map_err(data_failure)
 }
 

@@ -259,6 +259,120 @@ impl Source {
     pub fn subjects(&self) -> &[Subject] {
         &self.subjects
     }
+
+    /// A coarser view of this source for large training targets: its
+    /// trainable classes grouped by position into `groups` regions (k-means
+    /// of the classes' box centres over the first subject, 10 rounds from
+    /// evenly spaced seeds), each region a class (labels `1..=groups`) of a
+    /// source named `"{name}-{groups}"`. Held-out classes keep a label of
+    /// their own ([`HELD_OUT_TISSUE`]) that is drawn as tissue but is never
+    /// a class, so no target covers them; head layers are kept.
+    ///
+    /// Small classes teach the model slowly (a class of 0.3 % of the patch
+    /// gives the Dice loss little to hold on to); merged regions of several
+    /// parcels give large, still anatomical targets.
+    ///
+    /// # Errors
+    /// [`Error::Core`] when `groups` is 0 or exceeds the trainable classes.
+    pub fn coarsened(&self, groups: usize) -> Result<Source> {
+        let trainable: Vec<&ClassInfo> = self.classes.iter().filter(|c| !c.held_out).collect();
+        if groups == 0 || groups > trainable.len() {
+            return Err(Error::invalid(
+                "groups",
+                format!(
+                    "{groups} regions of {} trainable classes of {}",
+                    trainable.len(),
+                    self.name
+                ),
+            ));
+        }
+        let first = &self.subjects[0];
+        let centres: Vec<[f64; 3]> = trainable
+            .iter()
+            .map(|c| {
+                first.stats(c.label).map_or([0.0; 3], |s| {
+                    std::array::from_fn(|a| (s.bbox.min[a] + s.bbox.max[a]) as f64 / 2.0)
+                })
+            })
+            .collect();
+        let assignment = kmeans(&centres, groups);
+        let mut table: BTreeMap<u16, u16> = BTreeMap::new();
+        for (class, &group) in trainable.iter().zip(&assignment) {
+            table.insert(class.label, group as u16 + 1);
+        }
+        for class in self.classes.iter().filter(|c| c.held_out) {
+            table.insert(class.label, HELD_OUT_TISSUE);
+        }
+        let subjects = self
+            .subjects
+            .iter()
+            .map(|subject| {
+                let labels = subject.labels.mapv(|l| table.get(&l).copied().unwrap_or(l));
+                Subject::new(labels, subject.image.clone())
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let name = format!("{}-{groups}", self.name);
+        let classes = (1..=groups as u16)
+            .map(|label| ClassInfo {
+                key: ClassKey::new(&name, label),
+                label,
+                held_out: false,
+                name: format!("{} region {label} of {groups}", self.name),
+            })
+            .collect();
+        Ok(Source {
+            name,
+            classes,
+            subjects,
+        })
+    }
+}
+
+/// The label that [`Source::coarsened`] gives held-out classes: tissue in
+/// synthetic images, never a class.
+pub const HELD_OUT_TISSUE: u16 = 65532;
+
+/// Group of each point after Lloyd's k-means with `k` clusters, seeded
+/// with points spread evenly through the input order and run 10 rounds
+/// (deterministic). Every group ends up non-empty: an emptied cluster is
+/// re-seeded with the point farthest from its centre.
+fn kmeans(points: &[[f64; 3]], k: usize) -> Vec<usize> {
+    let dist = |a: &[f64; 3], b: &[f64; 3]| (0..3).map(|i| (a[i] - b[i]).powi(2)).sum::<f64>();
+    let mut centres: Vec<[f64; 3]> = (0..k).map(|i| points[i * points.len() / k]).collect();
+    let mut assignment = vec![0; points.len()];
+    for _ in 0..10 {
+        for (a, p) in assignment.iter_mut().zip(points) {
+            *a = (0..k)
+                .min_by(|&i, &j| dist(p, &centres[i]).total_cmp(&dist(p, &centres[j])))
+                .unwrap_or(0);
+        }
+        for (c, centre) in centres.iter_mut().enumerate() {
+            let members: Vec<&[f64; 3]> = points
+                .iter()
+                .zip(&assignment)
+                .filter(|&(_, &a)| a == c)
+                .map(|(p, _)| p)
+                .collect();
+            if !members.is_empty() {
+                *centre = std::array::from_fn(|i| {
+                    members.iter().map(|p| p[i]).sum::<f64>() / members.len() as f64
+                });
+            }
+        }
+        for c in 0..k {
+            if !assignment.contains(&c) {
+                let far = (0..points.len())
+                    .max_by(|&i, &j| {
+                        dist(&points[i], &centres[assignment[i]])
+                            .total_cmp(&dist(&points[j], &centres[assignment[j]]))
+                    })
+                    .unwrap_or(0);
+                assignment[far] = c;
+                centres[c] = points[far];
+            }
+        }
+    }
+    assignment
 }
 
 /// AAL, AAL3 and HCPex structures held out of training, matched as
@@ -529,6 +643,22 @@ pub fn load_atlases(
         .collect()
 }
 
+/// `sources` followed by their [`Source::coarsened`] views, one per entry of
+/// `regions` for each source that has more trainable classes than that.
+///
+/// # Errors
+/// As [`Source::coarsened`].
+pub fn with_regions(sources: Vec<Source>, regions: &[usize]) -> Result<Vec<Source>> {
+    let mut coarse = Vec::new();
+    for source in &sources {
+        let trainable = source.classes().iter().filter(|c| !c.held_out).count();
+        for &groups in regions.iter().filter(|&&g| g > 0 && g < trainable) {
+            coarse.push(source.coarsened(groups)?);
+        }
+    }
+    Ok(sources.into_iter().chain(coarse).collect())
+}
+
 /// Reads an image, puts it in RAS+ and resamples it onto `grid`.
 fn load_image_on(path: &Path, grid: &Geometry) -> Result<Array3<f32>> {
     let (image, _) = read_image(path)?;
@@ -662,6 +792,42 @@ mod tests {
         assert!(!AtlasSource::Aal.is_held_out(39, "ParaHippocampal_L"));
         assert!(!AtlasSource::HcpEx.is_held_out(1, "Primary_Visual_Cortex_L"));
         assert!(AtlasSource::Colin27Brain.is_held_out(1, "brain"));
+    }
+
+    #[test]
+    fn coarsened_sources_merge_trainable_classes_by_position() {
+        // Eight 2-voxel classes along the first axis; class 5 is held out.
+        let labels = Array3::from_shape_fn((16, 2, 2), |(d, _, _)| (d / 2) as u16 + 1);
+        let subject = Subject::new(labels, None).unwrap();
+        let src = Source::new("toy", &BTreeMap::new(), vec![subject], |l, _| l == 5).unwrap();
+        let coarse = src.coarsened(2).unwrap();
+        assert_eq!(coarse.name(), "toy-2");
+        let keys: Vec<&str> = coarse.classes().iter().map(|c| c.key.as_str()).collect();
+        assert_eq!(keys, ["toy-2:1", "toy-2:2"]);
+        assert!(coarse.classes().iter().all(|c| !c.held_out));
+        let merged = coarse.subjects()[0].labels();
+        // Neighbours share a region, the two ends do not, and the
+        // held-out class is tissue, not part of a region.
+        let region = |d: usize| merged[[d, 0, 0]];
+        assert_eq!(region(0), region(2));
+        assert_ne!(region(0), region(15));
+        assert_eq!(region(8), HELD_OUT_TISSUE);
+        assert!(
+            (0..16)
+                .filter(|&d| d / 2 != 4)
+                .all(|d| (1..=2).contains(&region(d)))
+        );
+        for c in coarse.classes() {
+            assert!(
+                coarse.subjects()[0].stats(c.label).is_some(),
+                "{:?} is empty",
+                c.key
+            );
+        }
+        assert!(src.coarsened(0).is_err() && src.coarsened(8).is_err());
+        let all = with_regions(vec![src], &[2, 3, 50]).unwrap();
+        let names: Vec<&str> = all.iter().map(Source::name).collect();
+        assert_eq!(names, ["toy", "toy-2", "toy-3"]);
     }
 
     #[test]

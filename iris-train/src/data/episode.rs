@@ -22,7 +22,7 @@ use rand::{Rng, RngExt, SeedableRng};
 
 use super::atlas::{ClassInfo, ClassKey, Source, Subject, neighbours6};
 use super::augment::{IntensityConfig, SpatialConfig, Warp, augment_intensity, uniform};
-use super::synth::{SynthConfig, synthesize};
+use super::synth::{Contrast, SynthConfig, synthesize};
 use super::{Error, Result};
 
 /// Everything that shapes an episode. [`EpisodeConfig::new`] gives the
@@ -41,6 +41,11 @@ pub struct EpisodeConfig {
     /// Smallest class size as a fraction of the patch's voxels (the
     /// curriculum knob: e.g. 0.01 early, 0 later). Default 0.
     pub min_foreground_fraction: f64,
+    /// Probability that the reference and query share one synthetic
+    /// contrast (each label looks the same in both), as a reference and a
+    /// query of one modality do at inference; otherwise each draws its own.
+    /// Default 0.9.
+    pub shared_contrast_probability: f64,
     /// Probability of using a subject's real image (when it has one)
     /// instead of a synthetic one. Default 0: the real images of `data/`
     /// are the evaluation volumes of issue 7.
@@ -74,6 +79,7 @@ impl EpisodeConfig {
             class_drop_probability: 0.3,
             min_voxels: 8,
             min_foreground_fraction: 0.0,
+            shared_contrast_probability: 0.9,
             real_image_probability: 0.0,
             reference_shift: 1.0,
             query_shift: 0.25,
@@ -102,6 +108,10 @@ impl EpisodeConfig {
         for (name, p) in [
             ("class_drop_probability", self.class_drop_probability),
             ("min_foreground_fraction", self.min_foreground_fraction),
+            (
+                "shared_contrast_probability",
+                self.shared_contrast_probability,
+            ),
             ("real_image_probability", self.real_image_probability),
             ("reference_shift", self.reference_shift),
             ("query_shift", self.query_shift),
@@ -317,8 +327,9 @@ impl EpisodeSampler {
         }
     }
 
-    /// Makes the episode of `task`: two independent draws (warp, contrast,
-    /// intensity augmentation), the reference centred on the task's classes
+    /// Makes the episode of `task`: two independent draws (warp, bias,
+    /// noise, intensity augmentation; the synthetic contrast shared with
+    /// probability `shared_contrast_probability`), the reference centred on the task's classes
     /// so that they stay inside the crop, the query centred between the
     /// classes and the subject's foreground and shifted at random by up to
     /// `query_shift` of the patch. The two draws run in parallel (rayon)
@@ -346,13 +357,17 @@ impl EpisodeSampler {
             subject(task.query_subject)?,
         );
         let seeds: [u64; 3] = std::array::from_fn(|_| rng.random());
+        let shared = rng
+            .random_bool(self.config.shared_contrast_probability)
+            .then(|| Contrast::random(rng, &self.config.synth));
         let (reference, query) = rayon::join(
-            || self.reference_draw(reference, &task.labels, seeds[0]),
+            || self.reference_draw(reference, &task.labels, shared.as_ref(), seeds[0]),
             || {
                 self.draw(
                     query,
                     &task.labels,
                     Role::Query,
+                    shared.as_ref(),
                     &mut ChaCha8Rng::seed_from_u64(seeds[1]),
                 )
             },
@@ -398,12 +413,13 @@ impl EpisodeSampler {
         &self,
         subject: &Subject,
         labels: &[u16],
+        contrast: Option<&Contrast>,
         seed: u64,
     ) -> Result<(Array3<f32>, Array4<u8>)> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut missing = 0;
         for _ in 0..DRAW_ATTEMPTS {
-            let (image, masks) = self.draw(subject, labels, Role::Reference, &mut rng)?;
+            let (image, masks) = self.draw(subject, labels, Role::Reference, contrast, &mut rng)?;
             match masks.outer_iter().position(|m| !m.iter().any(|&v| v != 0)) {
                 None => return Ok((image, masks)),
                 Some(k) => missing = labels[k],
@@ -415,12 +431,14 @@ impl EpisodeSampler {
         .into())
     }
 
-    /// One draw: warp, image (synthetic or real), intensity augmentation, masks.
+    /// One draw: warp, image (synthetic, in `contrast` or a contrast of
+    /// its own, or real), intensity augmentation, masks.
     fn draw(
         &self,
         subject: &Subject,
         labels: &[u16],
         role: Role,
+        contrast: Option<&Contrast>,
         rng: &mut ChaCha8Rng,
     ) -> Result<(Array3<f32>, Array4<u8>)> {
         let patch = self.config.patch;
@@ -468,7 +486,17 @@ impl EpisodeSampler {
             .filter(|_| rng.random_bool(self.config.real_image_probability));
         let mut image = match real {
             Some(real) => warp.image(real),
-            None => synthesize(&warped, rng, &self.config.synth)?,
+            None => {
+                let own;
+                let contrast = match contrast {
+                    Some(c) => c,
+                    None => {
+                        own = Contrast::random(rng, &self.config.synth);
+                        &own
+                    }
+                };
+                synthesize(&warped, contrast, rng, &self.config.synth)?
+            }
         };
         augment_intensity(&mut image, rng, &self.config.intensity)?;
         let mut masks = Array4::zeros((labels.len(), patch[0], patch[1], patch[2]));
