@@ -15,4 +15,5 @@
 
 pub mod moves;
 pub mod report;
+pub mod strategies;
 pub mod tasks;

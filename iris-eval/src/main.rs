@@ -1,11 +1,13 @@
 //! `iris-eval results`: runs every task of issue 7 with a model folder and
-//! writes the Markdown report and a CSV next to it (see the crate docs).
+//! writes the Markdown report and a CSV next to it; `iris-eval strategies`:
+//! the inference strategies of the paper's figure 4 (see the crate docs).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use iris_eval::report::{self, Options};
+use iris_eval::strategies;
 
 /// Quality report of an iris model on held-out real anatomy (issue 7).
 #[derive(Parser)]
@@ -40,48 +42,140 @@ enum Command {
         #[arg(long)]
         quick: bool,
     },
+    /// One-shot, context ensembles, object- and image-level retrieval and
+    /// tuned embeddings on the held-out AAL structures; writes the
+    /// Markdown table and a CSV beside it.
+    Strategies {
+        /// The model folder (manifest.json and the ONNX graphs).
+        #[arg(long, default_value = "models/iris-small")]
+        model: PathBuf,
+        /// The table to write; the CSV goes next to it (`.csv`).
+        #[arg(long, default_value = "docs/strategies.md")]
+        out: PathBuf,
+        /// The data folder written by scripts/fetch-data.sh.
+        #[arg(long, default_value = "data")]
+        data: PathBuf,
+        /// References in the pool: the reference and moved copies of it.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..=64))]
+        pool: u16,
+        /// Moved queries besides the aligned one (seeds 1 to N).
+        #[arg(long, default_value_t = 2)]
+        moves: usize,
+        /// Top-k values of the retrieval rows.
+        #[arg(long, value_delimiter = ',', default_values_t = [1, 2, 3, 5])]
+        top_k: Vec<usize>,
+        /// A tuned embedding to score, as CASES=FILE (the number of pool
+        /// cases `iris-train tune` used); repeatable.
+        #[arg(long, value_parser = parse_tuned)]
+        tuned: Vec<(usize, PathBuf)>,
+        /// At most this many structures (a smoke run).
+        #[arg(long)]
+        structures: Option<usize>,
+        /// Also write the pool (nnU-Net layout) and the one-shot embedding
+        /// (`reference.irisemb`) here, for `iris-train tune`.
+        #[arg(long)]
+        write_pool: Option<PathBuf>,
+    },
+}
+
+/// `CASES=FILE` of `--tuned`.
+fn parse_tuned(text: &str) -> Result<(usize, PathBuf), String> {
+    let (cases, file) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not CASES=FILE"))?;
+    let cases = cases
+        .parse()
+        .map_err(|_| format!("{cases:?} in {text:?} is not a number of cases"))?;
+    Ok((cases, PathBuf::from(file)))
+}
+
+/// Writes `text` to `path`, naming the path on failure.
+fn write(path: &std::path::Path, text: &str) -> Result<(), String> {
+    std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 fn main() -> ExitCode {
-    let Command::Results {
-        model,
-        out,
-        data,
-        moves,
-        references,
-        quick,
-    } = Cli::parse().command;
     let command = std::iter::once("iris-eval".to_string())
         .chain(std::env::args().skip(1))
         .collect::<Vec<_>>()
         .join(" ");
-    let options = Options {
-        model,
-        data,
-        moves,
-        references: usize::from(references),
-        quick,
-        command,
+    let outcome = match Cli::parse().command {
+        Command::Results {
+            model,
+            out,
+            data,
+            moves,
+            references,
+            quick,
+        } => results(
+            &Options {
+                model,
+                data,
+                moves,
+                references: usize::from(references),
+                quick,
+                command,
+            },
+            &out,
+        ),
+        Command::Strategies {
+            model,
+            out,
+            data,
+            pool,
+            moves,
+            top_k,
+            tuned,
+            structures,
+            write_pool,
+        } => figure(
+            &strategies::Options {
+                model,
+                data,
+                pool: usize::from(pool),
+                moves,
+                top_ks: top_k,
+                tuned,
+                structures,
+                write_pool,
+                command,
+            },
+            &out,
+        ),
     };
-    let run = match report::run(&options, |line| eprintln!("{line}")) {
-        Ok(run) => run,
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let csv = report::csv_path(&out);
-    for (path, text) in [(&out, report::markdown(&run)), (&csv, report::csv(&run))] {
-        if let Err(e) = std::fs::write(path, text) {
-            eprintln!("error: cannot write {}: {e}", path.display());
-            return ExitCode::FAILURE;
+            ExitCode::FAILURE
         }
     }
+}
+
+fn results(options: &Options, out: &std::path::Path) -> Result<(), String> {
+    let run = report::run(options, |line| eprintln!("{line}")).map_err(|e| e.to_string())?;
+    let csv = report::csv_path(out);
+    write(out, &report::markdown(&run))?;
+    write(&csv, &report::csv(&run))?;
     eprintln!(
         "wrote {} and {} in {:.1} s",
         out.display(),
         csv.display(),
         run.total_s
     );
-    ExitCode::SUCCESS
+    Ok(())
+}
+
+fn figure(options: &strategies::Options, out: &std::path::Path) -> Result<(), String> {
+    let figure = strategies::run(options, |line| eprintln!("{line}")).map_err(|e| e.to_string())?;
+    let csv = report::csv_path(out);
+    write(out, &strategies::markdown(&figure))?;
+    write(&csv, &strategies::csv(&figure))?;
+    eprintln!(
+        "wrote {} and {} in {:.1} s",
+        out.display(),
+        csv.display(),
+        figure.total_s
+    );
+    Ok(())
 }

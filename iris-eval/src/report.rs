@@ -380,7 +380,7 @@ fn cpu_model() -> String {
 }
 
 /// The current UTC time as `YYYY-MM-DD HH:MM UTC`.
-fn utc_now() -> String {
+pub(crate) fn utc_now() -> String {
     utc_text(
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -1,7 +1,6 @@
 //! `iris-eval` on the real volumes of `data/` (skipped with a message when
 //! absent; an error under `IRIS_REQUIRE_DATA=1`) and a tiny random model.
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use iris_core::metrics::dice_per_class;
@@ -9,20 +8,8 @@ use iris_core::preprocess::resample_labels;
 use iris_eval::tasks::{self, HELD_OUT_AAL, Kind, Limits};
 use iris_tests::TempDir;
 
-/// The data folder, or `None` (with a message) when a file is missing.
-fn data_dir() -> Option<PathBuf> {
-    let data = iris_tests::repo_root().join("data");
-    let missing = tasks::missing_files(&data);
-    if missing.is_empty() {
-        return Some(data);
-    }
-    assert!(
-        std::env::var("IRIS_REQUIRE_DATA").as_deref() != Ok("1"),
-        "{missing:?} missing and IRIS_REQUIRE_DATA=1: run scripts/fetch-data.sh"
-    );
-    eprintln!("skipping: {missing:?} absent; run scripts/fetch-data.sh");
-    None
-}
+mod common;
+use common::data_dir;
 
 #[test]
 fn aal3_names_map_the_twelve_held_out_structures() {

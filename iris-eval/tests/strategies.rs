@@ -5,22 +5,10 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use iris_eval::tasks;
 use iris_tests::TempDir;
 
-fn data_dir() -> Option<std::path::PathBuf> {
-    let data = iris_tests::repo_root().join("data");
-    let missing = tasks::missing_files(&data);
-    if missing.is_empty() {
-        return Some(data);
-    }
-    assert!(
-        std::env::var("IRIS_REQUIRE_DATA").as_deref() != Ok("1"),
-        "{missing:?} missing and IRIS_REQUIRE_DATA=1: run scripts/fetch-data.sh"
-    );
-    eprintln!("skipping: {missing:?} absent; run scripts/fetch-data.sh");
-    None
-}
+mod common;
+use common::data_dir;
 
 fn strategies(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_iris-eval"))
