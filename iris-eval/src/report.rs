@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use iris_core::Result;
-use iris_core::embedding::TaskEmbedding;
+use iris_core::embedding::{ClassEmbedding, TaskEmbedding};
 use iris_core::engine::{EncodeOptions, Model, SegmentOptions, TaskClass};
 use iris_core::metrics::dice_per_class;
 use iris_core::preprocess::resample_labels;
@@ -58,6 +58,10 @@ pub struct QueryResult {
     pub model: Vec<Option<f64>>,
     /// Position-copy Dice per structure.
     pub baseline: Vec<Option<f64>>,
+    /// Memory-bank Dice per structure (the model's bank entries of the
+    /// structures, no reference); empty when the task does not use the bank
+    /// (see [`TaskResult::bank_note`]).
+    pub bank: Vec<Option<f64>>,
     /// Seconds of `Model::segment` on this query.
     pub segment_s: f64,
     /// Windows the query was decoded in.
@@ -83,6 +87,8 @@ pub struct TaskResult {
     pub notes: Vec<String>,
     /// Why the model could not run this task, if it could not.
     pub model_error: Option<String>,
+    /// For the memory-bank task: why the bank was not scored, if it was not.
+    pub bank_note: Option<String>,
     /// Seconds of `Model::encode_task`.
     pub encode_s: f64,
     /// Seconds of the position copy (one resampling for all queries).
@@ -166,10 +172,17 @@ pub fn run(options: &Options, mut progress: impl FnMut(&str)) -> Result<Run> {
     } else {
         (options.moves, options.references)
     };
+    let bank = model.memory_bank()?;
     let mut results = Vec::new();
     let mut one_class: Option<TaskEmbedding> = None;
     for task in &tasks {
-        let (result, embedding) = run_task(&model, task, moves, references, &mut progress)?;
+        let from_bank = match (&bank, task.kind) {
+            (_, kind) if kind != Kind::SeenAal => None,
+            (None, _) => Some(Err("the model folder has no memory bank".to_string())),
+            (Some(bank), _) => Some(bank_task(bank, &task.structures)?),
+        };
+        let (result, embedding) =
+            run_task(&model, task, from_bank, moves, references, &mut progress)?;
         if one_class.is_none() {
             one_class = embedding.and_then(|e| {
                 let first = e.classes().first().map(|c| c.label())?;
@@ -209,10 +222,12 @@ pub fn ensemble_sizes(references: usize) -> Vec<usize> {
 }
 
 /// Runs one task on its aligned query and `moves` moved ones, with the
-/// one-shot embedding and ensembles of up to `references` references.
+/// one-shot embedding, ensembles of up to `references` references and,
+/// when given, the memory bank's entries (or why there are none).
 fn run_task(
     model: &Model,
     task: &Task,
+    bank: Option<std::result::Result<TaskEmbedding, String>>,
     moves: usize,
     references: usize,
     progress: &mut impl FnMut(&str),
@@ -285,6 +300,18 @@ fn run_task(
             mean_text(&model_dice),
             mean_text(&baseline),
         ));
+        let bank_dice = match &bank {
+            Some(Ok(entries)) => {
+                let (d, _, _) = segment(model, &image, entries, &truth, &labels)?;
+                progress(&format!(
+                    "{} {query}: memory bank {}",
+                    task.id,
+                    mean_text(&d)
+                ));
+                d
+            }
+            _ => Vec::new(),
+        };
         for ((n, ensemble), dice) in ensembles.iter().zip(&mut ensemble_dice) {
             let (d, _, _) = segment(model, &image, ensemble, &truth, &labels)?;
             progress(&format!(
@@ -299,6 +326,7 @@ fn run_task(
             motion,
             model: model_dice,
             baseline,
+            bank: bank_dice,
             segment_s,
             windows,
         });
@@ -312,6 +340,7 @@ fn run_task(
         structures: task.structures.clone(),
         notes: task.notes.clone(),
         model_error,
+        bank_note: bank.and_then(|b| b.err()),
         encode_s,
         baseline_s,
         total_s: start.elapsed().as_secs_f64(),
@@ -323,6 +352,45 @@ fn run_task(
             .collect(),
     };
     Ok((result, embedding))
+}
+
+/// The bank entries of AAL `structures` (training names them
+/// `"aal:<label> <name>"`), relabelled to the AAL values so that they
+/// score against AAL truth; `Err` naming the first structure the bank
+/// lacks.
+///
+/// # Errors
+/// An entry that does not form a valid embedding.
+fn bank_task(
+    bank: &TaskEmbedding,
+    structures: &[Structure],
+) -> Result<std::result::Result<TaskEmbedding, String>> {
+    let mut classes = Vec::with_capacity(structures.len());
+    for s in structures {
+        let prefix = format!("aal:{} ", s.label);
+        let Some(entry) = bank
+            .classes()
+            .iter()
+            .find(|c| c.name().starts_with(&prefix))
+        else {
+            return Ok(Err(format!(
+                "the memory bank has no entry aal:{} ({})",
+                s.label, s.name
+            )));
+        };
+        classes.push(ClassEmbedding::new(
+            u32::from(s.label),
+            entry.name(),
+            entry.provenance(),
+            entry.stages().to_vec(),
+        )?);
+    }
+    Ok(Ok(TaskEmbedding::new(
+        *bank.model(),
+        *bank.preprocessing(),
+        bank.stage_shapes().to_vec(),
+        classes,
+    )?))
 }
 
 /// The model's Dice per label on one query, the seconds and the windows.
@@ -422,6 +490,27 @@ fn mean_text(values: &[Option<f64>]) -> String {
     fmt(mean(values.iter().copied()))
 }
 
+/// Which Dice column of a query.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Method {
+    /// One-shot from the reference.
+    Model,
+    /// The position-copy baseline.
+    Copy,
+    /// The memory bank.
+    Bank,
+}
+
+impl QueryResult {
+    fn dice(&self, method: Method) -> &[Option<f64>] {
+        match method {
+            Method::Model => &self.model,
+            Method::Copy => &self.baseline,
+            Method::Bank => &self.bank,
+        }
+    }
+}
+
 impl TaskResult {
     fn aligned(&self) -> Option<&QueryResult> {
         self.queries.iter().find(|q| q.seed.is_none())
@@ -431,23 +520,34 @@ impl TaskResult {
         self.queries.iter().filter(|q| q.seed.is_some())
     }
 
-    /// Mean Dice over the moved queries of structure `i` (model or baseline).
-    fn moved_mean(&self, i: usize, model: bool) -> Option<f64> {
+    /// Whether the memory bank was scored on this task.
+    fn has_bank(&self) -> bool {
+        self.queries.iter().any(|q| !q.bank.is_empty())
+    }
+
+    /// Dice of structure `i` on the aligned query.
+    fn aligned_one(&self, i: usize, method: Method) -> Option<f64> {
+        self.aligned()
+            .and_then(|q| q.dice(method).get(i).copied().flatten())
+    }
+
+    /// Mean Dice over the moved queries of structure `i`.
+    fn moved_mean(&self, i: usize, method: Method) -> Option<f64> {
         mean(
             self.moved()
-                .map(|q| if model { q.model[i] } else { q.baseline[i] }),
+                .map(|q| q.dice(method).get(i).copied().flatten()),
         )
     }
 
     /// Mean over structures of the aligned query.
-    fn aligned_mean(&self, model: bool) -> Option<f64> {
+    fn aligned_mean(&self, method: Method) -> Option<f64> {
         self.aligned()
-            .and_then(|q| mean((if model { &q.model } else { &q.baseline }).iter().copied()))
+            .and_then(|q| mean(q.dice(method).iter().copied()))
     }
 
     /// Mean over structures and moved queries.
-    fn moved_all(&self, model: bool) -> Option<f64> {
-        mean((0..self.structures.len()).map(|i| self.moved_mean(i, model)))
+    fn moved_all(&self, method: Method) -> Option<f64> {
+        mean((0..self.structures.len()).map(|i| self.moved_mean(i, method)))
     }
 }
 
@@ -550,32 +650,43 @@ pub fn markdown(run: &Run) -> String {
         if let Some(e) = &task.model_error {
             let _ = writeln!(md, "**The model could not encode this task:** {e}\n");
         }
-        let _ = writeln!(
-            md,
-            "| structure | label | model aligned | copy aligned | model moved | copy moved |"
-        );
-        let _ = writeln!(md, "|---|---|---|---|---|---|");
-        let aligned = task.aligned();
-        for (i, s) in task.structures.iter().enumerate() {
-            let _ = writeln!(
-                md,
-                "| {} | {} | {} | {} | {} | {} |",
-                s.name,
-                s.label,
-                fmt(aligned.and_then(|q| q.model[i])),
-                fmt(aligned.and_then(|q| q.baseline[i])),
-                fmt(task.moved_mean(i, true)),
-                fmt(task.moved_mean(i, false)),
-            );
+        if let Some(note) = &task.bank_note {
+            let _ = writeln!(md, "**Memory bank not scored:** {note}.\n");
         }
-        let _ = writeln!(
-            md,
-            "| **mean** | | **{}** | **{}** | **{}** | **{}** |\n",
-            fmt(task.aligned_mean(true)),
-            fmt(task.aligned_mean(false)),
-            fmt(task.moved_all(true)),
-            fmt(task.moved_all(false)),
-        );
+        let methods: &[(Method, &str)] = if task.has_bank() {
+            &[
+                (Method::Bank, "bank"),
+                (Method::Model, "model"),
+                (Method::Copy, "copy"),
+            ]
+        } else {
+            &[(Method::Model, "model"), (Method::Copy, "copy")]
+        };
+        let mut head = String::from("| structure | label |");
+        for moved in ["aligned", "moved"] {
+            for (_, name) in methods {
+                let _ = write!(head, " {name} {moved} |");
+            }
+        }
+        let _ = writeln!(md, "{head}\n|---|---|{}", "---|".repeat(2 * methods.len()));
+        for (i, s) in task.structures.iter().enumerate() {
+            let mut row = format!("| {} | {} |", s.name, s.label);
+            for &(m, _) in methods {
+                let _ = write!(row, " {} |", fmt(task.aligned_one(i, m)));
+            }
+            for &(m, _) in methods {
+                let _ = write!(row, " {} |", fmt(task.moved_mean(i, m)));
+            }
+            let _ = writeln!(md, "{row}");
+        }
+        let mut row = String::from("| **mean** | |");
+        for &(m, _) in methods {
+            let _ = write!(row, " **{}** |", fmt(task.aligned_mean(m)));
+        }
+        for &(m, _) in methods {
+            let _ = write!(row, " **{}** |", fmt(task.moved_all(m)));
+        }
+        let _ = writeln!(md, "{row}\n");
         for note in &task.notes {
             let _ = writeln!(md, "- {note}");
         }
@@ -615,17 +726,15 @@ pub fn markdown(run: &Run) -> String {
             |s| format!("{s:.3} s (median of 3)")
         )
     );
-    let _ = writeln!(md, "## Not measured yet\n");
-    let _ = writeln!(
-        md,
-        "- The memory bank on seen classes (`Model::memory_bank`) is not part of this run \
-         yet{}.\n- Colin27 grey/white matter: no truth in `data/`.",
-        if run.memory_bank {
-            ""
-        } else {
-            " (and this model folder has no memory bank)"
-        }
-    );
+    let _ = writeln!(md, "## Not measured\n");
+    let _ = writeln!(md, "- Colin27 grey/white matter: no truth in `data/`.");
+    if !run.tasks.iter().any(TaskResult::has_bank) {
+        let _ = writeln!(
+            md,
+            "- The memory bank on seen classes: this model folder has no memory bank (or it \
+             lacks the structures)."
+        );
+    }
     md
 }
 
@@ -666,8 +775,8 @@ fn ensemble_section(md: &mut String, run: &Run) {
         let mut row = format!(
             "| `{}` | {} | {} |",
             task.id,
-            fmt(task.aligned_mean(true)),
-            fmt(task.moved_all(true))
+            fmt(task.aligned_mean(Method::Model)),
+            fmt(task.moved_all(Method::Model))
         );
         for n in &sizes {
             let found = task.ensembles.iter().find(|(m, _)| m == n);
@@ -706,8 +815,16 @@ fn goals(run: &Run) -> Vec<String> {
     ] {
         for task in of(kind) {
             for (label, model, copy) in [
-                ("aligned", task.aligned_mean(true), task.aligned_mean(false)),
-                ("moved", task.moved_all(true), task.moved_all(false)),
+                (
+                    "aligned",
+                    task.aligned_mean(Method::Model),
+                    task.aligned_mean(Method::Copy),
+                ),
+                (
+                    "moved",
+                    task.moved_all(Method::Model),
+                    task.moved_all(Method::Copy),
+                ),
             ] {
                 rows.push(format!(
                     "| {what}: `{}` {label} | {} | {} | {} |",
@@ -720,7 +837,7 @@ fn goals(run: &Run) -> Vec<String> {
         }
     }
     for task in of(Kind::HeldOutAal) {
-        let (model, copy) = (task.moved_all(true), task.moved_all(false));
+        let (model, copy) = (task.moved_all(Method::Model), task.moved_all(Method::Copy));
         rows.push(format!(
             "| held-out AAL Dice >= 0.75 on moved queries (mean of {} structures) | {} | {} | {} |",
             task.structures.len(),
@@ -728,7 +845,10 @@ fn goals(run: &Run) -> Vec<String> {
             fmt(copy),
             reached(model, 0.75)
         ));
-        let (model, copy) = (task.aligned_mean(true), task.aligned_mean(false));
+        let (model, copy) = (
+            task.aligned_mean(Method::Model),
+            task.aligned_mean(Method::Copy),
+        );
         let gain = model.zip(copy).map(|(m, c)| m - c);
         rows.push(format!(
             "| held-out AAL, aligned: model >= copy + 0.10 | {} (gain {}) | {} | {} |",
@@ -750,10 +870,14 @@ pub fn csv(run: &Run) -> String {
             let query = if q.seed.is_some() { "moved" } else { "aligned" };
             let seed = q.seed.map_or_else(String::new, |s| s.to_string());
             for (i, s) in task.structures.iter().enumerate() {
+                let bank = q.bank.get(i).map(|&d| ("bank", d, String::new()));
                 for (method, dice, secs) in [
                     ("model", q.model[i], format!("{:.3}", q.segment_s)),
                     ("copy", q.baseline[i], format!("{:.3}", task.baseline_s)),
-                ] {
+                ]
+                .into_iter()
+                .chain(bank)
+                {
                     let dice = dice.map_or_else(String::new, |d| format!("{d:.4}"));
                     let _ = writeln!(
                         out,

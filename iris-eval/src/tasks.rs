@@ -59,6 +59,11 @@ pub const HELD_OUT_AAL: [u16; 12] = [37, 38, 41, 42, 71, 72, 73, 74, 75, 76, 77,
 pub const HELD_OUT_NEUROMAPS: [u16; 12] =
     [37, 1037, 55, 1055, 58, 1058, 98, 1098, 147, 1147, 193, 1193];
 
+/// Ten large AAL structures that training sees (precentral, insula,
+/// calcarine, postcentral and precuneus, left and right), each named alike
+/// in AAL3: the memory-bank task.
+pub const SEEN_AAL: [u16; 10] = [1, 2, 29, 30, 43, 44, 57, 58, 67, 68];
+
 /// The macaque volumes are scaled by this factor about the world origin
 /// (0.5 mm voxels become 1 mm), so that the brain fills a model window as
 /// a human brain does; `docs/training-data.md` trains NeuroMaps the same way.
@@ -75,6 +80,9 @@ pub enum Kind {
     HeldOutAal,
     /// Held-out macaque NeuroMaps labels (no numeric goal).
     CrossSpecies,
+    /// AAL structures seen in training: the memory bank (no reference)
+    /// beside one-shot and the copy baseline (no numeric goal).
+    SeenAal,
 }
 
 /// A structure to segment: its label value in the reference and the truth.
@@ -343,8 +351,21 @@ pub fn build(data: &Path, limits: Limits) -> Result<Vec<Task>> {
             notes: vec!["Truth: ch2bet > 0.".into()],
         },
         tissue_task(&v)?,
-        aal_task(&v)?,
+        aal_task(
+            &v,
+            &HELD_OUT_AAL,
+            "aal-colin27-to-mni152",
+            "12 held-out AAL structures: Colin27 -> MNI152",
+            Kind::HeldOutAal,
+        )?,
         macaque_task(&v),
+        aal_task(
+            &v,
+            &SEEN_AAL,
+            "seen-aal-colin27-to-mni152",
+            "Memory bank: 10 AAL structures seen in training, Colin27 -> MNI152",
+            Kind::SeenAal,
+        )?,
     ];
     if let Some(n) = limits.structures {
         for task in &mut tasks {
@@ -390,9 +411,16 @@ fn tissue_task(v: &Volumes) -> Result<Task> {
     })
 }
 
-/// The 12 held-out AAL structures: Colin27 + AAL for MNI152 with AAL3.
-fn aal_task(v: &Volumes) -> Result<Task> {
-    let held: Vec<(u16, String)> = HELD_OUT_AAL
+/// AAL structures `labels`: Colin27 + AAL for MNI152 with AAL3 (mapped by
+/// name) as truth.
+fn aal_task(
+    v: &Volumes,
+    labels: &[u16],
+    id: &'static str,
+    title: &str,
+    kind: Kind,
+) -> Result<Task> {
+    let held: Vec<(u16, String)> = labels
         .iter()
         .map(|&l| {
             v.aal_names
@@ -430,12 +458,12 @@ fn aal_task(v: &Volumes) -> Result<Task> {
         .map(|(aal, values)| format!("AAL {aal} = {} AAL3 labels", values.len()))
         .collect();
     Ok(Task {
-        id: "aal-colin27-to-mni152",
-        title: "12 held-out AAL structures: Colin27 -> MNI152".into(),
-        kind: Kind::HeldOutAal,
+        id,
+        title: title.into(),
+        kind,
         reference_name: "Colin27 T1 + AAL".into(),
         reference: v.colin.clone(),
-        reference_labels: keep_only(&v.aal, &HELD_OUT_AAL),
+        reference_labels: keep_only(&v.aal, labels),
         structures: held
             .into_iter()
             .map(|(label, name)| Structure { label, name })
@@ -447,9 +475,13 @@ fn aal_task(v: &Volumes) -> Result<Task> {
         },
         notes: vec![format!(
             "Truth is APPROXIMATE: AAL3 (drawn on another MNI template) mapped to the AAL \
-             labels by name ({}) and resampled onto MNI152 by world position (nearest \
+             labels by name{} and resampled onto MNI152 by world position (nearest \
              neighbour). It is not a manual segmentation of MNI152 2009a.",
-            parts.join("; ")
+            if parts.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", parts.join("; "))
+            }
         )],
     })
 }

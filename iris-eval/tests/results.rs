@@ -1,8 +1,12 @@
 //! `iris-eval` on the real volumes of `data/` (skipped with a message when
 //! absent; an error under `IRIS_REQUIRE_DATA=1`) and a tiny random model.
 
+use std::path::Path;
 use std::process::Command;
 
+use iris_core::embedding::{ClassEmbedding, TaskEmbedding};
+use iris_core::engine::{EncodeOptions, Model, TaskClass};
+use iris_core::irisemb::{self, Payload};
 use iris_core::metrics::dice_per_class;
 use iris_core::preprocess::resample_labels;
 use iris_eval::tasks::{self, HELD_OUT_AAL, Kind, Limits};
@@ -63,7 +67,8 @@ fn tasks_have_their_structures_in_reference_and_truth() {
             Kind::BrainMask,
             Kind::Tissue,
             Kind::HeldOutAal,
-            Kind::CrossSpecies
+            Kind::CrossSpecies,
+            Kind::SeenAal
         ]
     );
     for task in &tasks {
@@ -87,9 +92,10 @@ fn tasks_have_their_structures_in_reference_and_truth() {
         }
     }
     assert_eq!(tasks[3].structures.len(), 12);
+    assert_eq!(tasks[5].structures.len(), 10);
     // Where reference and query are the same volume, the position copy is exact.
     for task in &tasks[2..] {
-        if task.kind == Kind::HeldOutAal {
+        if matches!(task.kind, Kind::HeldOutAal | Kind::SeenAal) {
             continue;
         }
         let copied =
@@ -114,19 +120,17 @@ fn csv_dice(csv: &str, task: &str, query: &str, method: &str) -> Vec<f64> {
         .collect()
 }
 
-#[test]
-fn quick_results_on_a_tiny_random_model_write_every_table() {
-    let Some(data) = data_dir() else { return };
-    let dir = TempDir::new("iris-eval");
-    let model = dir.join("model");
-    let fingerprint = iris_tests::fixture::export_tiny_model(&model, 7);
+/// Runs `iris-eval results --quick` with `args` into `dir`; the report
+/// and the CSV.
+fn quick_results(model: &Path, data: &Path, dir: &Path, args: &[&str]) -> (String, String) {
     let out = dir.join("results.md");
     let status = Command::new(env!("CARGO_BIN_EXE_iris-eval"))
-        .args(["results", "--quick", "--moves", "2", "--references", "2"])
+        .args(["results", "--quick"])
+        .args(args)
         .arg("--model")
-        .arg(&model)
+        .arg(model)
         .arg("--data")
-        .arg(&data)
+        .arg(data)
         .arg("--out")
         .arg(&out)
         .status()
@@ -134,6 +138,21 @@ fn quick_results_on_a_tiny_random_model_write_every_table() {
     assert!(status.success());
     let md = std::fs::read_to_string(&out).expect("report written");
     let csv = std::fs::read_to_string(out.with_extension("csv")).expect("csv written");
+    (md, csv)
+}
+
+#[test]
+fn quick_results_on_a_tiny_random_model_write_every_table() {
+    let Some(data) = data_dir() else { return };
+    let dir = TempDir::new("iris-eval");
+    let model = dir.join("model");
+    let fingerprint = iris_tests::fixture::export_tiny_model(&model, 7);
+    let (md, csv) = quick_results(
+        &model,
+        &data,
+        dir.path(),
+        &["--moves", "2", "--references", "2"],
+    );
     for needle in [
         "iris-tiny-random",
         "RANDOM weights",
@@ -154,7 +173,10 @@ fn quick_results_on_a_tiny_random_model_write_every_table() {
     }
     assert!(md.contains(&fingerprint.to_string()));
     let tables = md.matches("| structure | label | model aligned |").count();
-    assert_eq!(tables, 5);
+    assert_eq!(tables, 6);
+    // The tiny export has no memory bank: the bank task says so.
+    assert!(md.contains("**Memory bank not scored:** the model folder has no memory bank"));
+    assert!(!csv.contains(",bank,"));
 
     // The baseline is real: Colin27's brain copied onto MNI152 scores about
     // 0.93 aligned and drops on the moved query; a volume copied onto
@@ -173,13 +195,86 @@ fn quick_results_on_a_tiny_random_model_write_every_table() {
         assert_eq!(d, [1.0, 1.0], "{task}");
     }
     // One ensemble of 2 references (no ensemble of 3 out of 2): a row per
-    // structure and query, (1 + 1 + 2 + 2 + 2) structures, aligned + 1 move.
-    assert_eq!(csv.matches(",ensemble-2,").count(), 8 * 2);
+    // structure and query, (1 + 1 + 2 + 2 + 2 + 2) structures, aligned + 1 move.
+    assert_eq!(csv.matches(",ensemble-2,").count(), 10 * 2);
     assert!(!csv.contains(",ensemble-3,"));
     // The model column holds the tiny model's own scores, in [0, 1].
     let model_dice = csv_dice(&csv, "aal-colin27-to-mni152", "aligned", "model");
     assert_eq!(model_dice.len(), 2);
     assert!(model_dice.iter().all(|d| (0.0..=1.0).contains(d)));
+}
+
+#[test]
+fn the_memory_bank_is_scored_on_seen_structures() {
+    let Some(data) = data_dir() else { return };
+    let dir = TempDir::new("iris-eval-bank");
+    let model_dir = dir.join("model");
+    iris_tests::fixture::export_tiny_model(&model_dir, 7);
+    // A bank as training names it ("aal:<label> <name>"), made of the very
+    // embedding one-shot computes for the task's first two structures (as
+    // --quick keeps): the bank column must then equal the model column.
+    let task = tasks::build(
+        &data,
+        Limits {
+            structures: Some(2),
+        },
+    )
+    .expect("tasks")
+    .into_iter()
+    .find(|t| t.kind == Kind::SeenAal)
+    .expect("the seen-AAL task");
+    let model = Model::load(&model_dir).expect("model");
+    let classes: Vec<TaskClass> = task
+        .structures
+        .iter()
+        .map(|s| TaskClass::new(s.label, s.name.clone()))
+        .collect();
+    let one_shot = model
+        .encode_task(
+            &task.reference,
+            &task.reference_labels,
+            &classes,
+            &EncodeOptions::default(),
+        )
+        .expect("encode");
+    let entries = one_shot
+        .classes()
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let name = format!("aal:{} {}", c.label(), c.name());
+            ClassEmbedding::new(100 + i as u32, name, c.provenance(), c.stages().to_vec())
+                .expect("entry")
+        })
+        .collect();
+    let bank = TaskEmbedding::new(
+        *one_shot.model(),
+        *one_shot.preprocessing(),
+        one_shot.stage_shapes().to_vec(),
+        entries,
+    )
+    .expect("bank");
+    irisemb::write_file(model_dir.join("memory_bank.irisemb"), &bank, Payload::F32).expect("bank");
+    let manifest = model_dir.join("manifest.json");
+    let text = std::fs::read_to_string(&manifest).expect("manifest");
+    let text = text.replacen('{', "{\"memory_bank\": \"memory_bank.irisemb\", ", 1);
+    std::fs::write(&manifest, text).expect("manifest");
+
+    let (md, csv) = quick_results(
+        &model_dir,
+        &data,
+        dir.path(),
+        &["--moves", "1", "--references", "1"],
+    );
+    assert!(md.contains("| structure | label | bank aligned | model aligned | copy aligned |"));
+    let id = "seen-aal-colin27-to-mni152";
+    for query in ["aligned", "moved"] {
+        let bank = csv_dice(&csv, id, query, "bank");
+        assert_eq!(bank.len(), 2, "{query}");
+        assert_eq!(bank, csv_dice(&csv, id, query, "model"), "{query}");
+    }
+    // Only the seen task uses the bank.
+    assert_eq!(csv.matches(",bank,").count(), 2 * 2);
 }
 
 #[test]
