@@ -17,7 +17,7 @@ use iris_core::preprocess::{
     BoundingBox, canonical, resample_image, resample_labels, target_geometry,
 };
 use iris_core::volume::{Geometry, Image, LabelMap};
-use ndarray::{Array3, Zip};
+use ndarray::{Array3, Axis, Zip};
 
 use super::{Error, Result};
 
@@ -211,7 +211,7 @@ impl Source {
         let mut labels: Vec<u16> = subjects
             .iter()
             .flat_map(Subject::labels_present)
-            .filter(|l| !SHELL_LABELS.contains(l))
+            .filter(|l| !SHELL_LABELS.contains(l) && *l != INTERIOR_LABEL)
             .collect();
         labels.sort_unstable();
         labels.dedup();
@@ -550,6 +550,7 @@ impl AtlasSource {
         let mut labels = resample_labels(&labels, &grid)?.into_parts().0;
         if !matches!(self, AtlasSource::Mni152Tissue | AtlasSource::Colin27Brain) {
             let spacing = spacing_mm / self.zoom();
+            fill_interior(&mut labels, INTERIOR_LABEL, 5);
             add_head_shells(
                 &mut labels,
                 SHELL_MM.map(|mm| (mm / spacing).round().max(1.0) as usize),
@@ -581,6 +582,47 @@ impl AtlasSource {
 /// get their own random intensities in synthetic images, so the network
 /// sees brains inside heads. They are never classes of a [`Source`].
 pub const SHELL_LABELS: [u16; 3] = [65533, 65534, 65535];
+
+/// The label [`AtlasSource::load`] gives the unlabelled inside of a
+/// training atlas's brain (white matter, ventricles, deep nuclei an atlas
+/// leaves out; see [`fill_interior`]): tissue of its own in synthetic
+/// images, never a class. Without it the white matter of a parcel atlas
+/// is background and synthetic brains look hollow, unlike any scan.
+pub const INTERIOR_LABEL: u16 = 65531;
+
+/// Sets to `value` every background (0) voxel of `labels` that sees a
+/// labelled voxel along at least `min_hits` of its six axis rays (+-D,
+/// +-H, +-W): the inside of the labelled shell, which tolerates one open
+/// side (the brain stem below a cortical atlas).
+pub fn fill_interior(labels: &mut Array3<u16>, value: u16, min_hits: usize) {
+    let mut hits = Array3::<u8>::zeros(labels.raw_dim());
+    for axis in 0..3 {
+        let n = labels.len_of(Axis(axis));
+        for (src, mut out) in labels
+            .lanes(Axis(axis))
+            .into_iter()
+            .zip(hits.lanes_mut(Axis(axis)))
+        {
+            let first = src
+                .iter()
+                .position(|&v| v != 0 && !SHELL_LABELS.contains(&v));
+            let last = src
+                .iter()
+                .rposition(|&v| v != 0 && !SHELL_LABELS.contains(&v));
+            if let (Some(first), Some(last)) = (first, last) {
+                for i in 0..n {
+                    // A labelled voxel before i, and one after i.
+                    out[i] += u8::from(first < i) + u8::from(last > i);
+                }
+            }
+        }
+    }
+    Zip::from(labels).and(&hits).for_each(|l, &k| {
+        if *l == 0 && usize::from(k) >= min_hits {
+            *l = value;
+        }
+    });
+}
 
 /// Thickness of the [`SHELL_LABELS`] layers, mm.
 const SHELL_MM: [f64; 3] = [3.0, 6.0, 6.0];
@@ -792,6 +834,39 @@ mod tests {
         assert!(!AtlasSource::Aal.is_held_out(39, "ParaHippocampal_L"));
         assert!(!AtlasSource::HcpEx.is_held_out(1, "Primary_Visual_Cortex_L"));
         assert!(AtlasSource::Colin27Brain.is_held_out(1, "brain"));
+    }
+
+    #[test]
+    fn the_inside_of_a_labelled_shell_is_filled() {
+        // A hollow 7^3 box of label 3 inside a 11^3 volume, open on the
+        // low-D face: its inside is filled, the outside is not.
+        let mut labels = Array3::<u16>::zeros((11, 11, 11));
+        for (p, v) in labels.indexed_iter_mut() {
+            let inside = |x: usize| (2..=8).contains(&x);
+            let edge = |x: usize| x == 2 || x == 8;
+            let (a, b, c) = p;
+            if inside(a) && inside(b) && inside(c) && (a == 8 || edge(b) || edge(c)) {
+                *v = 3;
+            }
+        }
+        let before = labels.clone();
+        fill_interior(&mut labels, INTERIOR_LABEL, 5);
+        assert_eq!(labels[[5, 5, 5]], INTERIOR_LABEL);
+        assert_eq!(labels[[2, 5, 5]], INTERIOR_LABEL, "the open face");
+        assert_eq!(labels[[0, 5, 5]], 0, "below the opening");
+        assert_eq!(labels[[5, 0, 5]], 0);
+        assert_eq!(labels[[10, 10, 10]], 0);
+        // Labelled voxels are kept; six hits need a closed shell.
+        assert!(labels.iter().zip(&before).all(|(a, b)| *b == 0 || a == b));
+        let mut strict = before.clone();
+        fill_interior(&mut strict, INTERIOR_LABEL, 6);
+        assert_eq!(strict[[5, 5, 5]], 0, "one side is open");
+        assert_eq!(strict[[1, 5, 5]], 0);
+        // Not a class of a source.
+        let subject = Subject::new(labels, None).unwrap();
+        let src = Source::new("box", &BTreeMap::new(), vec![subject], |_, _| false).unwrap();
+        let labels: Vec<u16> = src.classes().iter().map(|c| c.label).collect();
+        assert_eq!(labels, [3]);
     }
 
     #[test]
