@@ -62,6 +62,10 @@ pub struct SettingsArgs {
     /// the engine's).
     #[arg(long)]
     pub overlap: Option<f64>,
+    /// Most classes per decoder run; more are decoded in groups (default:
+    /// the model's manifest, as many as a training episode held).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub classes_per_forward: Option<u32>,
 }
 
 impl SettingsArgs {
@@ -98,6 +102,7 @@ impl SettingsArgs {
             threshold: self.threshold,
             largest_component: !self.no_largest_component,
             probabilities: outputs.probabilities.is_some(),
+            classes_per_forward: self.classes_per_forward.map(|n| n as usize),
             progress: Some(progress),
         }
     }

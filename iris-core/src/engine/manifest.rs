@@ -59,6 +59,11 @@ pub struct Manifest {
     pub decoder: PathBuf,
     /// The memory bank (`.irisemb`) shipped with the model, if any.
     pub memory_bank: Option<PathBuf>,
+    /// Most classes the decoder should see in one run: the most a training
+    /// episode held. [`Model::segment`](super::Model::segment) decodes a
+    /// larger task in groups of this many (as the released code's
+    /// `--max-classes-per-forward`); `None`: all classes in one run.
+    pub classes_per_forward: Option<usize>,
 }
 
 /// The JSON as written; unknown keys (e.g. `config`, `opset`) are ignored.
@@ -74,6 +79,8 @@ struct Raw {
     fingerprint: String,
     graphs: RawGraphs,
     memory_bank: Option<String>,
+    #[serde(default)]
+    classes_per_forward: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -152,6 +159,9 @@ impl Manifest {
             return Err(format!("`channels` {:?} has a zero entry", raw.channels));
         }
         let stages = check_stages(&raw.stages, &raw.channels)?;
+        if raw.classes_per_forward == Some(0) {
+            return Err("`classes_per_forward` must be at least 1".into());
+        }
         let fingerprint = ModelFingerprint::from_hex(&raw.fingerprint)
             .map_err(|e| format!("`fingerprint`: {e}"))?;
         let file = |field: &str, name: &str| -> core::result::Result<PathBuf, String> {
@@ -183,6 +193,7 @@ impl Manifest {
                 .as_deref()
                 .map(|name| file("memory_bank", name))
                 .transpose()?,
+            classes_per_forward: raw.classes_per_forward,
         })
     }
 

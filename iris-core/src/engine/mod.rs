@@ -103,6 +103,11 @@ pub struct SegmentOptions {
     pub largest_component: bool,
     /// Also return the blended probability map of every class. Default false.
     pub probabilities: bool,
+    /// Most classes per decoder run; a larger task is decoded in groups
+    /// (the encoder still runs once per window). `None` (the default): the
+    /// manifest's [`classes_per_forward`](Manifest::classes_per_forward),
+    /// else all classes in one run.
+    pub classes_per_forward: Option<usize>,
     /// Called after every window with the windows done so far and the total.
     pub progress: Option<Arc<dyn Fn(Progress) + Send + Sync>>,
 }
@@ -115,6 +120,7 @@ impl Default for SegmentOptions {
             threshold: crate::labels::DEFAULT_THRESHOLD,
             largest_component: true,
             probabilities: false,
+            classes_per_forward: None,
             progress: None,
         }
     }
@@ -128,6 +134,7 @@ impl core::fmt::Debug for SegmentOptions {
             .field("threshold", &self.threshold)
             .field("largest_component", &self.largest_component)
             .field("probabilities", &self.probabilities)
+            .field("classes_per_forward", &self.classes_per_forward)
             .field("progress", &self.progress.as_ref().map(|_| "Fn(Progress)"))
             .finish()
     }
@@ -186,7 +193,7 @@ impl core::fmt::Debug for Features {
 /// use iris_core::engine::{EncodeOptions, Model, SegmentOptions, TaskClass};
 /// use iris_core::nifti;
 ///
-/// let model = Model::load("models/iris-small")?;
+/// let model = Model::load("models/iris-tiny")?;
 /// let (reference, _) = nifti::read_image("ref.nii.gz")?;
 /// let (labels, _) = nifti::read_labels("ref_labels.nii.gz")?;
 /// let classes = [TaskClass::new(1, "liver"), TaskClass::new(2, "spleen")];
@@ -380,7 +387,9 @@ impl Model {
     }
 
     /// Segments `query` (any orientation and spacing) with every class of
-    /// `task`: one encoder and one decoder run per window for all classes.
+    /// `task`: one encoder run per window, and one decoder run for all
+    /// classes (or one per group of
+    /// [`classes_per_forward`](SegmentOptions::classes_per_forward)).
     ///
     /// The labels come back on the query's own grid and affine, each voxel
     /// holding its class's label value (see [`Segmentation`]).
@@ -417,9 +426,31 @@ impl Model {
             })
             .collect::<Result<Vec<_>>>()?;
         let intensity = options.intensity.unwrap_or(task.preprocessing().intensity);
-        let task_values = self.task_tensors(task)?;
+        let per_run = match options
+            .classes_per_forward
+            .or(self.manifest.classes_per_forward)
+        {
+            Some(0) => {
+                return Err(Error::invalid(
+                    "classes_per_forward",
+                    "must be at least 1 class per decoder run",
+                ));
+            }
+            Some(n) => n.min(class_labels.len()),
+            None => class_labels.len(),
+        };
+        // One decoder plan and task tensors per group of classes, in order:
+        // the groups' logits concatenate to the task's `[K, D, H, W]`.
+        let groups = task
+            .classes()
+            .chunks(per_run.max(1))
+            .map(|group| {
+                let labels: Vec<u32> = group.iter().map(|c| c.label()).collect();
+                let values = self.task_tensors(&task.select_labels(&labels)?)?;
+                Ok((self.decoder.plan(group.len(), &self.executor)?, values))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let encoder = self.encoder.plan(1, &self.executor)?;
-        let decoder = self.decoder.plan(class_labels.len(), &self.executor)?;
         pipeline::segment_with(
             query,
             self.manifest.spacing_mm,
@@ -429,8 +460,12 @@ impl Model {
             options,
             |window| {
                 let features = self.run_encoder(&encoder, window.view())?;
-                let logits = self.run_decoder(&decoder, &features, &task_values)?;
-                Ok(graphs::values(&self.decoder, &logits)?.to_vec())
+                let mut logits = Vec::new();
+                for (plan, values) in &groups {
+                    let out = self.run_decoder(plan, &features, values)?;
+                    logits.extend_from_slice(graphs::values(&self.decoder, &out)?);
+                }
+                Ok(logits)
             },
         )
     }

@@ -10,7 +10,7 @@
 //!
 //! | file | content |
 //! |---|---|
-//! | `manifest.json` | format, name, the [`IrisConfig`] JSON, patch size, spacing, channels, task stage shapes, weights fingerprint, opset, graph files, bank file |
+//! | `manifest.json` | format, name, the [`IrisConfig`] JSON, patch size, spacing, channels, task stage shapes, weights fingerprint, opset, graph files, bank file, `classes_per_forward` (the most classes a training episode holds: the engine decodes larger tasks in groups of that many) |
 //! | `encoder.onnx` | `image` `[batch, 1, D, H, W]` to `features_0` .. `features_4`, level `l` being `[batch, C_l, D / 2^l, H / 2^l, W / 2^l]` |
 //! | `task_encoder.onnx` | `features_{5-S}` .. `features_4` and `masks` `[batch, classes, D, H, W]` (binary) to `task_0` .. `task_{S-1}` `[batch, classes, T + 1, C_{4-s}]` (deepest first) |
 //! | `decoder.onnx` | `features_0` .. `features_4` and `task_0` .. `task_{S-1}` to `logits` `[batch, classes, D, H, W]` |
@@ -49,6 +49,7 @@ pub use graph::OPSET;
 
 use crate::Error;
 use crate::bank::MemoryBank;
+use crate::data::EpisodeConfig;
 use crate::model::{Iris, IrisConfig};
 use crate::training::model_fingerprint;
 
@@ -186,6 +187,7 @@ fn manifest(
         "stages": stages,
         "fingerprint": fingerprint.to_string(),
         "opset": OPSET,
+        "classes_per_forward": EpisodeConfig::new(config.patch_size).max_classes,
         "graphs": {
             "encoder": ENCODER_FILE,
             "task_encoder": TASK_ENCODER_FILE,
