@@ -17,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def main() -> None:
@@ -44,9 +45,10 @@ def main() -> None:
                 continue
             ax.plot([p[0] for p in points], [p[column] for p in points], marker="o", label=strategy)
         ax.set_title(title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("references (ensemble size, top-k, tuning cases)")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("mean Dice, held-out AAL structures")
+    axes[0].set_ylabel("mean Dice over the structures")
     axes[1].legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(target, dpi=120)

@@ -6,7 +6,7 @@
 //! paper's figure 4; `scripts/strategies.sh` adds tuning and the plot).
 //!
 //! ```sh
-//! cargo run --release -p iris-eval -- results --model models/iris-small \
+//! cargo run --release -p iris-eval -- results --model models/iris-tiny \
 //!     --out docs/results.md [--moves 3] [--quick]
 //! ```
 //!

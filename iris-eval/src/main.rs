@@ -22,7 +22,7 @@ enum Command {
     /// Runs every task and writes the report (Markdown) and a CSV beside it.
     Results {
         /// The model folder (manifest.json and the ONNX graphs).
-        #[arg(long, default_value = "models/iris-small")]
+        #[arg(long, default_value = "models/iris-tiny")]
         model: PathBuf,
         /// The report to write; the CSV goes next to it (`.csv`).
         #[arg(long, default_value = "docs/results.md")]
@@ -41,13 +41,20 @@ enum Command {
         /// 3 references (a smoke run).
         #[arg(long)]
         quick: bool,
+        /// Markdown about the model (training, shortfalls) to include after
+        /// the goals table.
+        #[arg(long)]
+        notes: Option<PathBuf>,
     },
     /// One-shot, context ensembles, object- and image-level retrieval and
-    /// tuned embeddings on the held-out AAL structures; writes the
-    /// Markdown table and a CSV beside it.
+    /// tuned embeddings on one task (default: the held-out AAL
+    /// structures); writes the Markdown table and a CSV beside it.
     Strategies {
+        /// The task's id (an unknown id lists them).
+        #[arg(long, default_value = strategies::DEFAULT_TASK)]
+        task: String,
         /// The model folder (manifest.json and the ONNX graphs).
-        #[arg(long, default_value = "models/iris-small")]
+        #[arg(long, default_value = "models/iris-tiny")]
         model: PathBuf,
         /// The table to write; the CSV goes next to it (`.csv`).
         #[arg(long, default_value = "docs/strategies.md")]
@@ -76,6 +83,20 @@ enum Command {
         #[arg(long)]
         write_pool: Option<PathBuf>,
     },
+    /// Writes the truth of one task's aligned query as a label NIfTI (on
+    /// the query's grid), for `iris eval --truth`; lists the task ids
+    /// when the id is unknown.
+    Truth {
+        /// The task id, e.g. aal-colin27-to-mni152.
+        #[arg(long)]
+        task: String,
+        /// The label NIfTI to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// The data folder written by scripts/fetch-data.sh.
+        #[arg(long, default_value = "data")]
+        data: PathBuf,
+    },
 }
 
 /// `CASES=FILE` of `--tuned`.
@@ -87,6 +108,11 @@ fn parse_tuned(text: &str) -> Result<(usize, PathBuf), String> {
         .parse()
         .map_err(|_| format!("{cases:?} in {text:?} is not a number of cases"))?;
     Ok((cases, PathBuf::from(file)))
+}
+
+/// The text of `--notes`.
+fn read_notes(path: &std::path::Path) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("--notes {}: {e}", path.display()))
 }
 
 /// Writes `text` to `path`, naming the path on failure.
@@ -107,18 +133,30 @@ fn main() -> ExitCode {
             moves,
             references,
             quick,
-        } => results(
-            &Options {
-                model,
-                data,
-                moves,
-                references: usize::from(references),
-                quick,
-                command,
-            },
-            &out,
-        ),
+            notes,
+        } => {
+            let notes = match notes.as_deref().map(read_notes).transpose() {
+                Ok(notes) => notes,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            results(
+                &Options {
+                    model,
+                    data,
+                    moves,
+                    references: usize::from(references),
+                    quick,
+                    command,
+                    notes,
+                },
+                &out,
+            )
+        }
         Command::Strategies {
+            task,
             model,
             out,
             data,
@@ -130,6 +168,7 @@ fn main() -> ExitCode {
             write_pool,
         } => figure(
             &strategies::Options {
+                task,
                 model,
                 data,
                 pool: usize::from(pool),
@@ -142,6 +181,7 @@ fn main() -> ExitCode {
             },
             &out,
         ),
+        Command::Truth { task, out, data } => truth(&task, &out, &data),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -177,5 +217,30 @@ fn figure(options: &strategies::Options, out: &std::path::Path) -> Result<(), St
         csv.display(),
         figure.total_s
     );
+    Ok(())
+}
+
+fn truth(id: &str, out: &std::path::Path, data: &std::path::Path) -> Result<(), String> {
+    let tasks = iris_eval::tasks::build(data, iris_eval::tasks::Limits::default())
+        .map_err(|e| e.to_string())?;
+    let task = tasks.iter().find(|t| t.id == id).ok_or_else(|| {
+        let ids: Vec<&str> = tasks.iter().map(|t| t.id).collect();
+        format!("no task {id:?}; the tasks are {}", ids.join(", "))
+    })?;
+    iris_core::nifti::write_labels(out, &task.query.truth, None).map_err(|e| e.to_string())?;
+    let labels: Vec<String> = task
+        .structures
+        .iter()
+        .map(|s| s.label.to_string())
+        .collect();
+    eprintln!(
+        "wrote the truth of {id} ({}; labels {}) to {}",
+        task.query.name,
+        labels.join(","),
+        out.display()
+    );
+    for note in &task.notes {
+        eprintln!("note: {note}");
+    }
     Ok(())
 }

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use iris_core::Result;
 use iris_core::embedding::{ClassEmbedding, TaskEmbedding};
-use iris_core::engine::{EncodeOptions, Model, SegmentOptions, TaskClass};
+use iris_core::engine::{EncodeOptions, Model, SegmentOptions};
 use iris_core::metrics::dice_per_class;
 use iris_core::preprocess::resample_labels;
 use iris_core::volume::{Image, LabelMap};
@@ -44,6 +44,9 @@ pub struct Options {
     pub quick: bool,
     /// The command line that made the report, printed in it.
     pub command: String,
+    /// Markdown written by hand about the model (how it was trained, why it
+    /// falls short), included after the goals table.
+    pub notes: Option<String>,
 }
 
 /// One query of a task: aligned (`seed` `None`) or moved.
@@ -233,12 +236,8 @@ fn run_task(
     progress: &mut impl FnMut(&str),
 ) -> Result<(TaskResult, Option<TaskEmbedding>)> {
     let start = Instant::now();
-    let labels: Vec<u16> = task.structures.iter().map(|s| s.label).collect();
-    let classes: Vec<TaskClass> = task
-        .structures
-        .iter()
-        .map(|s| TaskClass::new(s.label, s.name.clone()))
-        .collect();
+    let labels = task.labels();
+    let classes = task.classes();
     let encode = |image: &Image, labels: &LabelMap| {
         model.encode_task(image, labels, &classes, &EncodeOptions::default())
     };
@@ -639,6 +638,9 @@ pub fn markdown(run: &Run) -> String {
         let _ = writeln!(md, "{line}");
     }
     let _ = writeln!(md);
+    if let Some(notes) = &o.notes {
+        let _ = writeln!(md, "{}\n", notes.trim_end());
+    }
 
     for task in &run.tasks {
         let _ = writeln!(md, "## {}\n", task.title);

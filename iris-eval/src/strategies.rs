@@ -3,9 +3,9 @@
 //! 1..N references, object- vs image-level retrieval at several top-k, and
 //! in-context tuning on 1..N cases.
 //!
-//! The task is the held-out AAL structures of [`tasks`]: reference Colin27
-//! with AAL, query MNI152 with AAL3 mapped to AAL by name (approximate
-//! truth).
+//! The task is one of [`tasks`] (by default the held-out AAL structures:
+//! reference Colin27 with AAL, query MNI152 with AAL3 mapped to AAL by
+//! name, approximate truth).
 //! The pool of references is the Colin27 reference and moved copies of it
 //! (seeds from [`POOL_SEED`]): the data hold one labelled human subject, so
 //! the moves stand in for further subjects. The queries are the aligned
@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use iris_core::embedding::TaskEmbedding;
 use iris_core::engine::{
-    EncodeOptions, Model, PoolReference, RetrievalLevel, RetrieveOptions, SegmentOptions, TaskClass,
+    EncodeOptions, Model, PoolReference, RetrievalLevel, RetrieveOptions, SegmentOptions,
 };
 use iris_core::irisemb::{self, Payload};
 use iris_core::metrics::dice_per_class;
@@ -33,15 +33,20 @@ use iris_core::{Error, Result};
 
 use crate::moves::{Move, about_centre, move_image, move_labels};
 use crate::report::utc_now;
-use crate::tasks::{self, Kind, Limits, Structure};
+use crate::tasks::{self, Limits, Structure};
 
 /// Pool references 2.. are the reference moved with seeds `POOL_SEED + i`
 /// (the queries use 1, 2, ...; the ensembles of `report` use 1000 + i).
 pub const POOL_SEED: u64 = 2000;
 
+/// The default task: the 12 held-out AAL structures.
+pub const DEFAULT_TASK: &str = "aal-colin27-to-mni152";
+
 /// What to run.
 #[derive(Clone, Debug)]
 pub struct Options {
+    /// The task's id (see [`tasks::build`]), e.g. [`DEFAULT_TASK`].
+    pub task: String,
     /// The model folder.
     pub model: PathBuf,
     /// The data folder of `scripts/fetch-data.sh`.
@@ -103,6 +108,12 @@ pub struct Figure {
     pub model_name: String,
     /// Hex fingerprint of the model.
     pub fingerprint: String,
+    /// The task's title, reference and caveats.
+    pub task_title: String,
+    /// What the reference is.
+    pub reference_name: String,
+    /// Caveats of the task (approximate truths...).
+    pub notes: Vec<String>,
     /// The structures scored.
     pub structures: Vec<Structure>,
     /// The queries' names, aligned first.
@@ -115,7 +126,7 @@ pub struct Figure {
     pub started: String,
 }
 
-/// Runs the figure: builds the held-out AAL task, its pool and queries,
+/// Runs the figure: builds the task, its pool and queries,
 /// optionally writes the pool, then scores every strategy.
 ///
 /// # Errors
@@ -131,11 +142,19 @@ pub fn run(options: &Options, mut progress: impl FnMut(&str)) -> Result<Figure> 
     let limits = Limits {
         structures: options.structures,
     };
-    let task = tasks::build(&options.data, limits)?
+    let all = tasks::build(&options.data, limits)?;
+    let ids: Vec<&str> = all.iter().map(|t| t.id).collect();
+    let ids = ids.join(", ");
+    let task = all
         .into_iter()
-        .find(|t| t.kind == Kind::HeldOutAal)
-        .ok_or_else(|| Error::invalid("data", "no held-out AAL task"))?;
-    let labels: Vec<u16> = task.structures.iter().map(|s| s.label).collect();
+        .find(|t| t.id == options.task)
+        .ok_or_else(|| {
+            Error::invalid(
+                "task",
+                format!("no task {:?}; the tasks are {ids}", options.task),
+            )
+        })?;
+    let labels = task.labels();
     progress(&format!(
         "{}: {} structures, pool of {}, {} queries",
         task.title,
@@ -145,13 +164,9 @@ pub fn run(options: &Options, mut progress: impl FnMut(&str)) -> Result<Figure> 
     ));
     let references = pool_volumes(&task.reference, &task.reference_labels, options.pool)?;
     if let Some(dir) = &options.write_pool {
-        write_pool(dir, &references, &task.structures)?;
+        write_pool(dir, &task.title, &references, &task.structures)?;
     }
-    let classes: Vec<TaskClass> = task
-        .structures
-        .iter()
-        .map(|s| TaskClass::new(s.label, s.name.clone()))
-        .collect();
+    let classes = task.classes();
     let mut pool = Vec::with_capacity(references.len());
     for (i, (name, image, labels)) in references.iter().enumerate() {
         progress(&format!(
@@ -209,6 +224,9 @@ pub fn run(options: &Options, mut progress: impl FnMut(&str)) -> Result<Figure> 
         options: options.clone(),
         model_name: model.manifest().name.clone(),
         fingerprint: model.manifest().fingerprint.to_string(),
+        task_title: task.title.clone(),
+        reference_name: task.reference_name.clone(),
+        notes: task.notes.clone(),
         structures: task.structures.clone(),
         queries: queries.into_iter().map(|q| q.name).collect(),
         rows,
@@ -247,6 +265,7 @@ pub fn pool_volumes(
 /// [`Error::Io`] naming the path.
 pub fn write_pool(
     dir: &Path,
+    title: &str,
     pool: &[(String, Image, LabelMap)],
     structures: &[Structure],
 ) -> Result<()> {
@@ -266,15 +285,15 @@ pub fn write_pool(
             None,
         )?;
     }
-    let mut json = String::from("{\n  \"name\": \"iris held-out AAL pool\",\n");
+    let clean = |text: &str| -> String {
+        text.chars()
+            .filter(|c| !matches!(c, '"' | '\\') && !c.is_control())
+            .collect()
+    };
+    let mut json = format!("{{\n  \"name\": \"iris pool: {}\",\n", clean(title));
     json.push_str("  \"channel_names\": {\"0\": \"T1\"},\n  \"labels\": {\"background\": 0");
     for s in structures {
-        let name: String = s
-            .name
-            .chars()
-            .filter(|c| !matches!(c, '"' | '\\') && !c.is_control())
-            .collect();
-        let _ = write!(json, ", \"{name}\": {}", s.label);
+        let _ = write!(json, ", \"{}\": {}", clean(&s.name), s.label);
     }
     let _ = write!(
         json,
@@ -378,7 +397,7 @@ pub fn rows(
 /// columns: queries and the mean over moved ones).
 pub fn markdown(figure: &Figure) -> String {
     let o = &figure.options;
-    let mut md = String::from("# Inference strategies on held-out anatomy (paper, figure 4)\n\n");
+    let mut md = String::from("# Inference strategies (paper, figure 4)\n\n");
     let _ = writeln!(
         md,
         "Model `{}` (fingerprint `{}`), run {} in {:.0} s. Regenerate with \
@@ -388,16 +407,23 @@ pub fn markdown(figure: &Figure) -> String {
     let names: Vec<&str> = figure.structures.iter().map(|s| s.name.as_str()).collect();
     let _ = writeln!(
         md,
-        "Task: the {} held-out AAL structures ({}). Pool: Colin27 + AAL and {} moved copies of it \
-         (rotation <= 20 deg, shift <= 20 mm, scale 0.9-1.1; the data hold one labelled human \
-         subject). Queries: MNI152 with AAL3 mapped to AAL by name (approximate truth), aligned \
-         and moved. Each cell is the mean Dice over the structures. One-shot is averaged over the \
-         pool's references; ensembles and tuning use the first n pool references; retrieval picks \
-         the top k per class (object level) or per image (image level) from the whole pool.\n",
+        "Task `{}`: {} ({} structures: {}). Pool: the reference ({}) and {} moved copies of it \
+         (rotation <= 20 deg, shift <= 20 mm, scale 0.9-1.1; the data hold one labelled subject \
+         per species). Queries: aligned and moved. Each cell is the mean Dice over the \
+         structures. One-shot is averaged over the pool's references; ensembles and tuning use \
+         the first n pool references; retrieval picks the top k per class (object level) or per \
+         image (image level) from the whole pool.\n",
+        o.task,
+        figure.task_title,
         names.len(),
         names.join(", "),
+        figure.reference_name,
         o.pool.saturating_sub(1)
     );
+    for note in &figure.notes {
+        let _ = writeln!(md, "- {note}");
+    }
+    md.push('\n');
     md.push_str("| strategy | n / k |");
     for q in &figure.queries {
         let _ = write!(md, " {q} |");

@@ -9,6 +9,8 @@
 
 use std::path::{Path, PathBuf};
 
+use iris_core::embedding::TaskEmbedding;
+use iris_core::engine::{EncodeOptions, Model, TaskClass};
 use iris_core::nifti;
 use iris_core::preprocess::resample_labels;
 use iris_core::volume::{Affine, Image, LabelMap, Volume};
@@ -126,6 +128,35 @@ pub struct Task {
     pub query: Query,
     /// Caveats printed under the task's table (approximate truths...).
     pub notes: Vec<String>,
+}
+
+impl Task {
+    /// The structures as the engine's classes (label and name).
+    pub fn classes(&self) -> Vec<TaskClass> {
+        self.structures
+            .iter()
+            .map(|s| TaskClass::new(s.label, s.name.clone()))
+            .collect()
+    }
+
+    /// The structures' label values, in report order.
+    pub fn labels(&self) -> Vec<u16> {
+        self.structures.iter().map(|s| s.label).collect()
+    }
+
+    /// The one-shot task embedding of the structures: the reference encoded
+    /// with the engine's default options.
+    ///
+    /// # Errors
+    /// As [`Model::encode_task`].
+    pub fn encode(&self, model: &Model) -> Result<TaskEmbedding> {
+        model.encode_task(
+            &self.reference,
+            &self.reference_labels,
+            &self.classes(),
+            &EncodeOptions::default(),
+        )
+    }
 }
 
 /// Reads a `value name [code]` label list.

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::Command;
 
 use iris_core::embedding::{ClassEmbedding, TaskEmbedding};
-use iris_core::engine::{EncodeOptions, Model, TaskClass};
+use iris_core::engine::Model;
 use iris_core::irisemb::{self, Payload};
 use iris_core::metrics::dice_per_class;
 use iris_core::preprocess::resample_labels;
@@ -13,7 +13,7 @@ use iris_eval::tasks::{self, HELD_OUT_AAL, Kind, Limits};
 use iris_tests::TempDir;
 
 mod common;
-use common::data_dir;
+use common::{csv_dice, data_dir};
 
 #[test]
 fn aal3_names_map_the_twelve_held_out_structures() {
@@ -100,7 +100,7 @@ fn tasks_have_their_structures_in_reference_and_truth() {
         }
         let copied =
             resample_labels(&task.reference_labels, task.query.image.geometry()).expect("copies");
-        let labels: Vec<u16> = task.structures.iter().map(|s| s.label).collect();
+        let labels = task.labels();
         let dice = dice_per_class(&copied, &task.query.truth, &labels).expect("same grid");
         assert!(
             dice.iter().all(|d| *d == Some(1.0)),
@@ -108,16 +108,6 @@ fn tasks_have_their_structures_in_reference_and_truth() {
             task.id
         );
     }
-}
-
-/// The CSV's Dice of `task`, `query` (`aligned`/`moved`), `method`.
-fn csv_dice(csv: &str, task: &str, query: &str, method: &str) -> Vec<f64> {
-    csv.lines()
-        .skip(1)
-        .map(|l| l.split(',').collect::<Vec<_>>())
-        .filter(|f| f[0] == task && f[1] == query && f[5] == method)
-        .map(|f| f[6].parse::<f64>().expect("dice"))
-        .collect()
 }
 
 /// Runs `iris-eval results --quick` with `args` into `dir`; the report
@@ -224,19 +214,7 @@ fn the_memory_bank_is_scored_on_seen_structures() {
     .find(|t| t.kind == Kind::SeenAal)
     .expect("the seen-AAL task");
     let model = Model::load(&model_dir).expect("model");
-    let classes: Vec<TaskClass> = task
-        .structures
-        .iter()
-        .map(|s| TaskClass::new(s.label, s.name.clone()))
-        .collect();
-    let one_shot = model
-        .encode_task(
-            &task.reference,
-            &task.reference_labels,
-            &classes,
-            &EncodeOptions::default(),
-        )
-        .expect("encode");
+    let one_shot = task.encode(&model).expect("encode");
     let entries = one_shot
         .classes()
         .iter()
@@ -260,12 +238,21 @@ fn the_memory_bank_is_scored_on_seen_structures() {
     let text = text.replacen('{', "{\"memory_bank\": \"memory_bank.irisemb\", ", 1);
     std::fs::write(&manifest, text).expect("manifest");
 
+    let notes = dir.join("notes.md");
+    std::fs::write(&notes, "## About this model\n\nWritten by hand.\n").expect("notes");
+    let notes_arg = notes.to_str().expect("utf-8 path");
     let (md, csv) = quick_results(
         &model_dir,
         &data,
         dir.path(),
-        &["--moves", "1", "--references", "1"],
+        &["--moves", "1", "--references", "1", "--notes", notes_arg],
     );
+    // The hand-written notes follow the goals table.
+    let goals = md.find("## Goals of issue 7").expect("goals");
+    let about = md
+        .find("## About this model\n\nWritten by hand.")
+        .expect("notes included");
+    assert!(about > goals);
     assert!(md.contains("| structure | label | bank aligned | model aligned | copy aligned |"));
     let id = "seen-aal-colin27-to-mni152";
     for query in ["aligned", "moved"] {
@@ -275,6 +262,26 @@ fn the_memory_bank_is_scored_on_seen_structures() {
     }
     // Only the seen task uses the bank.
     assert_eq!(csv.matches(",bank,").count(), 2 * 2);
+}
+
+#[test]
+fn a_missing_notes_file_is_named() {
+    let dir = TempDir::new("iris-eval-notes");
+    let missing = dir.join("absent.md");
+    let out = Command::new(env!("CARGO_BIN_EXE_iris-eval"))
+        .args(["results", "--notes"])
+        .arg(&missing)
+        .arg("--out")
+        .arg(dir.join("r.md"))
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--notes") && stderr.contains("absent.md"),
+        "{stderr}"
+    );
+    assert!(!dir.join("r.md").exists());
 }
 
 #[test]

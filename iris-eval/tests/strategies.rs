@@ -128,6 +128,21 @@ fn strategies_score_every_row_and_write_the_pool() {
 }
 
 #[test]
+fn unknown_tasks_are_refused_listing_the_tasks() {
+    let Some(data) = data_dir() else { return };
+    let dir = TempDir::new("iris-eval-strategies-task");
+    let model = dir.join("model");
+    iris_tests::fixture::export_tiny_model(&model, 7);
+    let run = strategies(&model, &data, &dir.join("s.md"), &["--task", "liver"]);
+    assert!(!run.status.success());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        stderr.contains("no task \"liver\"") && stderr.contains("seen-aal-colin27-to-mni152"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn malformed_tuned_arguments_are_refused() {
     let run = Command::new(env!("CARGO_BIN_EXE_iris-eval"))
         .args(["strategies", "--tuned", "three=x.irisemb"])
