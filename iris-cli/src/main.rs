@@ -17,7 +17,7 @@
 //! (object level only); see [`pool`].
 //!
 //! `--model DIR` (encode, segment, retrieve) defaults to `$IRIS_MODEL`,
-//! else the workspace's `models/iris-small`. Exit codes are in [`failure`]:
+//! else the workspace's `models/iris-tiny`. Exit codes are in [`failure`]:
 //! 0 ok, 1 runtime failure, 2 usage, 3 bad input file, 4 model problem.
 
 mod encode;

@@ -13,14 +13,14 @@ use iris_core::volume::{Image, LabelMap};
 use crate::failure::{BAD_INPUT, Failure, MODEL, USAGE};
 
 /// The model used when neither `--model` nor `IRIS_MODEL` names one: the
-/// workspace's `models/iris-small`, fixed when `iris` is built.
-pub const DEFAULT_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/iris-small");
+/// workspace's `models/iris-tiny`, fixed when `iris` is built.
+pub const DEFAULT_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/iris-tiny");
 
 /// `--model DIR`.
 #[derive(clap::Args)]
 pub struct ModelArgs {
     /// Model folder (manifest.json and the three ONNX graphs); default: the
-    /// workspace's models/iris-small.
+    /// workspace's models/iris-tiny.
     #[arg(long, env = "IRIS_MODEL", value_name = "DIR")]
     model: Option<PathBuf>,
 }
