@@ -2,7 +2,7 @@
 //! writes the Markdown report and a CSV next to it; `iris-eval strategies`:
 //! the inference strategies of the paper's figure 4 (see the crate docs).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -111,12 +111,12 @@ fn parse_tuned(text: &str) -> Result<(usize, PathBuf), String> {
 }
 
 /// The text of `--notes`.
-fn read_notes(path: &std::path::Path) -> Result<String, String> {
+fn read_notes(path: &Path) -> Result<String, String> {
     std::fs::read_to_string(path).map_err(|e| format!("--notes {}: {e}", path.display()))
 }
 
 /// Writes `text` to `path`, naming the path on failure.
-fn write(path: &std::path::Path, text: &str) -> Result<(), String> {
+fn write(path: &Path, text: &str) -> Result<(), String> {
     std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
@@ -192,35 +192,41 @@ fn main() -> ExitCode {
     }
 }
 
-fn results(options: &Options, out: &std::path::Path) -> Result<(), String> {
+fn results(options: &Options, out: &Path) -> Result<(), String> {
     let run = report::run(options, |line| eprintln!("{line}")).map_err(|e| e.to_string())?;
-    let csv = report::csv_path(out);
-    write(out, &report::markdown(&run))?;
-    write(&csv, &report::csv(&run))?;
-    eprintln!(
-        "wrote {} and {} in {:.1} s",
-        out.display(),
-        csv.display(),
-        run.total_s
-    );
-    Ok(())
+    write_report(
+        out,
+        &report::markdown(&run),
+        &report::csv(&run),
+        run.total_s,
+    )
 }
 
-fn figure(options: &strategies::Options, out: &std::path::Path) -> Result<(), String> {
+fn figure(options: &strategies::Options, out: &Path) -> Result<(), String> {
     let figure = strategies::run(options, |line| eprintln!("{line}")).map_err(|e| e.to_string())?;
-    let csv = report::csv_path(out);
-    write(out, &strategies::markdown(&figure))?;
-    write(&csv, &strategies::csv(&figure))?;
+    write_report(
+        out,
+        &strategies::markdown(&figure),
+        &strategies::csv(&figure),
+        figure.total_s,
+    )
+}
+
+/// Writes the Markdown to `out` and the CSV next to it, and says so with
+/// the run's `seconds`.
+fn write_report(out: &Path, markdown: &str, csv: &str, seconds: f64) -> Result<(), String> {
+    let csv_path = report::csv_path(out);
+    write(out, markdown)?;
+    write(&csv_path, csv)?;
     eprintln!(
-        "wrote {} and {} in {:.1} s",
+        "wrote {} and {} in {seconds:.1} s",
         out.display(),
-        csv.display(),
-        figure.total_s
+        csv_path.display()
     );
     Ok(())
 }
 
-fn truth(id: &str, out: &std::path::Path, data: &std::path::Path) -> Result<(), String> {
+fn truth(id: &str, out: &Path, data: &Path) -> Result<(), String> {
     let tasks = iris_eval::tasks::build(data, iris_eval::tasks::Limits::default())
         .map_err(|e| e.to_string())?;
     let task = tasks.iter().find(|t| t.id == id).ok_or_else(|| {

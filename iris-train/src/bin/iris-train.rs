@@ -278,15 +278,7 @@ fn train(args: &TrainArgs) -> Result<(), Failure> {
     fs::create_dir_all(&args.out)
         .map_err(|e| Failure::new(4, format!("{}: {e}", args.out.display())))?;
     let mut metrics = Metrics::open(&args.out.join("metrics.csv"), trainer.step())?;
-    let bar = if args.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(args.steps as u64)
-    };
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise} < {eta}] {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let bar = step_bar(args.steps, args.quiet);
     bar.set_position(trainer.step() as u64);
 
     let start = Instant::now();
@@ -424,6 +416,20 @@ fn export(args: &ExportArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+/// A progress bar over `steps` steps on stderr (hidden when `quiet`).
+fn step_bar(steps: usize, quiet: bool) -> ProgressBar {
+    let bar = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(steps as u64)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise} < {eta}] {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
+
 /// The training output folder of `dir`: `dir` itself when it holds a
 /// checkpoint/, else its parent when `dir` is that checkpoint/ folder.
 fn run_folder(dir: &Path) -> Result<&Path, Failure> {
@@ -480,15 +486,7 @@ fn tune_task(args: &TuneArgs) -> Result<(), Failure> {
     let device = iris_train::device::select_device();
     let trainer = Trainer::resume(run_folder(&args.checkpoint)?, &device)?;
 
-    let bar = if args.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(args.steps as u64)
-    };
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise} < {eta}] {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let bar = step_bar(args.steps, args.quiet);
     let tuned = tune(
         trainer.model(),
         &trainer.config().model,
