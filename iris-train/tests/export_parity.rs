@@ -342,7 +342,7 @@ fn manifest_round_trips_and_bank_is_written() {
     let keys = [ClassKey::new("test", 1), ClassKey::new("test", 2)];
     bank.observe(&keys, &case.embedding).expect("observe");
     let fingerprint =
-        export::export(&case.model, &config, "iris-test", &dir, Some(&bank)).expect("export");
+        export::export(&case.model, &config, "iris-test", &dir, Some(&bank), 2).expect("export");
     assert_eq!(fingerprint, model_fingerprint(&case.model, &config));
 
     let manifest = read_manifest(&dir);
@@ -351,6 +351,7 @@ fn manifest_round_trips_and_bank_is_written() {
     assert_eq!(manifest["name"], "iris-test");
     assert_eq!(manifest["fingerprint"], fingerprint.to_string());
     assert_eq!(manifest["opset"], 17);
+    assert_eq!(manifest["classes_per_forward"], 2);
     assert_eq!(manifest["patch_size"], serde_json::json!([32, 32, 32]));
     assert_eq!(manifest["spacing_mm"], 6.0);
     assert_eq!(manifest["channels"], serde_json::json!([4, 8, 16, 32, 32]));
@@ -387,7 +388,7 @@ fn manifest_round_trips_and_bank_is_written() {
 
     // Exporting again without a bank removes the old bank file; nothing
     // but the model's files is left in the folder.
-    export::export(&case.model, &config, "iris-test", &dir, None).expect("export");
+    export::export(&case.model, &config, "iris-test", &dir, None, 1).expect("export");
     assert!(read_manifest(&dir).get("memory_bank").is_none());
     let mut files: Vec<String> = fs::read_dir(&dir)
         .expect("dir")
@@ -417,9 +418,14 @@ fn export_refuses_a_config_that_does_not_fit_the_weights() {
         message.contains("task_encoder.stages.0.queries") && message.contains("[10, 32]"),
         "{message}"
     );
-    let error = export::export(&model, &IrisConfig::tiny(), " ", &temp_dir("name"), None)
+    let error = export::export(&model, &IrisConfig::tiny(), " ", &temp_dir("name"), None, 1)
         .expect_err("empty name");
     assert!(error.to_string().contains("model name"), "{error}");
+    let dir = temp_dir("no-classes");
+    let error = export::export(&model, &IrisConfig::tiny(), "iris", &dir, None, 0)
+        .expect_err("no classes per run");
+    assert!(error.to_string().contains("classes_per_forward"), "{error}");
+    assert!(!dir.join("manifest.json").exists(), "nothing is written");
 }
 
 /// Writes `array` as raw little-endian `f32` to `dir/file` and describes it.
@@ -471,7 +477,7 @@ fn onnxruntime_agrees_and_onnx_checker_passes() {
     let config = IrisConfig::tiny();
     let case = case(config.clone(), 15, 2);
     let dir = temp_dir("onnxruntime");
-    export::export(&case.model, &config, "iris-parity", &dir, None).expect("export");
+    export::export(&case.model, &config, "iris-parity", &dir, None, 1).expect("export");
     let data = dir.join("parity");
     fs::create_dir_all(&data).expect("dir");
 

@@ -456,6 +456,37 @@ fn command_line_exit_codes_and_messages() {
         "train", "--preset", "huge", "--steps", "1", "--out", out_arg,
     ]);
     assert_eq!(code, Some(2));
+
+    // `export` records the decoder group size it is given (default 1).
+    let model = out.join("model");
+    let model_arg = model.to_str().expect("utf-8");
+    let export = ["export", "--random", "--preset", "tiny", "--quiet"];
+    let manifest = || {
+        let text = std::fs::read_to_string(model.join("manifest.json")).expect("manifest");
+        let json: serde_json::Value = serde_json::from_str(&text).expect("json");
+        json["classes_per_forward"].as_u64()
+    };
+    let (code, stderr) = run(&[&export[..], &["--out", model_arg]].concat());
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(manifest(), Some(1));
+    let with = |n: &'static str| {
+        [
+            &export[..],
+            &["--out", model_arg, "--classes-per-forward", n],
+        ]
+        .concat()
+    };
+    let (code, stderr) = run(&with("3"));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(manifest(), Some(3));
+    let (code, stderr) = run(&with("0"));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--classes-per-forward"), "{stderr}");
+    assert_eq!(
+        manifest(),
+        Some(3),
+        "a refused export leaves the folder alone"
+    );
     std::fs::remove_dir_all(&out).ok();
 }
 

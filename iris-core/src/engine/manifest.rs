@@ -59,9 +59,10 @@ pub struct Manifest {
     pub decoder: PathBuf,
     /// The memory bank (`.irisemb`) shipped with the model, if any.
     pub memory_bank: Option<PathBuf>,
-    /// Most classes the decoder should see in one run: the most a training
-    /// episode held. [`Model::segment`](super::Model::segment) decodes a
-    /// larger task in groups of this many (as the released code's
+    /// Most classes the decoder should see in one run, chosen when the
+    /// model is exported (at most the classes of a training episode; 1 when
+    /// the model does not keep the classes of one run apart). The engine
+    /// decodes a larger task in groups of this many (as the released code's
     /// `--max-classes-per-forward`); `None`: all classes in one run.
     pub classes_per_forward: Option<usize>,
 }

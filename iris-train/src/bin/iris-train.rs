@@ -5,7 +5,8 @@
 //! iris-train train --preset small --steps 20000 --out runs/small [--resume]
 //!     [--threads N] [--minutes M] [--seed S] [--data DIR] [--eval-every N]
 //!     [--checkpoint-every N] [--batch-size B] [--quiet]
-//! iris-train export --checkpoint runs/small --out models/iris-small [--name NAME] [--quiet]
+//! iris-train export --checkpoint runs/small --out models/iris-small [--name NAME]
+//!                    [--classes-per-forward N] [--quiet]
 //! iris-train export --random --preset tiny [--seed S] --out models/iris-tiny-random
 //! iris-train tune --checkpoint runs/small --task init.irisemb --images a.nii.gz,b.nii.gz
 //!     --labels a_labels.nii.gz,b_labels.nii.gz [--steps N] [--lr X] --out tuned.irisemb [--quiet]
@@ -25,6 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use clap::builder::TypedValueParser;
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use iris_core::irisemb::{self, Payload};
@@ -155,6 +157,12 @@ struct ExportArgs {
     /// The model's name in the manifest (default: the --out folder's name).
     #[arg(long)]
     name: Option<String>,
+    /// The most classes the engine decodes in one decoder run (written to
+    /// the manifest). 1 decodes each class alone; raise it only for a model
+    /// that keeps the classes of one run apart (all at once is faster).
+    #[arg(long, default_value_t = export::DEFAULT_CLASSES_PER_FORWARD,
+          value_parser = clap::value_parser!(u16).range(1..).map(usize::from))]
+    classes_per_forward: usize,
     /// No summary.
     #[arg(long)]
     quiet: bool,
@@ -378,13 +386,21 @@ fn export(args: &ExportArgs) -> Result<(), Failure> {
                 &name,
                 &args.out,
                 Some(trainer.bank()),
+                args.classes_per_forward,
             )?
         }
         (None, true, Some(preset)) => {
             let config = preset.config();
             device.seed(args.seed);
             let model = config.init(&device)?;
-            export::export(&model, &config, &name, &args.out, None)?
+            export::export(
+                &model,
+                &config,
+                &name,
+                &args.out,
+                None,
+                args.classes_per_forward,
+            )?
         }
         _ => {
             return Err(Failure::new(

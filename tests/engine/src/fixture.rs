@@ -37,13 +37,21 @@ pub fn with_tiny_model<R>(seed: u64, f: impl FnOnce(Iris, &IrisConfig) -> R) -> 
     )
 }
 
-/// Exports the tiny preset with weights drawn from `seed` into `dir`.
+/// Exports the tiny preset with weights drawn from `seed` into `dir`, with
+/// the default `classes_per_forward`.
 ///
 /// # Panics
 /// If the export fails.
 pub fn export_tiny_model(dir: &Path, seed: u64) -> ModelFingerprint {
     with_tiny_model(seed, |model, config| {
-        iris_train::export::export(&model, config, "iris-tiny-random", dir, None)
+        iris_train::export::export(
+            &model,
+            config,
+            "iris-tiny-random",
+            dir,
+            None,
+            iris_train::export::DEFAULT_CLASSES_PER_FORWARD,
+        )
     })
     .expect("export")
 }

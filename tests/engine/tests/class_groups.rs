@@ -1,7 +1,6 @@
 //! `classes_per_forward`: a task decoded in groups of classes is exactly
-//! the groups decoded as tasks of their own, and the manifest's value (the
-//! most classes a training episode holds, written by the export) is the
-//! default.
+//! the groups decoded as tasks of their own, and the manifest's value
+//! (written by the export, one class per run by default) is the default.
 
 use iris_core::engine::{Model, SegmentOptions};
 use iris_tests::TempDir;
@@ -30,18 +29,13 @@ fn groups_decode_like_tasks_of_their_own_and_the_manifest_sets_the_default() {
     let dir = TempDir::new("class-groups");
     export_tiny_model(dir.path(), 7);
     let model = Model::load(dir.path()).expect("model");
-    // Exports record the most classes a training episode holds.
-    let max_classes = iris_train::data::EpisodeConfig::new([32; 3]).max_classes;
-    assert_eq!(model.manifest().classes_per_forward, Some(max_classes));
+    // Exports record the default unless told otherwise: one class per run.
+    let default_group = iris_train::export::DEFAULT_CLASSES_PER_FORWARD;
+    assert_eq!(default_group, 1);
+    assert_eq!(model.manifest().classes_per_forward, Some(default_group));
     let (image, labels) = reference();
     let (q, _) = query(0.0);
     let task = encode(&model, &image, &labels);
-    let together = model.segment(&q, &task, &options(None)).expect("one run");
-    let grouped = model
-        .segment(&q, &task, &options(Some(1)))
-        .expect("two runs");
-    let grouped = grouped.probabilities.expect("asked");
-    // One class per run is each class segmented alone.
     let alone: Vec<_> = [1, 2]
         .iter()
         .map(|&l| {
@@ -50,40 +44,48 @@ fn groups_decode_like_tasks_of_their_own_and_the_manifest_sets_the_default() {
             seg.probabilities.expect("asked").remove(0)
         })
         .collect();
+    // The manifest's default: one class per run is each class segmented alone.
+    let default = model.segment(&q, &task, &options(None)).expect("two runs");
+    let default = default.probabilities.expect("asked");
     assert!(
-        worst(&grouped, &alone) < 1e-6,
+        worst(&default, &alone) < 1e-6,
         "{}",
-        worst(&grouped, &alone)
+        worst(&default, &alone)
     );
-    // The two classes see each other in one run (the decoder's token
-    // self-attention), so grouping is a real change, not a no-op.
-    let together = together.probabilities.expect("asked");
-    assert!(worst(&together, &alone) > 1e-4);
-    // A group as large as the task is the task in one run.
-    let whole = model
+    // A group as large as the task (or larger) is the task in one run.
+    let together = model
+        .segment(&q, &task, &options(Some(2)))
+        .expect("one run")
+        .probabilities
+        .expect("asked");
+    let larger = model
         .segment(&q, &task, &options(Some(5)))
         .expect("one run");
-    assert!(worst(&whole.probabilities.expect("asked"), &together) < 1e-6);
+    assert!(worst(&larger.probabilities.expect("asked"), &together) < 1e-6);
+    // The two classes see each other in one run (the decoder's token
+    // self-attention), so grouping is a real change, not a no-op.
+    assert!(worst(&together, &alone) > 1e-4);
+    assert!(model.segment(&q, &task, &options(Some(0))).is_err());
 
-    // The manifest's value is the default; an explicit option overrides it.
+    // A manifest that allows two classes per run decodes the task in one.
     let manifest = dir.join("manifest.json");
     let text = std::fs::read_to_string(&manifest).expect("manifest");
-    let recorded = format!("\"classes_per_forward\": {max_classes}");
+    let recorded = format!("\"classes_per_forward\": {default_group}");
     assert!(text.contains(&recorded), "{text}");
     let edit = |value: &str| {
         let edited = text.replace(&recorded, &format!("\"classes_per_forward\": {value}"));
         std::fs::write(&manifest, edited).expect("manifest");
     };
-    edit("1");
+    edit("2");
     let model = Model::load(dir.path()).expect("model");
-    assert_eq!(model.manifest().classes_per_forward, Some(1));
+    assert_eq!(model.manifest().classes_per_forward, Some(2));
     let default = model.segment(&q, &task, &options(None)).expect("default");
-    assert!(worst(&default.probabilities.expect("asked"), &alone) < 1e-6);
+    assert!(worst(&default.probabilities.expect("asked"), &together) < 1e-6);
+    // An explicit option overrides the manifest.
     let explicit = model
-        .segment(&q, &task, &options(Some(2)))
+        .segment(&q, &task, &options(Some(1)))
         .expect("override");
-    assert!(worst(&explicit.probabilities.expect("asked"), &together) < 1e-6);
-    assert!(model.segment(&q, &task, &options(Some(0))).is_err());
+    assert!(worst(&explicit.probabilities.expect("asked"), &alone) < 1e-6);
     edit("0");
     let error = Model::load(dir.path())
         .expect_err("0 is refused")

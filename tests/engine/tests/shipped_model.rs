@@ -49,6 +49,7 @@ fn shipped_model_fits_the_budget_and_is_its_checkpoint_exported() {
         "iris-tiny",
         out.path(),
         Some(trainer.bank()),
+        model.manifest().classes_per_forward.unwrap_or(1),
     )
     .expect("export");
     assert_eq!(fingerprint, model.manifest().fingerprint);
