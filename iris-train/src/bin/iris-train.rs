@@ -126,9 +126,9 @@ struct TrainArgs {
     #[arg(long)]
     curriculum_steps: Option<usize>,
     /// Also train on coarse views of each atlas: its trainable classes
-    /// merged by position into this many regions (large targets; 0 or
-    /// none: parcels only).
-    #[arg(long, value_delimiter = ',', default_values_t = [6, 24])]
+    /// merged by position into this many regions (large targets, up to
+    /// half a brain; 0 or none: parcels only).
+    #[arg(long, value_delimiter = ',', default_values_t = [2, 6, 24])]
     regions: Vec<usize>,
     /// No progress bar or summary.
     #[arg(long)]
