@@ -1,6 +1,7 @@
 //! The run behind `docs/results.md`: every task on its aligned and moved
-//! queries, Dice per structure of the model and of the position-copy
-//! baseline, timings, and the report (Markdown and CSV).
+//! queries, Dice per structure of the model, of the position-copy
+//! baseline and of the truth at the model's spacing (the resolution
+//! ceiling), timings, and the report (Markdown and CSV).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -10,7 +11,7 @@ use iris_core::Result;
 use iris_core::embedding::{ClassEmbedding, TaskEmbedding};
 use iris_core::engine::{EncodeOptions, Model, SegmentOptions};
 use iris_core::metrics::dice_per_class;
-use iris_core::preprocess::resample_labels;
+use iris_core::preprocess::{resample_labels, target_geometry};
 use iris_core::volume::{Image, LabelMap};
 
 use crate::moves::{Move, about_centre, move_image, move_labels};
@@ -61,6 +62,10 @@ pub struct QueryResult {
     pub model: Vec<Option<f64>>,
     /// Position-copy Dice per structure.
     pub baseline: Vec<Option<f64>>,
+    /// Resolution ceiling per structure: Dice of the truth resampled to the
+    /// model's spacing and back (nearest neighbour both ways), what a model
+    /// perfect at its own spacing would score (see [`spacing_ceiling`]).
+    pub ceiling: Vec<Option<f64>>,
     /// Memory-bank Dice per structure (the model's bank entries of the
     /// structures, no reference); empty when the task does not use the bank
     /// (see [`TaskResult::bank_note`]).
@@ -288,6 +293,7 @@ fn run_task(
             (task.query.image.clone(), task.query.truth.clone())
         };
         let baseline = dice_per_class(&copied, &truth, &labels)?;
+        let ceiling = spacing_ceiling(&truth, model.manifest().spacing_mm, &labels)?;
         let (model_dice, segment_s, windows) = match &embedding {
             Some(e) => segment(model, &image, e, &truth, &labels)?,
             None => (vec![None; labels.len()], 0.0, 0),
@@ -325,6 +331,7 @@ fn run_task(
             motion,
             model: model_dice,
             baseline,
+            ceiling,
             bank: bank_dice,
             segment_s,
             windows,
@@ -408,6 +415,23 @@ fn segment(
         seconds,
         seg.windows,
     ))
+}
+
+/// Dice per class of `truth` against itself resampled onto a
+/// `spacing_mm` grid over the same field of view and back onto its own
+/// grid, both by nearest neighbour: the best a model that labels every
+/// voxel of its `spacing_mm` grid right can score on `truth`'s grid.
+///
+/// # Errors
+/// An invalid spacing; `labels` absent from `truth` give `None` entries.
+pub fn spacing_ceiling(
+    truth: &LabelMap,
+    spacing_mm: f64,
+    labels: &[u16],
+) -> Result<Vec<Option<f64>>> {
+    let coarse = resample_labels(truth, &target_geometry(truth.geometry(), spacing_mm)?)?;
+    let back = resample_labels(&coarse, truth.geometry())?;
+    dice_per_class(&back, truth, labels)
 }
 
 /// Median seconds of one encoder + decoder run on a window (one class),
@@ -498,6 +522,8 @@ enum Method {
     Copy,
     /// The memory bank.
     Bank,
+    /// The truth at the model's spacing.
+    Ceiling,
 }
 
 impl QueryResult {
@@ -506,6 +532,7 @@ impl QueryResult {
             Method::Model => &self.model,
             Method::Copy => &self.baseline,
             Method::Bank => &self.bank,
+            Method::Ceiling => &self.ceiling,
         }
     }
 }
@@ -611,7 +638,9 @@ pub fn markdown(run: &Run) -> String {
          position (nearest neighbour), no model at all. **Moved** queries are the real query \
          under a seeded random similarity transform about its centre (rotation up to 20°, \
          shift up to 20 mm, scale 0.9-1.1) with the truth moved alike; the copy baseline does \
-         not follow the move. Dice per structure; moved columns are the mean over the moves.\n"
+         not follow the move. **Ceiling** = the truth resampled to the model's spacing and back \
+         (nearest neighbour): what a model perfect at its own resolution would score. Dice per \
+         structure; moved columns are the mean over the moves.\n"
     );
     let moves: Vec<&QueryResult> = run
         .tasks
@@ -632,8 +661,12 @@ pub fn markdown(run: &Run) -> String {
     }
 
     let _ = writeln!(md, "## Goals of issue 7\n");
-    let _ = writeln!(md, "| goal | measured (model) | copy baseline | reached |");
-    let _ = writeln!(md, "|---|---|---|---|");
+    let _ = writeln!(
+        md,
+        "| goal | measured (model) | copy baseline | ceiling at {} mm | reached |",
+        run.spacing_mm
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|");
     for line in goals(run) {
         let _ = writeln!(md, "{line}");
     }
@@ -660,9 +693,14 @@ pub fn markdown(run: &Run) -> String {
                 (Method::Bank, "bank"),
                 (Method::Model, "model"),
                 (Method::Copy, "copy"),
+                (Method::Ceiling, "ceiling"),
             ]
         } else {
-            &[(Method::Model, "model"), (Method::Copy, "copy")]
+            &[
+                (Method::Model, "model"),
+                (Method::Copy, "copy"),
+                (Method::Ceiling, "ceiling"),
+            ]
         };
         let mut head = String::from("| structure | label |");
         for moved in ["aligned", "moved"] {
@@ -816,23 +854,20 @@ fn goals(run: &Run) -> Vec<String> {
         (Kind::Tissue, 0.85, "GM / WM Dice >= 0.85"),
     ] {
         for task in of(kind) {
-            for (label, model, copy) in [
+            for (label, mean) in [
                 (
                     "aligned",
-                    task.aligned_mean(Method::Model),
-                    task.aligned_mean(Method::Copy),
+                    TaskResult::aligned_mean as fn(&TaskResult, Method) -> _,
                 ),
-                (
-                    "moved",
-                    task.moved_all(Method::Model),
-                    task.moved_all(Method::Copy),
-                ),
+                ("moved", TaskResult::moved_all),
             ] {
+                let model = mean(task, Method::Model);
                 rows.push(format!(
-                    "| {what}: `{}` {label} | {} | {} | {} |",
+                    "| {what}: `{}` {label} | {} | {} | {} | {} |",
                     task.id,
                     fmt(model),
-                    fmt(copy),
+                    fmt(mean(task, Method::Copy)),
+                    fmt(mean(task, Method::Ceiling)),
                     reached(model, goal)
                 ));
             }
@@ -841,10 +876,11 @@ fn goals(run: &Run) -> Vec<String> {
     for task in of(Kind::HeldOutAal) {
         let (model, copy) = (task.moved_all(Method::Model), task.moved_all(Method::Copy));
         rows.push(format!(
-            "| held-out AAL Dice >= 0.75 on moved queries (mean of {} structures) | {} | {} | {} |",
+            "| held-out AAL Dice >= 0.75 on moved queries (mean of {} structures) | {} | {} | {} | {} |",
             task.structures.len(),
             fmt(model),
             fmt(copy),
+            fmt(task.moved_all(Method::Ceiling)),
             reached(model, 0.75)
         ));
         let (model, copy) = (
@@ -853,10 +889,11 @@ fn goals(run: &Run) -> Vec<String> {
         );
         let gain = model.zip(copy).map(|(m, c)| m - c);
         rows.push(format!(
-            "| held-out AAL, aligned: model >= copy + 0.10 | {} (gain {}) | {} | {} |",
+            "| held-out AAL, aligned: model >= copy + 0.10 | {} (gain {}) | {} | {} | {} |",
             fmt(model),
             gain.map_or_else(|| "–".into(), |g| format!("{g:+.3}")),
             fmt(copy),
+            fmt(task.aligned_mean(Method::Ceiling)),
             reached(gain, 0.10)
         ));
     }
@@ -876,6 +913,7 @@ pub fn csv(run: &Run) -> String {
                 for (method, dice, secs) in [
                     ("model", q.model[i], format!("{:.3}", q.segment_s)),
                     ("copy", q.baseline[i], format!("{:.3}", task.baseline_s)),
+                    ("ceiling", q.ceiling[i], String::new()),
                 ]
                 .into_iter()
                 .chain(bank)
@@ -924,6 +962,34 @@ mod tests {
         // 2000-02-29 12:34 (a leap day) and 2026-11-28 09:43.
         assert_eq!(utc_text(951_827_640), "2000-02-29 12:34 UTC");
         assert_eq!(utc_text(1_795_858_980), "2026-11-28 09:43 UTC");
+    }
+
+    #[test]
+    fn the_spacing_ceiling_is_exact_at_the_truth_spacing_and_falls_for_thin_structures() {
+        use iris_core::volume::Affine;
+        // 1 mm voxels: a 24 mm cube (label 1) and a 2 mm thin slab (label 2).
+        let labels = ndarray::Array3::from_shape_fn((48, 48, 48), |(d, h, w)| {
+            if (8..32).contains(&d) && (8..32).contains(&h) && (8..32).contains(&w) {
+                1
+            } else if (40..42).contains(&d) {
+                2
+            } else {
+                0
+            }
+        });
+        let affine = Affine([
+            [1.0, 0.0, 0.0, -20.0],
+            [0.0, 1.0, 0.0, -24.0],
+            [0.0, 0.0, 1.0, 3.0],
+            [0.0, 0.0, 0.0, 1.0],
+        ]);
+        let truth = LabelMap::new(labels, affine).expect("valid");
+        let same = spacing_ceiling(&truth, 1.0, &[1, 2, 3]).expect("1 mm");
+        assert_eq!(same, [Some(1.0), Some(1.0), None]);
+        let coarse = spacing_ceiling(&truth, 6.0, &[1, 2]).expect("6 mm");
+        let (cube, slab) = (coarse[0].expect("cube"), coarse[1].expect("slab"));
+        assert!(cube > 0.8 && cube < 1.0, "cube {cube}");
+        assert!(slab < 0.6, "a 2 mm slab on a 6 mm grid: {slab}");
     }
 
     #[test]

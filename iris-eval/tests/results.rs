@@ -184,6 +184,15 @@ fn quick_results_on_a_tiny_random_model_write_every_table() {
         let d = csv_dice(&csv, task, "aligned", "copy");
         assert_eq!(d, [1.0, 1.0], "{task}");
     }
+    // The resolution ceiling (truth at 6 mm and back): near 0.95 for the
+    // brain, about 0.7 for small deep structures, never above 1; a row per
+    // structure and query.
+    let brain = csv_dice(&csv, "brain-colin27-to-mni152", "aligned", "ceiling");
+    assert!((0.92..0.98).contains(&brain[0]), "{brain:?}");
+    let aal = csv_dice(&csv, "aal-colin27-to-mni152", "aligned", "ceiling");
+    assert!(aal.iter().all(|d| (0.5..0.85).contains(d)), "{aal:?}");
+    assert_eq!(csv.matches(",ceiling,").count(), 10 * 2);
+    assert!(md.contains("| goal | measured (model) | copy baseline | ceiling at 6 mm | reached |"));
     // One ensemble of 2 references (no ensemble of 3 out of 2): a row per
     // structure and query, (1 + 1 + 2 + 2 + 2 + 2) structures, aligned + 1 move.
     assert_eq!(csv.matches(",ensemble-2,").count(), 10 * 2);
