@@ -4,7 +4,8 @@
 //! ```text
 //! iris-train train --preset small --steps 20000 --out runs/small [--resume]
 //!     [--threads N] [--minutes M] [--seed S] [--data DIR] [--eval-every N]
-//!     [--checkpoint-every N] [--batch-size B] [--quiet]
+//!     [--checkpoint-every N] [--batch-size B] [--curriculum-fraction F]
+//!     [--curriculum-steps N] [--regions 2,6,24] [--quiet]
 //! iris-train export --checkpoint runs/small --out models/iris-small [--name NAME]
 //!                    [--classes-per-forward N] [--quiet]
 //! iris-train export --random --preset tiny [--seed S] --out models/iris-tiny-random
