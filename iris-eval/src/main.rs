@@ -229,10 +229,7 @@ fn write_report(out: &Path, markdown: &str, csv: &str, seconds: f64) -> Result<(
 fn truth(id: &str, out: &Path, data: &Path) -> Result<(), String> {
     let tasks = iris_eval::tasks::build(data, iris_eval::tasks::Limits::default())
         .map_err(|e| e.to_string())?;
-    let task = tasks.iter().find(|t| t.id == id).ok_or_else(|| {
-        let ids: Vec<&str> = tasks.iter().map(|t| t.id).collect();
-        format!("no task {id:?}; the tasks are {}", ids.join(", "))
-    })?;
+    let task = iris_eval::tasks::find(tasks, id).map_err(|e| e.to_string())?;
     iris_core::nifti::write_labels(out, &task.query.truth, None).map_err(|e| e.to_string())?;
     let labels: Vec<String> = task
         .structures

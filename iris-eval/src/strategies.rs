@@ -142,18 +142,7 @@ pub fn run(options: &Options, mut progress: impl FnMut(&str)) -> Result<Figure> 
     let limits = Limits {
         structures: options.structures,
     };
-    let all = tasks::build(&options.data, limits)?;
-    let ids: Vec<&str> = all.iter().map(|t| t.id).collect();
-    let ids = ids.join(", ");
-    let task = all
-        .into_iter()
-        .find(|t| t.id == options.task)
-        .ok_or_else(|| {
-            Error::invalid(
-                "task",
-                format!("no task {:?}; the tasks are {ids}", options.task),
-            )
-        })?;
+    let task = tasks::find(tasks::build(&options.data, limits)?, &options.task)?;
     let labels = task.labels();
     progress(&format!(
         "{}: {} structures, pool of {}, {} queries",

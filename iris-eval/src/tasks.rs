@@ -330,6 +330,19 @@ pub struct Limits {
     pub structures: Option<usize>,
 }
 
+/// The task `id` of `tasks`.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] listing the task ids when none is `id`.
+pub fn find(tasks: Vec<Task>, id: &str) -> Result<Task> {
+    let ids: Vec<&str> = tasks.iter().map(|t| t.id).collect();
+    let ids = ids.join(", ");
+    tasks
+        .into_iter()
+        .find(|t| t.id == id)
+        .ok_or_else(|| Error::invalid("task", format!("no task {id:?}; the tasks are {ids}")))
+}
+
 /// Builds every task of issue 7 from the volumes in `data`.
 ///
 /// # Errors
