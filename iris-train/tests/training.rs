@@ -457,6 +457,25 @@ fn command_line_exit_codes_and_messages() {
     ]);
     assert_eq!(code, Some(2));
 
+    // Spacing and window overrides are checked before any data is read,
+    // and a resumed run keeps the sizes of its checkpoint.
+    let fresh = [
+        "train", "--preset", "small", "--steps", "1", "--out", out_arg,
+    ];
+    let (code, stderr) = run(&[&fresh[..], &["--patch", "40"]].concat());
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("patch_size") && stderr.contains("[40, 40, 40]"),
+        "{stderr}"
+    );
+    let (code, stderr) = run(&[&fresh[..], &["--spacing-mm", "0"]].concat());
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("spacing_mm"), "{stderr}");
+    let (code, stderr) = run(&[&fresh[..], &["--resume", "--spacing-mm", "6"]].concat());
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--spacing-mm"), "{stderr}");
+    assert!(!out.exists(), "refused runs write nothing");
+
     // `export` records the decoder group size it is given (default 1).
     let model = out.join("model");
     let model_arg = model.to_str().expect("utf-8");

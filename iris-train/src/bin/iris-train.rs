@@ -5,7 +5,7 @@
 //! iris-train train --preset small --steps 20000 --out runs/small [--resume]
 //!     [--threads N] [--minutes M] [--seed S] [--data DIR] [--eval-every N]
 //!     [--checkpoint-every N] [--batch-size B] [--curriculum-fraction F]
-//!     [--curriculum-steps N] [--regions 2,6,24] [--quiet]
+//!     [--curriculum-steps N] [--regions 2,6,24] [--spacing-mm MM] [--patch N] [--quiet]
 //! iris-train export --checkpoint runs/small --out models/iris-small [--name NAME]
 //!                    [--classes-per-forward N] [--quiet]
 //! iris-train export --random --preset tiny [--seed S] --out models/iris-tiny-random
@@ -86,6 +86,15 @@ struct TrainArgs {
     /// Model size (required for a fresh run; a resumed run keeps its own).
     #[arg(long, value_enum, required_unless_present = "resume")]
     preset: Option<Preset>,
+    /// Resample the data to this isotropic spacing in mm instead of the
+    /// preset's (fresh runs only), e.g. `--preset small --spacing-mm 6
+    /// --patch 32` to measure the small model's width at tiny's resolution.
+    #[arg(long, conflicts_with = "resume")]
+    spacing_mm: Option<f64>,
+    /// Cubic window side in voxels instead of the preset's (fresh runs
+    /// only; a multiple of 16).
+    #[arg(long, conflicts_with = "resume")]
+    patch: Option<usize>,
     /// Train until this many steps are done in total (also the length of a
     /// fresh run's learning-rate schedule).
     #[arg(long)]
@@ -262,7 +271,16 @@ fn train(args: &TrainArgs) -> Result<(), Failure> {
                 ),
             ));
         }
-        let model = args.preset.unwrap_or(Preset::Paper).config();
+        let mut model = args.preset.unwrap_or(Preset::Paper).config();
+        if let Some(spacing) = args.spacing_mm {
+            model.spacing_mm = spacing;
+        }
+        if let Some(side) = args.patch {
+            model.patch_size = [side; 3];
+        }
+        model
+            .validate()
+            .map_err(|e| Failure::new(2, e.to_string()))?;
         let config = TrainingConfig::new(model, args.steps)
             .with_seed(args.seed)
             .with_batch_size(args.batch_size);
