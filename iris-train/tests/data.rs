@@ -19,22 +19,10 @@ use ndarray::{Array3, s};
 use rand::SeedableRng;
 use rand::rngs::ChaCha8Rng;
 
-// ------------------------------------------------------------------ helpers
+mod common;
+use common::data_dir;
 
-/// `data/` if `data/<probe>` exists. Otherwise prints why the caller skips
-/// and returns `None`, or panics when `IRIS_REQUIRE_DATA=1`.
-fn data_dir(probe: &str) -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data");
-    if dir.join(probe).is_file() {
-        return Some(dir);
-    }
-    assert!(
-        std::env::var("IRIS_REQUIRE_DATA").ok().as_deref() != Some("1"),
-        "data/{probe} is missing and IRIS_REQUIRE_DATA=1: run scripts/fetch-data.sh"
-    );
-    eprintln!("skipping: data/{probe} is absent; run scripts/fetch-data.sh");
-    None
-}
+// ------------------------------------------------------------------ helpers
 
 /// A fresh folder under the system temp dir, removed on drop.
 struct TempDir(PathBuf);

