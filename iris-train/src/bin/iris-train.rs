@@ -6,7 +6,7 @@
 //!     [--threads N] [--minutes M] [--seed S] [--data DIR] [--eval-every N]
 //!     [--checkpoint-every N] [--batch-size B] [--curriculum-fraction F]
 //!     [--curriculum-steps N] [--regions 2,6,24] [--spacing-mm MM] [--patch N]
-//!     [--bank-momentum A] [--quiet]
+//!     [--bank-momentum A] [--restart-lr LR] [--quiet]
 //! iris-train export --checkpoint runs/small --out models/iris-small [--name NAME]
 //!                    [--classes-per-forward N] [--quiet]
 //! iris-train export --random --preset tiny [--seed S] --out models/iris-tiny-random
@@ -102,6 +102,11 @@ struct TrainArgs {
     /// keeps its early, untrained embeddings.
     #[arg(long, conflicts_with = "resume")]
     bank_momentum: Option<f64>,
+    /// Restart the learning-rate schedule of a resumed run: cosine decay
+    /// from this rate at the checkpoint's step to the final rate at
+    /// --steps, without warm-up (to train a finished run further).
+    #[arg(long, requires = "resume")]
+    restart_lr: Option<f64>,
     /// Train until this many steps are done in total (also the length of a
     /// fresh run's learning-rate schedule).
     #[arg(long)]
@@ -267,7 +272,13 @@ fn train(args: &TrainArgs) -> Result<(), Failure> {
     }
     let device = iris_train::device::select_device();
     let mut trainer = if args.resume {
-        Trainer::resume(&args.out, &device)?
+        let mut trainer = Trainer::resume(&args.out, &device)?;
+        if let Some(rate) = args.restart_lr {
+            trainer
+                .restart_schedule(rate, args.steps)
+                .map_err(|e| Failure::new(2, format!("--restart-lr {rate}: {e}")))?;
+        }
+        trainer
     } else {
         if let Some(found) = checkpoint::find(&args.out) {
             return Err(Failure::new(
