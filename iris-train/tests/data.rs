@@ -9,11 +9,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use iris_core::nifti::{write_image, write_labels};
 use iris_core::volume::{Affine, Image, LabelMap};
 use iris_train::Error;
-use iris_train::data::atlas::{HELD_OUT_BRODMANN, SHELL_LABELS, load_atlases};
+use iris_train::data::atlas::{HELD_OUT_BRODMANN, SHELL_LABELS, load_atlases, with_whole_brain};
 use iris_train::data::episode::mask_voxels;
 use iris_train::data::{
-    AtlasSource, EpisodeConfig, EpisodeSampler, IntensityConfig, MsdDataset, Source, SpatialConfig,
-    Subject, Warp,
+    AtlasSource, ClassKey, EpisodeConfig, EpisodeSampler, IntensityConfig, MsdDataset, Source,
+    SpatialConfig, Subject, Task, Warp,
 };
 use ndarray::{Array3, s};
 use rand::SeedableRng;
@@ -224,6 +224,59 @@ fn held_out_classes_are_never_sampled() {
     assert_eq!(seen.keys().copied().collect::<Vec<_>>(), [1, 2, 3, 4]);
     let (lo, hi) = (seen.values().min().unwrap(), seen.values().max().unwrap());
     assert!(*hi < 2 * *lo, "{seen:?}");
+}
+
+#[test]
+fn whole_brain_view_is_one_large_target_drawn_from_the_parcels() {
+    let source = toy_source();
+    let view = source.whole_brain().unwrap();
+    assert_eq!(view.name(), "toy-brain");
+    let classes: Vec<(&str, bool)> = view
+        .classes()
+        .iter()
+        .map(|c| (c.key.as_str(), c.held_out))
+        .collect();
+    assert_eq!(classes, [("toy-brain:1", false)]);
+    // Every labelled voxel, the held-out ball (5) included, is brain.
+    let parcels = source.subjects()[0].labels();
+    let brain = view.subjects()[0].labels();
+    assert!(
+        parcels
+            .iter()
+            .zip(brain)
+            .all(|(&p, &b)| b == u16::from(p != 0))
+    );
+    assert_eq!(view.subjects()[0].appearance(), Some(parcels));
+
+    // Same seed and the same box: the view's images are the parcels'
+    // images (its inside keeps their contrast), its one mask their union.
+    let sampler = EpisodeSampler::new(vec![source, view], EpisodeConfig::new([24; 3])).unwrap();
+    let task = |source: usize, labels: Vec<u16>| Task {
+        source,
+        reference_subject: 0,
+        query_subject: 0,
+        classes: labels
+            .iter()
+            .map(|&l| ClassKey::new(sampler.sources()[source].name(), l))
+            .collect(),
+        labels,
+    };
+    for seed in 0..3 {
+        let generate = |task: &Task| {
+            sampler
+                .generate(task, &mut ChaCha8Rng::seed_from_u64(seed))
+                .unwrap()
+        };
+        let parts = generate(&task(0, vec![1, 2, 3, 4, 5]));
+        let whole = generate(&task(1, vec![1]));
+        assert_eq!(whole.reference_image, parts.reference_image);
+        assert_eq!(whole.query_image, parts.query_image);
+        let union = parts
+            .query_masks
+            .map_axis(ndarray::Axis(0), |v| v.iter().copied().max().unwrap_or(0));
+        assert_eq!(whole.query_masks.index_axis(ndarray::Axis(0), 0), union);
+        assert!(count(&whole.reference_masks.index_axis(ndarray::Axis(0), 0)) > 24 * 24 * 24 / 4);
+    }
 }
 
 #[test]
@@ -588,6 +641,27 @@ fn atlases_load_with_names_keys_and_hold_out() {
         .filter(|s| !s.classes().iter().all(|c| c.held_out))
         .collect();
     assert_eq!(training.len(), 5);
+    // One whole-brain view, the macaque's (the human brain is an
+    // evaluation task): every labelled voxel, larger than any region.
+    let neuromaps = &training[4];
+    let labelled = neuromaps.subjects()[0]
+        .labels()
+        .iter()
+        .filter(|&&l| l != 0 && !SHELL_LABELS.contains(&l))
+        .count();
+    let training = with_whole_brain(training, &AtlasSource::TRAINING).unwrap();
+    let names: Vec<&str> = training.iter().map(Source::name).collect();
+    assert_eq!(names[5..], ["neuromaps-brain"]);
+    let brain = training[5].subjects()[0].stats(1).unwrap().voxels;
+    assert_eq!(brain, labelled);
+    let halves = training[4].coarsened(2).unwrap();
+    let largest_region = (1..=2)
+        .filter_map(|l| halves.subjects()[0].stats(l))
+        .map(|s| s.voxels)
+        .max()
+        .unwrap();
+    assert!(brain > 2 * largest_region, "{brain} vs {largest_region}");
+    eprintln!("macaque brain {brain} voxels, largest half-brain region {largest_region}");
     let sampler = EpisodeSampler::new(training, EpisodeConfig::new([32; 3])).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let mut sources_seen = BTreeSet::new();
@@ -603,7 +677,7 @@ fn atlases_load_with_names_keys_and_hold_out() {
             );
         }
     }
-    assert_eq!(sources_seen.len(), 5);
+    assert_eq!(sources_seen.len(), 6);
     let e = sampler.episode(1).unwrap();
     assert!(mask_voxels(&e.reference_masks).iter().all(|&n| n > 0));
 }

@@ -6,7 +6,7 @@
 //!     [--threads N] [--minutes M] [--seed S] [--data DIR] [--eval-every N]
 //!     [--checkpoint-every N] [--batch-size B] [--curriculum-fraction F]
 //!     [--curriculum-steps N] [--regions 2,6,24] [--spacing-mm MM] [--patch N]
-//!     [--bank-momentum A] [--restart-lr LR] [--quiet]
+//!     [--bank-momentum A] [--restart-lr LR] [--no-whole-brain] [--quiet]
 //! iris-train export --checkpoint runs/small --out models/iris-small [--name NAME]
 //!                    [--classes-per-forward N] [--quiet]
 //! iris-train export --random --preset tiny [--seed S] --out models/iris-tiny-random
@@ -34,7 +34,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use iris_core::irisemb::{self, Payload};
 use iris_core::nifti;
 use iris_train::Error;
-use iris_train::data::atlas::{load_atlases, with_regions};
+use iris_train::data::atlas::{load_atlases, with_regions, with_whole_brain};
 use iris_train::data::{AtlasSource, EpisodeConfig, EpisodeSampler};
 use iris_train::model::IrisConfig;
 use iris_train::training::{Trainer, TrainingConfig, evaluate, held_out_episodes};
@@ -152,6 +152,10 @@ struct TrainArgs {
     /// half a brain; 0 or none: parcels only).
     #[arg(long, value_delimiter = ',', default_values_t = [2, 6, 24])]
     regions: Vec<usize>,
+    /// Leave out the macaque whole-brain view (one target the size of a
+    /// brain; the human brain mask stays out of training either way).
+    #[arg(long)]
+    no_whole_brain: bool,
     /// No progress bar or summary.
     #[arg(long)]
     quiet: bool,
@@ -308,7 +312,12 @@ fn train(args: &TrainArgs) -> Result<(), Failure> {
         Trainer::new(config, &device)?
     };
 
-    let mut sampler = load_data(&args.data, &trainer.config().model, &args.regions)?;
+    let mut sampler = load_data(
+        &args.data,
+        &trainer.config().model,
+        &args.regions,
+        !args.no_whole_brain,
+    )?;
     let mut classes: Vec<_> = sampler
         .trainable_classes()
         .map(|c| (c.key.clone(), c.name.clone()))
@@ -573,12 +582,14 @@ fn tune_task(args: &TuneArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-/// The training atlases at the model's spacing, or a failure telling how
-/// to get them.
+/// The training atlases at the model's spacing, with their region views
+/// and (when `whole_brain`) the macaque whole-brain view, or a failure
+/// telling how to get them.
 fn load_data(
     data: &Path,
     model: &IrisConfig,
     regions: &[usize],
+    whole_brain: bool,
 ) -> Result<EpisodeSampler, Failure> {
     if !data.is_dir() {
         return Err(Failure::new(
@@ -598,7 +609,15 @@ fn load_data(
             ),
         )
     };
-    let sources = load_atlases(data, &AtlasSource::TRAINING, model.spacing_mm)
+    let atlases = AtlasSource::TRAINING;
+    let sources = load_atlases(data, &atlases, model.spacing_mm)
+        .and_then(|sources| {
+            if whole_brain {
+                with_whole_brain(sources, &atlases)
+            } else {
+                Ok(sources)
+            }
+        })
         .and_then(|sources| with_regions(sources, regions))
         .map_err(data_failure)?;
     EpisodeSampler::new(sources, EpisodeConfig::new(model.patch_size)).map_err(data_failure)

@@ -70,6 +70,7 @@ pub struct ClassStats {
 #[derive(Clone, Debug)]
 pub struct Subject {
     labels: Array3<u16>,
+    appearance: Option<Array3<u16>>,
     image: Option<Array3<f32>>,
     stats: BTreeMap<u16, ClassStats>,
     foreground: BoundingBox,
@@ -117,15 +118,41 @@ impl Subject {
         });
         Ok(Subject {
             labels,
+            appearance: None,
             image,
             stats,
             foreground,
         })
     }
 
+    /// The subject with synthetic images drawn from `appearance` rather
+    /// than from its label map (see [`Subject::appearance`]).
+    ///
+    /// # Errors
+    /// [`Error::Core`] when `appearance`'s shape differs from the label map's.
+    pub fn with_appearance(mut self, appearance: Array3<u16>) -> Result<Subject> {
+        if appearance.dim() != self.labels.dim() {
+            return Err(iris_core::Error::ShapeMismatch {
+                what: "subject appearance map vs its label map".into(),
+                expected: self.labels.shape().to_vec(),
+                found: appearance.shape().to_vec(),
+            }
+            .into());
+        }
+        self.appearance = Some(appearance);
+        Ok(self)
+    }
+
     /// The label map, `[D, H, W]`.
     pub fn labels(&self) -> &Array3<u16> {
         &self.labels
+    }
+
+    /// The label map synthetic images are drawn from when it is not the
+    /// subject's own label map ([`Source::whole_brain`] keeps the parcels,
+    /// so that its one large target still has inner contrast).
+    pub fn appearance(&self) -> Option<&Array3<u16>> {
+        self.appearance.as_ref()
     }
 
     /// The real image on the label map's grid, if any.
@@ -326,6 +353,45 @@ impl Source {
             subjects,
         })
     }
+
+    /// A view of this source with one class, the whole brain (label 1,
+    /// source `"{name}-brain"`): every labelled voxel, held-out classes and
+    /// the filled interior ([`INTERIOR_LABEL`]) included, head layers
+    /// ([`SHELL_LABELS`]) kept around it. Synthetic images are still drawn
+    /// from the parcels ([`Subject::appearance`]), so the target is larger
+    /// than any region while the image inside it keeps its contrast.
+    ///
+    /// The target teaches only the brain's outline: it marks no boundary
+    /// between a held-out class and its neighbours. Which atlases get this
+    /// view is decided by [`AtlasSource::has_whole_brain_view`].
+    ///
+    /// # Errors
+    /// [`Error::Core`] when no subject has a labelled voxel.
+    pub fn whole_brain(&self) -> Result<Source> {
+        let subjects = self
+            .subjects
+            .iter()
+            .map(|subject| {
+                let parcels = subject.appearance().unwrap_or(&subject.labels);
+                let brain = parcels.mapv(|l| match l {
+                    0 => 0,
+                    l if SHELL_LABELS.contains(&l) => l,
+                    _ => 1,
+                });
+                Subject::new(brain, subject.image.clone())?.with_appearance(parcels.clone())
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let name = format!("{}-brain", self.name);
+        let names = BTreeMap::from([(1, format!("{} whole brain", self.name))]);
+        let view = Source::new(name, &names, subjects, |_, _| false)?;
+        if view.classes.is_empty() {
+            return Err(Error::invalid(
+                "labels",
+                format!("{} has no labelled voxel for a whole-brain view", self.name),
+            ));
+        }
+        Ok(view)
+    }
 }
 
 /// The label that [`Source::coarsened`] gives held-out classes: tissue in
@@ -481,6 +547,16 @@ impl AtlasSource {
             AtlasSource::NeuroMaps => HELD_OUT_NEUROMAPS.contains(&label),
             AtlasSource::Mni152Tissue | AtlasSource::Colin27Brain => true,
         }
+    }
+
+    /// Whether training adds this atlas's [`Source::whole_brain`] view
+    /// ([`with_whole_brain`]). Only the macaque's: the human brain mask is
+    /// an evaluation task (Colin27 and MNI152), and a human atlas's whole
+    /// brain is nearly that mask, so training on it would leak the task.
+    /// The macaque brain gives the task encoder a target the size of a
+    /// brain, on another species' outline.
+    pub fn has_whole_brain_view(self) -> bool {
+        matches!(self, AtlasSource::NeuroMaps)
     }
 
     /// How much finer than the training spacing the atlas is sampled. The
@@ -699,6 +775,29 @@ pub fn with_regions(sources: Vec<Source>, regions: &[usize]) -> Result<Vec<Sourc
         }
     }
     Ok(sources.into_iter().chain(coarse).collect())
+}
+
+/// `sources` (loaded from `atlases`, in the same order) followed by the
+/// [`Source::whole_brain`] view of each atlas that
+/// [`AtlasSource::has_whole_brain_view`].
+///
+/// # Errors
+/// [`Error::Core`] when `sources` and `atlases` differ in length, or as
+/// [`Source::whole_brain`].
+pub fn with_whole_brain(sources: Vec<Source>, atlases: &[AtlasSource]) -> Result<Vec<Source>> {
+    if sources.len() != atlases.len() {
+        return Err(Error::invalid(
+            "atlases",
+            format!("{} atlases for {} sources", atlases.len(), sources.len()),
+        ));
+    }
+    let brains = sources
+        .iter()
+        .zip(atlases)
+        .filter(|(_, atlas)| atlas.has_whole_brain_view())
+        .map(|(source, _)| source.whole_brain())
+        .collect::<Result<Vec<_>>>()?;
+    Ok(sources.into_iter().chain(brains).collect())
 }
 
 /// Reads an image, puts it in RAS+ and resamples it onto `grid`.

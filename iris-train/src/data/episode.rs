@@ -495,7 +495,13 @@ impl EpisodeSampler {
                         &own
                     }
                 };
-                synthesize(&warped, contrast, rng, &self.config.synth)?
+                let appearance = subject.appearance().map(|a| warp.labels(a));
+                synthesize(
+                    appearance.as_ref().unwrap_or(&warped),
+                    contrast,
+                    rng,
+                    &self.config.synth,
+                )?
             }
         };
         augment_intensity(&mut image, rng, &self.config.intensity)?;
