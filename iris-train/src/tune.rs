@@ -51,6 +51,7 @@ use iris_core::volume::{Image, LabelMap};
 
 use crate::bank::{class_stages, stage_tensors};
 use crate::error::Error;
+use crate::export::DEFAULT_CLASSES_PER_FORWARD;
 use crate::loss::segmentation_loss;
 use crate::model::{self, Iris, IrisConfig};
 use crate::training::model_fingerprint;
@@ -62,6 +63,12 @@ pub struct TuneOptions {
     pub steps: usize,
     /// Adam learning rate (finite, > 0). Default `1e-2`.
     pub learning_rate: f64,
+    /// Classes per decoder run while tuning (at least 1): the model's
+    /// `classes_per_forward` at inference, so that the tuned tokens are
+    /// optimised for the decoding they will meet
+    /// ([`Iris::segment_grouped`]). Default
+    /// [`DEFAULT_CLASSES_PER_FORWARD`], that of exported models.
+    pub classes_per_forward: usize,
 }
 
 impl Default for TuneOptions {
@@ -69,6 +76,7 @@ impl Default for TuneOptions {
         TuneOptions {
             steps: 50,
             learning_rate: 1e-2,
+            classes_per_forward: DEFAULT_CLASSES_PER_FORWARD,
         }
     }
 }
@@ -91,6 +99,13 @@ impl TuneOptions {
                 field: "learning_rate",
                 expected: "a positive number".into(),
                 found: self.learning_rate.to_string(),
+            });
+        }
+        if self.classes_per_forward == 0 {
+            return Err(Error::Config {
+                field: "classes_per_forward",
+                expected: "at least 1".into(),
+                found: "0".into(),
             });
         }
         Ok(())
@@ -182,7 +197,11 @@ pub fn tune(
         let mut loss_sum = 0.0;
         // One backward per case, so that only one case's graph is held.
         for case in &cases {
-            let logits = frozen.segment(case.image.clone(), &embedding)?;
+            let logits = frozen.segment_grouped(
+                case.image.clone(),
+                &embedding,
+                options.classes_per_forward,
+            )?;
             let loss = segmentation_loss(logits, case.masks.clone()) / n;
             loss_sum += loss.clone().into_scalar::<f32>();
             accumulator.accumulate(
@@ -202,7 +221,7 @@ pub fn tune(
     let tuned = model::TaskEmbedding {
         stages: tokens.stages.iter().map(|p| p.val().detach()).collect(),
     };
-    let final_loss = mean_loss(&frozen, &tuned, &cases)?;
+    let final_loss = mean_loss(&frozen, &tuned, &cases, options.classes_per_forward)?;
     if !final_loss.is_finite() {
         return Err(Error::Diverged { loss: final_loss });
     }
@@ -253,20 +272,28 @@ fn tuned_provenance(start: Provenance, steps: u32) -> Provenance {
 
 /// Mean segmentation loss (adaptive Dice + BCE, as in training and
 /// [`tune`]) of the task embedding `task` over `cases`, each prepared as
-/// [`tune`] prepares it; no gradients.
+/// [`tune`] prepares it and decoded `classes_per_forward` classes per run;
+/// no gradients.
 ///
 /// # Errors
-/// As [`tune`] for `task` and `cases`.
+/// As [`tune`] for `task` and `cases`; [`Error::Config`] when
+/// `classes_per_forward` is 0.
 pub fn loss_on_cases(
     model: &Iris,
     config: &IrisConfig,
     task: &TaskEmbedding,
     cases: &[(Image, LabelMap)],
+    classes_per_forward: usize,
 ) -> Result<f32, Error> {
     // Everything on the plain backend, where `valid` puts the weights.
     let device = model_device(model)?.inner();
     let cases = prepare_cases(model, config, task, cases, &device)?;
-    mean_loss(&model.valid(), &stage_tensors(task, &device), &cases)
+    mean_loss(
+        &model.valid(),
+        &stage_tensors(task, &device),
+        &cases,
+        classes_per_forward,
+    )
 }
 
 fn model_device(model: &Iris) -> Result<Device, Error> {
@@ -277,11 +304,17 @@ fn model_device(model: &Iris) -> Result<Device, Error> {
     })
 }
 
-/// Mean loss of `embedding` over `cases`.
-fn mean_loss(model: &Iris, embedding: &model::TaskEmbedding, cases: &[Case]) -> Result<f32, Error> {
+/// Mean loss of `embedding` over `cases`, `classes_per_forward` classes
+/// per decoder run.
+fn mean_loss(
+    model: &Iris,
+    embedding: &model::TaskEmbedding,
+    cases: &[Case],
+    classes_per_forward: usize,
+) -> Result<f32, Error> {
     let mut sum = 0.0;
     for case in cases {
-        let logits = model.segment(case.image.clone(), embedding)?;
+        let logits = model.segment_grouped(case.image.clone(), embedding, classes_per_forward)?;
         sum += segmentation_loss(logits, case.masks.clone()).into_scalar::<f32>();
     }
     Ok(sum / cases.len() as f32)

@@ -212,6 +212,51 @@ fn permuting_classes_permutes_the_logits() {
 }
 
 #[test]
+fn grouped_decoding_segments_each_group_on_its_own() {
+    let device = device();
+    let model = tiny(&device);
+    let (query, reference, masks) = episode(3, [32, 32, 32], &device);
+    let embedding = model.encode_task(reference, masks).expect("valid shapes");
+    let all = model
+        .segment(query.clone(), &embedding)
+        .expect("valid shapes");
+    let grouped = |g: usize| {
+        model
+            .segment_grouped(query.clone(), &embedding, g)
+            .expect("valid shapes")
+    };
+    // One group of all classes (or larger) is plain `segment`.
+    for g in [3, 8] {
+        let diff = max_abs_diff(grouped(g), all.clone());
+        assert!(diff < 1e-5, "{g} per run: max abs difference {diff}");
+    }
+    // Groups of 2: classes 0-1 together, then class 2 alone, in order.
+    let pairs = grouped(2);
+    let first = model
+        .segment(query.clone(), &embedding.select_classes(&[0, 1]))
+        .expect("valid shapes");
+    let last = model
+        .segment(query.clone(), &embedding.select_classes(&[2]))
+        .expect("valid shapes");
+    assert!(max_abs_diff(pairs.clone().narrow(1, 0, 2), first) < 1e-5);
+    assert!(max_abs_diff(pairs.narrow(1, 2, 1), last.clone()) < 1e-5);
+    assert!(max_abs_diff(grouped(1).narrow(1, 2, 1), last) < 1e-5);
+    let error = model
+        .segment_grouped(query, &embedding, 0)
+        .expect_err("0 per run");
+    assert!(
+        matches!(
+            error,
+            Error::Config {
+                field: "classes_per_forward",
+                ..
+            }
+        ),
+        "{error}"
+    );
+}
+
+#[test]
 fn parameter_counts_match_the_reference_model() {
     // Counted from the reference code (Stanford-AIMI/MASS models/, see
     // REFERENCE-NOTES): 120,126,373 for the paper model (encoder 37,657,440,

@@ -158,6 +158,7 @@ fn tuning_lowers_the_loss_and_leaves_the_model_bit_identical() {
     let options = TuneOptions {
         steps: 10,
         learning_rate: 0.1,
+        ..TuneOptions::default()
     };
     let mut progress = Vec::new();
     let tuned = tune(&model, &config, &init, &cases, &options, |step, loss| {
@@ -180,7 +181,7 @@ fn tuning_lowers_the_loss_and_leaves_the_model_bit_identical() {
         (1..=10).collect::<Vec<_>>()
     );
     assert_eq!(progress[0].1, tuned.initial_loss);
-    let init_loss = loss_on_cases(&model, &config, &init, &cases).expect("evaluates");
+    let init_loss = loss_on_cases(&model, &config, &init, &cases, 1).expect("evaluates");
     assert!(
         (init_loss - tuned.initial_loss).abs() < 1e-5,
         "{init_loss} vs {}",
@@ -189,7 +190,7 @@ fn tuning_lowers_the_loss_and_leaves_the_model_bit_identical() {
     // The tuned embedding, read back from its file, has the lower loss.
     let dir = TempDir::new("tune-loss");
     let read_back = round_trip(&tuned.embedding, dir.path());
-    let tuned_loss = loss_on_cases(&model, &config, &read_back, &cases).expect("evaluates");
+    let tuned_loss = loss_on_cases(&model, &config, &read_back, &cases, 1).expect("evaluates");
     assert!(
         (tuned_loss - tuned.final_loss).abs() < 1e-5,
         "{tuned_loss} vs {}",
@@ -215,7 +216,7 @@ fn tuned_embedding_round_trips_with_tuned_provenance() {
     };
     let tuned = tune(&model, &config, &init, &cases, &options, |_, _| {}).expect("tunes");
     assert_eq!(model_fingerprint(&model, &config), fingerprint);
-    let loss = loss_on_cases(&model, &config, &tuned.embedding, &cases).expect("evaluates");
+    let loss = loss_on_cases(&model, &config, &tuned.embedding, &cases, 1).expect("evaluates");
     assert!(
         (loss - tuned.final_loss).abs() < 1e-5,
         "{loss} vs {}",
@@ -380,7 +381,7 @@ fn bad_input_is_refused_naming_the_problem() {
         &cases,
         &TuneOptions {
             learning_rate: f64::NAN,
-            ..options
+            ..options.clone()
         },
     );
     assert!(
@@ -388,6 +389,26 @@ fn bad_input_is_refused_naming_the_problem() {
             error,
             Error::Config {
                 field: "learning_rate",
+                ..
+            }
+        ),
+        "{message}"
+    );
+    let (error, message) = refusal(
+        &model,
+        &config,
+        &init,
+        &cases,
+        &TuneOptions {
+            classes_per_forward: 0,
+            ..options
+        },
+    );
+    assert!(
+        matches!(
+            error,
+            Error::Config {
+                field: "classes_per_forward",
                 ..
             }
         ),

@@ -11,7 +11,8 @@
 //!                    [--classes-per-forward N] [--quiet]
 //! iris-train export --random --preset tiny [--seed S] --out models/iris-tiny-random
 //! iris-train tune --checkpoint runs/small --task init.irisemb --images a.nii.gz,b.nii.gz
-//!     --labels a_labels.nii.gz,b_labels.nii.gz [--steps N] [--lr X] --out tuned.irisemb [--quiet]
+//!     --labels a_labels.nii.gz,b_labels.nii.gz [--steps N] [--lr X]
+//!     [--classes-per-forward N] --out tuned.irisemb [--quiet]
 //! ```
 //!
 //! Exit codes: 0 done (the step count or the time limit was reached and a
@@ -215,6 +216,10 @@ struct TuneArgs {
     /// Adam learning rate.
     #[arg(long, default_value_t = TuneOptions::default().learning_rate)]
     lr: f64,
+    /// Classes per decoder run while tuning: the classes_per_forward of
+    /// the model's manifest (1 for models exported with the default).
+    #[arg(long, default_value_t = TuneOptions::default().classes_per_forward)]
+    classes_per_forward: usize,
     /// The tuned task embedding to write (.irisemb, exact f32).
     #[arg(long)]
     out: PathBuf,
@@ -528,6 +533,7 @@ fn tune_task(args: &TuneArgs) -> Result<(), Failure> {
     let options = TuneOptions {
         steps: args.steps,
         learning_rate: args.lr,
+        classes_per_forward: args.classes_per_forward,
     };
     options
         .validate()

@@ -295,6 +295,50 @@ impl Iris {
         Ok(self.decode(&features, embedding))
     }
 
+    /// [`Iris::segment`] decoding `classes_per_forward` classes per decoder
+    /// run, as the engine does (the manifest's `classes_per_forward`): the
+    /// encoder runs once, the decoder once per group of classes, and the
+    /// logits are concatenated in class order. Classes of one run attend
+    /// to each other in the decoder, so whatever optimises an embedding
+    /// for inference (in-context tuning) must decode in the same groups.
+    ///
+    /// # Errors
+    /// As [`Iris::segment`]; [`Error::Config`] when `classes_per_forward`
+    /// is 0.
+    pub fn segment_grouped(
+        &self,
+        query: Tensor<5>,
+        embedding: &TaskEmbedding,
+        classes_per_forward: usize,
+    ) -> Result<Tensor<5>, Error> {
+        if classes_per_forward == 0 {
+            return Err(Error::Config {
+                field: "classes_per_forward",
+                expected: "at least 1".into(),
+                found: "0".into(),
+            });
+        }
+        self.check_image("query image", &query)?;
+        self.check_embedding(query.dims()[0], embedding)?;
+        let features = self.encoder.forward(query);
+        let k = embedding.num_classes();
+        let groups = (0..k)
+            .step_by(classes_per_forward)
+            .map(|first| {
+                let n = classes_per_forward.min(k - first);
+                let group = TaskEmbedding {
+                    stages: embedding
+                        .stages
+                        .iter()
+                        .map(|stage| stage.clone().narrow(1, first, n))
+                        .collect(),
+                };
+                self.decode(&features, &group)
+            })
+            .collect();
+        Ok(Tensor::cat(groups, 1))
+    }
+
     /// One episode: encodes the reference and its masks, then segments the
     /// query. Both images go through the encoder as one batch.
     ///
