@@ -359,61 +359,37 @@ fn bad_input_is_refused_naming_the_problem() {
     let (_, message) = refusal(&model, &config, &init, &[], &options);
     assert!(message.contains("0 cases"), "{message}");
 
-    // No step, or a learning rate that is not a positive number.
-    let (error, message) = refusal(
-        &model,
-        &config,
-        &init,
-        &cases,
-        &TuneOptions {
-            steps: 0,
-            ..options.clone()
-        },
-    );
-    assert!(
-        matches!(error, Error::Config { field: "steps", .. }),
-        "{message}"
-    );
-    let (error, message) = refusal(
-        &model,
-        &config,
-        &init,
-        &cases,
-        &TuneOptions {
-            learning_rate: f64::NAN,
-            ..options.clone()
-        },
-    );
-    assert!(
-        matches!(
-            error,
-            Error::Config {
-                field: "learning_rate",
-                ..
-            }
+    // No step, a learning rate that is not a positive number, or no class
+    // per decoder run: each refused by name.
+    for (bad, field) in [
+        (
+            TuneOptions {
+                steps: 0,
+                ..options.clone()
+            },
+            "steps",
         ),
-        "{message}"
-    );
-    let (error, message) = refusal(
-        &model,
-        &config,
-        &init,
-        &cases,
-        &TuneOptions {
-            classes_per_forward: 0,
-            ..options
-        },
-    );
-    assert!(
-        matches!(
-            error,
-            Error::Config {
-                field: "classes_per_forward",
-                ..
-            }
+        (
+            TuneOptions {
+                learning_rate: f64::NAN,
+                ..options.clone()
+            },
+            "learning_rate",
         ),
-        "{message}"
-    );
+        (
+            TuneOptions {
+                classes_per_forward: 0,
+                ..options.clone()
+            },
+            "classes_per_forward",
+        ),
+    ] {
+        let (error, message) = refusal(&model, &config, &init, &cases, &bad);
+        assert!(
+            matches!(error, Error::Config { field: found, .. } if found == field),
+            "{field}: {message}"
+        );
+    }
 }
 
 #[test]
