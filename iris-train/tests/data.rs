@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use iris_core::nifti::{write_image, write_labels};
 use iris_core::volume::{Affine, Image, LabelMap};
 use iris_train::Error;
-use iris_train::data::atlas::{HELD_OUT_BRODMANN, SHELL_LABELS, load_atlases, with_whole_brain};
+use iris_train::data::atlas::{
+    HELD_OUT_BRODMANN, MAX_ZOOM, SHELL_LABELS, load_atlases, whole_brain_views,
+};
 use iris_train::data::episode::mask_voxels;
 use iris_train::data::{
     AtlasSource, ClassKey, EpisodeConfig, EpisodeSampler, IntensityConfig, MsdDataset, Source,
@@ -649,11 +651,28 @@ fn atlases_load_with_names_keys_and_hold_out() {
         .iter()
         .filter(|&&l| l != 0 && !SHELL_LABELS.contains(&l))
         .count();
-    let training = with_whole_brain(training, &AtlasSource::TRAINING).unwrap();
-    let names: Vec<&str> = training.iter().map(Source::name).collect();
-    assert_eq!(names[5..], ["neuromaps-brain"]);
-    let brain = training[5].subjects()[0].stats(1).unwrap().voxels;
+    let views = whole_brain_views(&data, &AtlasSource::TRAINING, 6.0, &[2.0, 2.5]).unwrap();
+    let names: Vec<&str> = views.iter().map(Source::name).collect();
+    assert_eq!(names, ["neuromaps-brain"]);
+    let sizes: Vec<usize> = views[0]
+        .subjects()
+        .iter()
+        .map(|s| s.stats(1).unwrap().voxels)
+        .collect();
+    // At the atlas's own zoom the view covers exactly its labelled voxels;
+    // 1.25 times finer it is about 1.25^3 = 1.95 times as many.
+    let brain = sizes[0];
     assert_eq!(brain, labelled);
+    let ratio = sizes[1] as f64 / brain as f64;
+    assert!((1.8..2.1).contains(&ratio), "{sizes:?}");
+    eprintln!("macaque brain {sizes:?} voxels at zooms 2 and 2.5");
+    for zoom in [0.0, -1.0, f64::NAN, MAX_ZOOM * 1.5] {
+        let e = whole_brain_views(&data, &AtlasSource::TRAINING, 6.0, &[zoom]).unwrap_err();
+        assert!(e.to_string().contains("zoom"), "{zoom}: {e}");
+    }
+    let e = whole_brain_views(&data, &AtlasSource::TRAINING, 6.0, &[]).unwrap_err();
+    assert!(e.to_string().contains("zooms"), "{e}");
+    let training: Vec<Source> = training.into_iter().chain(views).collect();
     let halves = training[4].coarsened(2).unwrap();
     let largest_region = (1..=2)
         .filter_map(|l| halves.subjects()[0].stats(l))
@@ -665,10 +684,18 @@ fn atlases_load_with_names_keys_and_hold_out() {
     let sampler = EpisodeSampler::new(training, EpisodeConfig::new([32; 3])).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let mut sources_seen = BTreeSet::new();
+    let mut brain_episode = None;
     for _ in 0..20_000 {
         let task = sampler.sample_task(&mut rng);
         let source = &sampler.sources()[task.source];
         sources_seen.insert(source.name().to_string());
+        if source.name() == "neuromaps-brain" {
+            // The reference and the query are the brain at two sizes.
+            assert_ne!(task.reference_subject, task.query_subject);
+            if brain_episode.is_none() {
+                brain_episode = Some(sampler.generate(&task, &mut rng).unwrap());
+            }
+        }
         for &label in &task.labels {
             assert!(
                 !source.class(label).unwrap().held_out,
@@ -678,6 +705,9 @@ fn atlases_load_with_names_keys_and_hold_out() {
         }
     }
     assert_eq!(sources_seen.len(), 6);
+    let brain = brain_episode.expect("the brain view was sampled");
+    assert!(mask_voxels(&brain.reference_masks)[0] > 1000);
+    assert!(mask_voxels(&brain.query_masks)[0] > 1000);
     let e = sampler.episode(1).unwrap();
     assert!(mask_voxels(&e.reference_masks).iter().all(|&n| n > 0));
 }

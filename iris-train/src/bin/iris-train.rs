@@ -6,7 +6,8 @@
 //!     [--threads N] [--minutes M] [--seed S] [--data DIR] [--eval-every N]
 //!     [--checkpoint-every N] [--batch-size B] [--curriculum-fraction F]
 //!     [--curriculum-steps N] [--regions 2,6,24] [--spacing-mm MM] [--patch N]
-//!     [--bank-momentum A] [--restart-lr LR] [--no-whole-brain] [--quiet]
+//!     [--bank-momentum A] [--restart-lr LR] [--whole-brain-zoom 2,2.5 | --no-whole-brain]
+//!     [--quiet]
 //! iris-train export --checkpoint runs/small --out models/iris-small [--name NAME]
 //!                    [--classes-per-forward N] [--quiet]
 //! iris-train export --random --preset tiny [--seed S] --out models/iris-tiny-random
@@ -35,7 +36,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use iris_core::irisemb::{self, Payload};
 use iris_core::nifti;
 use iris_train::Error;
-use iris_train::data::atlas::{load_atlases, with_regions, with_whole_brain};
+use iris_train::data::atlas::{MAX_ZOOM, load_atlases, whole_brain_views, with_regions};
 use iris_train::data::{AtlasSource, EpisodeConfig, EpisodeSampler};
 use iris_train::model::IrisConfig;
 use iris_train::training::{Trainer, TrainingConfig, evaluate, held_out_episodes};
@@ -157,6 +158,11 @@ struct TrainArgs {
     /// brain; the human brain mask stays out of training either way).
     #[arg(long)]
     no_whole_brain: bool,
+    /// Sample the macaque whole-brain view at these zooms (the atlas
+    /// resampled at spacing / zoom), one subject per zoom: 2 makes it half
+    /// a human brain in voxels, 2.5 about as large as one.
+    #[arg(long, value_delimiter = ',', default_values_t = [2.0], conflicts_with = "no_whole_brain")]
+    whole_brain_zoom: Vec<f64>,
     /// No progress bar or summary.
     #[arg(long)]
     quiet: bool,
@@ -279,6 +285,16 @@ fn train(args: &TrainArgs) -> Result<(), Failure> {
     if args.checkpoint_every == 0 {
         return Err(Failure::new(2, "--checkpoint-every must be at least 1"));
     }
+    if let Some(zoom) = args
+        .whole_brain_zoom
+        .iter()
+        .find(|&&z| !(z.is_finite() && z > 0.0 && z <= MAX_ZOOM))
+    {
+        return Err(Failure::new(
+            2,
+            format!("--whole-brain-zoom {zoom}: expected 0 < zoom <= {MAX_ZOOM}"),
+        ));
+    }
     let device = iris_train::device::select_device();
     let mut trainer = if args.resume {
         let mut trainer = Trainer::resume(&args.out, &device)?;
@@ -321,7 +337,11 @@ fn train(args: &TrainArgs) -> Result<(), Failure> {
         &args.data,
         &trainer.config().model,
         &args.regions,
-        !args.no_whole_brain,
+        if args.no_whole_brain {
+            &[]
+        } else {
+            &args.whole_brain_zoom
+        },
     )?;
     let mut classes: Vec<_> = sampler
         .trainable_classes()
@@ -589,13 +609,13 @@ fn tune_task(args: &TuneArgs) -> Result<(), Failure> {
 }
 
 /// The training atlases at the model's spacing, with their region views
-/// and (when `whole_brain`) the macaque whole-brain view, or a failure
-/// telling how to get them.
+/// and the macaque whole-brain view at `whole_brain_zooms` (none when
+/// empty), or a failure telling how to get them.
 fn load_data(
     data: &Path,
     model: &IrisConfig,
     regions: &[usize],
-    whole_brain: bool,
+    whole_brain_zooms: &[f64],
 ) -> Result<EpisodeSampler, Failure> {
     if !data.is_dir() {
         return Err(Failure::new(
@@ -617,12 +637,16 @@ fn load_data(
     };
     let atlases = AtlasSource::TRAINING;
     let sources = load_atlases(data, &atlases, model.spacing_mm)
-        .and_then(|sources| {
-            if whole_brain {
-                with_whole_brain(sources, &atlases)
-            } else {
-                Ok(sources)
+        .and_then(|mut sources| {
+            if !whole_brain_zooms.is_empty() {
+                sources.extend(whole_brain_views(
+                    data,
+                    &atlases,
+                    model.spacing_mm,
+                    whole_brain_zooms,
+                )?);
             }
+            Ok(sources)
         })
         .and_then(|sources| with_regions(sources, regions))
         .map_err(data_failure)?;

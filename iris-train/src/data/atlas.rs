@@ -550,7 +550,7 @@ impl AtlasSource {
     }
 
     /// Whether training adds this atlas's [`Source::whole_brain`] view
-    /// ([`with_whole_brain`]). Only the macaque's: the human brain mask is
+    /// ([`whole_brain_views`]). Only the macaque's: the human brain mask is
     /// an evaluation task (Colin27 and MNI152), and a human atlas's whole
     /// brain is nearly that mask, so training on it would leak the task.
     /// The macaque brain gives the task encoder a target the size of a
@@ -602,6 +602,25 @@ impl AtlasSource {
     /// file) or an invalid spacing; [`Error::Dataset`] for a names file
     /// that cannot be read or parsed.
     pub fn load(self, data_dir: &Path, spacing_mm: f64) -> Result<Source> {
+        self.load_zoomed(data_dir, spacing_mm, self.zoom())
+    }
+
+    /// [`AtlasSource::load`] at `spacing_mm / zoom` instead of the
+    /// atlas's own [`AtlasSource::zoom`] (for [`whole_brain_views`]).
+    ///
+    /// # Errors
+    /// As [`AtlasSource::load`]; [`Error::Core`] naming `zoom` when it is
+    /// not finite or outside `0 < zoom <= MAX_ZOOM`.
+    pub fn load_zoomed(self, data_dir: &Path, spacing_mm: f64, zoom: f64) -> Result<Source> {
+        if !(zoom.is_finite() && zoom > 0.0 && zoom <= MAX_ZOOM) {
+            return Err(Error::invalid(
+                "zoom",
+                format!(
+                    "{zoom} for {}: expected 0 < zoom <= {MAX_ZOOM}",
+                    self.name()
+                ),
+            ));
+        }
         let (labels_file, image_file) = self.files();
         let labels_path = data_dir.join(labels_file);
         let labels = match self {
@@ -617,7 +636,8 @@ impl AtlasSource {
             _ => read_labels(&labels_path)?.0,
         };
         let (labels, _) = canonical(&labels)?;
-        let grid = target_geometry(labels.geometry(), spacing_mm / self.zoom())?;
+        let spacing = spacing_mm / zoom;
+        let grid = target_geometry(labels.geometry(), spacing)?;
         let image = if image_file.is_empty() {
             None
         } else {
@@ -625,7 +645,6 @@ impl AtlasSource {
         };
         let mut labels = resample_labels(&labels, &grid)?.into_parts().0;
         if !matches!(self, AtlasSource::Mni152Tissue | AtlasSource::Colin27Brain) {
-            let spacing = spacing_mm / self.zoom();
             fill_interior(&mut labels, INTERIOR_LABEL, 5);
             add_head_shells(
                 &mut labels,
@@ -777,27 +796,52 @@ pub fn with_regions(sources: Vec<Source>, regions: &[usize]) -> Result<Vec<Sourc
     Ok(sources.into_iter().chain(coarse).collect())
 }
 
-/// `sources` (loaded from `atlases`, in the same order) followed by the
-/// [`Source::whole_brain`] view of each atlas that
-/// [`AtlasSource::has_whole_brain_view`].
+/// The largest zoom [`AtlasSource::load_zoomed`] accepts: the macaque
+/// brain at 4 times the training resolution is already twice a human
+/// brain, and larger zooms only make huge volumes.
+pub const MAX_ZOOM: f64 = 4.0;
+
+/// The [`Source::whole_brain`] view of each atlas of `atlases` that
+/// [`AtlasSource::has_whole_brain_view`], loaded at `spacing_mm / zoom`
+/// for each of `zooms`: one source per atlas (`"{name}-brain"`, one class)
+/// with one subject per zoom, so the brain is trained at every size given.
+/// With several zooms, the reference and the query of an episode come
+/// from two different zooms: the same outline at two sizes.
+///
+/// The macaque brain is about half a human one: at its own zoom (2) it
+/// fills half the volume a human brain fills at zoom 1, and at 2.5 about
+/// as much.
 ///
 /// # Errors
-/// [`Error::Core`] when `sources` and `atlases` differ in length, or as
-/// [`Source::whole_brain`].
-pub fn with_whole_brain(sources: Vec<Source>, atlases: &[AtlasSource]) -> Result<Vec<Source>> {
-    if sources.len() != atlases.len() {
-        return Err(Error::invalid(
-            "atlases",
-            format!("{} atlases for {} sources", atlases.len(), sources.len()),
-        ));
+/// [`Error::Core`] naming `zooms` when it is empty, or as
+/// [`AtlasSource::load_zoomed`] and [`Source::whole_brain`].
+pub fn whole_brain_views(
+    data_dir: &Path,
+    atlases: &[AtlasSource],
+    spacing_mm: f64,
+    zooms: &[f64],
+) -> Result<Vec<Source>> {
+    if zooms.is_empty() {
+        return Err(Error::invalid("zooms", "no zoom for the whole-brain view"));
     }
-    let brains = sources
+    atlases
         .iter()
-        .zip(atlases)
-        .filter(|(_, atlas)| atlas.has_whole_brain_view())
-        .map(|(source, _)| source.whole_brain())
-        .collect::<Result<Vec<_>>>()?;
-    Ok(sources.into_iter().chain(brains).collect())
+        .filter(|atlas| atlas.has_whole_brain_view())
+        .map(|atlas| {
+            let views = zooms
+                .iter()
+                .map(|&zoom| atlas.load_zoomed(data_dir, spacing_mm, zoom)?.whole_brain())
+                .collect::<Result<Vec<_>>>()?;
+            let name = views[0].name.clone();
+            let names = views[0]
+                .classes
+                .iter()
+                .map(|c| (c.label, c.name.clone()))
+                .collect();
+            let subjects = views.into_iter().flat_map(|v| v.subjects).collect();
+            Source::new(name, &names, subjects, |_, _| false)
+        })
+        .collect()
 }
 
 /// Reads an image, puts it in RAS+ and resamples it onto `grid`.
