@@ -9,10 +9,11 @@
 //! orientation, resampling to the model's spacing (trilinear image, nearest
 //! labels), the patch-sized crop centred on the bounding box of all the
 //! task's labels together, the crop normalised with the task's intensity
-//! policy, and one binary mask per class of the task. Each step segments
-//! every case with the current embedding, averages the adaptive Dice + BCE
-//! loss of training ([`segmentation_loss`]) over the cases and takes one
-//! Adam step on the embedding's tokens.
+//! policy, and one binary mask per class of the task. The model being
+//! frozen, each case goes through the encoder once ([`Iris::encode_query`]);
+//! each step decodes every case with the current embedding, averages the
+//! adaptive Dice + BCE loss of training ([`segmentation_loss`]) over the
+//! cases and takes one Adam step on the embedding's tokens.
 //!
 //! The optimiser is burn's Adam on a small module holding the tokens (one
 //! parameter per level); each case gets its own backward pass, with the
@@ -53,7 +54,7 @@ use crate::bank::{class_stages, stage_tensors};
 use crate::error::Error;
 use crate::export::DEFAULT_CLASSES_PER_FORWARD;
 use crate::loss::segmentation_loss;
-use crate::model::{self, Iris, IrisConfig};
+use crate::model::{self, Iris, IrisConfig, QueryFeatures};
 use crate::training::model_fingerprint;
 
 /// Settings of [`tune`].
@@ -141,10 +142,10 @@ impl Tokens {
     }
 }
 
-/// A case ready for the network: image `[1, 1, D, H, W]` (the patch) and
-/// masks `[1, K, D, H, W]`.
+/// A case ready for the decoder: the encoded patch (the model is frozen,
+/// so it is encoded once for every step) and masks `[1, K, D, H, W]`.
 struct Case {
-    image: Tensor<5>,
+    features: QueryFeatures,
     masks: Tensor<5>,
 }
 
@@ -177,10 +178,10 @@ pub fn tune(
 ) -> Result<Tuned, Error> {
     options.validate()?;
     let device = model_device(model)?.autodiff();
-    let cases = prepare_cases(model, config, init, cases, &device)?;
     // `train` puts every weight on the autodiff backend (where the model's
     // convolution has its fast backward pass), `no_grad` freezes it.
     let frozen = model.clone().train().no_grad();
+    let cases = prepare_cases(model, &frozen, config, init, cases, &device)?;
     let mut tokens = Tokens {
         stages: stage_tensors(init, &device)
             .stages
@@ -197,11 +198,8 @@ pub fn tune(
         let mut loss_sum = 0.0;
         // One backward per case, so that only one case's graph is held.
         for case in &cases {
-            let logits = frozen.segment_grouped(
-                case.image.clone(),
-                &embedding,
-                options.classes_per_forward,
-            )?;
+            let logits =
+                frozen.decode_grouped(&case.features, &embedding, options.classes_per_forward)?;
             let loss = segmentation_loss(logits, case.masks.clone()) / n;
             loss_sum += loss.clone().into_scalar::<f32>();
             accumulator.accumulate(
@@ -287,9 +285,10 @@ pub fn loss_on_cases(
 ) -> Result<f32, Error> {
     // Everything on the plain backend, where `valid` puts the weights.
     let device = model_device(model)?.inner();
-    let cases = prepare_cases(model, config, task, cases, &device)?;
+    let valid = model.valid();
+    let cases = prepare_cases(model, &valid, config, task, cases, &device)?;
     mean_loss(
-        &model.valid(),
+        &valid,
         &stage_tensors(task, &device),
         &cases,
         classes_per_forward,
@@ -314,15 +313,18 @@ fn mean_loss(
 ) -> Result<f32, Error> {
     let mut sum = 0.0;
     for case in cases {
-        let logits = model.segment_grouped(case.image.clone(), embedding, classes_per_forward)?;
+        let logits = model.decode_grouped(&case.features, embedding, classes_per_forward)?;
         sum += segmentation_loss(logits, case.masks.clone()).into_scalar::<f32>();
     }
     Ok(sum / cases.len() as f32)
 }
 
-/// Checks `task` against the model and prepares every case on `device`.
+/// Checks `task` against `model` and prepares every case on `device`,
+/// encoded by `encoder` (`model` on the backend the cases will be decoded
+/// on).
 fn prepare_cases(
     model: &Iris,
+    encoder: &Iris,
     config: &IrisConfig,
     task: &TaskEmbedding,
     cases: &[(Image, LabelMap)],
@@ -387,8 +389,9 @@ fn prepare_cases(
                 )
             })?;
             let image = input.image.data().iter().copied().collect();
+            let image = Tensor::from_data(TensorData::new(image, [1, 1, d, h, w]), device);
             Ok(Case {
-                image: Tensor::from_data(TensorData::new(image, [1, 1, d, h, w]), device),
+                features: encoder.encode_query(image)?,
                 masks: Tensor::from_data(
                     TensorData::new(input.masks, [1, labels.len(), d, h, w]),
                     device,

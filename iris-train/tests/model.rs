@@ -240,7 +240,23 @@ fn grouped_decoding_segments_each_group_on_its_own() {
         .expect("valid shapes");
     assert!(max_abs_diff(pairs.clone().narrow(1, 0, 2), first) < 1e-5);
     assert!(max_abs_diff(pairs.narrow(1, 2, 1), last.clone()) < 1e-5);
-    assert!(max_abs_diff(grouped(1).narrow(1, 2, 1), last) < 1e-5);
+    assert!(max_abs_diff(grouped(1).narrow(1, 2, 1), last.clone()) < 1e-5);
+    // Features encoded once decode any embedding as a full run would.
+    let features = model.encode_query(query.clone()).expect("valid shape");
+    let decoded = |e: &TaskEmbedding| model.decode_grouped(&features, e, 1).expect("fits");
+    assert!(max_abs_diff(decoded(&embedding), grouped(1)) < 1e-6);
+    assert!(max_abs_diff(decoded(&embedding.select_classes(&[2])), last) < 1e-6);
+    let doubled = TaskEmbedding {
+        stages: embedding
+            .stages
+            .iter()
+            .map(|s| Tensor::cat(vec![s.clone(), s.clone()], 0))
+            .collect(),
+    };
+    let error = model
+        .decode_grouped(&features, &doubled, 1)
+        .expect_err("batch 2 embedding for a batch 1 query");
+    assert!(matches!(error, Error::Shape { .. }), "{error}");
     let error = model
         .segment_grouped(query, &embedding, 0)
         .expect_err("0 per run");

@@ -214,6 +214,14 @@ pub struct Iris {
     query_tokens: usize,
 }
 
+/// A query's encoder features ([`Iris::encode_query`]), one tensor per
+/// level, ready to be decoded with any task embedding.
+#[derive(Clone, Debug)]
+pub struct QueryFeatures {
+    levels: Vec<Tensor<5>>,
+    batch: usize,
+}
+
 fn shape_error<const D: usize>(tensor: &'static str, expected: String, found: [usize; D]) -> Error {
     Error::Shape {
         tensor,
@@ -311,6 +319,39 @@ impl Iris {
         embedding: &TaskEmbedding,
         classes_per_forward: usize,
     ) -> Result<Tensor<5>, Error> {
+        let features = self.encode_query(query)?;
+        self.decode_grouped(&features, embedding, classes_per_forward)
+    }
+
+    /// Runs the encoder on a query `[B, 1, D, H, W]` (`D, H, W` multiples
+    /// of 16, at most the patch size), for [`Iris::decode_grouped`]: the
+    /// features do not depend on the task, so a query segmented with
+    /// several embeddings (in-context tuning) is encoded once.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] for a query of another shape.
+    pub fn encode_query(&self, query: Tensor<5>) -> Result<QueryFeatures, Error> {
+        self.check_image("query image", &query)?;
+        let batch = query.dims()[0];
+        Ok(QueryFeatures {
+            levels: self.encoder.forward(query),
+            batch,
+        })
+    }
+
+    /// The second half of [`Iris::segment_grouped`]: decodes encoded query
+    /// features with `embedding`, `classes_per_forward` classes per decoder
+    /// run, into logits `[B, K, D, H, W]`.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] for an embedding that does not fit the model or the
+    /// query's batch; [`Error::Config`] when `classes_per_forward` is 0.
+    pub fn decode_grouped(
+        &self,
+        features: &QueryFeatures,
+        embedding: &TaskEmbedding,
+        classes_per_forward: usize,
+    ) -> Result<Tensor<5>, Error> {
         if classes_per_forward == 0 {
             return Err(Error::Config {
                 field: "classes_per_forward",
@@ -318,9 +359,7 @@ impl Iris {
                 found: "0".into(),
             });
         }
-        self.check_image("query image", &query)?;
-        self.check_embedding(query.dims()[0], embedding)?;
-        let features = self.encoder.forward(query);
+        self.check_embedding(features.batch, embedding)?;
         let k = embedding.num_classes();
         let groups = (0..k)
             .step_by(classes_per_forward)
@@ -333,7 +372,7 @@ impl Iris {
                         .map(|stage| stage.clone().narrow(1, first, n))
                         .collect(),
                 };
-                self.decode(&features, &group)
+                self.decode(&features.levels, &group)
             })
             .collect();
         Ok(Tensor::cat(groups, 1))
