@@ -17,12 +17,13 @@
 //!
 //! The optimiser is burn's Adam on a small module holding the tokens (one
 //! parameter per level); each case gets its own backward pass, with the
-//! gradients summed, so memory holds one case's graph whatever the number
-//! of cases. The paper gives no tuning settings; [`TuneOptions::default`]
-//! is 50 steps at learning rate `1e-2`: the tokens leave the task encoder
-//! layer-normalised (root mean square 1) and Adam moves each value by
-//! about the learning rate per step, so 50 steps change them by at most
-//! half their scale (0.3 root mean square on the `tiny` preset).
+//! gradients summed, so memory holds one case's graph (besides every case's
+//! encoder features) whatever the number of cases. The paper gives no
+//! tuning settings; [`TuneOptions::default`] is 50 steps at learning rate
+//! `1e-2`: the tokens leave the task encoder layer-normalised (root mean
+//! square 1) and Adam moves each value by about the learning rate per
+//! step, so 50 steps change them by at most half their scale (0.3 root
+//! mean square on the `tiny` preset).
 //!
 //! ```no_run
 //! use iris_core::{irisemb, nifti};
