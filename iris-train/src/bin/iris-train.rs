@@ -36,7 +36,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use iris_core::irisemb::{self, Payload};
 use iris_core::nifti;
 use iris_train::Error;
-use iris_train::data::atlas::{MAX_ZOOM, load_atlases, whole_brain_views, with_regions};
+use iris_train::data::atlas::{check_zoom, load_atlases, whole_brain_views, with_regions};
 use iris_train::data::{AtlasSource, EpisodeConfig, EpisodeSampler};
 use iris_train::model::IrisConfig;
 use iris_train::training::{Trainer, TrainingConfig, evaluate, held_out_episodes};
@@ -285,15 +285,8 @@ fn train(args: &TrainArgs) -> Result<(), Failure> {
     if args.checkpoint_every == 0 {
         return Err(Failure::new(2, "--checkpoint-every must be at least 1"));
     }
-    if let Some(zoom) = args
-        .whole_brain_zoom
-        .iter()
-        .find(|&&z| !(z.is_finite() && z > 0.0 && z <= MAX_ZOOM))
-    {
-        return Err(Failure::new(
-            2,
-            format!("--whole-brain-zoom {zoom}: expected 0 < zoom <= {MAX_ZOOM}"),
-        ));
+    for &zoom in &args.whole_brain_zoom {
+        check_zoom(zoom).map_err(|e| Failure::new(2, format!("--whole-brain-zoom {zoom}: {e}")))?;
     }
     let device = iris_train::device::select_device();
     let mut trainer = if args.resume {

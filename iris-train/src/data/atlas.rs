@@ -609,18 +609,9 @@ impl AtlasSource {
     /// atlas's own [`AtlasSource::zoom`] (for [`whole_brain_views`]).
     ///
     /// # Errors
-    /// As [`AtlasSource::load`]; [`Error::Core`] naming `zoom` when it is
-    /// not finite or outside `0 < zoom <= MAX_ZOOM`.
+    /// As [`AtlasSource::load`] and [`check_zoom`].
     pub fn load_zoomed(self, data_dir: &Path, spacing_mm: f64, zoom: f64) -> Result<Source> {
-        if !(zoom.is_finite() && zoom > 0.0 && zoom <= MAX_ZOOM) {
-            return Err(Error::invalid(
-                "zoom",
-                format!(
-                    "{zoom} for {}: expected 0 < zoom <= {MAX_ZOOM}",
-                    self.name()
-                ),
-            ));
-        }
+        check_zoom(zoom)?;
         let (labels_file, image_file) = self.files();
         let labels_path = data_dir.join(labels_file);
         let labels = match self {
@@ -800,6 +791,22 @@ pub fn with_regions(sources: Vec<Source>, regions: &[usize]) -> Result<Vec<Sourc
 /// macaque brain is 8 times its voxels at its own zoom of 2, about four
 /// human brains, and larger zooms only make huge volumes.
 pub const MAX_ZOOM: f64 = 4.0;
+
+/// Checks a zoom for [`AtlasSource::load_zoomed`] (finite, `0 < zoom <=
+/// MAX_ZOOM`), so that a command line can refuse it before loading data.
+///
+/// # Errors
+/// [`Error::Core`] naming `zoom`, with the value and the range.
+pub fn check_zoom(zoom: f64) -> Result<()> {
+    if zoom.is_finite() && zoom > 0.0 && zoom <= MAX_ZOOM {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "zoom",
+            format!("{zoom} is not in 0 < zoom <= {MAX_ZOOM}"),
+        ))
+    }
+}
 
 /// The [`Source::whole_brain`] view of each atlas of `atlases` that
 /// [`AtlasSource::has_whole_brain_view`], loaded at `spacing_mm / zoom`
