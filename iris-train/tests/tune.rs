@@ -20,11 +20,11 @@ use iris_core::preprocess::IntensityPolicy;
 use iris_core::volume::{Affine, Image, LabelMap};
 use iris_tests::TempDir;
 use iris_tests::fixture::phantom;
-use iris_train::Error;
 use iris_train::bank::{class_stages, stage_tensors};
 use iris_train::model::{self, Iris, IrisConfig};
 use iris_train::training::{Trainer, TrainingConfig, model_fingerprint};
 use iris_train::tune::{TuneOptions, loss_on_cases, tune};
+use iris_train::{Error, export};
 
 /// The tiny preset with weights drawn from `seed`, on the CPU (plain, or
 /// autodiff when `autodiff`). The device's generator is shared by the
@@ -416,14 +416,16 @@ fn command_line_tunes_a_task_from_files() {
     }
     let (images, labels) = (images.join(","), labels.join(","));
     let out = dir.join("tuned.irisemb");
-    let run_arg = run.display().to_string();
     let out_arg = out.display().to_string();
-    let iris_train = |task: &Path, labels: &str| {
+    let tune_from = |checkpoint: &Path, task: &Path, labels: &str, extra: &[&str]| {
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_iris-train"))
-            .args(["tune", "--checkpoint", &run_arg, "--task"])
+            .args(["tune", "--checkpoint"])
+            .arg(checkpoint)
+            .arg("--task")
             .arg(task)
             .args(["--images", &images, "--labels", labels])
             .args(["--steps", "3", "--out", &out_arg])
+            .args(extra)
             .output()
             .expect("runs");
         (
@@ -432,6 +434,7 @@ fn command_line_tunes_a_task_from_files() {
             String::from_utf8_lossy(&output.stderr).into_owned(),
         )
     };
+    let iris_train = |task: &Path, labels: &str| tune_from(&run, task, labels, &[]);
 
     let (code, stdout, stderr) = iris_train(&task, &labels);
     assert_eq!(code, Some(0), "{stderr}");
@@ -447,9 +450,39 @@ fn command_line_tunes_a_task_from_files() {
             references: 1
         }));
     assert_ne!(tuned.classes()[0].stages(), init.classes()[0].stages());
+    let one_per_run = std::fs::read(&out).expect("written");
+
+    // From a model folder's checkpoint/, tuning decodes the classes as the
+    // manifest groups them (here both in one run), unless told otherwise.
+    let folder = dir.join("model");
+    export::export(trainer.model(), &config, "tiny", &folder, None, 2).expect("exports");
+    trainer.save_checkpoint(&folder).expect("checkpoint");
+    let shipped = folder.join("checkpoint");
+    let (code, _, stderr) = tune_from(&shipped, &task, &labels, &[]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let grouped = std::fs::read(&out).expect("written");
+    assert_ne!(grouped, one_per_run, "the manifest's grouping was used");
+    let (code, _, stderr) = tune_from(&run, &task, &labels, &["--classes-per-forward", "2"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(std::fs::read(&out).expect("written"), grouped);
+    let (code, _, stderr) = tune_from(&shipped, &task, &labels, &["--classes-per-forward", "1"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(std::fs::read(&out).expect("written"), one_per_run);
+    let (code, _, stderr) = tune_from(&shipped, &task, &labels, &["--classes-per-forward", "0"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    // A manifest of other weights beside the checkpoint: refused by name.
+    let (other_model, _) = tiny_model(9, false);
+    export::export(&other_model, &config, "tiny", &folder, None, 2).expect("exports");
+    std::fs::remove_file(&out).expect("removes");
+    let (code, _, stderr) = tune_from(&shipped, &task, &labels, &[]);
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(
+        stderr.contains("manifest.json") && stderr.contains("does not match"),
+        "{stderr}"
+    );
+    assert!(!out.exists(), "nothing written");
 
     // One label map short: a usage error, nothing written.
-    std::fs::remove_file(&out).expect("removes");
     let first_only = labels.split(',').next().expect("two label maps");
     let (code, _, stderr) = iris_train(&task, first_only);
     assert_eq!(code, Some(2), "{stderr}");

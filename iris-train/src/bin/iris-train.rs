@@ -33,11 +33,15 @@ use std::time::{Duration, Instant};
 use clap::builder::TypedValueParser;
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use iris_core::embedding::ModelFingerprint;
+use iris_core::engine::Manifest;
 use iris_core::irisemb::{self, Payload};
 use iris_core::nifti;
 use iris_train::Error;
 use iris_train::data::atlas::{check_zoom, load_atlases, whole_brain_views, with_regions};
+use iris_train::data::episode::DEFAULT_MAX_CLASSES;
 use iris_train::data::{AtlasSource, EpisodeConfig, EpisodeSampler};
+use iris_train::export::MANIFEST_FILE;
 use iris_train::model::IrisConfig;
 use iris_train::training::{Trainer, TrainingConfig, evaluate, held_out_episodes};
 use iris_train::tune::{TuneOptions, tune};
@@ -163,6 +167,11 @@ struct TrainArgs {
     /// a human brain in voxels, 2.5 about as large as one.
     #[arg(long, value_delimiter = ',', default_values_t = [2.0], conflicts_with = "no_whole_brain")]
     whole_brain_zoom: Vec<f64>,
+    /// Most classes per episode: each task draws 1 to N classes of one
+    /// source, segmented in one decoder run (inference decodes up to the
+    /// manifest's `classes_per_forward` per run).
+    #[arg(long, default_value_t = DEFAULT_MAX_CLASSES)]
+    max_classes: usize,
     /// No progress bar or summary.
     #[arg(long)]
     quiet: bool,
@@ -222,10 +231,12 @@ struct TuneArgs {
     /// Adam learning rate.
     #[arg(long, default_value_t = TuneOptions::default().learning_rate)]
     lr: f64,
-    /// Classes per decoder run while tuning: the classes_per_forward of
-    /// the model's manifest (1 for models exported with the default).
-    #[arg(long, default_value_t = TuneOptions::default().classes_per_forward)]
-    classes_per_forward: usize,
+    /// Classes per decoder run while tuning, as inference will decode
+    /// them. Default: the `classes_per_forward` of the model folder's
+    /// manifest.json when --checkpoint is a model folder's checkpoint/
+    /// (all classes in one run when it has none), else 1.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..).map(usize::from))]
+    classes_per_forward: Option<usize>,
     /// The tuned task embedding to write (.irisemb, exact f32).
     #[arg(long)]
     out: PathBuf,
@@ -326,6 +337,13 @@ fn train(args: &TrainArgs) -> Result<(), Failure> {
         Trainer::new(config, &device)?
     };
 
+    let episodes = EpisodeConfig {
+        max_classes: args.max_classes,
+        ..EpisodeConfig::new(trainer.config().model.patch_size)
+    };
+    episodes
+        .validate()
+        .map_err(|e| Failure::new(2, format!("--max-classes {}: {e}", args.max_classes)))?;
     let mut sampler = load_data(
         &args.data,
         &trainer.config().model,
@@ -335,6 +353,7 @@ fn train(args: &TrainArgs) -> Result<(), Failure> {
         } else {
             &args.whole_brain_zoom
         },
+        episodes,
     )?;
     let mut classes: Vec<_> = sampler
         .trainable_classes()
@@ -543,10 +562,10 @@ fn tune_task(args: &TuneArgs) -> Result<(), Failure> {
             ),
         ));
     }
-    let options = TuneOptions {
+    let mut options = TuneOptions {
         steps: args.steps,
         learning_rate: args.lr,
-        classes_per_forward: args.classes_per_forward,
+        ..TuneOptions::default()
     };
     options
         .validate()
@@ -568,7 +587,12 @@ fn tune_task(args: &TuneArgs) -> Result<(), Failure> {
         })
         .collect::<Result<Vec<_>, Failure>>()?;
     let device = iris_train::device::select_device();
-    let trainer = Trainer::resume(run_folder(&args.checkpoint)?, &device)?;
+    let run = run_folder(&args.checkpoint)?;
+    let trainer = Trainer::resume(run, &device)?;
+    options.classes_per_forward = match args.classes_per_forward {
+        Some(n) => n,
+        None => manifest_grouping(run, trainer.fingerprint())?,
+    };
 
     let bar = step_bar(args.steps, args.quiet);
     let tuned = tune(
@@ -601,14 +625,42 @@ fn tune_task(args: &TuneArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+/// How inference groups the classes of the model folder `run` (its
+/// manifest's `classes_per_forward`; all classes in one run when the
+/// manifest sets none), or the tuning default for a training folder
+/// without a manifest.
+///
+/// A manifest of another model than the checkpoint's is refused (exit 3):
+/// the folder was assembled from two models.
+fn manifest_grouping(run: &Path, fingerprint: ModelFingerprint) -> Result<usize, Failure> {
+    if !run.join(MANIFEST_FILE).is_file() {
+        return Ok(TuneOptions::default().classes_per_forward);
+    }
+    let manifest = Manifest::read(run).map_err(|e| Failure::new(3, e.to_string()))?;
+    if manifest.fingerprint != fingerprint {
+        return Err(Failure::new(
+            3,
+            format!(
+                "{}: model {} does not match its checkpoint's weights ({fingerprint}); \
+                 re-export the checkpoint or pass --classes-per-forward",
+                run.join(MANIFEST_FILE).display(),
+                manifest.fingerprint
+            ),
+        ));
+    }
+    Ok(manifest.classes_per_forward.unwrap_or(usize::MAX))
+}
+
 /// The training atlases at the model's spacing, with their region views
 /// and the macaque whole-brain view at `whole_brain_zooms` (none when
-/// empty), or a failure telling how to get them.
+/// empty), sampled as `episodes` says, or a failure telling how to get
+/// them.
 fn load_data(
     data: &Path,
     model: &IrisConfig,
     regions: &[usize],
     whole_brain_zooms: &[f64],
+    episodes: EpisodeConfig,
 ) -> Result<EpisodeSampler, Failure> {
     if !data.is_dir() {
         return Err(Failure::new(
@@ -643,7 +695,7 @@ fn load_data(
         })
         .and_then(|sources| with_regions(sources, regions))
         .map_err(data_failure)?;
-    EpisodeSampler::new(sources, EpisodeConfig::new(model.patch_size)).map_err(data_failure)
+    EpisodeSampler::new(sources, episodes).map_err(data_failure)
 }
 
 /// `metrics.csv`: one row per step.

@@ -25,6 +25,9 @@ use super::augment::{IntensityConfig, SpatialConfig, Warp, augment_intensity, un
 use super::synth::{Contrast, SynthConfig, synthesize};
 use super::{Error, Result};
 
+/// Most classes per task unless configured: [`EpisodeConfig::max_classes`].
+pub const DEFAULT_MAX_CLASSES: usize = 3;
+
 /// Everything that shapes an episode. [`EpisodeConfig::new`] gives the
 /// defaults documented on each field.
 #[derive(Clone, Debug, PartialEq)]
@@ -32,7 +35,7 @@ pub struct EpisodeConfig {
     /// Output patch, voxels `[D, H, W]` of the training grid (the model's
     /// `patch_size`; the sources must already be at its spacing).
     pub patch: [usize; 3],
-    /// Most classes per task (>= 1). Default 3.
+    /// Most classes per task (>= 1). Default [`DEFAULT_MAX_CLASSES`].
     pub max_classes: usize,
     /// Probability of dropping each drawn class (one always stays). Default 0.3.
     pub class_drop_probability: f64,
@@ -75,7 +78,7 @@ impl EpisodeConfig {
     pub fn new(patch: [usize; 3]) -> Self {
         EpisodeConfig {
             patch,
-            max_classes: 3,
+            max_classes: DEFAULT_MAX_CLASSES,
             class_drop_probability: 0.3,
             min_voxels: 8,
             min_foreground_fraction: 0.0,
