@@ -7,7 +7,7 @@
 //!     [--checkpoint-every N] [--batch-size B] [--curriculum-fraction F]
 //!     [--curriculum-steps N] [--regions 2,6,24] [--spacing-mm MM] [--patch N]
 //!     [--bank-momentum A] [--restart-lr LR] [--whole-brain-zoom 2,2.5 | --no-whole-brain]
-//!     [--quiet]
+//!     [--max-classes N] [--quiet]
 //! iris-train export --checkpoint runs/small --out models/iris-small [--name NAME]
 //!                    [--classes-per-forward N] [--quiet]
 //! iris-train export --random --preset tiny [--seed S] --out models/iris-tiny-random
@@ -20,8 +20,9 @@
 //! checkpoint written; or the model folder written; or the tuned embedding
 //! written), 1 training, export or tuning failed (for tuning also a task
 //! embedding of another model, or a case without one of the task's labels),
-//! 2 bad arguments, 3 training data (or a file given to `tune`) missing or
-//! unreadable, 4 checkpoint problem (nothing to resume, export or tune
+//! 2 bad arguments, 3 training data (or a file given to `tune`, or the
+//! manifest beside its checkpoint) missing, unreadable or of another model,
+//! 4 checkpoint problem (nothing to resume, export or tune
 //! with, or a checkpoint in the way of a fresh run, or a write failed).
 
 use std::fs;
