@@ -539,6 +539,9 @@ fn command_line_exit_codes_and_messages() {
     let (code, stderr) = run(&[&fresh[..], &["--resume", "--spacing-mm", "6"]].concat());
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("--spacing-mm"), "{stderr}");
+    let (code, stderr) = run(&[&fresh[..], &["--resume", "--seed", "1"]].concat());
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--seed"), "{stderr}");
     let (code, stderr) = run(&[&fresh[..], &["--restart-lr", "1e-4"]].concat());
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("--resume"), "{stderr}");

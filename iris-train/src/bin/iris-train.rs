@@ -130,8 +130,9 @@ struct TrainArgs {
     /// Stop (with a checkpoint) after this many minutes.
     #[arg(long)]
     minutes: Option<f64>,
-    /// Seed of the weights and episodes of a fresh run.
-    #[arg(long, default_value_t = 0)]
+    /// Seed of the weights and episodes of a fresh run (a resumed run
+    /// keeps its own).
+    #[arg(long, default_value_t = 0, conflicts_with = "resume")]
     seed: u64,
     /// The atlases folder made by scripts/fetch-data.sh.
     #[arg(long, default_value = "data")]
