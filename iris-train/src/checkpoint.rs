@@ -11,7 +11,8 @@
 //! | `memory_bank.irisemb` | the bank (exact `f32`), when it has entries |
 //!
 //! Nothing else is needed: the episodes of step `s` come from seeds
-//! derived from `(seed, s)` and the learning rate is a function of `s`.
+//! derived from the configuration's episode seed and `s`, and the learning
+//! rate is a function of `s`.
 //! The folder is written as `.checkpoint.tmp-<pid>/` and then swapped in
 //! with two renames (the previous one goes to `.checkpoint.old/` and is
 //! removed after), so a crash never leaves a partial checkpoint:

@@ -8,7 +8,8 @@
 //!
 //! Everything a step does is a function of the weights, the optimizer
 //! state, the step number and the seed: episode `b` of step `s` is drawn
-//! from seed [`episode_seed`]`(seed, s, b)` and the learning rate is
+//! from seed [`episode_seed`]`(seed, s, b)` (`seed` is
+//! [`TrainingConfig::episode_stream_seed`]) and the learning rate is
 //! [`TrainingConfig::learning_rate`]`(s)`, so a checkpoint needs only the
 //! step to resume exactly (see [`crate::checkpoint`]).
 //!
@@ -69,9 +70,16 @@ pub struct TrainingConfig {
     /// Episodes per step (losses averaged, one optimizer step).
     #[config(default = 1)]
     pub batch_size: usize,
-    /// Seed of the weight initialisation and of every episode.
+    /// Seed of the weight initialisation and, unless `episode_seed` is
+    /// set, of every episode.
     #[config(default = 0)]
     pub seed: u64,
+    /// Seed of the episodes when it differs from `seed`: set by
+    /// [`Trainer::reseed_episodes`] (a resumed run drawing a new episode
+    /// stream from its current step on). `null` (or absent, in older
+    /// configs): `seed`.
+    #[config(default = "None")]
+    pub episode_seed: Option<u64>,
     /// Momentum `a` of the EMA memory bank (paper 0.999, released code 0.99).
     #[config(default = 0.999)]
     pub bank_momentum: f64,
@@ -102,6 +110,11 @@ impl TrainingConfig {
         let t = step.saturating_sub(start).min(decay) as f64 / decay as f64;
         let (high, low) = (self.learning_rate, self.final_learning_rate);
         low + 0.5 * (high - low) * (1.0 + (std::f64::consts::PI * t).cos())
+    }
+
+    /// The seed episodes are drawn from: `episode_seed`, else `seed`.
+    pub fn episode_stream_seed(&self) -> u64 {
+        self.episode_seed.unwrap_or(self.seed)
     }
 
     /// Checks the fields (and the model's), naming the first one out of
@@ -460,6 +473,16 @@ impl Trainer {
         Ok(())
     }
 
+    /// Draws the episodes from `seed` from the current step on (episode `b`
+    /// of step `s` is then [`episode_seed`]`(seed, s, b)`), e.g. for a
+    /// second draw of a recipe's last steps from one checkpoint. The
+    /// weights' seed is unchanged; the next checkpoint saves the new one as
+    /// [`TrainingConfig::episode_seed`], so a later resume keeps drawing
+    /// from it.
+    pub fn reseed_episodes(&mut self, seed: u64) {
+        self.config.episode_seed = Some(seed);
+    }
+
     /// One step on given episodes: [`train_step`] with this step's learning
     /// rate, then the bank update; the step count advances.
     ///
@@ -479,7 +502,8 @@ impl Trainer {
     }
 
     /// One step with the episodes this step owns: episode `b` is
-    /// `episodes(episode_seed(seed, step, b))` for `b < batch_size`.
+    /// `episodes(episode_seed(seed, step, b))` for `b < batch_size`, where
+    /// `seed` is [`TrainingConfig::episode_stream_seed`].
     ///
     /// # Errors
     /// [`Error::Dataset`] or [`Error::Core`] from `episodes`; otherwise as [`Trainer::train_on`].
@@ -488,7 +512,13 @@ impl Trainer {
         episodes: &dyn Fn(u64) -> Result<Episode, Error>,
     ) -> Result<StepStats, Error> {
         let batch = (0..self.config.batch_size)
-            .map(|b| episodes(episode_seed(self.config.seed, self.step, b)))
+            .map(|b| {
+                episodes(episode_seed(
+                    self.config.episode_stream_seed(),
+                    self.step,
+                    b,
+                ))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         self.train_on(&batch)
     }

@@ -13,7 +13,8 @@ use iris_train::bank::{MemoryBank, class_stages};
 use iris_train::data::{ClassKey, Episode};
 use iris_train::model::{Iris, IrisConfig};
 use iris_train::training::{
-    Trainer, TrainingConfig, evaluate, held_out_episodes, model_fingerprint, thresholded_dice,
+    Trainer, TrainingConfig, episode_seed, evaluate, held_out_episodes, model_fingerprint,
+    thresholded_dice,
 };
 use ndarray::{Array3, Array4};
 
@@ -233,6 +234,61 @@ fn resume_continues_exactly() {
     assert_eq!(resumed.bank().entry(&key), straight.bank().entry(&key));
     assert_eq!(resumed.bank().table(), straight.bank().table());
     std::fs::remove_dir_all(&out).ok();
+}
+
+#[test]
+fn reseeded_run_draws_a_new_episode_stream_and_keeps_it() {
+    let ad = device().autodiff();
+    let initial = IrisConfig::tiny().init(&ad).expect("tiny model");
+    // Records the seed of every episode a step asks for.
+    let drawn = std::cell::RefCell::new(Vec::new());
+    let episodes = |seed: u64| -> Result<Episode, iris_train::Error> {
+        drawn.borrow_mut().push(seed);
+        Ok(episode(seed))
+    };
+
+    let mut run = Trainer::with_model(config(10).with_seed(5), initial.clone()).expect("config");
+    run.train_with(&episodes).expect("step");
+    run.reseed_episodes(7);
+    run.train_with(&episodes).expect("step");
+    assert_eq!(
+        *drawn.borrow(),
+        [episode_seed(5, 0, 0), episode_seed(7, 1, 0)]
+    );
+    assert_ne!(episode_seed(5, 1, 0), episode_seed(7, 1, 0));
+    assert_eq!((run.config().seed, run.config().episode_seed), (5, Some(7)));
+
+    // Saved with the checkpoint: a resumed run keeps drawing from 7.
+    let out = temp_dir("reseed");
+    run.save_checkpoint(&out).expect("checkpoint");
+    let mut resumed = Trainer::resume(&out, &device()).expect("resume");
+    assert_eq!(resumed.config().episode_stream_seed(), 7);
+    resumed.train_with(&episodes).expect("step");
+    assert_eq!(drawn.borrow()[2], episode_seed(7, 2, 0));
+    // Configs written before the field existed draw from `seed`.
+    let path = out.join("checkpoint/config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("config")).expect("json");
+    json.as_object_mut().expect("object").remove("episode_seed");
+    std::fs::write(&path, json.to_string()).expect("write");
+    let old = TrainingConfig::load(&path).expect("old config");
+    assert_eq!((old.episode_seed, old.episode_stream_seed()), (None, 5));
+    std::fs::remove_dir_all(&out).ok();
+
+    // Reseeding changes nothing but the stream: a run seeded 5 and
+    // reseeded to 7 at step 0 trains exactly as one seeded 7.
+    let mut reseeded =
+        Trainer::with_model(config(10).with_seed(5), initial.clone()).expect("config");
+    reseeded.reseed_episodes(7);
+    let mut seeded = Trainer::with_model(config(10).with_seed(7), initial).expect("config");
+    for _ in 0..2 {
+        let a = reseeded
+            .train_with(&|seed| Ok(episode(seed)))
+            .expect("step");
+        let b = seeded.train_with(&|seed| Ok(episode(seed))).expect("step");
+        assert_eq!(a, b);
+    }
+    assert_eq!(reseeded.fingerprint(), seeded.fingerprint());
 }
 
 #[test]
@@ -615,6 +671,17 @@ fn command_line_exit_codes_and_messages() {
         assert_eq!(saved["schedule_start"], 1);
         assert_eq!(saved["schedule_steps"], 2);
         assert_eq!(saved["learning_rate"], 5e-4);
+        assert_eq!(saved["episode_seed"], serde_json::Value::Null);
+        // ... and on a new episode stream, the weights' seed kept.
+        let reseed = ["train", "--resume", "--out", out_arg, "--episode-seed", "3"];
+        let (code, stderr) = run(&[&reseed[..], &["--steps", "3"], &quick].concat());
+        assert_eq!(code, Some(0), "{stderr}");
+        let text = std::fs::read_to_string(out.join("checkpoint/config.json")).expect("config");
+        let saved: serde_json::Value = serde_json::from_str(&text).expect("json");
+        assert_eq!(
+            (&saved["episode_seed"], &saved["seed"]),
+            (&3.into(), &0.into())
+        );
         std::fs::remove_dir_all(&out).ok();
     }
 

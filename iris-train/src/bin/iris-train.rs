@@ -3,8 +3,8 @@
 //!
 //! ```text
 //! iris-train train --preset small --steps 20000 --out runs/small [--resume]
-//!     [--threads N] [--minutes M] [--seed S] [--data DIR] [--eval-every N]
-//!     [--checkpoint-every N] [--batch-size B] [--curriculum-fraction F]
+//!     [--threads N] [--minutes M] [--seed S] [--episode-seed S] [--data DIR]
+//!     [--eval-every N] [--checkpoint-every N] [--batch-size B] [--curriculum-fraction F]
 //!     [--curriculum-steps N] [--regions 2,6,24] [--spacing-mm MM] [--patch N]
 //!     [--bank-momentum A] [--restart-lr LR] [--whole-brain-zoom 2,2.5 | --no-whole-brain]
 //!     [--max-classes N] [--quiet]
@@ -134,6 +134,12 @@ struct TrainArgs {
     /// keeps its own).
     #[arg(long, default_value_t = 0, conflicts_with = "resume")]
     seed: u64,
+    /// Seed of the episodes from this run's current step on (default: a
+    /// fresh run's --seed, or the checkpoint's). With --resume it draws a
+    /// new episode stream from the checkpoint's step, e.g. a second draw
+    /// of a recipe's last steps; the checkpoint saves it for later resumes.
+    #[arg(long)]
+    episode_seed: Option<u64>,
     /// The atlases folder made by scripts/fetch-data.sh.
     #[arg(long, default_value = "data")]
     data: PathBuf,
@@ -338,6 +344,9 @@ fn train(args: &TrainArgs) -> Result<(), Failure> {
             .map_err(|e| Failure::new(2, e.to_string()))?;
         Trainer::new(config, &device)?
     };
+    if let Some(seed) = args.episode_seed {
+        trainer.reseed_episodes(seed);
+    }
 
     let episodes = EpisodeConfig {
         max_classes: args.max_classes,
