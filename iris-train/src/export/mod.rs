@@ -59,8 +59,8 @@ use crate::training::model_fingerprint;
 /// keeps classes apart should be exported with a larger value (up to the
 /// most classes of its training episodes) for that speed. The `tiny` model
 /// shipped in `models/` does not: in one run of several classes, every class
-/// gets the same map (on the 12 held-out AAL structures, mean Dice 0.074 in
-/// groups of 3 against 0.225 one at a time; `docs/results.md`).
+/// gets the same map (on the 12 held-out AAL structures, mean Dice 0.089 in
+/// groups of 3 against 0.262 one at a time; `docs/results-notes.md`).
 pub const DEFAULT_CLASSES_PER_FORWARD: usize = 1;
 
 /// The manifest's file name in a model folder.
