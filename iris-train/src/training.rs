@@ -511,14 +511,9 @@ impl Trainer {
         &mut self,
         episodes: &dyn Fn(u64) -> Result<Episode, Error>,
     ) -> Result<StepStats, Error> {
+        let seed = self.config.episode_stream_seed();
         let batch = (0..self.config.batch_size)
-            .map(|b| {
-                episodes(episode_seed(
-                    self.config.episode_stream_seed(),
-                    self.step,
-                    b,
-                ))
-            })
+            .map(|b| episodes(episode_seed(seed, self.step, b)))
             .collect::<Result<Vec<_>, _>>()?;
         self.train_on(&batch)
     }
