@@ -60,6 +60,14 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// A reference (PyTorch) checkpoint that cannot be imported: the reason
+    /// names the key, what was expected and what was found.
+    Import {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 impl Error {
@@ -104,6 +112,7 @@ impl fmt::Display for Error {
                 write!(f, "checkpoint {}: {reason}", path.display())
             }
             Self::Export { what, reason } => write!(f, "ONNX export, {what}: {reason}"),
+            Self::Import { path, reason } => write!(f, "import {}: {reason}", path.display()),
         }
     }
 }

@@ -46,6 +46,7 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod export;
+pub mod import;
 pub mod loss;
 pub mod model;
 pub mod training;

@@ -14,6 +14,8 @@
 //! iris-train tune --checkpoint runs/small --task init.irisemb --images a.nii.gz,b.nii.gz
 //!     --labels a_labels.nii.gz,b_labels.nii.gz [--steps N] [--lr X]
 //!     [--classes-per-forward N] --out tuned.irisemb [--quiet]
+//! iris-train import --checkpoint mass_base.pth --out models/mass-base [--name NAME]
+//!     [--weights ema|model] [--window D,H,W] [--spacing MM] [--with-checkpoint] [--quiet]
 //! ```
 //!
 //! Exit codes: 0 done (the step count or the time limit was reached and a
@@ -21,7 +23,9 @@
 //! written), 1 training, export or tuning failed (for tuning also a task
 //! embedding of another model, or a case without one of the task's labels),
 //! 2 bad arguments, 3 training data (or a file given to `tune`, or the
-//! manifest beside its checkpoint) missing, unreadable or of another model,
+//! manifest beside its checkpoint, or a PyTorch checkpoint given to `import`)
+//! missing, unreadable, of another model or of an architecture the model
+//! cannot represent,
 //! 4 checkpoint problem (nothing to resume, export or tune
 //! with, or a checkpoint in the way of a fresh run, or a write failed).
 
@@ -43,6 +47,7 @@ use iris_train::data::atlas::{check_zoom, load_atlases, whole_brain_views, with_
 use iris_train::data::episode::DEFAULT_MAX_CLASSES;
 use iris_train::data::{AtlasSource, EpisodeConfig, EpisodeSampler};
 use iris_train::export::MANIFEST_FILE;
+use iris_train::import::{ImportOptions, Weights, import_checkpoint};
 use iris_train::model::IrisConfig;
 use iris_train::training::{Trainer, TrainingConfig, evaluate, held_out_episodes};
 use iris_train::tune::{TuneOptions, tune};
@@ -70,6 +75,9 @@ enum Command {
     /// In-context tuning: optimise a task embedding (.irisemb) on labelled
     /// cases with the checkpoint's model frozen, and write it as .irisemb.
     Tune(TuneArgs),
+    /// Import the released Iris weights (a MASS / Iris PyTorch checkpoint
+    /// such as mass_base.pth, or a bare state_dict) as a model folder.
+    Import(ImportArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -218,6 +226,47 @@ struct ExportArgs {
     quiet: bool,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum WeightsArg {
+    /// The EMA weights (`ema_model`), as the reference inference uses.
+    Ema,
+    /// The raw weights (`model`).
+    Model,
+}
+
+#[derive(clap::Args)]
+struct ImportArgs {
+    /// The PyTorch checkpoint (.pth): a training checkpoint of the
+    /// reference code or a bare state_dict.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// The model folder to write, e.g. models/mass-base.
+    #[arg(long)]
+    out: PathBuf,
+    /// The model's name in the manifest (default: the --out folder's name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Which copy of a training checkpoint's weights to import.
+    #[arg(long, value_enum, default_value = "ema")]
+    weights: WeightsArg,
+    /// Sliding window D,H,W in voxels, multiples of 16 within the stored
+    /// positional embedding (default: the checkpoint's window, 128,128,128
+    /// for the release).
+    #[arg(long, value_delimiter = ',', num_args = 3)]
+    window: Option<Vec<usize>>,
+    /// Isotropic spacing in mm (default: the checkpoint's target_spacing,
+    /// 1.5 for the release).
+    #[arg(long)]
+    spacing: Option<f64>,
+    /// Also write the burn weights to <out>/checkpoint/, so that `iris-train
+    /// tune --checkpoint <out>` tunes task embeddings of this model.
+    #[arg(long)]
+    with_checkpoint: bool,
+    /// No summary.
+    #[arg(long)]
+    quiet: bool,
+}
+
 #[derive(clap::Args)]
 struct TuneArgs {
     /// The training output folder (the --out of `train`) or its
@@ -272,7 +321,7 @@ impl From<Error> for Failure {
     fn from(e: Error) -> Self {
         let code = match e {
             Error::Checkpoint { .. } => 4,
-            Error::Dataset { .. } => 3,
+            Error::Dataset { .. } | Error::Import { .. } => 3,
             _ => 1,
         };
         Failure::new(code, e.to_string())
@@ -284,6 +333,7 @@ fn main() -> ExitCode {
         Command::Train(args) => train(&args),
         Command::Export(args) => export(&args),
         Command::Tune(args) => tune_task(&args),
+        Command::Import(args) => import(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -460,19 +510,7 @@ impl Curriculum {
 
 fn export(args: &ExportArgs) -> Result<(), Failure> {
     let start = Instant::now();
-    let name = match (&args.name, args.out.file_name()) {
-        (Some(name), _) => name.clone(),
-        (None, Some(folder)) => folder.to_string_lossy().into_owned(),
-        (None, None) => {
-            return Err(Failure::new(
-                2,
-                format!(
-                    "--out {} has no folder name: pass --name",
-                    args.out.display()
-                ),
-            ));
-        }
-    };
+    let name = folder_name(args.name.as_ref(), &args.out)?;
     let device = iris_train::device::select_device();
     let fingerprint = match (&args.checkpoint, args.random, args.preset) {
         (Some(dir), ..) => {
@@ -527,6 +565,67 @@ fn export(args: &ExportArgs) -> Result<(), Failure> {
         );
     }
     Ok(())
+}
+
+fn import(args: &ImportArgs) -> Result<(), Failure> {
+    let start = Instant::now();
+    let name = folder_name(args.name.as_ref(), &args.out)?;
+    let options = ImportOptions {
+        weights: match args.weights {
+            WeightsArg::Ema => Weights::Ema,
+            WeightsArg::Model => Weights::Model,
+        },
+        window: args.window.as_ref().map(|w| [w[0], w[1], w[2]]),
+        spacing_mm: args.spacing,
+    };
+    let device = iris_train::device::select_device();
+    // The burn checkpoint is a training state: its weights live on the
+    // autodiff device.
+    let device = if args.with_checkpoint {
+        device.autodiff()
+    } else {
+        device
+    };
+    let imported = import_checkpoint(&args.checkpoint, &options, &device)?;
+    let fingerprint = export::export_imported(&imported, &name, &args.out)?;
+    if args.with_checkpoint {
+        let config = TrainingConfig::new(imported.config.clone(), 1);
+        Trainer::with_model(config, imported.model.clone())?.save_checkpoint(&args.out)?;
+    }
+    if !args.quiet {
+        let config = &imported.config;
+        println!(
+            "imported {} ({} weights, sha256 {}): {} parameters, channels {:?}, window {:?} at {} mm",
+            imported.source.file,
+            imported.source.weights,
+            imported.source.sha256,
+            imported.parameters,
+            config.channels,
+            config.patch_size,
+            config.spacing_mm
+        );
+        for (key, why) in &imported.ignored {
+            println!("  ignored {key}: {why}");
+        }
+        println!(
+            "wrote {name} to {} in {:.1} s; fingerprint {fingerprint}",
+            args.out.display(),
+            start.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+/// The model's name: `name` if given, else the name of the folder `out`.
+fn folder_name(name: Option<&String>, out: &Path) -> Result<String, Failure> {
+    match (name, out.file_name()) {
+        (Some(name), _) => Ok(name.clone()),
+        (None, Some(folder)) => Ok(folder.to_string_lossy().into_owned()),
+        (None, None) => Err(Failure::new(
+            2,
+            format!("--out {} has no folder name: pass --name", out.display()),
+        )),
+    }
 }
 
 /// A progress bar over `steps` steps on stderr (hidden when `quiet`).

@@ -10,7 +10,7 @@
 //!
 //! | file | content |
 //! |---|---|
-//! | `manifest.json` | format, name, the [`IrisConfig`] JSON, patch size, spacing, channels, task stage shapes, weights fingerprint, opset, graph files, bank file, `classes_per_forward` (the engine decodes larger tasks in groups of that many; see [`DEFAULT_CLASSES_PER_FORWARD`]) |
+//! | `manifest.json` | format, name, the [`IrisConfig`] JSON, patch size, spacing, channels, task stage shapes, weights fingerprint, opset, graph files, bank file, `classes_per_forward` (the engine decodes larger tasks in groups of that many, all in one run when absent; see [`DEFAULT_CLASSES_PER_FORWARD`]), and for imported weights their `source` (file, SHA-256, which copy) |
 //! | `encoder.onnx` | `image` `[batch, 1, D, H, W]` to `features_0` .. `features_4`, level `l` being `[batch, C_l, D / 2^l, H / 2^l, W / 2^l]` |
 //! | `task_encoder.onnx` | `features_{5-S}` .. `features_4` and `masks` `[batch, classes, D, H, W]` (binary) to `task_0` .. `task_{S-1}` `[batch, classes, T + 1, C_{4-s}]` (deepest first) |
 //! | `decoder.onnx` | `features_0` .. `features_4` and `task_0` .. `task_{S-1}` to `logits` `[batch, classes, D, H, W]` |
@@ -49,6 +49,7 @@ pub use graph::OPSET;
 
 use crate::Error;
 use crate::bank::MemoryBank;
+use crate::import::{Imported, WeightsSource};
 use crate::model::{Iris, IrisConfig};
 use crate::training::model_fingerprint;
 
@@ -180,7 +181,7 @@ fn manifest(
     name: &str,
     fingerprint: ModelFingerprint,
     with_bank: bool,
-    classes_per_forward: usize,
+    folder: &Folder,
 ) -> serde_json::Value {
     let stages: Vec<_> = config
         .task_channels()
@@ -198,7 +199,6 @@ fn manifest(
         "stages": stages,
         "fingerprint": fingerprint.to_string(),
         "opset": OPSET,
-        "classes_per_forward": classes_per_forward,
         "graphs": {
             "encoder": ENCODER_FILE,
             "task_encoder": TASK_ENCODER_FILE,
@@ -208,7 +208,27 @@ fn manifest(
     if with_bank {
         manifest["memory_bank"] = json!(BANK_FILE);
     }
+    if let Some(classes) = folder.classes_per_forward {
+        manifest["classes_per_forward"] = json!(classes);
+    }
+    if let Some(source) = folder.source {
+        manifest["source"] = json!({
+            "file": source.file,
+            "sha256": source.sha256,
+            "weights": source.weights,
+        });
+    }
     manifest
+}
+
+/// What a model folder says besides the model: see [`export`] and
+/// [`export_imported`].
+struct Folder<'a> {
+    name: &'a str,
+    bank: Option<&'a MemoryBank>,
+    /// `None`: every class of a task in one decoder run.
+    classes_per_forward: Option<usize>,
+    source: Option<&'a WeightsSource>,
 }
 
 /// Exports `model` (sizes `config`) as the model folder `out_dir` named
@@ -235,16 +255,55 @@ pub fn export(
     bank: Option<&MemoryBank>,
     classes_per_forward: usize,
 ) -> Result<ModelFingerprint, Error> {
-    if name.trim().is_empty() {
-        return Err(Error::Export {
-            what: "model name".into(),
-            reason: "must not be empty".into(),
-        });
-    }
     if classes_per_forward == 0 {
         return Err(Error::Export {
             what: "classes_per_forward".into(),
             reason: "must be at least 1".into(),
+        });
+    }
+    let folder = Folder {
+        name,
+        bank,
+        classes_per_forward: Some(classes_per_forward),
+        source: None,
+    };
+    write_folder(model, config, out_dir, &folder)
+}
+
+/// Exports a model imported from a reference checkpoint as the model folder
+/// `out_dir` named `name`, as [`export`] does, with two differences: the
+/// manifest records where the weights came from (`source`: the file's name,
+/// its SHA-256 and the copy of the weights) and has no `classes_per_forward`,
+/// so that the engine decodes every class of a task in one decoder run, as
+/// the reference code does. There is no memory bank.
+///
+/// # Errors
+/// As [`export`].
+pub fn export_imported(
+    imported: &Imported,
+    name: &str,
+    out_dir: &Path,
+) -> Result<ModelFingerprint, Error> {
+    let folder = Folder {
+        name,
+        bank: None,
+        classes_per_forward: None,
+        source: Some(&imported.source),
+    };
+    write_folder(&imported.model, &imported.config, out_dir, &folder)
+}
+
+fn write_folder(
+    model: &Iris,
+    config: &IrisConfig,
+    out_dir: &Path,
+    folder: &Folder,
+) -> Result<ModelFingerprint, Error> {
+    let name = folder.name;
+    if name.trim().is_empty() {
+        return Err(Error::Export {
+            what: "model name".into(),
+            reason: "must not be empty".into(),
         });
     }
     let graphs = OnnxGraphs::new(model, config)?;
@@ -257,7 +316,7 @@ pub fn export(
 
     let mut staged = Staged::new(out_dir);
     let mut with_bank = false;
-    if let Some(bank) = bank.filter(|bank| !bank.is_empty()) {
+    if let Some(bank) = folder.bank.filter(|bank| !bank.is_empty()) {
         let tmp = staged.add(BANK_FILE);
         with_bank = bank.write(&tmp, fingerprint).map_err(|e| {
             staged.discard();
@@ -267,7 +326,7 @@ pub fn export(
     if !with_bank {
         staged.remove_if_present(BANK_FILE);
     }
-    let manifest = manifest(config, name, fingerprint, with_bank, classes_per_forward);
+    let manifest = manifest(config, name, fingerprint, with_bank, folder);
     let manifest = serde_json::to_string_pretty(&manifest).unwrap_or_default() + "\n";
     let files = graphs
         .to_files()
