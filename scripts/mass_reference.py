@@ -32,7 +32,13 @@ It writes `iris-train/tests/fixtures/mass/` (gzip-compressed, about 6 MB):
 With `--checkpoint FILE.pth` it instead records one window of a real checkpoint (e.g.
 `mass_base.pth`, EMA weights, window 128^3) into `--out`, for
 `IRIS_MASS_CHECKPOINT=FILE.pth IRIS_MASS_REFERENCE=DIR/reference.pth cargo test -p
-iris-train --test import -- --ignored`.
+iris-train --release --test import -- --ignored`.
+
+With `--full-size FILE.pth` it writes a checkpoint of the released size and layout
+(the pretraining config unchanged: channels 32-512, 128^3, 120,126,373 parameters) with
+freshly initialised weights, stripped to `{ema_model, config, epoch, iteration}`: a
+stand-in for `mass_base.pth` (which cannot be downloaded here) for the released-size
+checks and `docs/benchmarks.md`.
 """
 
 import argparse
@@ -246,6 +252,21 @@ def fixture(args):
         print(f"wrote {os.path.join(args.out, name)} ({size / 1e6:.2f} MB)")
 
 
+def full_size(args):
+    """A checkpoint of the released size with random weights (EMA copy only)."""
+    import yaml
+    from models.iris import Iris
+
+    torch.manual_seed(0)
+    with open(os.path.join(args.mass, "config/pretrain/mask_guided_self_supervised.yaml")) as f:
+        config = yaml.safe_load(f)
+    model = Iris(**{k: v for k, v in config["model"].items() if k != "type"})
+    state = {"ema_model": model.state_dict(), "config": config, "epoch": 0, "iteration": 0}
+    torch.save(state, args.full_size)
+    parameters = sum(p.numel() for p in model.parameters())
+    print(f"wrote {args.full_size}: {parameters:,} parameters, {len(state['ema_model'])} tensors")
+
+
 def released(args):
     """One window of a real checkpoint (EMA weights, as inference.py loads them)."""
     from models.iris import Iris
@@ -278,13 +299,16 @@ def main():
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..",
                                                       "iris-train/tests/fixtures/mass"))
     parser.add_argument("--checkpoint", help="record one window of this real checkpoint instead")
+    parser.add_argument("--full-size", help="write a random checkpoint of the released size here instead")
     args = parser.parse_args()
     if torch.__version__.split("+")[0] != PINNED["torch"]:
         sys.exit(f"torch {PINNED['torch']} is pinned, found {torch.__version__}")
     sys.path.insert(0, os.path.abspath(args.mass))
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     np.random.seed(0)
-    if args.checkpoint:
+    if args.full_size:
+        full_size(args)
+    elif args.checkpoint:
         released(args)
     else:
         fixture(args)

@@ -32,7 +32,7 @@ impl ModelArgs {
             .model
             .clone()
             .unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL));
-        if !dir.join("manifest.json").is_file() {
+        if !dir.join(iris_core::engine::MANIFEST_FILE).is_file() {
             return Err(Failure::new(
                 MODEL,
                 format!(

@@ -228,6 +228,53 @@ pub struct Preprocessing {
 }
 
 impl Preprocessing {
+    /// The preprocessing of a model that works at an isotropic `spacing_mm`
+    /// with windows of `patch` voxels, normalising intensities by
+    /// `intensity`.
+    ///
+    /// ```
+    /// use iris_core::embedding::Preprocessing;
+    /// use iris_core::preprocess::IntensityPolicy;
+    ///
+    /// let pre = Preprocessing::isotropic(1.5, [128; 3], IntensityPolicy::CT);
+    /// assert_eq!(pre.spacing_mm, [1.5; 3]);
+    /// assert!(pre.check_geometry(1.5, [128; 3]).is_ok());
+    /// assert!(pre.check_geometry(3.0, [128; 3]).is_err());
+    /// ```
+    pub fn isotropic(spacing_mm: f64, patch: [usize; 3], intensity: IntensityPolicy) -> Self {
+        Preprocessing {
+            spacing_mm: [spacing_mm as f32; 3],
+            patch: patch.map(|p| p as u32),
+            intensity,
+        }
+    }
+
+    /// Checks that an embedding made with this preprocessing fits a model
+    /// that works at an isotropic `spacing_mm` with windows of `patch`
+    /// voxels: the same patch, and every spacing within 1e-4 (relative) of
+    /// the model's, the precision of its `f32`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming both geometries.
+    pub fn check_geometry(&self, spacing_mm: f64, patch: [usize; 3]) -> Result<()> {
+        let spacing = spacing_mm as f32;
+        let same_spacing = self
+            .spacing_mm
+            .iter()
+            .all(|s| (s - spacing).abs() <= 1e-4 * spacing);
+        if same_spacing && self.patch == patch.map(|p| p as u32) {
+            return Ok(());
+        }
+        Err(Error::invalid(
+            "task embedding",
+            format!(
+                "made for spacing {:?} mm and patch {:?}, but the model uses {spacing_mm} mm and \
+                 {patch:?}",
+                self.spacing_mm, self.patch
+            ),
+        ))
+    }
+
     /// Checks spacing (finite, > 0), patch (>= 1) and the intensity bounds.
     pub(crate) fn validate(&self) -> Result<()> {
         if !self.spacing_mm.iter().all(|s| s.is_finite() && *s > 0.0) {

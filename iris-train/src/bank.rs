@@ -59,23 +59,14 @@ impl MemoryBank {
                 format!("{momentum} is not in [0, 1]"),
             ));
         }
-        let spacing = config.spacing_mm as f32;
-        let patch = config.patch_size.map(|p| p as u32);
         Ok(MemoryBank {
             momentum,
-            preprocessing: Preprocessing {
-                spacing_mm: [spacing; 3],
-                patch,
-                intensity: IntensityPolicy::MR,
-            },
-            stage_shapes: config
-                .task_channels()
-                .into_iter()
-                .map(|channels| StageShape {
-                    tokens: (config.query_tokens + 1) as u32,
-                    channels: channels as u32,
-                })
-                .collect(),
+            preprocessing: Preprocessing::isotropic(
+                config.spacing_mm,
+                config.patch_size,
+                IntensityPolicy::MR,
+            ),
+            stage_shapes: config.stage_shapes(),
             keys: Vec::new(),
             names: Vec::new(),
             ids: HashMap::new(),

@@ -59,6 +59,8 @@ use burn::prelude::*;
 use pytorch_reader::{DType, PickleValue, PytorchReader};
 use sha2::{Digest, Sha256};
 
+pub use iris_core::engine::WeightsSource;
+
 use crate::error::Error;
 use crate::model::attention::{CrossAttention, FeedForward, Mlp, SelfAttention};
 use crate::model::blocks::{BasicBlock, BlockStack, PreActConv};
@@ -100,18 +102,6 @@ pub struct ImportOptions {
     /// Isotropic spacing in mm (default: the checkpoint's `target_spacing`,
     /// else 1.5 mm as released).
     pub spacing_mm: Option<f64>,
-}
-
-/// Where an imported model's weights came from (written to the manifest).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct WeightsSource {
-    /// The checkpoint's file name.
-    pub file: String,
-    /// SHA-256 of the checkpoint file, 64 lowercase hex digits.
-    pub sha256: String,
-    /// The checkpoint entry the weights were read from (`ema_model`,
-    /// `model`...), or `state_dict` for a bare state_dict.
-    pub weights: String,
 }
 
 /// A model imported from a reference checkpoint.
@@ -179,7 +169,11 @@ pub fn import_checkpoint(
         Some(key) => {
             let reader = PytorchReader::with_top_level_key(path, key)
                 .map_err(|e| fail(format!("`{key}`: {e}")))?;
-            for other in entries.keys().filter(|other| *other != key) {
+            // `config` is read below for the model's sizes.
+            for other in entries
+                .keys()
+                .filter(|other| *other != key && *other != "config")
+            {
                 ignored.push((other.clone(), top_level_reason(other).into()));
             }
             ((*key).to_string(), reader)
@@ -263,11 +257,11 @@ pub fn import_checkpoint(
 /// Why a top-level entry of a training checkpoint is not imported.
 fn top_level_reason(key: &str) -> &'static str {
     match key {
-        "config" => "read for the model's sizes",
         "ema_model" | "ema_state_dict" | "model" | "model_state_dict" => {
             "the other copy of the weights"
         }
         "optimizer" | "scheduler" | "scaler" => "training state",
+        "epoch" | "iteration" | "best_metric" => "training progress",
         _ => "not part of the model",
     }
 }

@@ -343,17 +343,7 @@ fn prepare_cases(
     }
     task.ensure_model(&model_fingerprint(model, config))?;
     let preprocessing = task.preprocessing();
-    let spacing = config.spacing_mm as f32;
-    let patch = config.patch_size.map(|p| p as u32);
-    if preprocessing.spacing_mm != [spacing; 3] || preprocessing.patch != patch {
-        return Err(Error::invalid(
-            "task preprocessing",
-            format!(
-                "spacing {:?} mm and patch {:?} voxels, but the model uses {spacing} mm and {patch:?}",
-                preprocessing.spacing_mm, preprocessing.patch
-            ),
-        ));
-    }
+    preprocessing.check_geometry(config.spacing_mm, config.patch_size)?;
     let labels = task
         .classes()
         .iter()

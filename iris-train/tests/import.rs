@@ -333,7 +333,6 @@ fn every_tensor_is_imported_or_named_with_a_reason() {
         "model",
         "optimizer",
         "scheduler",
-        "config",
         "epoch",
         "iteration",
         "best_metric",
@@ -343,6 +342,10 @@ fn every_tensor_is_imported_or_named_with_a_reason() {
             "top-level entry {entry} not listed"
         );
     }
+    assert!(
+        !ignored.iter().any(|k| *k == "config"),
+        "config is read, not ignored"
+    );
     assert!(imported.ignored.iter().all(|(_, why)| !why.is_empty()));
     let expected: usize = stored
         .tensors()

@@ -1,12 +1,17 @@
-//! `manifest.json`: what a model folder holds, read and checked.
+//! `manifest.json`: what a model folder holds, written and read.
 //!
-//! The format is the contract between the exporter (`iris-train export`) and
-//! this engine (`notes/onnx-contract.md` in the project): a UTF-8 JSON object
-//! with `format` `"iris-model"`, `format_version` 1, the model's `name`,
-//! `patch_size` `[D, H, W]` (voxels), `spacing_mm`, the encoder `channels`
-//! per level (full resolution first), the task-embedding `stages` (deepest
-//! first), the weights `fingerprint` (64 hex digits), the three graph file
-//! names and optionally a `memory_bank` file. Unknown keys are ignored.
+//! The format is the contract between the exporter (`iris-train export`,
+//! `iris-train import`) and this engine, and [`ManifestFile`] is its one
+//! definition: the exporter fills one in and writes it with
+//! [`ManifestFile::to_json`], the engine parses it and checks it into a
+//! [`Manifest`]. It is a UTF-8 JSON object with `format` `"iris-model"`,
+//! `format_version` 1, the model's `name`, `patch_size` `[D, H, W]`
+//! (voxels), `spacing_mm`, the encoder `channels` per level (full resolution
+//! first), the task-embedding `stages` (deepest first), the weights
+//! `fingerprint` (64 hex digits), the three graph file names, and
+//! optionally a `memory_bank` file, `classes_per_forward`, the `source` of
+//! imported weights, the exporter's model `config` and the ONNX `opset`.
+//! Unknown keys are ignored.
 
 // This crate is `no_std`; the engine is `std` code.
 use std::format;
@@ -14,7 +19,7 @@ use std::prelude::rust_2024::*;
 
 use std::path::{Component, Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::embedding::{MAX_STAGES, ModelFingerprint, StageShape};
 use crate::error::{Error, Result};
@@ -25,6 +30,9 @@ pub const FORMAT: &str = "iris-model";
 
 /// The newest `format_version` this engine reads.
 pub const FORMAT_VERSION: u32 = 1;
+
+/// The manifest's file name in a model folder.
+pub const MANIFEST_FILE: &str = "manifest.json";
 
 /// Encoder feature levels: level `i` has `channels[i]` channels and the
 /// patch size divided by `2^i` along every axis.
@@ -65,36 +73,109 @@ pub struct Manifest {
     /// decodes a larger task in groups of this many (as the released code's
     /// `--max-classes-per-forward`); `None`: all classes in one run.
     pub classes_per_forward: Option<usize>,
+    /// Where imported weights came from (`iris-train import`); `None` for a
+    /// model exported from its own training.
+    pub source: Option<WeightsSource>,
 }
 
-/// The JSON as written; unknown keys (e.g. `config`, `opset`) are ignored.
-#[derive(Deserialize)]
-struct Raw {
-    format: String,
-    format_version: u32,
-    name: String,
-    patch_size: [usize; 3],
-    spacing_mm: f64,
-    channels: [usize; LEVELS],
-    stages: Vec<RawStage>,
-    fingerprint: String,
-    graphs: RawGraphs,
-    memory_bank: Option<String>,
-    #[serde(default)]
-    classes_per_forward: Option<usize>,
+/// `manifest.json` as stored: what the exporter writes and the engine
+/// parses before checking it into a [`Manifest`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ManifestFile {
+    /// Always [`FORMAT`].
+    pub format: String,
+    /// [`FORMAT_VERSION`] when written.
+    pub format_version: u32,
+    /// Model name.
+    pub name: String,
+    /// Window `[D, H, W]` in voxels.
+    pub patch_size: [usize; 3],
+    /// Isotropic spacing, mm.
+    pub spacing_mm: f64,
+    /// Encoder channels per level, full resolution first.
+    pub channels: [usize; LEVELS],
+    /// Task-embedding stages, deepest first.
+    pub stages: Vec<StageEntry>,
+    /// Weights fingerprint, 64 hex digits.
+    pub fingerprint: String,
+    /// The graph files, relative to the folder.
+    pub graphs: GraphFiles,
+    /// The memory bank file, relative to the folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bank: Option<String>,
+    /// See [`Manifest::classes_per_forward`]; absent: all in one run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes_per_forward: Option<usize>,
+    /// See [`Manifest::source`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<WeightsSource>,
+    /// The exporter's model configuration (iris-train's `IrisConfig`), kept
+    /// as written so that a model folder says how it was built; the engine
+    /// does not read it.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub config: serde_json::Value,
+    /// The ONNX opset of the graphs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opset: Option<i64>,
 }
 
-#[derive(Deserialize)]
-struct RawStage {
-    tokens: u32,
-    channels: u32,
+/// One task-embedding stage of a [`ManifestFile`]: `[tokens, channels]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageEntry {
+    /// Tokens per class (query tokens, then the foreground token).
+    pub tokens: u32,
+    /// Channels per token.
+    pub channels: u32,
 }
 
-#[derive(Deserialize)]
-struct RawGraphs {
-    encoder: String,
-    task_encoder: String,
-    decoder: String,
+/// The graph files of a [`ManifestFile`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GraphFiles {
+    /// Image window to features.
+    pub encoder: String,
+    /// Features and masks to task embeddings.
+    pub task_encoder: String,
+    /// Features and task embeddings to logits.
+    pub decoder: String,
+}
+
+/// Where a model's imported weights came from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WeightsSource {
+    /// The checkpoint's file name, e.g. `mass_base.pth`.
+    pub file: String,
+    /// SHA-256 of the checkpoint file, 64 lowercase hex digits.
+    pub sha256: String,
+    /// The checkpoint entry the weights were read from (`ema_model`,
+    /// `model`...), or `state_dict` for a bare state_dict.
+    pub weights: String,
+}
+
+impl From<StageShape> for StageEntry {
+    fn from(shape: StageShape) -> Self {
+        StageEntry {
+            tokens: shape.tokens,
+            channels: shape.channels,
+        }
+    }
+}
+
+impl ManifestFile {
+    /// Parses manifest JSON (no checks beyond the JSON's shape).
+    ///
+    /// # Errors
+    /// A sentence naming what does not parse.
+    pub fn parse(text: &str) -> core::result::Result<ManifestFile, String> {
+        serde_json::from_str(text).map_err(|e| format!("invalid manifest: {e}"))
+    }
+
+    /// The JSON written to `manifest.json`: keys sorted, two-space
+    /// indentation, a final newline.
+    pub fn to_json(&self) -> String {
+        // Through `Value`, whose map sorts its keys.
+        let value = serde_json::to_value(self).unwrap_or_default();
+        serde_json::to_string_pretty(&value).unwrap_or_default() + "\n"
+    }
 }
 
 impl Manifest {
@@ -113,7 +194,7 @@ impl Manifest {
     /// for JSON that does not parse or a field that breaks the contract,
     /// with the field, what was expected and what was found.
     pub fn read(dir: &Path) -> Result<Manifest> {
-        let path = dir.join("manifest.json");
+        let path = dir.join(MANIFEST_FILE);
         let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
             path: path.clone(),
             source,
@@ -124,7 +205,7 @@ impl Manifest {
     /// Parses manifest JSON as [`Manifest::read`] describes; the error is
     /// a sentence naming the field.
     pub(crate) fn parse(text: &str, dir: &Path) -> core::result::Result<Manifest, String> {
-        let raw: Raw = serde_json::from_str(text).map_err(|e| format!("invalid manifest: {e}"))?;
+        let raw = ManifestFile::parse(text)?;
         if raw.format != FORMAT {
             return Err(format!(
                 "`format` is {:?}, expected {FORMAT:?}: not an iris model manifest",
@@ -195,6 +276,7 @@ impl Manifest {
                 .map(|name| file("memory_bank", name))
                 .transpose()?,
             classes_per_forward: raw.classes_per_forward,
+            source: raw.source,
         })
     }
 
@@ -210,7 +292,7 @@ impl Manifest {
 }
 
 fn check_stages(
-    raw: &[RawStage],
+    raw: &[StageEntry],
     channels: &[usize; LEVELS],
 ) -> core::result::Result<Vec<StageShape>, String> {
     if raw.is_empty() || raw.len() > LEVELS.min(MAX_STAGES) {
@@ -361,6 +443,35 @@ mod tests {
         }
         let err = Manifest::parse("{not json", Path::new(".")).expect_err("not JSON");
         assert!(err.starts_with("invalid manifest"), "{err}");
+    }
+
+    #[test]
+    fn a_written_manifest_reads_back_with_its_source() {
+        let mut file = ManifestFile::parse(&json(|_| {})).expect("parses");
+        file.classes_per_forward = None;
+        file.source = Some(WeightsSource {
+            file: "mass_base.pth".into(),
+            sha256: "0f".repeat(32),
+            weights: "ema_model".into(),
+        });
+        let text = file.to_json();
+        assert!(text.ends_with("}\n"));
+        let keys: Vec<&str> = text
+            .lines()
+            .filter(|line| line.starts_with("  \""))
+            .filter_map(|line| line.trim().split('"').nth(1))
+            .collect();
+        let mut sorted = keys.clone();
+        sorted.sort_unstable();
+        assert_eq!(keys, sorted, "top-level keys are written sorted");
+        assert!(
+            !keys.contains(&"classes_per_forward"),
+            "absent: all in one run"
+        );
+        assert_eq!(ManifestFile::parse(&text).expect("reparses"), file);
+        let checked = Manifest::parse(&text, Path::new("/m")).expect("valid");
+        assert_eq!(checked.source, file.source);
+        assert_eq!(checked.classes_per_forward, None);
     }
 
     #[test]

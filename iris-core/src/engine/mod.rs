@@ -47,7 +47,10 @@ use tract_linalg::multithread::Executor;
 use tract_onnx::prelude::{TValue, TVec};
 
 pub use graphs::MAX_PLANS;
-pub use manifest::{FORMAT, FORMAT_VERSION, LEVELS, MAX_PATCH, Manifest};
+pub use manifest::{
+    FORMAT, FORMAT_VERSION, GraphFiles, LEVELS, MANIFEST_FILE, MAX_PATCH, Manifest, ManifestFile,
+    StageEntry, WeightsSource,
+};
 pub use pipeline::{ReferenceInput, prepare_reference};
 pub use retrieval::{ClassChoice, PoolReference, Retrieval, RetrievalLevel, RetrieveOptions};
 
@@ -372,12 +375,8 @@ impl Model {
                 )
             })
             .collect::<Result<Vec<_>>>()?;
-        let spacing = self.manifest.spacing_mm as f32;
-        let preprocessing = Preprocessing {
-            spacing_mm: [spacing; 3],
-            patch: patch.map(|p| p as u32),
-            intensity: input.intensity,
-        };
+        let preprocessing =
+            Preprocessing::isotropic(self.manifest.spacing_mm, patch, input.intensity);
         TaskEmbedding::new(
             self.manifest.fingerprint,
             preprocessing,
@@ -651,21 +650,8 @@ impl Model {
                 found: flat(task.stage_shapes()),
             });
         }
-        let pre = task.preprocessing();
-        let spacing = self.manifest.spacing_mm as f32;
-        let same_spacing = pre
-            .spacing_mm
-            .iter()
-            .all(|s| (s - spacing).abs() <= 1e-4 * spacing);
-        if !same_spacing || pre.patch != self.manifest.patch_size.map(|p| p as u32) {
-            return Err(Error::invalid(
-                "task embedding",
-                format!(
-                    "made for spacing {:?} mm and patch {:?}, but the model uses {} mm and {:?}",
-                    pre.spacing_mm, pre.patch, self.manifest.spacing_mm, self.manifest.patch_size
-                ),
-            ));
-        }
+        task.preprocessing()
+            .check_geometry(self.manifest.spacing_mm, self.manifest.patch_size)?;
         check_class_count(task.classes().len())
     }
 

@@ -27,7 +27,7 @@ use tract_onnx::pb::{
     type_proto,
 };
 
-use super::LEVELS;
+use super::{FORMAT, FORMAT_VERSION, GraphFiles, LEVELS, MANIFEST_FILE, ManifestFile, StageEntry};
 
 /// A graph dimension: symbolic (`"batch"`, `"classes"`) or fixed.
 #[derive(Clone, Copy)]
@@ -227,25 +227,32 @@ impl Synthetic {
     /// Writes `manifest.json` and the three graphs into `dir`.
     pub fn write(&self, dir: &Path) {
         std::fs::create_dir_all(dir).expect("model dir");
-        let stages: Vec<_> = (0..self.stages)
-            .map(|s| {
-                serde_json::json!({"tokens": self.tokens, "channels": self.channels[LEVELS - 1 - s]})
-            })
-            .collect();
-        let manifest = serde_json::json!({
-            "format": "iris-model",
-            "format_version": 1,
-            "name": "synthetic",
-            "config": {},
-            "patch_size": self.patch,
-            "spacing_mm": self.spacing_mm,
-            "channels": self.channels,
-            "stages": stages,
-            "fingerprint": self.fingerprint,
-            "opset": 17,
-            "graphs": {"encoder": "encoder.onnx", "task_encoder": "task_encoder.onnx", "decoder": "decoder.onnx"}
-        });
-        std::fs::write(dir.join("manifest.json"), manifest.to_string()).expect("manifest");
+        let manifest = ManifestFile {
+            format: FORMAT.into(),
+            format_version: FORMAT_VERSION,
+            name: "synthetic".into(),
+            patch_size: self.patch,
+            spacing_mm: self.spacing_mm,
+            channels: self.channels,
+            stages: (0..self.stages)
+                .map(|s| StageEntry {
+                    tokens: self.tokens as u32,
+                    channels: self.channels[LEVELS - 1 - s] as u32,
+                })
+                .collect(),
+            fingerprint: self.fingerprint.clone(),
+            graphs: GraphFiles {
+                encoder: "encoder.onnx".into(),
+                task_encoder: "task_encoder.onnx".into(),
+                decoder: "decoder.onnx".into(),
+            },
+            memory_bank: None,
+            classes_per_forward: None,
+            source: None,
+            config: serde_json::Value::Null,
+            opset: Some(17),
+        };
+        std::fs::write(dir.join(MANIFEST_FILE), manifest.to_json()).expect("manifest");
         self.encoder().save(&dir.join("encoder.onnx"));
         self.task_encoder().save(&dir.join("task_encoder.onnx"));
         self.decoder().save(&dir.join("decoder.onnx"));

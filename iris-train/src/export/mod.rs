@@ -41,15 +41,17 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use iris_core::embedding::ModelFingerprint;
+use iris_core::engine::{
+    FORMAT, FORMAT_VERSION, GraphFiles, ManifestFile, StageEntry, WeightsSource,
+};
 use prost::Message;
-use serde_json::json;
 use tract_onnx::pb::ModelProto;
 
 pub use graph::OPSET;
 
 use crate::Error;
 use crate::bank::MemoryBank;
-use crate::import::{Imported, WeightsSource};
+use crate::import::Imported;
 use crate::model::{Iris, IrisConfig};
 use crate::training::model_fingerprint;
 
@@ -64,8 +66,7 @@ use crate::training::model_fingerprint;
 /// groups of 3 against 0.262 one at a time; `docs/results-notes.md`).
 pub const DEFAULT_CLASSES_PER_FORWARD: usize = 1;
 
-/// The manifest's file name in a model folder.
-pub const MANIFEST_FILE: &str = "manifest.json";
+pub use iris_core::engine::MANIFEST_FILE;
 /// The encoder graph's file name.
 pub const ENCODER_FILE: &str = "encoder.onnx";
 /// The task encoder graph's file name.
@@ -74,10 +75,6 @@ pub const TASK_ENCODER_FILE: &str = "task_encoder.onnx";
 pub const DECODER_FILE: &str = "decoder.onnx";
 /// The memory bank's file name (present only when exported with a bank).
 pub const BANK_FILE: &str = crate::checkpoint::BANK_FILE;
-/// The `format` value of a manifest.
-pub const FORMAT: &str = "iris-model";
-/// The `format_version` of the manifests written here.
-pub const FORMAT_VERSION: u32 = 1;
 
 /// The three ONNX graphs of a model (see the [module docs](self)).
 #[derive(Clone, Debug)]
@@ -174,51 +171,37 @@ fn check_model(model: &Iris, config: &IrisConfig) -> Result<(), Error> {
     }
 }
 
-/// The manifest of a model folder (see the [module docs](self)): the
-/// `memory_bank` key is present only when `with_bank`.
+/// The manifest of a model folder (see the [module docs](self)).
 fn manifest(
     config: &IrisConfig,
-    name: &str,
     fingerprint: ModelFingerprint,
     with_bank: bool,
     folder: &Folder,
-) -> serde_json::Value {
-    let stages: Vec<_> = config
-        .task_channels()
-        .into_iter()
-        .map(|channels| json!({ "tokens": config.query_tokens + 1, "channels": channels }))
-        .collect();
-    let mut manifest = json!({
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "name": name,
-        "config": config,
-        "patch_size": config.patch_size,
-        "spacing_mm": config.spacing_mm,
-        "channels": config.channels,
-        "stages": stages,
-        "fingerprint": fingerprint.to_string(),
-        "opset": OPSET,
-        "graphs": {
-            "encoder": ENCODER_FILE,
-            "task_encoder": TASK_ENCODER_FILE,
-            "decoder": DECODER_FILE,
+) -> ManifestFile {
+    ManifestFile {
+        format: FORMAT.into(),
+        format_version: FORMAT_VERSION,
+        name: folder.name.into(),
+        patch_size: config.patch_size,
+        spacing_mm: config.spacing_mm,
+        channels: config.channels,
+        stages: config
+            .stage_shapes()
+            .into_iter()
+            .map(StageEntry::from)
+            .collect(),
+        fingerprint: fingerprint.to_string(),
+        graphs: GraphFiles {
+            encoder: ENCODER_FILE.into(),
+            task_encoder: TASK_ENCODER_FILE.into(),
+            decoder: DECODER_FILE.into(),
         },
-    });
-    if with_bank {
-        manifest["memory_bank"] = json!(BANK_FILE);
+        memory_bank: with_bank.then(|| BANK_FILE.into()),
+        classes_per_forward: folder.classes_per_forward,
+        source: folder.source.cloned(),
+        config: serde_json::to_value(config).unwrap_or_default(),
+        opset: Some(OPSET),
     }
-    if let Some(classes) = folder.classes_per_forward {
-        manifest["classes_per_forward"] = json!(classes);
-    }
-    if let Some(source) = folder.source {
-        manifest["source"] = json!({
-            "file": source.file,
-            "sha256": source.sha256,
-            "weights": source.weights,
-        });
-    }
-    manifest
 }
 
 /// What a model folder says besides the model: see [`export`] and
@@ -326,8 +309,7 @@ fn write_folder(
     if !with_bank {
         staged.remove_if_present(BANK_FILE);
     }
-    let manifest = manifest(config, name, fingerprint, with_bank, folder);
-    let manifest = serde_json::to_string_pretty(&manifest).unwrap_or_default() + "\n";
+    let manifest = manifest(config, fingerprint, with_bank, folder).to_json();
     let files = graphs
         .to_files()
         .into_iter()

@@ -31,6 +31,7 @@ use burn::prelude::*;
 use crate::Error;
 use decoder::{ClassifierHead, ClassifierHeadConfig, Decoder, DecoderConfig};
 use encoder::{Encoder, EncoderConfig};
+use iris_core::embedding::StageShape;
 pub use task_encoder::TaskEmbedding;
 use task_encoder::{TaskEncoder, TaskEncoderConfig};
 
@@ -97,6 +98,19 @@ impl IrisConfig {
     pub fn task_channels(&self) -> Vec<usize> {
         (0..self.task_stages)
             .map(|i| self.channels[4 - i])
+            .collect()
+    }
+
+    /// The task embedding's stages, deepest first: `T + 1` tokens of
+    /// [`task_channels`](Self::task_channels) each (what the manifest and
+    /// every `.irisemb` of this model record).
+    pub fn stage_shapes(&self) -> Vec<StageShape> {
+        self.task_channels()
+            .into_iter()
+            .map(|channels| StageShape {
+                tokens: (self.query_tokens + 1) as u32,
+                channels: channels as u32,
+            })
             .collect()
     }
 
