@@ -159,46 +159,11 @@ pub fn import_checkpoint(
             "the checkpoint is not a dictionary (a training checkpoint or a state_dict)".into(),
         ));
     };
-    let mut ignored = Vec::new();
-    let (weights_key, reader) = match options
-        .weights
-        .keys()
-        .iter()
-        .find(|key| matches!(entries.get(**key), Some(PickleValue::Dict(_))))
-    {
-        Some(key) => {
-            let reader = PytorchReader::with_top_level_key(path, key)
-                .map_err(|e| fail(format!("`{key}`: {e}")))?;
-            // `config` is read below for the model's sizes.
-            for other in entries
-                .keys()
-                .filter(|other| *other != key && *other != "config")
-            {
-                ignored.push((other.clone(), top_level_reason(other).into()));
-            }
-            ((*key).to_string(), reader)
-        }
-        None if is_state_dict(entries) => {
-            if options.weights == Weights::Model {
-                return Err(fail(
-                    "a bare state_dict holds one copy of the weights: `--weights model` asks for \
-                     the `model` entry of a training checkpoint"
-                        .into(),
-                ));
-            }
-            let reader = PytorchReader::new(path).map_err(|e| fail(e.to_string()))?;
-            ("state_dict".to_string(), reader)
-        }
-        None => {
-            let mut keys: Vec<&String> = entries.keys().collect();
-            keys.sort();
-            return Err(fail(format!(
-                "no weights: expected one of the entries {:?} or a bare state_dict, found \
-                 entries {keys:?}",
-                options.weights.keys()
-            )));
-        }
-    };
+    let Selected {
+        key: weights_key,
+        reader,
+        mut ignored,
+    } = select_weights(path, entries, options.weights).map_err(fail)?;
     let tensors: HashMap<String, pytorch_reader::Tensor> = reader
         .into_tensors()
         .into_iter()
@@ -222,19 +187,17 @@ pub fn import_checkpoint(
     let mut leftover: Vec<String> = src.tensors.into_keys().collect();
     leftover.sort();
     for key in leftover {
-        match key.strip_prefix("task_prior_") {
-            Some(_) => ignored.push((
-                key,
-                "label-indexed prior buffer: the released code never updates it, so it is no \
-                 memory bank"
-                    .into(),
-            )),
-            None => {
-                return Err(fail(format!(
-                    "`{key}` has no place in the model (another architecture or version?)"
-                )));
-            }
+        if !key.starts_with("task_prior_") {
+            return Err(fail(format!(
+                "`{key}` has no place in the model (another architecture or version?)"
+            )));
         }
+        ignored.push((
+            key,
+            "label-indexed prior buffer: the released code never updates it, so it is no \
+             memory bank"
+                .into(),
+        ));
     }
     ignored.sort();
     let source = WeightsSource {
@@ -251,6 +214,66 @@ pub fn import_checkpoint(
         ignored,
         parameters: src.parameters,
         params: src.params,
+    })
+}
+
+/// The copy of the weights chosen in a checkpoint.
+struct Selected {
+    /// The entry's name (`state_dict` for a bare state_dict).
+    key: String,
+    /// Its tensors.
+    reader: PytorchReader,
+    /// The other top-level entries, with why they are not imported
+    /// (`config` is read, so not listed).
+    ignored: Vec<(String, String)>,
+}
+
+/// The weights `weights` asks for in the checkpoint whose top-level
+/// dictionary is `entries`.
+fn select_weights(
+    path: &Path,
+    entries: &HashMap<String, PickleValue>,
+    weights: Weights,
+) -> Result<Selected, String> {
+    let found = weights
+        .keys()
+        .iter()
+        .find(|key| matches!(entries.get(**key), Some(PickleValue::Dict(_))));
+    if let Some(key) = found {
+        let reader =
+            PytorchReader::with_top_level_key(path, key).map_err(|e| format!("`{key}`: {e}"))?;
+        let ignored = entries
+            .keys()
+            .filter(|other| *other != key && *other != "config")
+            .map(|other| (other.clone(), top_level_reason(other).to_string()))
+            .collect();
+        return Ok(Selected {
+            key: (*key).to_string(),
+            reader,
+            ignored,
+        });
+    }
+    if !is_state_dict(entries) {
+        let mut keys: Vec<&String> = entries.keys().collect();
+        keys.sort();
+        return Err(format!(
+            "no weights: expected one of the entries {:?} or a bare state_dict, found entries \
+             {keys:?}",
+            weights.keys()
+        ));
+    }
+    if weights == Weights::Model {
+        return Err(
+            "a bare state_dict holds one copy of the weights: `--weights model` asks \
+                    for the `model` entry of a training checkpoint"
+                .into(),
+        );
+    }
+    let reader = PytorchReader::new(path).map_err(|e| e.to_string())?;
+    Ok(Selected {
+        key: "state_dict".to_string(),
+        reader,
+        ignored: Vec::new(),
     })
 }
 
