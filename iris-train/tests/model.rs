@@ -274,9 +274,11 @@ fn grouped_decoding_segments_each_group_on_its_own() {
 
 #[test]
 fn parameter_counts_match_the_reference_model() {
-    // Counted from the reference code (Stanford-AIMI/MASS models/, see
-    // REFERENCE-NOTES): 120,126,373 for the paper model (encoder 37,657,440,
-    // task encoder 35,632,229, decoder 46,000,384, head 836,320).
+    // Counted from the reference code (Stanford-AIMI/MASS 156e866, models/;
+    // `scripts/mass_reference.py --full-size` prints the total): 120,126,373
+    // for the paper model (encoder 37,657,440, task encoder 35,632,229,
+    // decoder 46,000,384, head 836,320). `tests/import.rs` checks the
+    // mapping tensor for tensor.
     let device = device();
     let paper = IrisConfig::paper().init(&device).expect("valid preset");
     assert_eq!(paper.encoder.num_params(), 37_657_440);
