@@ -94,8 +94,10 @@ fn broken_model_folders_name_the_file() {
     let other = TempDir::new("patch");
     synthetic.write(&other.0);
     let text = std::fs::read_to_string(other.0.join("manifest.json")).expect("manifest");
-    let text = text.replace("\"patch_size\":[16,16,16]", "\"patch_size\":[32,16,16]");
-    std::fs::write(other.0.join("manifest.json"), text).expect("manifest");
+    let mut manifest = super::ManifestFile::parse(&text).expect("parses");
+    assert_eq!(manifest.patch_size, [16, 16, 16]);
+    manifest.patch_size = [32, 16, 16];
+    std::fs::write(other.0.join("manifest.json"), manifest.to_json()).expect("manifest");
     let err = Model::load(&other.0).expect_err("patch").to_string();
     assert!(
         err.contains("encoder.onnx: input `image` is declared"),
