@@ -634,6 +634,12 @@ fn read_voxels(
             raw.len()
         ));
     }
+    // Read to the end: a gzip stream is only checked (its length and CRC)
+    // there, and how much a decoder hands out before it notices a cut
+    // depends on its backend.
+    io::copy(stream, &mut io::sink()).map_err(|e| {
+        format!("the data after the voxels cannot be read (a truncated or corrupt .gz?): {e}")
+    })?;
     Ok(raw)
 }
 
