@@ -324,7 +324,7 @@ pub fn encode_png(rgb: &Rgb) -> std::result::Result<Vec<u8>, String> {
 mod tests {
     use super::*;
     use iris_core::volume::{Affine, Volume};
-    use iris_tests::data_file;
+    use iris_test_support::data_file;
 
     /// A canonical grid: `d` to superior (z), `h` to anterior (y), `w` to
     /// right (x), with the given spacing in mm.

@@ -1,8 +1,9 @@
 //! The `iris` binary run as a user runs it: on `.irisemb` files made through
 //! iris-core's API, on the real volumes of `data/` (fetched by
 //! `scripts/fetch-data.sh`; tests that need them skip when absent, and fail
-//! under `IRIS_REQUIRE_DATA=1`), and end to end on a tiny exported model
-//! (`iris_tests::fixture`), every output compared with the Rust API's.
+//! under `IRIS_REQUIRE_DATA=1`), and end to end on a model folder of known
+//! maths (`iris_test_support::fixture`), every output compared with the Rust
+//! API's.
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -19,7 +20,7 @@ use iris_core::irisemb::{self, Payload};
 use iris_core::nifti;
 use iris_core::preprocess::IntensityPolicy;
 use iris_core::volume::{Affine, Image, LabelMap};
-use iris_tests::{TempDir, data_file, fixture};
+use iris_test_support::{TempDir, data_file, fixture};
 use serde_json::Value;
 
 /// Runs `iris args...` with IRIS_MODEL unset.
@@ -478,7 +479,7 @@ fn commands_that_need_a_model_say_where_they_looked() {
     assert!(!out.exists());
 }
 
-/// The user's whole journey on a real (tiny, untrained) exported model:
+/// The user's whole journey on a model folder (of known maths, untrained):
 /// encode a reference, inspect the task, segment a query from the task and
 /// straight from the reference (labels, probabilities, preview), score it,
 /// and refuse another model's task. Every output equals what the Rust API
@@ -650,7 +651,7 @@ fn encode_segment_eval_on_an_exported_model_match_the_rust_api() {
 /// `iris encode` and `iris segment` on real anatomy from the fetch script:
 /// Colin27's precentral gyri (AAL 1 and 2) as the reference, the MNI152
 /// brain (another grid) and the skull-stripped Colin27 as queries, on a
-/// tiny exported model (random weights: this checks the plumbing, not
+/// model of known maths (untrained: this checks the plumbing, not
 /// quality). The label maps keep each query's grid and header, hold the
 /// task's labels and no other, and `iris eval` gives the Dice counted here.
 #[test]
@@ -665,7 +666,7 @@ fn encode_and_segment_real_anatomy_then_eval() {
     };
     let dir = TempDir::new("real");
     let model = dir.join("model");
-    fixture::export_tiny_model(&model, 11);
+    fixture::model(&model, 11);
     let task = dir.join("precentral.irisemb");
     let encode = iris(&[
         "encode".as_ref(),
@@ -927,11 +928,13 @@ fn retrieve_from_an_image_pool_matches_model_retrieve_at_both_levels() {
         serde_json::json!(["case_a", "case_b", "case_c"])
     );
     assert_eq!(retrieval["skipped"], serde_json::json!(["case_d"]));
-    // The first pass finds both classes, so the choice is by similarity,
-    // and only case_a and case_b have the box.
-    for class in summary["classes"].as_array().unwrap() {
-        assert!(class["references"][0]["similarity"].is_f64(), "{class}");
-    }
+    // The first pass finds the ball, so its choice is by similarity (the
+    // model of known maths finds no box: that class keeps the pool's
+    // order), and only case_a and case_b have the box.
+    assert!(
+        summary["classes"][0]["references"][0]["similarity"].is_f64(),
+        "{summary}"
+    );
     assert_eq!(
         summary["classes"][1]["references"]
             .as_array()

@@ -17,8 +17,18 @@
 //! | [`window`] | sliding-window plan, Gaussian weights, low-memory blending | no |
 //! | [`labels`] | probabilities to labels, largest connected component | no |
 //! | [`metrics`] | Dice per class | no |
-//! | `nifti` | NIfTI-1 read/write (`.nii`, `.nii.gz`) | yes |
-//! | `engine` | the ONNX inference engine: [`Model`] encodes references and segments queries | yes |
+//! | [`pipeline`] | the whole segmentation around any network ("bring your own network") | no |
+//! | `nifti` | NIfTI-1 read/write (`.nii`, `.nii.gz`) | `nifti` |
+//! | `engine` | the ONNX inference engine: [`Model`] encodes references and segments queries | `onnx` |
+//!
+//! Features say what they bring (all on by default):
+//!
+//! | feature | brings | dependencies |
+//! |---|---|---|
+//! | `std` | files (`.irisemb` read/write by path), `std::error::Error` glue | none beyond std |
+//! | `nifti` | the `nifti` module | nifti, flate2 |
+//! | `onnx` | the `engine` module: tract runs the model folder's graphs | tract, rayon, serde |
+//! | `testing` (off) | `engine::testing`: a model folder of known maths for tests | prost |
 //!
 //! Without default features the crate is `#![no_std]` + `alloc`, so an
 //! embedded device can load and use `.irisemb` files with no filesystem.
@@ -30,24 +40,28 @@ extern crate alloc;
 extern crate std;
 
 pub mod embedding;
-#[cfg(feature = "std")]
+#[cfg(feature = "onnx")]
 pub mod engine;
 pub mod error;
 pub mod irisemb;
 pub mod labels;
 pub mod metrics;
-#[cfg(feature = "std")]
+#[cfg(feature = "nifti")]
 pub mod nifti;
+pub mod pipeline;
 pub mod preprocess;
 pub mod volume;
 pub mod window;
 
-#[cfg(feature = "std")]
+#[cfg(test)]
+mod test_support;
+
+#[cfg(feature = "onnx")]
 pub use engine::{
-    EncodeOptions, Manifest, Model, PoolReference, Progress, RetrievalLevel, RetrieveOptions,
-    SegmentOptions, Segmentation, TaskClass,
+    EncodeOptions, Manifest, Model, PoolReference, RetrievalLevel, RetrieveOptions, TaskClass,
 };
 pub use error::{Error, FormatError, Result};
+pub use pipeline::{Progress, SegmentOptions, Segmentation};
 
 /// The types most programs need, in one import.
 pub mod prelude {
@@ -57,6 +71,6 @@ pub mod prelude {
 }
 
 // The README's Rust snippets compile as doctests, so they cannot rot.
-#[cfg(all(doctest, feature = "std"))]
+#[cfg(all(doctest, feature = "nifti", feature = "onnx"))]
 #[doc = include_str!("../../README.md")]
 struct ReadmeDoctests;

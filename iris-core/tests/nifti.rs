@@ -238,7 +238,7 @@ fn label_values_that_are_not_labels_are_named() {
     for (code, size, bad, shown) in cases {
         let values = (0..24).map(|n| if n == 17 { bad } else { (n % 3) as f64 });
         let raw = RawNifti::new(code, size, encode(code, values, false));
-        let path = dir.join(&format!("bad-{code}.nii"));
+        let path = dir.join(format!("bad-{code}.nii"));
         std::fs::write(&path, raw.bytes()).expect("write");
         let text = err_text(read_labels(&path));
         assert!(text.contains(&*path.to_string_lossy()), "{text}");
@@ -437,7 +437,7 @@ fn images_and_labels_round_trip_exactly() {
         for ext in ["nii", "nii.gz"] {
             let shape = [3, 5, 4];
             let image = Image::from_vec(shape, affine, values(60, 1)).expect("image");
-            let path = dir.join(&format!("{name}.{ext}"));
+            let path = dir.join(format!("{name}.{ext}"));
             write_image(&path, &image, None).expect("write");
             let (back, info) = read_image(&path).expect("read");
             assert_eq!(back.data(), image.data(), "{name}.{ext}");
@@ -455,7 +455,7 @@ fn images_and_labels_round_trip_exactly() {
             for (max, datatype) in [(255u16, Datatype::U8), (40000, Datatype::U16)] {
                 let labels: Vec<u16> = (0..60).map(|n| (n as u16 * 677) % (max + 1)).collect();
                 let labels = LabelMap::from_vec(shape, affine, labels).expect("labels");
-                let path = dir.join(&format!("{name}-{max}.{ext}"));
+                let path = dir.join(format!("{name}-{max}.{ext}"));
                 write_labels(&path, &labels, None).expect("write");
                 let (back, info) = read_labels(&path).expect("read");
                 assert_eq!(back.data(), labels.data());
@@ -852,8 +852,8 @@ fn files_we_write_read_identically_in_nibabel() {
         let labels = LabelMap::from_vec([3, 5, 4], affine, (0..60).map(|n| n * 1000).collect())
             .expect("labels");
         let (a, b) = (
-            dir.join(&format!("{name}.nii.gz")),
-            dir.join(&format!("{name}-labels.nii")),
+            dir.join(format!("{name}.nii.gz")),
+            dir.join(format!("{name}-labels.nii")),
         );
         write_image(&a, &image, None).expect("write");
         write_labels(&b, &labels, None).expect("write");
@@ -915,7 +915,7 @@ fn real_volumes_match_nibabel_and_survive_a_round_trip() {
     for (reference, (rel, label_count)) in references.iter().zip(REAL_FILES) {
         let (image, info) = read_image(&reference.path).expect("read");
         assert_matches(&image, &info, reference);
-        let target = out.join(&rel.replace('/', "-"));
+        let target = out.join(rel.replace('/', "-"));
         match label_count {
             Some(count) => {
                 let (labels, _) = read_labels(&reference.path).expect("labels");

@@ -1,5 +1,5 @@
 //! `iris-eval` on the real volumes of `data/` (skipped with a message when
-//! absent; an error under `IRIS_REQUIRE_DATA=1`) and a tiny random model.
+//! absent; an error under `IRIS_REQUIRE_DATA=1`) and a model of known maths (untrained).
 
 use std::path::Path;
 use std::process::Command;
@@ -10,7 +10,7 @@ use iris_core::irisemb::{self, Payload};
 use iris_core::metrics::dice_per_class;
 use iris_core::preprocess::resample_labels;
 use iris_eval::tasks::{self, HELD_OUT_AAL, Kind, Limits};
-use iris_tests::TempDir;
+use iris_test_support::TempDir;
 
 mod common;
 use common::{csv_dice, data_dir};
@@ -132,11 +132,13 @@ fn quick_results(model: &Path, data: &Path, dir: &Path, args: &[&str]) -> (Strin
 }
 
 #[test]
-fn quick_results_on_a_tiny_random_model_write_every_table() {
+fn quick_results_on_an_untrained_model_write_every_table() {
     let Some(data) = data_dir() else { return };
     let dir = TempDir::new("iris-eval");
     let model = dir.join("model");
-    let fingerprint = iris_tests::fixture::export_tiny_model(&model, 7);
+    // Named as `iris-train export --random` names its models, so that the
+    // report flags its model columns as meaningless.
+    let fingerprint = iris_test_support::fixture::named_model(&model, 7, "synthetic-random");
     let (md, csv) = quick_results(
         &model,
         &data,
@@ -144,7 +146,7 @@ fn quick_results_on_a_tiny_random_model_write_every_table() {
         &["--moves", "2", "--references", "2"],
     );
     for needle in [
-        "iris-tiny-random",
+        "synthetic-random",
         "RANDOM weights",
         "`--quick`",
         "## Goals of issue 7",
@@ -164,7 +166,7 @@ fn quick_results_on_a_tiny_random_model_write_every_table() {
     assert!(md.contains(&fingerprint.to_string()));
     let tables = md.matches("| structure | label | model aligned |").count();
     assert_eq!(tables, 6);
-    // The tiny export has no memory bank: the bank task says so.
+    // The synthetic model has no memory bank: the bank task says so.
     assert!(md.contains("**Memory bank not scored:** the model folder has no memory bank"));
     assert!(!csv.contains(",bank,"));
 
@@ -197,7 +199,7 @@ fn quick_results_on_a_tiny_random_model_write_every_table() {
     // structure and query, (1 + 1 + 2 + 2 + 2 + 2) structures, aligned + 1 move.
     assert_eq!(csv.matches(",ensemble-2,").count(), 10 * 2);
     assert!(!csv.contains(",ensemble-3,"));
-    // The model column holds the tiny model's own scores, in [0, 1].
+    // The model column holds the model's own scores, in [0, 1].
     let model_dice = csv_dice(&csv, "aal-colin27-to-mni152", "aligned", "model");
     assert_eq!(model_dice.len(), 2);
     assert!(model_dice.iter().all(|d| (0.0..=1.0).contains(d)));
@@ -208,7 +210,7 @@ fn the_memory_bank_is_scored_on_seen_structures() {
     let Some(data) = data_dir() else { return };
     let dir = TempDir::new("iris-eval-bank");
     let model_dir = dir.join("model");
-    iris_tests::fixture::export_tiny_model(&model_dir, 7);
+    iris_test_support::fixture::model(&model_dir, 7);
     // A bank as training names it ("aal:<label> <name>"), made of the very
     // embedding one-shot computes for the task's first two structures (as
     // --quick keeps): the bank column must then equal the model column.

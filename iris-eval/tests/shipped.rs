@@ -15,7 +15,7 @@ use common::{csv_dice, data_dir};
 #[test]
 fn docs_results_report_what_the_shipped_model_computes() {
     let Some(data) = data_dir() else { return };
-    let root = iris_tests::repo_root();
+    let root = iris_test_support::repo_root();
     let model = Model::load(root.join("models/iris-tiny")).expect("the shipped model");
     let md = std::fs::read_to_string(root.join("docs/results.md")).expect("docs/results.md");
     let fingerprint = model.manifest().fingerprint.to_string();

@@ -1,11 +1,11 @@
 //! `iris-eval strategies` on the real volumes of `data/` (skipped with a
-//! message when absent; an error under `IRIS_REQUIRE_DATA=1`) and tiny
-//! random models.
+//! message when absent; an error under `IRIS_REQUIRE_DATA=1`) and models
+//! of known maths (untrained).
 
 use std::path::Path;
 use std::process::{Command, Output};
 
-use iris_tests::TempDir;
+use iris_test_support::TempDir;
 
 mod common;
 use common::data_dir;
@@ -47,7 +47,7 @@ fn strategies_score_every_row_and_write_the_pool() {
     let Some(data) = data_dir() else { return };
     let dir = TempDir::new("iris-eval-strategies");
     let model = dir.join("model");
-    let fingerprint = iris_tests::fixture::export_tiny_model(&model, 7);
+    let fingerprint = iris_test_support::fixture::model(&model, 7);
     let pool = dir.join("pool");
     let out = dir.join("strategies.md");
     let pool_arg = pool.to_str().expect("utf-8 path");
@@ -120,7 +120,7 @@ fn strategies_score_every_row_and_write_the_pool() {
     let csv = std::fs::read_to_string(out.with_extension("csv")).expect("csv");
     assert_eq!(cells(&csv, "in-context tuning", 2).len(), 2);
     let other = dir.join("other-model");
-    iris_tests::fixture::export_tiny_model(&other, 8);
+    iris_test_support::fixture::model(&other, 8);
     let run = strategies(&other, &data, &out, &["--top-k", "1", "--tuned", &tuned]);
     assert!(!run.status.success());
     let stderr = String::from_utf8_lossy(&run.stderr);
@@ -132,7 +132,7 @@ fn unknown_tasks_are_refused_listing_the_tasks() {
     let Some(data) = data_dir() else { return };
     let dir = TempDir::new("iris-eval-strategies-task");
     let model = dir.join("model");
-    iris_tests::fixture::export_tiny_model(&model, 7);
+    iris_test_support::fixture::model(&model, 7);
     let run = strategies(&model, &data, &dir.join("s.md"), &["--task", "liver"]);
     assert!(!run.status.success());
     let stderr = String::from_utf8_lossy(&run.stderr);

@@ -78,5 +78,9 @@ pub use volume::{
     iris_volume_write_nifti_labels,
 };
 
+// The unit tests share helpers with the integration tests, written against
+// the crate's name (`tests/common`).
+#[cfg(test)]
+extern crate self as iris;
 #[cfg(test)]
 mod tests;

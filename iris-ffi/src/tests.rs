@@ -17,22 +17,10 @@ use iris_core::preprocess::IntensityPolicy;
 use super::*;
 use crate::status::{Failure, guard};
 
-fn last_error() -> String {
-    // SAFETY: iris_last_error always returns a valid NUL-terminated string.
-    unsafe { CStr::from_ptr(iris_last_error()) }
-        .to_string_lossy()
-        .into_owned()
-}
+#[path = "../tests/common/mod.rs"]
+mod common;
 
-/// Asserts `status` and that the thread's message contains every `words`.
-#[track_caller]
-fn expect(status: IrisStatus, want: IrisStatus, words: &[&str]) {
-    let message = last_error();
-    assert_eq!(status, want, "message: {message}");
-    for w in words {
-        assert!(message.contains(w), "{message:?} lacks {w:?}");
-    }
-}
+use common::{expect, last_error};
 
 /// A task of two classes (labels 1 "liver", 2 "spleen") made by `model`.
 fn embedding(model: u8) -> TaskEmbedding {

@@ -1,4 +1,4 @@
-//! Everything that needs a model, on a tiny real one (one test binary, as
+//! Everything that needs a model, on one of known maths (one test binary, as
 //! each links the whole engine):
 //! - the model functions of the C ABI, each result compared with the Rust
 //!   API's on the same input (tract's proxy idea: one computation through
@@ -26,24 +26,12 @@ use iris_core::engine::{
 use iris_core::irisemb::{self, Payload};
 use iris_core::nifti;
 use iris_core::volume::{Image, LabelMap, Volume};
-use iris_tests::TempDir;
-use iris_tests::fixture;
+use iris_test_support::TempDir;
+use iris_test_support::fixture;
 
-fn last_error() -> String {
-    // SAFETY: iris_last_error always returns a valid NUL-terminated string.
-    unsafe { CStr::from_ptr(iris_last_error()) }
-        .to_string_lossy()
-        .into_owned()
-}
+mod common;
 
-#[track_caller]
-fn expect(status: IrisStatus, want: IrisStatus, words: &[&str]) {
-    let message = last_error();
-    assert_eq!(status, want, "message: {message}");
-    for w in words {
-        assert!(message.contains(w), "{message:?} lacks {w:?}");
-    }
-}
+use common::{expect, last_error};
 
 /// A C view of a volume, with its affine copied into `affine`.
 fn view<T: Copy>(
@@ -125,7 +113,7 @@ fn encode(model: *const IrisModel, inputs: &Inputs, names: &[&CStr]) -> *mut Iri
 #[test]
 fn encode_and_segment_match_the_rust_api() {
     let dir = TempDir::new("model-match");
-    fixture::export_tiny_model(dir.path(), 3);
+    fixture::model(dir.path(), 3);
     let rust = Model::load(dir.path()).expect("loads");
     let model = load(dir.path());
     let inputs = inputs();
@@ -239,7 +227,7 @@ fn encode_and_segment_match_the_rust_api() {
 #[test]
 fn a_task_of_another_model_is_refused() {
     let dir = TempDir::new("model-mismatch");
-    fixture::export_tiny_model(dir.path(), 5);
+    fixture::model(dir.path(), 5);
     let model = load(dir.path());
     let inputs = inputs();
     let own = encode(model, &inputs, &[]);
@@ -300,7 +288,7 @@ fn a_task_of_another_model_is_refused() {
 #[test]
 fn segment_checks_outputs_before_running() {
     let dir = TempDir::new("model-outputs");
-    fixture::export_tiny_model(dir.path(), 6);
+    fixture::model(dir.path(), 6);
     let model = load(dir.path());
     let inputs = inputs();
     let task = encode(model, &inputs, &[]);
@@ -429,7 +417,7 @@ fn segment_checks_outputs_before_running() {
 #[test]
 fn memory_bank_is_read_when_the_model_ships_one() {
     let dir = TempDir::new("model-bank");
-    fixture::export_tiny_model(dir.path(), 8);
+    fixture::model(dir.path(), 8);
     let model = load(dir.path());
     let mut bank = core::ptr::dangling_mut::<IrisTask>();
     // SAFETY: live model, valid out-pointer.
@@ -487,7 +475,7 @@ fn memory_bank_is_read_when_the_model_ships_one() {
 #[test]
 fn one_model_segments_from_several_threads() {
     let dir = TempDir::new("model-threads");
-    fixture::export_tiny_model(dir.path(), 9);
+    fixture::model(dir.path(), 9);
     let model = load(dir.path());
     let inputs = inputs();
     let task = encode(model, &inputs, &[]);
@@ -660,7 +648,7 @@ fn add_reference(
 #[test]
 fn retrieve_matches_the_rust_api_at_both_levels() {
     let dir = TempDir::new("model-retrieve");
-    fixture::export_tiny_model(dir.path(), 12);
+    fixture::model(dir.path(), 12);
     let model = load(dir.path());
     let rust = Model::load(dir.path()).expect("loads");
     let (ref_image, ref_labels) = fixture::reference();

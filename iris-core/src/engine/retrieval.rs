@@ -21,9 +21,10 @@
 use std::prelude::rust_2024::*;
 use std::{format, vec};
 
-use super::{EncodeOptions, Model, SegmentOptions, Segmentation, TaskClass, pipeline};
+use super::{EncodeOptions, Model, SegmentOptions, Segmentation, TaskClass};
 use crate::embedding::{ClassEmbedding, Retrieved, TaskEmbedding, cosine_similarity, top_k};
 use crate::error::{Error, Result};
+use crate::pipeline;
 use crate::preprocess::IntensityPolicy;
 use crate::volume::{Image, LabelMap};
 

@@ -1,7 +1,8 @@
-//! A model folder of known maths for the engine's tests: three small ONNX
-//! graphs written with tract-onnx's protobuf types, obeying the graph
-//! contract (names, symbolic `batch` and `classes`, fixed spatial sizes) so
-//! that every output can be computed by hand.
+//! A model folder of known maths, to test programs that embed the engine
+//! without a trained model (feature `testing`): [`SyntheticModel`] writes a
+//! manifest and three small ONNX graphs that obey the graph contract (names,
+//! symbolic `batch` and `classes`, fixed spatial sizes) and compute simple
+//! functions, so that every output can be worked out by hand.
 //!
 //! With `x` the normalised window, `P_n` average pooling by `n`, `c_i` the
 //! per-level channel scales, `W_s` the per-stage token matrices:
@@ -11,9 +12,21 @@
 //! - decoder: `g = mean_j(features_0)`, `t_k = mean(task_0[k])`,
 //!   `logits_k = 1 - 4 (g - t_k)^2`, so class `k` wins where
 //!   `|g - t_k| <= 0.5` (a band of intensities per class).
+//!
+//! ```
+//! use iris_core::engine::Model;
+//! use iris_core::engine::testing::SyntheticModel;
+//!
+//! let dir = std::env::temp_dir().join(format!("iris-synthetic-doc-{}", std::process::id()));
+//! let synthetic = SyntheticModel::new(6.0, 0x5a);
+//! synthetic.write(&dir)?;
+//! let model = Model::load(&dir)?;
+//! assert_eq!(model.fingerprint().to_string(), synthetic.fingerprint);
+//! # std::fs::remove_dir_all(&dir).ok();
+//! # Ok::<(), iris_core::Error>(())
+//! ```
 
 // This crate is `no_std`; the engine is `std` code.
-use std::eprintln;
 use std::prelude::rust_2024::*;
 use std::{format, vec};
 
@@ -28,17 +41,18 @@ use tract_onnx::pb::{
 };
 
 use super::{FORMAT, FORMAT_VERSION, GraphFiles, LEVELS, MANIFEST_FILE, ManifestFile, StageEntry};
+use crate::error::{Error, Result};
 
 /// A graph dimension: symbolic (`"batch"`, `"classes"`) or fixed.
 #[derive(Clone, Copy)]
-pub enum D {
+enum D {
     Sym(&'static str),
     N(usize),
 }
 
 /// Builds one ONNX graph node by node.
 #[derive(Default)]
-pub struct OnnxGraph {
+struct OnnxGraph {
     graph: GraphProto,
     next: usize,
 }
@@ -68,7 +82,7 @@ fn value_info(name: &str, dims: &[D]) -> ValueInfoProto {
 }
 
 /// An integer-list attribute.
-pub fn ints(name: &str, values: &[i64]) -> AttributeProto {
+fn ints(name: &str, values: &[i64]) -> AttributeProto {
     AttributeProto {
         name: name.into(),
         r#type: AttributeType::Ints as i32,
@@ -78,7 +92,7 @@ pub fn ints(name: &str, values: &[i64]) -> AttributeProto {
 }
 
 /// An integer attribute.
-pub fn int(name: &str, value: i64) -> AttributeProto {
+fn int(name: &str, value: i64) -> AttributeProto {
     AttributeProto {
         name: name.into(),
         r#type: AttributeType::Int as i32,
@@ -88,18 +102,20 @@ pub fn int(name: &str, value: i64) -> AttributeProto {
 }
 
 impl OnnxGraph {
-    pub fn input(&mut self, name: &str, dims: &[D]) -> String {
+    /// A graph input called `name`.
+    fn input(&mut self, name: &str, dims: &[D]) -> String {
         self.graph.input.push(value_info(name, dims));
         name.into()
     }
 
-    pub fn output(&mut self, from: &str, name: &str, dims: &[D]) {
+    /// Exposes `from` as the graph output `name`.
+    fn output(&mut self, from: &str, name: &str, dims: &[D]) {
         self.op_to("Identity", &[from], vec![], name);
         self.graph.output.push(value_info(name, dims));
     }
 
     /// An f32 initializer of shape `dims`.
-    pub fn constant(&mut self, values: &[f32], dims: &[usize]) -> String {
+    fn constant(&mut self, values: &[f32], dims: &[usize]) -> String {
         let name = self.fresh("const");
         self.graph.initializer.push(TensorProto {
             dims: dims.iter().map(|&d| d as i64).collect(),
@@ -112,7 +128,7 @@ impl OnnxGraph {
     }
 
     /// An int64 initializer (1-D).
-    pub fn int64s(&mut self, values: &[i64]) -> String {
+    fn int64s(&mut self, values: &[i64]) -> String {
         let name = self.fresh("ints");
         self.graph.initializer.push(TensorProto {
             dims: vec![values.len() as i64],
@@ -124,7 +140,8 @@ impl OnnxGraph {
         name
     }
 
-    pub fn op(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>) -> String {
+    /// Node `op` on `inputs`; returns its output's name.
+    fn op(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>) -> String {
         let out = self.fresh(op);
         self.op_to(op, inputs, attrs, &out);
         out
@@ -147,7 +164,8 @@ impl OnnxGraph {
         format!("{prefix}_{}", self.next)
     }
 
-    pub fn save(mut self, path: &Path) {
+    /// Writes the graph as an ONNX model (opset 17) to `path`.
+    fn save(mut self, path: &Path) -> Result<()> {
         self.graph.name = "synthetic".into();
         let model = ModelProto {
             ir_version: 8,
@@ -159,17 +177,32 @@ impl OnnxGraph {
             graph: Some(self.graph),
             ..ModelProto::default()
         };
-        std::fs::write(path, model.encode_to_vec()).expect("write graph");
+        write(path, &model.encode_to_vec())
     }
 }
 
-/// The synthetic model's parameters (see the module docs).
+/// `path` <- `bytes`, an error naming the file if that fails.
+fn write(path: &Path, bytes: &[u8]) -> Result<()> {
+    std::fs::write(path, bytes).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The synthetic model's parameters (see the [module docs](self)).
 #[derive(Clone, Debug)]
-pub struct Synthetic {
+pub struct SyntheticModel {
+    /// The manifest's `name`.
+    pub name: String,
+    /// The window, `[D, H, W]` voxels.
     pub patch: [usize; 3],
+    /// The model's isotropic spacing.
     pub spacing_mm: f64,
+    /// Channels of the five feature levels.
     pub channels: [usize; LEVELS],
+    /// Tokens per class and stage.
     pub tokens: usize,
+    /// Task stages (the deepest levels).
     pub stages: usize,
     /// `c_i`, `channels[i]` values per level.
     pub scales: Vec<Vec<f32>>,
@@ -179,9 +212,10 @@ pub struct Synthetic {
     pub fingerprint: String,
 }
 
-impl Synthetic {
-    /// A tiny model: patch 16^3 at `spacing_mm`, 3 stages of 3 tokens.
-    pub fn new(spacing_mm: f64, fingerprint_byte: u8) -> Synthetic {
+impl SyntheticModel {
+    /// A tiny model: patch 16^3 at `spacing_mm`, 3 stages of 3 tokens, its
+    /// fingerprint 32 bytes of `fingerprint_byte`.
+    pub fn new(spacing_mm: f64, fingerprint_byte: u8) -> SyntheticModel {
         let channels = [2, 3, 4, 3, 2];
         let tokens = 3;
         let stages = 3;
@@ -198,7 +232,8 @@ impl Synthetic {
                     .collect()
             })
             .collect();
-        Synthetic {
+        SyntheticModel {
+            name: "synthetic".into(),
             patch: [16, 16, 16],
             spacing_mm,
             channels,
@@ -224,13 +259,20 @@ impl Synthetic {
         ]
     }
 
-    /// Writes `manifest.json` and the three graphs into `dir`.
-    pub fn write(&self, dir: &Path) {
-        std::fs::create_dir_all(dir).expect("model dir");
+    /// Writes `manifest.json` and the three graphs into `dir` (created if
+    /// needed).
+    ///
+    /// # Errors
+    /// [`Error::Io`] naming the folder or file that cannot be written.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
         let manifest = ManifestFile {
             format: FORMAT.into(),
             format_version: FORMAT_VERSION,
-            name: "synthetic".into(),
+            name: self.name.clone(),
             patch_size: self.patch,
             spacing_mm: self.spacing_mm,
             channels: self.channels,
@@ -252,10 +294,10 @@ impl Synthetic {
             config: serde_json::Value::Null,
             opset: Some(17),
         };
-        std::fs::write(dir.join(MANIFEST_FILE), manifest.to_json()).expect("manifest");
-        self.encoder().save(&dir.join("encoder.onnx"));
-        self.task_encoder().save(&dir.join("task_encoder.onnx"));
-        self.decoder().save(&dir.join("decoder.onnx"));
+        write(&dir.join(MANIFEST_FILE), manifest.to_json().as_bytes())?;
+        self.encoder().save(&dir.join("encoder.onnx"))?;
+        self.task_encoder().save(&dir.join("task_encoder.onnx"))?;
+        self.decoder().save(&dir.join("decoder.onnx"))
     }
 
     fn encoder(&self) -> OnnxGraph {
@@ -366,57 +408,4 @@ impl Synthetic {
             })
             .collect()
     }
-}
-
-/// A fresh folder under the system temp dir, removed on drop.
-pub struct TempDir(pub std::path::PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "iris-engine-{tag}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&path).expect("temp dir");
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// `data/<rel>` of the workspace if it exists. Otherwise prints why the
-/// caller skips and returns `None`, or panics when `IRIS_REQUIRE_DATA=1`.
-pub fn data_file(rel: &str) -> Option<std::path::PathBuf> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../data")
-        .join(rel);
-    if path.is_file() {
-        return Some(path);
-    }
-    assert!(
-        std::env::var("IRIS_REQUIRE_DATA").map_or(true, |v| v != "1"),
-        "{} is missing and IRIS_REQUIRE_DATA=1: run scripts/fetch-data.sh",
-        path.display()
-    );
-    eprintln!(
-        "skipping: {} is absent; run scripts/fetch-data.sh",
-        path.display()
-    );
-    None
-}
-
-/// Colin27 (`ch2`) and its AAL labels, as read from `data/mricron`.
-pub fn colin() -> Option<(crate::volume::Image, crate::volume::LabelMap)> {
-    let image = data_file("mricron/ch2.nii.gz")?;
-    let labels = data_file("mricron/aal.nii.gz")?;
-    let (image, _) = crate::nifti::read_image(image).expect("ch2 reads");
-    let (labels, _) = crate::nifti::read_labels(labels).expect("aal reads");
-    Some((image, labels))
 }

@@ -1,4 +1,4 @@
-//! The engine on ONNX graphs of known maths ([`Synthetic`]): loading and its
+//! The engine on ONNX graphs of known maths ([`SyntheticModel`]): loading and its
 //! errors, what the graphs compute through tract, plan caching, model
 //! fingerprints, memory banks and concurrent use.
 
@@ -10,19 +10,20 @@ use std::sync::Arc;
 
 use ndarray::{Array3, Axis};
 
-use super::pipeline::{prepare_reference, segment_with};
-use super::testing::{Synthetic, TempDir, colin};
+use super::testing::SyntheticModel;
 use super::*;
 use crate::embedding::StageShape;
 use crate::irisemb::{self, Payload};
+use crate::pipeline::segment_with;
 use crate::preprocess::{resample_image, target_geometry};
+use crate::test_support::{TempDir, colin};
 
 const SPACING: f64 = 6.0;
 
-fn model_dir(fingerprint_byte: u8) -> (TempDir, Synthetic) {
+fn model_dir(fingerprint_byte: u8) -> (TempDir, SyntheticModel) {
     let dir = TempDir::new("model");
-    let synthetic = Synthetic::new(SPACING, fingerprint_byte);
-    synthetic.write(&dir.0);
+    let synthetic = SyntheticModel::new(SPACING, fingerprint_byte);
+    synthetic.write(dir.path()).expect("writes");
     (dir, synthetic)
 }
 
@@ -36,7 +37,7 @@ fn thalamus_and_caudate() -> Vec<TaskClass> {
 
 /// `f` of the synthetic task encoder: `mean_j(c_2j^2) * mean(P_4(x)^2)` for
 /// the normalised reference crop `x` (16^3, pooled to 4^3).
-fn feature_energy(synthetic: &Synthetic, crop: &Array3<f32>) -> f32 {
+fn feature_energy(synthetic: &SyntheticModel, crop: &Array3<f32>) -> f32 {
     let mut pooled = Array3::<f64>::zeros((4, 4, 4));
     for ((d, h, w), &v) in crop.indexed_iter() {
         pooled[[d / 4, h / 4, w / 4]] += f64::from(v) / 64.0;
@@ -57,7 +58,7 @@ fn model_is_send_and_sync() {
 #[test]
 fn loads_a_model_folder() {
     let (dir, synthetic) = model_dir(0x11);
-    let model = Model::load(&dir.0).expect("loads");
+    let model = Model::load(dir.path()).expect("loads");
     let manifest = model.manifest();
     assert_eq!(manifest.name, "synthetic");
     assert_eq!(manifest.patch_size, synthetic.patch);
@@ -71,20 +72,24 @@ fn loads_a_model_folder() {
 fn broken_model_folders_name_the_file() {
     let (dir, synthetic) = model_dir(0x11);
     // The encoder's graph where the decoder should be: wrong inputs.
-    std::fs::copy(dir.0.join("encoder.onnx"), dir.0.join("decoder.onnx")).expect("copy");
-    let err = Model::load(&dir.0).expect_err("wrong graph").to_string();
+    std::fs::copy(dir.join("encoder.onnx"), dir.join("decoder.onnx")).expect("copy");
+    let err = Model::load(dir.path())
+        .expect_err("wrong graph")
+        .to_string();
     assert!(
         err.contains("decoder.onnx") && err.contains("inputs are [\"image\"]"),
         "{err}"
     );
-    std::fs::remove_file(dir.0.join("decoder.onnx")).expect("remove");
-    let err = Model::load(&dir.0).expect_err("missing graph").to_string();
+    std::fs::remove_file(dir.join("decoder.onnx")).expect("remove");
+    let err = Model::load(dir.path())
+        .expect_err("missing graph")
+        .to_string();
     assert!(
         err.contains("decoder.onnx: the graph file is missing"),
         "{err}"
     );
-    std::fs::write(dir.0.join("decoder.onnx"), b"not protobuf").expect("write");
-    let err = Model::load(&dir.0).expect_err("garbage").to_string();
+    std::fs::write(dir.join("decoder.onnx"), b"not protobuf").expect("write");
+    let err = Model::load(dir.path()).expect_err("garbage").to_string();
     assert!(
         err.contains("decoder.onnx: cannot read the ONNX graph"),
         "{err}"
@@ -92,13 +97,13 @@ fn broken_model_folders_name_the_file() {
 
     // Graphs for a 16^3 patch under a manifest that says 32^3.
     let other = TempDir::new("patch");
-    synthetic.write(&other.0);
-    let text = std::fs::read_to_string(other.0.join("manifest.json")).expect("manifest");
+    synthetic.write(other.path()).expect("writes");
+    let text = std::fs::read_to_string(other.join("manifest.json")).expect("manifest");
     let mut manifest = super::ManifestFile::parse(&text).expect("parses");
     assert_eq!(manifest.patch_size, [16, 16, 16]);
     manifest.patch_size = [32, 16, 16];
-    std::fs::write(other.0.join("manifest.json"), manifest.to_json()).expect("manifest");
-    let err = Model::load(&other.0).expect_err("patch").to_string();
+    std::fs::write(other.join("manifest.json"), manifest.to_json()).expect("manifest");
+    let err = Model::load(other.path()).expect_err("patch").to_string();
     assert!(
         err.contains("encoder.onnx: input `image` is declared"),
         "{err}"
@@ -111,7 +116,7 @@ fn encode_task_runs_the_graphs_on_the_reference_crop() {
         return;
     };
     let (dir, synthetic) = model_dir(0x11);
-    let model = Model::load(&dir.0).expect("loads");
+    let model = Model::load(dir.path()).expect("loads");
     for classes in [&thalamus_and_caudate()[..1], &thalamus_and_caudate()[..]] {
         let task = model
             .encode_task(&image, &labels, classes, &EncodeOptions::default())
@@ -173,7 +178,7 @@ fn segment_equals_the_graph_maths_in_the_pipeline() {
         return;
     };
     let (dir, synthetic) = model_dir(0x11);
-    let model = Model::load(&dir.0).expect("loads");
+    let model = Model::load(dir.path()).expect("loads");
     let query = colin_at_model_spacing(&image);
     let options = SegmentOptions {
         probabilities: true,
@@ -238,7 +243,7 @@ fn segment_equals_the_graph_maths_in_the_pipeline() {
 #[test]
 fn plans_are_built_once_per_class_count() {
     let (dir, _) = model_dir(0x11);
-    let model = Model::load(&dir.0).expect("loads");
+    let model = Model::load(dir.path()).expect("loads");
     let first = model.decoder.plan(3, &model.executor).expect("plan");
     let again = model.decoder.plan(3, &model.executor).expect("plan");
     assert!(Arc::ptr_eq(&first, &again), "the cached plan is reused");
@@ -260,8 +265,8 @@ fn embeddings_of_another_model_are_refused() {
     };
     let (dir_a, _) = model_dir(0x11);
     let (dir_b, _) = model_dir(0x22);
-    let a = Model::load(&dir_a.0).expect("loads");
-    let b = Model::load(&dir_b.0).expect("loads");
+    let a = Model::load(dir_a.path()).expect("loads");
+    let b = Model::load(dir_b.path()).expect("loads");
     let classes = &thalamus_and_caudate()[..1];
     let task = a
         .encode_task(&image, &labels, classes, &EncodeOptions::default())
@@ -300,11 +305,11 @@ fn memory_bank_is_read_and_checked() {
         return;
     };
     let (dir, _) = model_dir(0x11);
-    let text = std::fs::read_to_string(dir.0.join("manifest.json")).expect("manifest");
+    let text = std::fs::read_to_string(dir.join("manifest.json")).expect("manifest");
     let mut json: serde_json::Value = serde_json::from_str(&text).expect("json");
     json["memory_bank"] = "bank.irisemb".into();
-    std::fs::write(dir.0.join("manifest.json"), json.to_string()).expect("manifest");
-    let model = Model::load(&dir.0).expect("loads");
+    std::fs::write(dir.join("manifest.json"), json.to_string()).expect("manifest");
+    let model = Model::load(dir.path()).expect("loads");
     assert!(matches!(model.memory_bank(), Err(Error::Io { .. })));
 
     let task = model
@@ -315,7 +320,7 @@ fn memory_bank_is_read_and_checked() {
             &EncodeOptions::default(),
         )
         .expect("encodes");
-    let bank_path = dir.0.join("bank.irisemb");
+    let bank_path = dir.join("bank.irisemb");
     irisemb::write_file(&bank_path, &task, Payload::F32).expect("write");
     assert_eq!(model.memory_bank().expect("bank"), Some(task.clone()));
 
@@ -324,7 +329,7 @@ fn memory_bank_is_read_and_checked() {
     assert!(err.contains("bank.irisemb: invalid memory bank"), "{err}");
 
     let (other_dir, _) = model_dir(0x22);
-    let other = Model::load(&other_dir.0).expect("loads");
+    let other = Model::load(other_dir.path()).expect("loads");
     let foreign = other
         .encode_task(
             &image,
@@ -346,7 +351,7 @@ fn two_threads_segment_like_one() {
         return;
     };
     let (dir, _) = model_dir(0x11);
-    let model = Model::load(&dir.0).expect("loads");
+    let model = Model::load(dir.path()).expect("loads");
     let one = model
         .encode_task(
             &image,
@@ -373,7 +378,7 @@ fn two_threads_segment_like_one() {
         .map(|task| model.segment(&image, task, &options).expect("segments"))
         .collect();
     assert_eq!(alone[1].labels.geometry(), image.geometry());
-    let fresh = Model::load(&dir.0).expect("loads");
+    let fresh = Model::load(dir.path()).expect("loads");
     let together: Vec<Segmentation> = std::thread::scope(|scope| {
         let handles: Vec<_> = [&one, &three, &one, &three]
             .into_iter()
@@ -395,7 +400,7 @@ fn two_threads_segment_like_one() {
 #[test]
 fn window_level_calls_check_their_input() {
     let (dir, _) = model_dir(0x11);
-    let model = Model::load(&dir.0).expect("loads");
+    let model = Model::load(dir.path()).expect("loads");
     let wrong = Array3::<f32>::zeros((16, 16, 8));
     assert!(matches!(
         model.encode_window(wrong.view()),

@@ -5,19 +5,10 @@ use std::path::PathBuf;
 
 use iris_eval::tasks;
 
-/// The data folder, or `None` (with a message) when a file is missing.
+/// The data folder, or `None` (with a message) when a file the tasks read
+/// is missing.
 pub fn data_dir() -> Option<PathBuf> {
-    let data = iris_tests::repo_root().join("data");
-    let missing = tasks::missing_files(&data);
-    if missing.is_empty() {
-        return Some(data);
-    }
-    assert!(
-        std::env::var("IRIS_REQUIRE_DATA").as_deref() != Ok("1"),
-        "{missing:?} missing and IRIS_REQUIRE_DATA=1: run scripts/fetch-data.sh"
-    );
-    eprintln!("skipping: {missing:?} absent; run scripts/fetch-data.sh");
-    None
+    iris_test_support::data_dir(&tasks::DATA_FILES)
 }
 
 /// The CSV's Dice of `task`, `query` (`aligned`/`moved`), `method`.

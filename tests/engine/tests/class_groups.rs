@@ -3,8 +3,9 @@
 //! (written by the export, one class per run by default) is the default.
 
 use iris_core::engine::{Model, SegmentOptions};
-use iris_tests::TempDir;
-use iris_tests::fixture::{encode, export_tiny_model, query, reference};
+use iris_test_support::TempDir;
+use iris_test_support::fixture::{encode, query, reference};
+use iris_tests::export_tiny_model;
 
 fn options(classes_per_forward: Option<usize>) -> SegmentOptions {
     SegmentOptions {

@@ -19,8 +19,9 @@ use iris_core::preprocess::{
     resample_labels, target_geometry,
 };
 use iris_core::volume::{Image, LabelMap};
-use iris_tests::fixture::with_tiny_model;
-use iris_tests::{TempDir, colin};
+use iris_test_support::TempDir;
+use iris_test_support::fixture::colin;
+use iris_tests::with_tiny_model;
 use iris_train::model::{Iris, IrisConfig};
 
 /// Largest difference allowed between the engine and burn: probabilities

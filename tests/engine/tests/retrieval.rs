@@ -9,8 +9,9 @@ use iris_core::engine::{
     EncodeOptions, Model, PoolReference, RetrievalLevel, RetrieveOptions, SegmentOptions, TaskClass,
 };
 use iris_core::volume::{Image, LabelMap};
-use iris_tests::TempDir;
-use iris_tests::fixture::{self, export_tiny_model, phantom, query, reference};
+use iris_test_support::TempDir;
+use iris_test_support::fixture::{self, phantom, query, reference};
+use iris_tests::export_tiny_model;
 
 struct Setup {
     _dir: TempDir,

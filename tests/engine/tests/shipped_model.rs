@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use iris_core::embedding::Provenance;
 use iris_core::engine::Model;
-use iris_tests::{TempDir, repo_root};
+use iris_test_support::{TempDir, repo_root};
 use iris_train::training::Trainer;
 
 /// The shipped model folder.

@@ -1,18 +1,49 @@
-//! Everything around the graphs: the reference prepared for the task
-//! encoder, and the query taken through the sliding window and back to its
-//! own grid (stages 2 to 11 of `docs/pipeline.md`).
+//! The pipeline around the network (stages 2 to 11 of `docs/pipeline.md`):
+//! the reference prepared for the task encoder ([`prepare_reference`]), and
+//! the query taken through the sliding window and back to its own grid
+//! ([`segment_with`]).
 //!
 //! The network is not called here: [`segment_with`] takes the per-window
-//! work as a function (a normalised window in, `K` logit maps out), so the
-//! whole pipeline can be tested on real volumes with a synthetic network.
+//! work as a function (a normalised window in, `K` logit maps out). The
+//! ONNX engine ([`Model::segment`](crate::engine::Model::segment), feature
+//! `onnx`) is one such function; bring your own (another runtime, a GPU
+//! service, a classical method) and get the same orientation handling,
+//! resampling, normalisation, Gaussian blending, labels and way back to the
+//! query's grid. Needs no `std`.
+//!
+//! ```
+//! use iris_core::pipeline::{SegmentOptions, segment_with};
+//! use iris_core::preprocess::IntensityPolicy;
+//! use iris_core::volume::{Affine, Image};
+//!
+//! // A 32^3 query of 4 mm voxels, bright in its lower half (d < 16).
+//! let data = (0..32 * 32 * 32).map(|i| if i < 16 * 32 * 32 { 100.0 } else { 0.0 }).collect();
+//! let query = Image::from_vec([32; 3], Affine::from_spacing([4.0; 3]), data)?;
+//! // "The network": one class, bright voxels (normalised > 0) are in.
+//! let threshold_network = |window: &ndarray::Array3<f32>| {
+//!     Ok(window.iter().map(|&x| if x > 0.0 { 8.0 } else { -8.0 }).collect())
+//! };
+//! let seg = segment_with(
+//!     &query,
+//!     4.0,          // the network's spacing, mm
+//!     [16, 16, 16], // its window, voxels
+//!     &[5],         // label values of its classes
+//!     IntensityPolicy::MR,
+//!     &SegmentOptions::default(),
+//!     threshold_network,
+//! )?;
+//! assert_eq!(seg.labels.shape(), [32, 32, 32]);
+//! assert_eq!(seg.labels.count(5), 16 * 32 * 32);
+//! assert_eq!(seg.windows, 27); // 3 x 3 x 3 windows, half overlapping
+//! # Ok::<(), iris_core::Error>(())
+//! ```
 
-// This crate is `no_std`; the engine is `std` code.
-use std::prelude::rust_2024::*;
-use std::{format, vec};
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use alloc::{format, vec};
 
 use ndarray::{Array3, Axis, s};
 
-use super::{Progress, SegmentOptions, Segmentation};
 use crate::error::{Error, Result};
 use crate::labels::{check_class_labels, keep_largest_components};
 use crate::preprocess::{
@@ -21,6 +52,84 @@ use crate::preprocess::{
 };
 use crate::volume::{Image, LabelMap, MAX_VOXELS, checked_voxel_count};
 use crate::window::{BlendOptions, Blender, WindowPlan};
+
+/// Settings of a segmentation: of [`segment_with`] and of the engine's
+/// [`Model::segment`](crate::engine::Model::segment).
+#[derive(Clone)]
+pub struct SegmentOptions {
+    /// How to normalise the query's intensities; `None` uses the policy
+    /// recorded in the task embedding (that of its reference). Read by
+    /// `Model::segment`; [`segment_with`] takes the policy as an argument.
+    pub intensity: Option<IntensityPolicy>,
+    /// Overlap of neighbouring windows, a fraction of the window in `[0, 1)`. Default 0.5.
+    pub overlap: f64,
+    /// Probability the best class needs to label a voxel, in `(0, 1]`. Default 0.5.
+    pub threshold: f32,
+    /// Keep only the largest 26-connected component of each label. Default true.
+    pub largest_component: bool,
+    /// Also return the blended probability map of every class. Default false.
+    pub probabilities: bool,
+    /// Most classes per decoder run; a larger task is decoded in groups
+    /// (the encoder still runs once per window). `None` (the default): the
+    /// manifest's `classes_per_forward`, else all classes in one run. Read
+    /// by `Model::segment`; with [`segment_with`] the network decides.
+    pub classes_per_forward: Option<usize>,
+    /// Called after every window with the windows done so far and the total.
+    pub progress: Option<Arc<dyn Fn(Progress) + Send + Sync>>,
+}
+
+impl Default for SegmentOptions {
+    fn default() -> Self {
+        SegmentOptions {
+            intensity: None,
+            overlap: 0.5,
+            threshold: crate::labels::DEFAULT_THRESHOLD,
+            largest_component: true,
+            probabilities: false,
+            classes_per_forward: None,
+            progress: None,
+        }
+    }
+}
+
+impl core::fmt::Debug for SegmentOptions {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("SegmentOptions")
+            .field("intensity", &self.intensity)
+            .field("overlap", &self.overlap)
+            .field("threshold", &self.threshold)
+            .field("largest_component", &self.largest_component)
+            .field("probabilities", &self.probabilities)
+            .field("classes_per_forward", &self.classes_per_forward)
+            .field("progress", &self.progress.as_ref().map(|_| "Fn(Progress)"))
+            .finish()
+    }
+}
+
+/// How far a segmentation is: windows decoded so far, out of `total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Progress {
+    /// Windows decoded so far (1 to `total`).
+    pub done: usize,
+    /// Windows in the whole volume.
+    pub total: usize,
+}
+
+/// The result of a segmentation ([`segment_with`], `Model::segment`), on
+/// the query's own grid.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Segmentation {
+    /// Labels on the query's original grid and affine: each voxel holds the
+    /// label value of its class, 0 for background.
+    pub labels: LabelMap,
+    /// The label value of each class, in the embedding's order.
+    pub classes: Vec<u32>,
+    /// With [`SegmentOptions::probabilities`]: per class (same order), the
+    /// blended probability in `[0, 1]` on the original grid.
+    pub probabilities: Option<Vec<Image>>,
+    /// Number of windows the query was decoded in.
+    pub windows: usize,
+}
 
 /// A reference ready for the encoder and the task encoder (made by
 /// [`prepare_reference`]).
@@ -41,7 +150,7 @@ pub struct ReferenceInput {
 /// normalisation of the crop with `intensity` (detected on the raw
 /// reference when `None`), and one mask per class.
 ///
-/// This is what [`Model::encode_task`](super::Model::encode_task) feeds
+/// This is what [`Model::encode_task`](crate::engine::Model::encode_task) feeds
 /// the graphs; it is public so that other runtimes of the same model
 /// (`iris-train`'s in-context tuning) see references exactly as the engine
 /// does.
@@ -191,7 +300,7 @@ pub(crate) fn prepare_query(
 
 /// The logistic function, `1 / (1 + e^-x)`.
 fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    1.0 / (1.0 + libm::expf(-x))
 }
 
 /// Segments `query` with a network given as `run`: a normalised window
@@ -210,7 +319,7 @@ fn sigmoid(x: f32) -> f32 {
 /// [`Error::TooLarge`] for volumes, plans or probability maps past the
 /// limits; whatever `run` returns; invalid options as
 /// [`WindowPlan::new`] and [`Blender::new`].
-pub(crate) fn segment_with(
+pub fn segment_with(
     query: &Image,
     spacing_mm: f64,
     patch: [usize; 3],
@@ -299,16 +408,18 @@ pub(crate) fn segment_with(
     })
 }
 
-#[cfg(test)]
+// On real volumes (read with the `nifti` feature).
+#[cfg(all(test, feature = "nifti"))]
 mod tests {
-    use std::sync::{Arc, Mutex};
+    use alloc::string::ToString;
+    use std::sync::Mutex;
 
-    use ndarray::{Array3, Array4, s};
+    use ndarray::{Array4, s};
 
     use super::*;
-    use crate::engine::testing::colin;
     use crate::labels::probabilities_to_labels;
     use crate::preprocess::Reorientation;
+    use crate::test_support::colin;
     use crate::volume::Affine;
 
     const SPACING: f64 = 6.0;

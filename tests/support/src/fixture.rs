@@ -1,59 +1,59 @@
-//! A tiny real model and small phantom volumes, for tests that run the
-//! engine, the C ABI or the `iris` command without a trained model: the
-//! model is `iris-train`'s `tiny` preset with seeded random weights,
-//! exported as the model folder the engine loads (what `iris-train export
-//! --random --preset tiny` writes).
+//! Phantom volumes and a model folder of known maths, for tests that run
+//! the engine, the C ABI or the `iris` command without a trained model: the
+//! model is [`SyntheticModel`] (a 16^3 window at 6 mm whose graphs compute
+//! simple functions), so these tests need neither burn nor a model file.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
 
 use iris_core::embedding::{ModelFingerprint, TaskEmbedding};
+use iris_core::engine::testing::SyntheticModel;
 use iris_core::engine::{EncodeOptions, Model, TaskClass};
 use iris_core::irisemb::{self, Payload};
 use iris_core::nifti;
 use iris_core::volume::{Affine, Image, LabelMap};
-use iris_train::model::{Iris, IrisConfig};
 
-use crate::TempDir;
+use crate::files::{TempDir, data_file};
 
-/// Runs `f` on the `tiny` preset with weights drawn from `seed`.
-///
-/// The device's random generator is shared by every test running in
-/// parallel in one binary, and burn draws some weights lazily: `f` runs
-/// under one lock with the seeded draws, so a seed always gives the same
-/// weights however the tests interleave.
+/// The spacing of [`model`]'s graphs, mm.
+pub const MODEL_SPACING_MM: f64 = 6.0;
+
+/// Writes a model folder of known maths into `dir`, its fingerprint 32
+/// bytes of `fingerprint_byte` (different bytes: different models), and
+/// returns that fingerprint.
 ///
 /// # Panics
-/// If the preset cannot be built (a bug).
-pub fn with_tiny_model<R>(seed: u64, f: impl FnOnce(Iris, &IrisConfig) -> R) -> R {
-    static RNG: Mutex<()> = Mutex::new(());
-    let _guard = RNG.lock().unwrap_or_else(PoisonError::into_inner);
-    let config = IrisConfig::tiny();
-    let device = iris_train::device::select_device();
-    device.seed(seed);
-    f(
-        config.init(&device).expect("the tiny preset builds"),
-        &config,
-    )
+/// If the folder cannot be written.
+pub fn model(dir: &Path, fingerprint_byte: u8) -> ModelFingerprint {
+    named_model(dir, fingerprint_byte, "synthetic")
 }
 
-/// Exports the tiny preset with weights drawn from `seed` into `dir`, with
-/// the default `classes_per_forward`.
+/// [`model`], with `name` in its manifest.
 ///
 /// # Panics
-/// If the export fails.
-pub fn export_tiny_model(dir: &Path, seed: u64) -> ModelFingerprint {
-    with_tiny_model(seed, |model, config| {
-        iris_train::export::export(
-            &model,
-            config,
-            "iris-tiny-random",
-            dir,
-            None,
-            iris_train::export::DEFAULT_CLASSES_PER_FORWARD,
-        )
-    })
-    .expect("export")
+/// If the folder cannot be written.
+pub fn named_model(dir: &Path, fingerprint_byte: u8, name: &str) -> ModelFingerprint {
+    let synthetic = SyntheticModel {
+        name: name.into(),
+        ..SyntheticModel::new(MODEL_SPACING_MM, fingerprint_byte)
+    };
+    synthetic.write(dir).expect("the synthetic model writes");
+    *Model::load(dir)
+        .expect("the synthetic model loads")
+        .fingerprint()
+}
+
+/// Colin27 (`data/mricron/ch2.nii.gz`) and its AAL label map, or `None`
+/// (with a message) when `data/` is absent; with `IRIS_REQUIRE_DATA=1`
+/// their absence is an error.
+///
+/// # Panics
+/// When the files are absent and `IRIS_REQUIRE_DATA=1`, or cannot be read.
+pub fn colin() -> Option<(Image, LabelMap)> {
+    let image = data_file("mricron/ch2.nii.gz")?;
+    let labels = data_file("mricron/aal.nii.gz")?;
+    let (image, _) = nifti::read_image(&image).expect("ch2 reads");
+    let (labels, _) = nifti::read_labels(&labels).expect("aal reads");
+    Some((image, labels))
 }
 
 /// A phantom on a `shape` grid placed by `affine`: a textured background
@@ -96,7 +96,7 @@ pub fn phantom(
     )
 }
 
-/// A tiny model and phantom volumes on disk (see [`fixture`]).
+/// A model and phantom volumes on disk (see [`fixture`]).
 #[derive(Debug)]
 pub struct Fixture {
     /// Holds everything; removed on drop.
@@ -147,7 +147,8 @@ pub fn query(shift: f64) -> (Image, LabelMap) {
     )
 }
 
-/// Exports the tiny model (seed 7) into `<root>/model` and writes into
+/// Writes the model of known maths ([`model`], fingerprint byte 7) into
+/// `<root>/model` and writes into
 /// `<root>/data` ref.nii.gz, ref_labels.nii.gz, query.nii.gz,
 /// query_truth.nii.gz, query2.nii.gz and foreign.irisemb (the reference's
 /// task with another model's fingerprint).
@@ -159,7 +160,7 @@ pub fn fixture(name: &str) -> Fixture {
     let model = root.join("model");
     let data = root.join("data");
     std::fs::create_dir_all(&data).expect("data dir");
-    export_tiny_model(&model, 7);
+    self::model(&model, 7);
 
     let (image, labels) = reference();
     nifti::write_image(data.join("ref.nii.gz"), &image, None).expect("write");
