@@ -59,19 +59,6 @@ fn intensity_json(policy: &IntensityPolicy) -> Value {
     }
 }
 
-fn provenance_text(provenance: Provenance) -> String {
-    match provenance {
-        Provenance::OneShot => "one-shot".into(),
-        Provenance::Ensemble { references } => format!("ensemble of {references} references"),
-        Provenance::MemoryBank { updates, momentum } => {
-            format!("memory bank ({updates} updates, momentum {momentum})")
-        }
-        Provenance::Tuned { steps, references } => {
-            format!("tuned ({steps} steps from {references} references)")
-        }
-    }
-}
-
 fn provenance_json(provenance: Provenance) -> Value {
     match provenance {
         Provenance::OneShot => json!({ "kind": "one-shot" }),
@@ -120,7 +107,7 @@ fn describe_text(path: &Path, task: &TaskEmbedding) -> String {
             "  {:>6}  {:width$}  {}\n",
             class.label(),
             class.name(),
-            provenance_text(class.provenance())
+            class.provenance()
         );
     }
     out
