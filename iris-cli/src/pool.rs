@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 
 use iris_core::Model;
 use iris_core::engine::{EncodeOptions, PoolReference, TaskClass};
+use iris_core::labels::label_value;
 use serde_json::Value;
 
 use crate::failure::{BAD_INPUT, Failure, USAGE};
@@ -214,7 +215,7 @@ impl Layout {
             } else {
                 wanted
                     .iter()
-                    .filter_map(|&l| u16::try_from(l).ok())
+                    .filter_map(|&l| label_value(l).ok())
                     .filter(|l| present.binary_search(l).is_ok())
                     .collect()
             };
