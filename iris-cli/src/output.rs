@@ -16,8 +16,8 @@ use iris_core::volume::Image;
 use serde_json::{Map, Value, json};
 
 use crate::failure::{Failure, Outputs, RUNTIME, USAGE, check_output};
-use crate::model::Modality;
 use crate::preview::{self, Preview};
+use crate::reference::Modality;
 
 const NIFTI: &[&str] = &[".nii", ".nii.gz"];
 
