@@ -17,7 +17,7 @@
 
 use std::process::ExitCode;
 
-use iris_core::embedding::{ModelFingerprint, Provenance, TaskEmbedding};
+use iris_core::embedding::{ModelFingerprint, TaskEmbedding};
 use iris_core::irisemb;
 
 /// A two-class `.irisemb` (liver, spleen), as the device's flash holds it.
@@ -37,19 +37,6 @@ fn on_device(bytes: &[u8]) -> iris_core::Result<(TaskEmbedding, TaskEmbedding, f
     let spleen = task.select_names(&["spleen"])?;
     let similarity = task.classes()[0].similarity(&spleen.classes()[0])?;
     Ok((task, spleen, similarity))
-}
-
-fn describe(provenance: Provenance) -> String {
-    match provenance {
-        Provenance::OneShot => "one-shot".into(),
-        Provenance::Ensemble { references } => format!("ensemble of {references} references"),
-        Provenance::MemoryBank { updates, momentum } => {
-            format!("memory bank ({updates} updates, momentum {momentum})")
-        }
-        Provenance::Tuned { steps, references } => {
-            format!("tuned {steps} steps from {references} references")
-        }
-    }
 }
 
 fn main() -> ExitCode {
@@ -75,7 +62,7 @@ fn main() -> ExitCode {
             "  label {} {:?}: {}",
             class.label(),
             class.name(),
-            describe(class.provenance())
+            class.provenance()
         );
     }
     println!(

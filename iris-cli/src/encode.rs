@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use iris_core::irisemb::{self, Payload};
 
 use crate::failure::{Failure, check_output};
-use crate::model::{Modality, ModelArgs, Reference};
+use crate::input::ModelArgs;
+use crate::inspect::class_list;
+use crate::reference::{Modality, Reference};
 
 /// Arguments of `iris encode`.
 #[derive(clap::Args)]
@@ -48,7 +50,7 @@ pub fn run(args: &Args, quiet: bool) -> Result<(), Failure> {
     irisemb::write_file(&args.out, &task, Payload::F32)
         .map_err(|e| Failure::output(&args.out, e))?;
     if !quiet {
-        let classes = crate::model::class_list(&task);
+        let classes = class_list(&task);
         println!(
             "wrote {}: {} class(es) ({classes}) for model {}",
             args.out.display(),

@@ -6,7 +6,8 @@ use iris_core::embedding::TaskEmbedding;
 use iris_core::irisemb::{self, Payload};
 
 use crate::failure::{self, Failure, MODEL, check_output};
-use crate::inspect::read_task;
+use crate::input::read_task;
+use crate::inspect::class_list;
 
 /// Arguments of `iris ensemble`.
 #[derive(clap::Args)]
@@ -58,7 +59,7 @@ pub fn run(args: &Args, quiet: bool) -> Result<(), Failure> {
     irisemb::write_file(&args.out, &merged, Payload::F32)
         .map_err(|e| Failure::output(&args.out, e))?;
     if !quiet {
-        let classes = crate::model::class_list(&merged);
+        let classes = class_list(&merged);
         println!(
             "wrote {}: {} classes ({classes}), the mean of {} files",
             args.out.display(),

@@ -1,13 +1,12 @@
 //! `iris eval`: Dice per class and volumes of a segmentation against the truth.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use iris_core::metrics::{dice_per_class, label_volumes_ml};
-use iris_core::nifti;
-use iris_core::volume::LabelMap;
 use serde_json::json;
 
 use crate::failure::Failure;
+use crate::input::read_labels;
 
 /// Arguments of `iris eval`.
 #[derive(clap::Args)]
@@ -25,13 +24,6 @@ pub struct Args {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
-}
-
-/// Reads a NIfTI label map; any problem is a failure naming the file.
-pub fn read_labels(path: &Path) -> Result<LabelMap, Failure> {
-    nifti::read_labels(path)
-        .map(|(labels, _)| labels)
-        .map_err(|e| Failure::input(path, e))
 }
 
 /// Scores of one class.

@@ -3,11 +3,11 @@
 use std::path::{Path, PathBuf};
 
 use iris_core::embedding::{Provenance, TaskEmbedding};
-use iris_core::irisemb;
 use iris_core::preprocess::IntensityPolicy;
 use serde_json::{Value, json};
 
 use crate::failure::Failure;
+use crate::input::read_task;
 
 /// Arguments of `iris inspect`.
 #[derive(clap::Args)]
@@ -20,11 +20,6 @@ pub struct Args {
     json: bool,
 }
 
-/// Reads a `.irisemb` file; any problem is a failure naming the file.
-pub fn read_task(path: &Path) -> Result<TaskEmbedding, Failure> {
-    irisemb::read_file(path).map_err(|e| Failure::input(path, e))
-}
-
 /// Runs `iris inspect`.
 pub fn run(args: &Args) -> Result<(), Failure> {
     let task = read_task(&args.task)?;
@@ -34,6 +29,16 @@ pub fn run(args: &Args) -> Result<(), Failure> {
         print!("{}", describe_text(&args.task, &task));
     }
     Ok(())
+}
+
+/// The classes of `task` as `label "name"` pairs, comma separated, for the
+/// one-line summaries of the commands that write an `.irisemb`.
+pub fn class_list(task: &TaskEmbedding) -> String {
+    task.classes()
+        .iter()
+        .map(|c| format!("{} {:?}", c.label(), c.name()))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The intensity policy in words.
@@ -55,19 +60,6 @@ fn intensity_json(policy: &IntensityPolicy) -> Value {
         }
         IntensityPolicy::Percentile { low, high } => {
             json!({ "policy": "percentile", "low": low, "high": high })
-        }
-    }
-}
-
-fn provenance_text(provenance: Provenance) -> String {
-    match provenance {
-        Provenance::OneShot => "one-shot".into(),
-        Provenance::Ensemble { references } => format!("ensemble of {references} references"),
-        Provenance::MemoryBank { updates, momentum } => {
-            format!("memory bank ({updates} updates, momentum {momentum})")
-        }
-        Provenance::Tuned { steps, references } => {
-            format!("tuned ({steps} steps from {references} references)")
         }
     }
 }
@@ -120,7 +112,7 @@ fn describe_text(path: &Path, task: &TaskEmbedding) -> String {
             "  {:>6}  {:width$}  {}\n",
             class.label(),
             class.name(),
-            provenance_text(class.provenance())
+            class.provenance()
         );
     }
     out

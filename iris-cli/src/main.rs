@@ -24,11 +24,12 @@ mod encode;
 mod ensemble;
 mod eval;
 mod failure;
+mod input;
 mod inspect;
-mod model;
 mod output;
 mod pool;
 mod preview;
+mod reference;
 mod retrieve;
 mod segment;
 

@@ -9,15 +9,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use indicatif::{ProgressBar, ProgressFinish, ProgressStyle};
 use iris_core::embedding::TaskEmbedding;
 use iris_core::engine::{Progress, SegmentOptions, Segmentation};
-use iris_core::labels::DEFAULT_THRESHOLD;
+use iris_core::labels::{DEFAULT_THRESHOLD, label_value};
 use iris_core::metrics::label_volumes_ml;
 use iris_core::nifti;
 use iris_core::volume::Image;
 use serde_json::{Map, Value, json};
 
 use crate::failure::{Failure, Outputs, RUNTIME, USAGE, check_output};
-use crate::model::Modality;
 use crate::preview::{self, Preview};
+use crate::reference::Modality;
 
 const NIFTI: &[&str] = &[".nii", ".nii.gz"];
 
@@ -219,7 +219,7 @@ impl OutputArgs {
         let class_labels: Vec<u16> = segmentation
             .classes
             .iter()
-            .filter_map(|&l| u16::try_from(l).ok())
+            .filter_map(|&l| label_value(l).ok())
             .collect();
         let preview = match &self.preview {
             Some(path) => {
@@ -283,7 +283,7 @@ impl OutputArgs {
             .enumerate()
             .map(|(i, &label)| {
                 let name = summary.task.class(label).map_or("", |c| c.name());
-                let value = u16::try_from(label).ok();
+                let value = label_value(label).ok();
                 let voxels = value.map_or(0, |v| segmentation.labels.count(v));
                 let ml = volumes
                     .iter()

@@ -20,12 +20,13 @@ use std::path::{Path, PathBuf};
 
 use iris_core::Model;
 use iris_core::engine::{EncodeOptions, PoolReference, TaskClass};
+use iris_core::labels::label_value;
 use serde_json::Value;
 
 use crate::failure::{BAD_INPUT, Failure, USAGE};
-use crate::inspect::read_task;
-use crate::model::{Modality, read_pair};
+use crate::input::{read_pair, read_task_for_model};
 use crate::output::progress_bar;
+use crate::reference::Modality;
 
 const NIFTI: &[&str] = &[".nii.gz", ".nii"];
 const EMBEDDING: &[&str] = &[".irisemb"];
@@ -214,7 +215,7 @@ impl Layout {
             } else {
                 wanted
                     .iter()
-                    .filter_map(|&l| u16::try_from(l).ok())
+                    .filter_map(|&l| label_value(l).ok())
                     .filter(|l| present.binary_search(l).is_ok())
                     .collect()
             };
@@ -276,12 +277,9 @@ fn load_embeddings(
     let references = files
         .iter()
         .map(|(name, path)| {
-            let task = read_task(path)?;
-            task.ensure_model(model.fingerprint())
-                .map_err(|e| Failure::input(path, e))?;
             Ok(PoolReference {
                 name: name.clone(),
-                task,
+                task: read_task_for_model(path, model)?,
                 descriptor: None,
             })
         })

@@ -11,7 +11,8 @@ use iris_core::irisemb::{self, Payload};
 use serde_json::{Map, Value, json};
 
 use crate::failure::{BAD_INPUT, Failure, Outputs, USAGE, check_output};
-use crate::model::{ModelArgs, class_list, read_image};
+use crate::input::{ModelArgs, read_image};
+use crate::inspect::class_list;
 use crate::output::{
     Column, Extra, OutputArgs, SettingsArgs, Summary, WINDOWS, progress_bar, window_progress,
 };

@@ -9,11 +9,11 @@ use iris_core::Model;
 use iris_core::embedding::TaskEmbedding;
 
 use crate::failure::{Failure, MODEL, Outputs, USAGE};
-use crate::inspect::read_task;
-use crate::model::{ModelArgs, Reference, read_image};
+use crate::input::{ModelArgs, read_image, read_task_for_model};
 use crate::output::{
     Extra, OutputArgs, SettingsArgs, Summary, WINDOWS, progress_bar, window_progress,
 };
+use crate::reference::Reference;
 
 /// Arguments of `iris segment`.
 #[derive(clap::Args)]
@@ -127,12 +127,7 @@ fn task(args: &Args, model: &Model, quiet: bool) -> Result<TaskEmbedding, Failur
         return reference.encode(model, quiet);
     }
     let (task, source) = match &args.task {
-        Some(path) => {
-            let task = read_task(path)?;
-            task.ensure_model(model.fingerprint())
-                .map_err(|e| Failure::input(path, e))?;
-            (task, path.clone())
-        }
+        Some(path) => (read_task_for_model(path, model)?, path.clone()),
         None => {
             let bank = model
                 .memory_bank()

@@ -238,6 +238,8 @@ fn ensemble_averages_and_refuses_mixed_models() {
         v["classes"][0]["provenance"],
         serde_json::json!({"kind": "ensemble", "references": 3})
     );
+    let text = stdout(&iris(&[Path::new("inspect"), &merged]));
+    assert!(text.contains("ensemble of 3 references"), "{text}");
 
     // Another model: exit 4, both files named, nothing written.
     let other = write_task(&dir, "other.irisemb", &task(9, &classes, 1.0));

@@ -205,6 +205,51 @@ impl Provenance {
     }
 }
 
+/// The provenance in words, as `iris inspect` shows it: `one-shot`,
+/// `ensemble of 3 references`, `memory bank (2 updates, momentum 0.9)`,
+/// `tuned (100 steps from 1 reference)`.
+///
+/// ```
+/// use iris_core::embedding::Provenance;
+///
+/// let tuned = Provenance::Tuned { steps: 100, references: 1 };
+/// assert_eq!(tuned.to_string(), "tuned (100 steps from 1 reference)");
+/// assert_eq!(Provenance::Ensemble { references: 3 }.to_string(), "ensemble of 3 references");
+/// ```
+impl fmt::Display for Provenance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Provenance::OneShot => f.write_str("one-shot"),
+            Provenance::Ensemble { references } => {
+                write!(f, "ensemble of {}", Count(references.into(), "reference"))
+            }
+            Provenance::MemoryBank { updates, momentum } => {
+                write!(
+                    f,
+                    "memory bank ({}, momentum {momentum})",
+                    Count(updates, "update")
+                )
+            }
+            Provenance::Tuned { steps, references } => write!(
+                f,
+                "tuned ({} from {})",
+                Count(steps.into(), "step"),
+                Count(references.into(), "reference")
+            ),
+        }
+    }
+}
+
+/// A number and a noun, shown as `1 step` or `2 steps`.
+struct Count(u64, &'static str);
+
+impl fmt::Display for Count {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Count(n, noun) = *self;
+        write!(f, "{n} {noun}{}", if n == 1 { "" } else { "s" })
+    }
+}
+
 fn check_momentum(momentum: f32) -> Result<()> {
     if (0.0..=1.0).contains(&momentum) {
         Ok(())
@@ -930,6 +975,48 @@ mod tests {
 
     fn task(classes: Vec<ClassEmbedding>) -> Result<TaskEmbedding> {
         TaskEmbedding::new(ModelFingerprint::new([1; 32]), prep(), shapes(), classes)
+    }
+
+    #[test]
+    fn provenance_in_words() {
+        let words = |p: Provenance| p.to_string();
+        assert_eq!(words(Provenance::OneShot), "one-shot");
+        assert_eq!(
+            words(Provenance::Ensemble { references: 1 }),
+            "ensemble of 1 reference"
+        );
+        assert_eq!(
+            words(Provenance::Ensemble { references: 4 }),
+            "ensemble of 4 references"
+        );
+        assert_eq!(
+            words(Provenance::MemoryBank {
+                updates: 0,
+                momentum: 0.9
+            }),
+            "memory bank (0 updates, momentum 0.9)"
+        );
+        assert_eq!(
+            words(Provenance::MemoryBank {
+                updates: 1,
+                momentum: 1.0
+            }),
+            "memory bank (1 update, momentum 1)"
+        );
+        assert_eq!(
+            words(Provenance::Tuned {
+                steps: 1,
+                references: 3
+            }),
+            "tuned (1 step from 3 references)"
+        );
+        assert_eq!(
+            words(Provenance::Tuned {
+                steps: 250,
+                references: 1
+            }),
+            "tuned (250 steps from 1 reference)"
+        );
     }
 
     #[test]

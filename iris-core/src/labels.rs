@@ -98,6 +98,36 @@ pub fn check_class_labels(class_labels: &[u16]) -> Result<()> {
     Ok(())
 }
 
+/// `value` as the value of a voxel in a label map, which holds 16 bits: a
+/// class label (an `.irisemb` stores it in 32 bits) or a caller's label
+/// argument, checked before it meets a [`LabelMap`](crate::volume::LabelMap).
+///
+/// ```
+/// use iris_core::labels::label_value;
+///
+/// assert_eq!(label_value(65535)?, 65535);
+/// let err = label_value(65536).unwrap_err();
+/// assert_eq!(
+///     err.to_string(),
+///     "invalid label: 65536 does not fit a 16-bit label map (labels are 0 to 65535)"
+/// );
+/// # Ok::<(), iris_core::Error>(())
+/// ```
+///
+/// # Errors
+/// [`Error::InvalidArgument`] (`label`), naming `value`, when it is above 65535.
+pub fn label_value(value: u32) -> Result<u16> {
+    u16::try_from(value).map_err(|_| {
+        Error::invalid(
+            "label",
+            format!(
+                "{value} does not fit a 16-bit label map (labels are 0 to {})",
+                u16::MAX
+            ),
+        )
+    })
+}
+
 /// Checks that a probability threshold is in `(0, 1]`.
 pub(crate) fn check_threshold(threshold: f32) -> Result<()> {
     if threshold > 0.0 && threshold <= 1.0 {
@@ -266,7 +296,28 @@ impl Filler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::string::ToString;
     use ndarray::Array4;
+
+    #[test]
+    fn label_values_fit_16_bits() {
+        assert_eq!(label_value(0).unwrap(), 0);
+        assert_eq!(label_value(1).unwrap(), 1);
+        assert_eq!(label_value(65535).unwrap(), u16::MAX);
+        for value in [65536, u32::MAX] {
+            let err = label_value(value).unwrap_err();
+            assert!(
+                matches!(err, Error::InvalidArgument { name: "label", .. }),
+                "{err:?}"
+            );
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "invalid label: {value} does not fit a 16-bit label map (labels are 0 to 65535)"
+                )
+            );
+        }
+    }
 
     #[test]
     fn threshold_argmax_and_ties() {

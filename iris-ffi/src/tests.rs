@@ -298,7 +298,11 @@ fn views_with_bad_dims_sizes_and_fields_are_refused() {
     );
 
     let (status, _) = dice(&good, &good, 70_000);
-    expect(status, IrisStatus::IrisErrorInvalidArgument, &["70000"]);
+    expect(
+        status,
+        IrisStatus::IrisErrorInvalidArgument,
+        &["70000", "16-bit label map"],
+    );
 }
 
 #[test]

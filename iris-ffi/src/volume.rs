@@ -3,6 +3,7 @@
 
 use core::ffi::c_char;
 
+use iris_core::labels::label_value;
 use iris_core::metrics::dice_per_class;
 use iris_core::nifti::{self, NiftiInfo};
 use iris_core::volume::{Geometry, Image, LabelMap, Volume};
@@ -200,9 +201,11 @@ pub unsafe extern "C" fn iris_dice(
         let a = unsafe { check_view(a, "a") }?.to_labels("a")?;
         // SAFETY: as above.
         let b = unsafe { check_view(b, "b") }?.to_labels("b")?;
-        let value = u16::try_from(label)
-            .map_err(|_| Failure::invalid(format!("`label` {label} is above 65535")))?;
-        match dice_per_class(&a, &b, &[value])?.first().copied().flatten() {
+        match dice_per_class(&a, &b, &[label_value(label)?])?
+            .first()
+            .copied()
+            .flatten()
+        {
             Some(score) => {
                 *dice = score;
                 Ok(())

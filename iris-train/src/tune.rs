@@ -347,18 +347,7 @@ fn prepare_cases(
     let labels = task
         .classes()
         .iter()
-        .map(|class| {
-            u16::try_from(class.label()).map_err(|_| {
-                Error::invalid(
-                    "class label",
-                    format!(
-                        "class {:?} has label {}, which does not fit a 16-bit label map",
-                        class.name(),
-                        class.label()
-                    ),
-                )
-            })
-        })
+        .map(|class| iris_core::labels::label_value(class.label()))
         .collect::<Result<Vec<_>, _>>()?;
     let [d, h, w] = config.patch_size;
     cases

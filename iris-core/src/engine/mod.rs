@@ -61,6 +61,7 @@ use crate::embedding::{
 };
 use crate::error::{Error, Result};
 use crate::irisemb;
+use crate::labels::label_value;
 use crate::preprocess::IntensityPolicy;
 use crate::volume::{Image, LabelMap};
 use graphs::{Dim, Graph, Port};
@@ -338,18 +339,7 @@ impl Model {
         let class_labels = task
             .classes()
             .iter()
-            .map(|c| {
-                u16::try_from(c.label()).map_err(|_| {
-                    Error::invalid(
-                        "class label",
-                        format!(
-                            "class {:?} has label {}, which does not fit a 16-bit label map",
-                            c.name(),
-                            c.label()
-                        ),
-                    )
-                })
-            })
+            .map(|c| label_value(c.label()))
             .collect::<Result<Vec<_>>>()?;
         let intensity = options.intensity.unwrap_or(task.preprocessing().intensity);
         let per_run = match options

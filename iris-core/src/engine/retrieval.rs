@@ -24,6 +24,7 @@ use std::{format, vec};
 use super::{EncodeOptions, Model, SegmentOptions, Segmentation, TaskClass};
 use crate::embedding::{ClassEmbedding, Retrieved, TaskEmbedding, cosine_similarity, top_k};
 use crate::error::{Error, Result};
+use crate::labels::label_value;
 use crate::pipeline;
 use crate::preprocess::IntensityPolicy;
 use crate::volume::{Image, LabelMap};
@@ -340,7 +341,7 @@ impl Model {
         let present = predicted.labels_present();
         let found: Vec<TaskClass> = labels
             .iter()
-            .filter_map(|&l| u16::try_from(l).ok())
+            .filter_map(|&l| label_value(l).ok())
             .filter(|l| present.binary_search(l).is_ok())
             .map(|l| TaskClass::new(l, ""))
             .collect();

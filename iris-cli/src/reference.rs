@@ -1,54 +1,17 @@
-//! `--model DIR`, `--modality`, and reading a reference for encoding.
+//! `--modality`, and a reference image with its label map encoded into a
+//! task embedding (`iris encode`, `iris segment --ref-image`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use iris_core::Model;
 use iris_core::embedding::TaskEmbedding;
 use iris_core::engine::{EncodeOptions, TaskClass};
-use iris_core::nifti;
 use iris_core::preprocess::IntensityPolicy;
-use iris_core::volume::{Image, LabelMap};
+use iris_core::volume::LabelMap;
 
-use crate::failure::{BAD_INPUT, Failure, MODEL, USAGE};
-
-/// The model used when neither `--model` nor `IRIS_MODEL` names one: the
-/// workspace's `models/iris-tiny`, fixed when `iris` is built.
-pub const DEFAULT_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/iris-tiny");
-
-/// `--model DIR`.
-#[derive(clap::Args)]
-pub struct ModelArgs {
-    /// Model folder (manifest.json and the three ONNX graphs); default: the
-    /// workspace's models/iris-tiny.
-    #[arg(long, env = "IRIS_MODEL", value_name = "DIR")]
-    model: Option<PathBuf>,
-}
-
-impl ModelArgs {
-    /// Loads the model, or fails with [`MODEL`] naming the folder.
-    pub fn load(&self) -> Result<Model, Failure> {
-        let dir = self
-            .model
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL));
-        if !dir.join(iris_core::engine::MANIFEST_FILE).is_file() {
-            return Err(Failure::new(
-                MODEL,
-                format!(
-                    "no model at {}: pass --model DIR or set IRIS_MODEL",
-                    dir.display()
-                ),
-            ));
-        }
-        Model::load(&dir).map_err(|e| {
-            Failure::new(
-                MODEL,
-                format!("cannot load the model in {}: {e}", dir.display()),
-            )
-        })
-    }
-}
+use crate::failure::{BAD_INPUT, Failure, USAGE};
+use crate::input::read_pair;
 
 /// `--modality`: which intensity policy normalises the images.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -73,31 +36,6 @@ impl Modality {
             Modality::Auto => None,
         }
     }
-}
-
-/// Reads a NIfTI image and refuses NaN or infinite voxels, naming the file.
-pub fn read_image(path: &Path) -> Result<(Image, nifti::NiftiInfo), Failure> {
-    let (image, info) = nifti::read_image(path).map_err(|e| Failure::input(path, e))?;
-    image
-        .ensure_finite("image")
-        .map_err(|e| Failure::input(path, e))?;
-    Ok((image, info))
-}
-
-/// Reads a reference image and its label map and checks that they share a
-/// grid, naming the files.
-pub fn read_pair(image: &Path, labels: &Path) -> Result<(Image, LabelMap), Failure> {
-    let (pixels, _) = read_image(image)?;
-    let map = crate::eval::read_labels(labels)?;
-    let what = format!(
-        "label map {} vs image {}",
-        labels.display(),
-        image.display()
-    );
-    pixels
-        .ensure_same_grid(&map, &what)
-        .map_err(|e| Failure::input(labels, e))?;
-    Ok((pixels, map))
 }
 
 /// A reference image and label map to encode.
@@ -206,14 +144,4 @@ impl Reference<'_> {
             })
             .collect())
     }
-}
-
-/// The classes of `task` as `label "name"` pairs, comma separated, for the
-/// one-line summaries of the commands that write an `.irisemb`.
-pub fn class_list(task: &TaskEmbedding) -> String {
-    task.classes()
-        .iter()
-        .map(|c| format!("{} {:?}", c.label(), c.name()))
-        .collect::<Vec<_>>()
-        .join(", ")
 }

@@ -1,0 +1,101 @@
+//! Reading the input files: the model folder (`--model DIR`), NIfTI images
+//! and label maps, and `.irisemb` files. Every reader fails with one line
+//! naming the file and the exit code of [`crate::failure`]: [`MODEL`] for
+//! the model folder or an embedding of another model,
+//! [`BAD_INPUT`](crate::failure::BAD_INPUT) for a file that cannot be read
+//! or used (see [`Failure::input`]).
+
+use std::path::{Path, PathBuf};
+
+use iris_core::Model;
+use iris_core::embedding::TaskEmbedding;
+use iris_core::irisemb;
+use iris_core::nifti;
+use iris_core::volume::{Image, LabelMap};
+
+use crate::failure::{Failure, MODEL};
+
+/// The model used when neither `--model` nor `IRIS_MODEL` names one: the
+/// workspace's `models/iris-tiny`, fixed when `iris` is built.
+pub const DEFAULT_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/iris-tiny");
+
+/// `--model DIR`.
+#[derive(clap::Args)]
+pub struct ModelArgs {
+    /// Model folder (manifest.json and the three ONNX graphs); default: the
+    /// workspace's models/iris-tiny.
+    #[arg(long, env = "IRIS_MODEL", value_name = "DIR")]
+    model: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    /// Loads the model, or fails with [`MODEL`] naming the folder.
+    pub fn load(&self) -> Result<Model, Failure> {
+        let dir = self
+            .model
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL));
+        if !dir.join(iris_core::engine::MANIFEST_FILE).is_file() {
+            return Err(Failure::new(
+                MODEL,
+                format!(
+                    "no model at {}: pass --model DIR or set IRIS_MODEL",
+                    dir.display()
+                ),
+            ));
+        }
+        Model::load(&dir).map_err(|e| {
+            Failure::new(
+                MODEL,
+                format!("cannot load the model in {}: {e}", dir.display()),
+            )
+        })
+    }
+}
+
+/// Reads a NIfTI image and refuses NaN or infinite voxels, naming the file.
+pub fn read_image(path: &Path) -> Result<(Image, nifti::NiftiInfo), Failure> {
+    let (image, info) = nifti::read_image(path).map_err(|e| Failure::input(path, e))?;
+    image
+        .ensure_finite("image")
+        .map_err(|e| Failure::input(path, e))?;
+    Ok((image, info))
+}
+
+/// Reads a NIfTI label map; any problem is a failure naming the file.
+pub fn read_labels(path: &Path) -> Result<LabelMap, Failure> {
+    nifti::read_labels(path)
+        .map(|(labels, _)| labels)
+        .map_err(|e| Failure::input(path, e))
+}
+
+/// Reads a reference image and its label map and checks that they share a
+/// grid, naming the files.
+pub fn read_pair(image: &Path, labels: &Path) -> Result<(Image, LabelMap), Failure> {
+    let (pixels, _) = read_image(image)?;
+    let map = read_labels(labels)?;
+    let what = format!(
+        "label map {} vs image {}",
+        labels.display(),
+        image.display()
+    );
+    pixels
+        .ensure_same_grid(&map, &what)
+        .map_err(|e| Failure::input(labels, e))?;
+    Ok((pixels, map))
+}
+
+/// Reads a `.irisemb` file; any problem is a failure naming the file.
+pub fn read_task(path: &Path) -> Result<TaskEmbedding, Failure> {
+    irisemb::read_file(path).map_err(|e| Failure::input(path, e))
+}
+
+/// Reads a `.irisemb` file and checks that `model` made it; an embedding of
+/// another model is a [`MODEL`] failure (see [`Failure::input`]), naming the
+/// file like any other problem.
+pub fn read_task_for_model(path: &Path, model: &Model) -> Result<TaskEmbedding, Failure> {
+    let task = read_task(path)?;
+    task.ensure_model(model.fingerprint())
+        .map_err(|e| Failure::input(path, e))?;
+    Ok(task)
+}
