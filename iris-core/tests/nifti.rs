@@ -593,6 +593,39 @@ fn damaged_files_are_clear_errors() {
     }
 }
 
+/// A `.nii.gz` is checked to its gzip trailer (CRC-32 and length, as
+/// Python's gzip does): a cut or zeroed trailer and a wrong CRC are errors,
+/// and no single flipped byte anywhere in the stream yields other voxels
+/// without an error.
+#[test]
+fn gzip_damage_is_never_silent() {
+    let good = small_file();
+    let expected = decode_bytes(&good).expect("valid").0;
+    let gz = gzip(&good);
+    let n = gz.len();
+    let mut zeroed = gz.clone();
+    zeroed[n - 8..].fill(0);
+    let mut crc = gz.clone();
+    crc[n - 8] ^= 0x01;
+    let mut length = gz.clone();
+    length[n - 1] ^= 0x40;
+    for (what, bytes) in [
+        ("trailer cut", gz[..n - 8].to_vec()),
+        ("trailer zeroed", zeroed),
+        ("CRC wrong", crc),
+        ("length wrong", length),
+    ] {
+        assert!(decode_bytes(&bytes).is_err(), "{what} read without error");
+    }
+    for i in 10..n {
+        let mut flipped = gz.clone();
+        flipped[i] ^= 0x5a;
+        if let Ok((image, _)) = decode_bytes(&flipped) {
+            assert_eq!(image, expected, "byte {i} flipped: other voxels, no error");
+        }
+    }
+}
+
 #[test]
 fn file_errors_name_the_file() {
     let dir = TempDir::new("nifti-files");
