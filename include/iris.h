@@ -40,7 +40,7 @@
  * ABI minor version: grows when functions or struct fields are added. A
  * program runs on a library whose minor is at least its own.
  */
-#define IRIS_ABI_VERSION_MINOR 1
+#define IRIS_ABI_VERSION_MINOR 2
 
 /**
  * Major version of the iris library this header belongs to.
@@ -137,6 +137,11 @@ typedef enum IrisStatus {
    * score was asked for a label absent from both maps.
    */
   IRIS_ERROR_EMPTY_MASK = 13,
+  /**
+   * The caller's `cancel` callback asked to stop; nothing was returned
+   * or written (ABI 0.2).
+   */
+  IRIS_ERROR_CANCELLED = 14,
 } IrisStatus;
 
 /**
@@ -325,6 +330,16 @@ typedef struct IrisEncodeOptions {
 typedef void (*IrisProgressFn)(uint64_t done, uint64_t total, void *user);
 
 /**
+ * Asked by `iris_segment` and `iris_retrieve` before every sliding window
+ * (and once after the last) with `cancel_user`: non-zero stops the run,
+ * which returns `IRIS_ERROR_CANCELLED` and writes none of its outputs. It
+ * may be called from a thread other than the caller's, should return
+ * quickly (read a flag the viewer's cancel button sets) and must return
+ * normally (no longjmp, no C++ exception). ABI 0.2.
+ */
+typedef int (*IrisCancelFn)(void *user);
+
+/**
  * Settings of `iris_segment`. Initialise with
  * `iris_segment_options_default`, then change fields.
  */
@@ -361,9 +376,19 @@ typedef struct IrisSegmentOptions {
    */
   void *progress_user;
   /**
+   * Cancellation callback, or NULL (the default). ABI 0.2: in the first
+   * two reserved words of ABI 0.1, so older callers (zeros there) get
+   * NULL.
+   */
+  IrisCancelFn cancel;
+  /**
+   * Passed to `cancel` unchanged; borrowed. Default NULL.
+   */
+  void *cancel_user;
+  /**
    * Must be zero (room for later fields).
    */
-  uint64_t reserved[8];
+  uint64_t reserved[6];
 } IrisSegmentOptions;
 
 /**

@@ -104,6 +104,7 @@ impl SettingsArgs {
             probabilities: outputs.probabilities.is_some(),
             classes_per_forward: self.classes_per_forward.map(|n| n as usize),
             progress: Some(progress),
+            ..SegmentOptions::default()
         }
     }
 }

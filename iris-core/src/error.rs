@@ -61,6 +61,9 @@ pub enum Error {
         /// The label value that has no voxels (0: no non-zero label at all).
         label: u32,
     },
+    /// The caller asked to stop (`SegmentOptions::cancel`); nothing was
+    /// returned or written.
+    Cancelled,
     /// An operating-system level I/O error, with the path involved.
     #[cfg(feature = "std")]
     Io {
@@ -165,6 +168,7 @@ impl fmt::Display for Error {
             Error::NonFinite { what, count } => {
                 write!(f, "{what} contains {count} NaN or infinite value(s)")
             }
+            Error::Cancelled => write!(f, "cancelled by the caller"),
             Error::EmptyMask { label: 0 } => {
                 write!(f, "the reference mask has no foreground (non-zero) voxels")
             }

@@ -76,6 +76,11 @@ pub struct SegmentOptions {
     pub classes_per_forward: Option<usize>,
     /// Called after every window with the windows done so far and the total.
     pub progress: Option<Arc<dyn Fn(Progress) + Send + Sync>>,
+    /// Asked before every window (and before the work after the last one)
+    /// whether to stop: `true` ends the run with [`Error::Cancelled`],
+    /// nothing half-done is returned. For a viewer's "cancel" button: keep
+    /// it cheap (read a flag).
+    pub cancel: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
 }
 
 impl Default for SegmentOptions {
@@ -88,6 +93,7 @@ impl Default for SegmentOptions {
             probabilities: false,
             classes_per_forward: None,
             progress: None,
+            cancel: None,
         }
     }
 }
@@ -102,7 +108,21 @@ impl core::fmt::Debug for SegmentOptions {
             .field("probabilities", &self.probabilities)
             .field("classes_per_forward", &self.classes_per_forward)
             .field("progress", &self.progress.as_ref().map(|_| "Fn(Progress)"))
+            .field("cancel", &self.cancel.as_ref().map(|_| "Fn() -> bool"))
             .finish()
+    }
+}
+
+impl SegmentOptions {
+    /// [`Error::Cancelled`] if [`cancel`](Self::cancel) says to stop.
+    ///
+    /// # Errors
+    /// [`Error::Cancelled`] when the caller asked to stop.
+    pub fn check_cancel(&self) -> Result<()> {
+        match &self.cancel {
+            Some(cancel) if cancel() => Err(Error::Cancelled),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -363,6 +383,7 @@ pub fn segment_with(
     }
     let total = plan.len();
     for window in plan.windows() {
+        options.check_cancel()?;
         let input = plan.extract(image.data().view(), window.index, 0.0)?;
         let mut logits = run(&input)?;
         let nan = logits.iter().filter(|v| v.is_nan()).count();
@@ -381,6 +402,7 @@ pub fn segment_with(
             });
         }
     }
+    options.check_cancel()?;
     drop(image);
     let mut labels = LabelMap::with_geometry(blender.finish()?, grid)?;
     if options.largest_component {
@@ -610,6 +632,51 @@ mod tests {
         let seen = seen.lock().expect("log").clone();
         let total = got.windows;
         assert_eq!(seen, (1..=total).map(|d| (d, total)).collect::<Vec<_>>());
+    }
+
+    /// `cancel` is asked before every window and after the last: once it
+    /// says stop, no further window runs and the run ends in
+    /// `Error::Cancelled`; asked too late (after the last window) it still
+    /// returns nothing.
+    #[test]
+    fn cancel_stops_before_the_next_window() {
+        let data = (0..40 * 40 * 40).map(|i| (i % 7) as f32).collect();
+        let query = Image::from_vec([40; 3], Affine::from_spacing([SPACING; 3]), data)
+            .expect("valid image");
+        let calls = Arc::new(Mutex::new(0usize));
+        let stop_after = |windows: usize| {
+            let calls = Arc::clone(&calls);
+            *calls.lock().expect("calls") = 0;
+            let cancel: Arc<dyn Fn() -> bool + Send + Sync> =
+                Arc::new(move || *calls.lock().expect("calls") >= windows);
+            SegmentOptions {
+                cancel: Some(cancel),
+                ..SegmentOptions::default()
+            }
+        };
+        let counting = |window: &Array3<f32>| {
+            *calls.lock().expect("calls") += 1;
+            Ok(vec![-1.0; LABELS.len() * window.len()])
+        };
+        let go = |options: &SegmentOptions| {
+            segment_with(
+                &query,
+                SPACING,
+                PATCH,
+                &LABELS,
+                IntensityPolicy::MR,
+                options,
+                counting,
+            )
+        };
+        let all = go(&SegmentOptions::default()).expect("segments").windows;
+        assert!(all > 3);
+        for stop in [0, 2, all] {
+            let err = go(&stop_after(stop)).expect_err("cancelled");
+            assert!(matches!(err, Error::Cancelled), "{err}");
+            assert_eq!(*calls.lock().expect("calls"), stop, "windows run");
+        }
+        assert!(go(&stop_after(all + 1)).is_ok());
     }
 
     #[test]

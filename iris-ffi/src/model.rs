@@ -1,7 +1,7 @@
 //! `IrisModel`: loading a model folder, encoding tasks from references and
 //! segmenting queries.
 
-use core::ffi::{c_char, c_void};
+use core::ffi::{c_char, c_int, c_void};
 use std::sync::Arc;
 
 use iris_core::preprocess::IntensityPolicy;
@@ -70,6 +70,14 @@ impl Versioned for IrisEncodeOptions {
 /// C++ exception).
 pub type IrisProgressFn = Option<unsafe extern "C" fn(done: u64, total: u64, user: *mut c_void)>;
 
+/// Asked by `iris_segment` and `iris_retrieve` before every sliding window
+/// (and once after the last) with `cancel_user`: non-zero stops the run,
+/// which returns `IRIS_ERROR_CANCELLED` and writes none of its outputs. It
+/// may be called from a thread other than the caller's, should return
+/// quickly (read a flag the viewer's cancel button sets) and must return
+/// normally (no longjmp, no C++ exception). ABI 0.2.
+pub type IrisCancelFn = Option<unsafe extern "C" fn(user: *mut c_void) -> c_int>;
+
 /// Settings of `iris_segment`. Initialise with
 /// `iris_segment_options_default`, then change fields.
 #[repr(C)]
@@ -92,8 +100,14 @@ pub struct IrisSegmentOptions {
     pub progress: IrisProgressFn,
     /// Passed to `progress` unchanged; borrowed. Default NULL.
     pub progress_user: *mut c_void,
+    /// Cancellation callback, or NULL (the default). ABI 0.2: in the first
+    /// two reserved words of ABI 0.1, so older callers (zeros there) get
+    /// NULL.
+    pub cancel: IrisCancelFn,
+    /// Passed to `cancel` unchanged; borrowed. Default NULL.
+    pub cancel_user: *mut c_void,
     /// Must be zero (room for later fields).
-    pub reserved: [u64; 8],
+    pub reserved: [u64; 6],
 }
 
 impl Versioned for IrisSegmentOptions {
@@ -119,6 +133,26 @@ impl CallerProgress {
 unsafe impl Send for CallerProgress {}
 // SAFETY: as above.
 unsafe impl Sync for CallerProgress {}
+
+/// The caller's cancellation callback, which the header requires to be
+/// callable from any thread.
+struct CallerCancel {
+    callback: unsafe extern "C" fn(*mut c_void) -> c_int,
+    user: *mut c_void,
+}
+
+impl CallerCancel {
+    fn asks_to_stop(&self) -> bool {
+        // SAFETY: the caller's callback, called as IrisCancelFn documents.
+        unsafe { (self.callback)(self.user) != 0 }
+    }
+}
+
+// SAFETY: `IrisCancelFn`'s contract makes the callback and its user pointer
+// usable from any thread; libiris never dereferences `user`.
+unsafe impl Send for CallerCancel {}
+// SAFETY: as above.
+unsafe impl Sync for CallerCancel {}
 
 /// Fills `options` with the defaults of every field (including
 /// `struct_size`).
@@ -162,7 +196,9 @@ pub unsafe extern "C" fn iris_segment_options_default(
             overlap: defaults.overlap,
             progress: None,
             progress_user: core::ptr::null_mut(),
-            reserved: [0; 8],
+            cancel: None,
+            cancel_user: core::ptr::null_mut(),
+            reserved: [0; 6],
         };
         Ok(())
     })
@@ -621,6 +657,13 @@ pub(crate) unsafe fn segment_settings(
                 user: o.progress_user,
             };
             settings.progress = Some(Arc::new(move |p: Progress| caller.call(p)));
+        }
+        if let Some(callback) = o.cancel {
+            let caller = CallerCancel {
+                callback,
+                user: o.cancel_user,
+            };
+            settings.cancel = Some(Arc::new(move || caller.asks_to_stop()));
         }
     }
     Ok(settings)

@@ -58,10 +58,13 @@ pub enum IrisStatus {
     /// A reference label map has no voxel of a requested class, or a Dice
     /// score was asked for a label absent from both maps.
     IrisErrorEmptyMask = 13,
+    /// The caller's `cancel` callback asked to stop; nothing was returned
+    /// or written (ABI 0.2).
+    IrisErrorCancelled = 14,
 }
 
 impl IrisStatus {
-    const ALL: [IrisStatus; 14] = [
+    const ALL: [IrisStatus; 15] = [
         IrisStatus::IrisOk,
         IrisStatus::IrisErrorNullPointer,
         IrisStatus::IrisErrorInvalidArgument,
@@ -76,6 +79,7 @@ impl IrisStatus {
         IrisStatus::IrisErrorTooLarge,
         IrisStatus::IrisErrorNonFinite,
         IrisStatus::IrisErrorEmptyMask,
+        IrisStatus::IrisErrorCancelled,
     ];
 
     /// The C name, NUL-terminated.
@@ -95,6 +99,7 @@ impl IrisStatus {
             IrisStatus::IrisErrorTooLarge => c"IRIS_ERROR_TOO_LARGE",
             IrisStatus::IrisErrorNonFinite => c"IRIS_ERROR_NON_FINITE",
             IrisStatus::IrisErrorEmptyMask => c"IRIS_ERROR_EMPTY_MASK",
+            IrisStatus::IrisErrorCancelled => c"IRIS_ERROR_CANCELLED",
         }
     }
 }
@@ -149,6 +154,7 @@ impl From<Error> for Failure {
             Error::NonFinite { .. } => IrisStatus::IrisErrorNonFinite,
             Error::EmptyMask { .. } => IrisStatus::IrisErrorEmptyMask,
             Error::Io { .. } => IrisStatus::IrisErrorIo,
+            Error::Cancelled => IrisStatus::IrisErrorCancelled,
             // The engine's own failures, and any variant added later.
             _ => IrisStatus::IrisErrorInference,
         };

@@ -99,7 +99,8 @@ fn status_names_are_the_c_names() {
         "IRIS_ERROR_EMPTY_MASK"
     );
     assert_eq!(name(13), "IRIS_ERROR_EMPTY_MASK");
-    assert_eq!(name(14), "IRIS_ERROR_UNKNOWN");
+    assert_eq!(name(14), "IRIS_ERROR_CANCELLED");
+    assert_eq!(name(15), "IRIS_ERROR_UNKNOWN");
     assert_eq!(name(-1), "IRIS_ERROR_UNKNOWN");
     // The values are part of the ABI: never renumbered.
     let fixed = [
@@ -618,7 +619,9 @@ fn options_defaults_and_their_checks() {
         (o.modality, o.threshold, o.largest_component, o.overlap),
         (0, 0.5, 1, 0.5)
     );
-    assert!(o.progress.is_none() && o.reserved == [0; 8]);
+    assert!(o.progress.is_none() && o.cancel.is_none() && o.reserved == [0; 6]);
+    // ABI 0.2 took `cancel` out of reserved words: the size is ABI 0.1's.
+    assert_eq!(size_of::<IrisSegmentOptions>(), 104);
     let mut e = core::mem::MaybeUninit::<IrisEncodeOptions>::uninit();
     // SAFETY: writes the whole struct.
     expect(

@@ -224,6 +224,112 @@ fn encode_and_segment_match_the_rust_api() {
     assert!(task.is_null() && model.is_null());
 }
 
+/// A viewer's cancel button: the `cancel` callback is asked before every
+/// window; once it says stop, `iris_segment` returns IRIS_ERROR_CANCELLED,
+/// decodes no further window and leaves the caller's buffers untouched.
+#[test]
+fn segment_stops_when_the_caller_cancels() {
+    let dir = TempDir::new("model-cancel");
+    fixture::model(dir.path(), 4);
+    let model = load(dir.path());
+    let inputs = inputs();
+    let task = encode(model, &inputs, &[]);
+    let mut a = [0.0; 16];
+    let query = view(&inputs.query, IrisDataType::F32, &mut a);
+    let n = inputs.query.geometry().len();
+
+    /// Windows done so far; the cancel callback stops the run after 2.
+    struct Run {
+        done: AtomicU64,
+        asked: AtomicU64,
+    }
+    unsafe extern "C" fn progress(_done: u64, _total: u64, user: *mut c_void) {
+        // SAFETY: `user` is the Run below, alive during iris_segment.
+        unsafe { &*user.cast::<Run>() }
+            .done
+            .fetch_add(1, Ordering::Relaxed);
+    }
+    unsafe extern "C" fn cancel(user: *mut c_void) -> core::ffi::c_int {
+        // SAFETY: as above.
+        let run = unsafe { &*user.cast::<Run>() };
+        run.asked.fetch_add(1, Ordering::Relaxed);
+        core::ffi::c_int::from(run.done.load(Ordering::Relaxed) >= 2)
+    }
+    let run = Run {
+        done: AtomicU64::new(0),
+        asked: AtomicU64::new(0),
+    };
+    let mut options = core::mem::MaybeUninit::<IrisSegmentOptions>::uninit();
+    // SAFETY: fills the struct.
+    unsafe { iris_segment_options_default(options.as_mut_ptr()) };
+    // SAFETY: initialised above.
+    let mut options = unsafe { options.assume_init() };
+    let user = (&raw const run).cast_mut().cast();
+    options.progress = Some(progress);
+    options.progress_user = user;
+    options.cancel = Some(cancel);
+    options.cancel_user = user;
+    let mut labels = vec![0xAAu8; n];
+    let mut probabilities = vec![-1.0f32; 2 * n];
+    // SAFETY: live model, view, task; buffers of the stated sizes.
+    let status = unsafe {
+        iris_segment(
+            model,
+            &query,
+            task,
+            &options,
+            IrisDataType::U8 as u32,
+            labels.as_mut_ptr().cast(),
+            labels.len() as u64,
+            probabilities.as_mut_ptr(),
+            probabilities.len() as u64,
+        )
+    };
+    expect(status, IrisStatus::IrisErrorCancelled, &["cancelled"]);
+    assert_eq!(run.done.load(Ordering::Relaxed), 2, "no window after stop");
+    assert_eq!(run.asked.load(Ordering::Relaxed), 3);
+    assert!(labels.iter().all(|&l| l == 0xAA), "labels untouched");
+    assert!(probabilities.iter().all(|&p| p == -1.0), "maps untouched");
+
+    // A callback that never stops changes nothing.
+    unsafe extern "C" fn never(_user: *mut c_void) -> core::ffi::c_int {
+        0
+    }
+    options.cancel = Some(never);
+    // SAFETY: as above.
+    let status = unsafe {
+        iris_segment(
+            model,
+            &query,
+            task,
+            &options,
+            IrisDataType::U8 as u32,
+            labels.as_mut_ptr().cast(),
+            labels.len() as u64,
+            null_mut(),
+            0,
+        )
+    };
+    expect(status, IrisStatus::IrisOk, &[]);
+    let rust = Model::load(dir.path()).expect("loads");
+    let expected = rust
+        .segment(
+            &inputs.query,
+            &fixture::encode(&rust, &inputs.image, &inputs.labels),
+            &SegmentOptions::default(),
+        )
+        .expect("segments");
+    let want: Vec<u8> = expected.labels.data().iter().map(|&l| l as u8).collect();
+    assert_eq!(labels, want);
+
+    let (mut task, mut model) = (task, model);
+    // SAFETY: both live; freed once.
+    unsafe {
+        iris_task_free(&mut task);
+        iris_model_free(&mut model);
+    }
+}
+
 #[test]
 fn a_task_of_another_model_is_refused() {
     let dir = TempDir::new("model-mismatch");
