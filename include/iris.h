@@ -316,9 +316,16 @@ typedef struct IrisEncodeOptions {
    */
   uint32_t modality;
   /**
+   * Most bytes encoding may hold at once (the reference in canonical
+   * orientation and resampled), checked before it allocates: more is
+   * `IRIS_ERROR_TOO_LARGE` with the size needed. 0 (the default): 4 GiB.
+   * ABI 0.2, in ABI 0.1's first reserved word.
+   */
+  uint64_t memory_budget;
+  /**
    * Must be zero (room for later fields).
    */
-  uint64_t reserved[8];
+  uint64_t reserved[7];
 } IrisEncodeOptions;
 
 /**
@@ -386,9 +393,23 @@ typedef struct IrisSegmentOptions {
    */
   void *cancel_user;
   /**
+   * Most bytes a segmentation may hold at once (canonical copy,
+   * resampled volume, blending, labels and probability maps; not the
+   * network's working memory), estimated from the query's header before
+   * anything is allocated: more is `IRIS_ERROR_TOO_LARGE` with the size
+   * needed. 0 (the default): 4 GiB. ABI 0.2.
+   */
+  uint64_t memory_budget;
+  /**
+   * Most sliding windows a query may need (its header sets how many):
+   * more is `IRIS_ERROR_TOO_LARGE`, before any window runs. 0 (the
+   * default): 10 000. ABI 0.2.
+   */
+  uint64_t max_windows;
+  /**
    * Must be zero (room for later fields).
    */
-  uint64_t reserved[6];
+  uint64_t reserved[4];
 } IrisSegmentOptions;
 
 /**

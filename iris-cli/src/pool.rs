@@ -198,6 +198,7 @@ impl Layout {
         let wanted = resolve(keys, names, &source)?;
         let options = EncodeOptions {
             intensity: modality.policy(),
+            ..EncodeOptions::default()
         };
         let bar = progress_bar(quiet, CASES);
         bar.set_length(cases.len() as u64);

@@ -66,6 +66,7 @@ impl Reference<'_> {
         let start = Instant::now();
         let options = EncodeOptions {
             intensity: self.modality.policy(),
+            ..EncodeOptions::default()
         };
         let task = model
             .encode_task(&image, &labels, &classes, &options)

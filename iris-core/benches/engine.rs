@@ -402,6 +402,7 @@ fn scenario(model: &Model, memory: &mut PeakMemory) -> BenchResult<()> {
     let reference = &sources[ch2];
     let encode = EncodeOptions {
         intensity: Some(IntensityPolicy::MR),
+        ..EncodeOptions::default()
     };
     // All classes in one decoder run, as the paper's Table 3 measures (a
     // model's manifest may ask for groups: `classes_per_forward`).

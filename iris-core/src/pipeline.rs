@@ -38,6 +38,7 @@
 //! # Ok::<(), iris_core::Error>(())
 //! ```
 
+use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use alloc::{format, vec};
@@ -47,11 +48,93 @@ use ndarray::{Array3, Axis, s};
 use crate::error::{Error, Result};
 use crate::labels::{check_class_labels, keep_largest_components};
 use crate::preprocess::{
-    IntensityPolicy, LabelSelection, Reorientation, canonical, crop_or_pad, reference_crop,
-    resample_image, resample_labels, target_geometry,
+    IntensityPolicy, LabelSelection, Reorientation, crop_or_pad, reference_crop, resample_image,
+    resample_labels, target_geometry,
 };
 use crate::volume::{Image, LabelMap, MAX_VOXELS, checked_voxel_count};
 use crate::window::{BlendOptions, Blender, WindowPlan};
+
+/// What one input may ask of the pipeline, checked before any large
+/// allocation or any window runs: a header cannot make a library inside a
+/// viewer take more memory or time than its caller allows. Exceeding a limit
+/// is [`Error::TooLarge`] naming what was needed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Most bytes the pipeline may hold at once for one call: the volumes it
+    /// makes (canonical copy, resampled volume, blending, labels and
+    /// probability maps), estimated from the geometry before allocating.
+    /// The network's own working memory is not counted. Default
+    /// [`DEFAULT_MEMORY_BUDGET`] (4 GiB).
+    pub memory_bytes: u64,
+    /// Most sliding windows one query may need. Default
+    /// [`DEFAULT_MAX_WINDOWS`].
+    pub windows: usize,
+}
+
+/// [`Limits::memory_bytes`] by default: 4 GiB, what a viewer can lend one
+/// segmentation (a 512 x 512 x 300 CT with ten classes at 1.5 mm needs
+/// about 1.1 GiB; a 2000-slice whole-body CT needs a larger budget).
+pub const DEFAULT_MEMORY_BUDGET: u64 = 4 << 30;
+
+/// [`Limits::windows`] by default: 10 000 windows (a whole-body CT at 1.5 mm
+/// takes about 500 windows of 128^3).
+pub const DEFAULT_MAX_WINDOWS: usize = 10_000;
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory_bytes: DEFAULT_MEMORY_BUDGET,
+            windows: DEFAULT_MAX_WINDOWS,
+        }
+    }
+}
+
+impl Limits {
+    /// [`Error::TooLarge`] when `bytes` (a `u128` sum that cannot overflow)
+    /// exceed the memory budget.
+    fn check_memory(&self, what: &'static str, bytes: u128, detail: &str) -> Result<()> {
+        if bytes <= u128::from(self.memory_bytes) {
+            return Ok(());
+        }
+        Err(Error::TooLarge {
+            what,
+            detail: format!(
+                "{detail} needs about {} of memory, over the budget of {} \
+                 (Limits::memory_bytes)",
+                gib(bytes),
+                gib(u128::from(self.memory_bytes))
+            ),
+        })
+    }
+
+    /// [`Error::TooLarge`] when `plan` has more windows than allowed.
+    fn check_windows(&self, plan: &WindowPlan, spacing_mm: f64) -> Result<()> {
+        if plan.len() <= self.windows {
+            return Ok(());
+        }
+        Err(Error::TooLarge {
+            what: "sliding windows",
+            detail: format!(
+                "the query needs {} windows ({:?} per axis over {:?} voxels at {spacing_mm} \
+                 mm), over the limit of {} (Limits::windows)",
+                plan.len(),
+                plan.grid(),
+                plan.volume_shape(),
+                self.windows
+            ),
+        })
+    }
+}
+
+/// `bytes` in GiB, for messages.
+fn gib(bytes: u128) -> String {
+    format!("{:.2} GiB", bytes as f64 / f64::from(1u32 << 30))
+}
+
+/// Voxels of a shape, without overflow.
+fn voxels(shape: [usize; 3]) -> u128 {
+    shape.iter().map(|&n| n as u128).product()
+}
 
 /// Settings of a segmentation: of [`segment_with`] and of the engine's
 /// [`Model::segment`](crate::engine::Model::segment).
@@ -81,6 +164,8 @@ pub struct SegmentOptions {
     /// nothing half-done is returned. For a viewer's "cancel" button: keep
     /// it cheap (read a flag).
     pub cancel: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
+    /// Memory and windows one query may ask for (see [`Limits`]).
+    pub limits: Limits,
 }
 
 impl Default for SegmentOptions {
@@ -94,6 +179,7 @@ impl Default for SegmentOptions {
             classes_per_forward: None,
             progress: None,
             cancel: None,
+            limits: Limits::default(),
         }
     }
 }
@@ -109,6 +195,7 @@ impl core::fmt::Debug for SegmentOptions {
             .field("classes_per_forward", &self.classes_per_forward)
             .field("progress", &self.progress.as_ref().map(|_| "Fn(Progress)"))
             .field("cancel", &self.cancel.as_ref().map(|_| "Fn() -> bool"))
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -180,7 +267,9 @@ pub struct ReferenceInput {
 /// a label that vanishes at the model's spacing, or one that lies outside
 /// the crop; [`Error::EmptyMask`] for a label absent from `labels`;
 /// [`Error::NonFinite`] for NaN or infinite voxels; grid mismatches between
-/// image and labels as [`Volume::ensure_same_grid`](crate::volume::Volume::ensure_same_grid).
+/// image and labels as [`Volume::ensure_same_grid`](crate::volume::Volume::ensure_same_grid);
+/// [`Error::TooLarge`] when preparing would take more memory than
+/// `limits` allow (checked before any large allocation).
 pub fn prepare_reference(
     reference: &Image,
     labels: &LabelMap,
@@ -188,6 +277,7 @@ pub fn prepare_reference(
     spacing_mm: f64,
     patch: [usize; 3],
     intensity: Option<IntensityPolicy>,
+    limits: &Limits,
 ) -> Result<ReferenceInput> {
     check_class_labels(class_labels)?;
     reference.ensure_finite("reference image")?;
@@ -208,9 +298,22 @@ pub fn prepare_reference(
         }
         None => IntensityPolicy::detect(reference)?,
     };
-    let (image, reorientation) = canonical(reference)?;
+    let reorientation = Reorientation::plan(reference.geometry())?;
+    let grid = target_geometry(reorientation.canonical_geometry(), spacing_mm)?;
+    // Canonical copies of image (f32) and labels (u16), both resampled.
+    let source = voxels(reference.shape());
+    let target = voxels(grid.shape());
+    limits.check_memory(
+        "reference",
+        6 * source + 6 * target,
+        &format!(
+            "a reference of {:?} voxels, resampled to {:?} at {spacing_mm} mm,",
+            reference.shape(),
+            grid.shape()
+        ),
+    )?;
+    let image = reorientation.apply(reference)?;
     let labels = reorientation.apply(labels)?;
-    let grid = target_geometry(image.geometry(), spacing_mm)?;
     let image = resample_image(&image, &grid)?;
     let resampled = resample_labels(&labels, &grid)?;
     let kept = resampled.labels_present();
@@ -283,9 +386,19 @@ pub(crate) struct QueryInput {
     pub plan: WindowPlan,
 }
 
+/// What a query will hold besides the input: `classes` maps blended, and
+/// with `probabilities` a map per class on both grids.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct QueryOutputs {
+    pub classes: usize,
+    pub probabilities: bool,
+}
+
 /// Prepares a query: canonical orientation, resampling to `spacing_mm`
 /// (trilinear), normalisation of the whole volume with `intensity`, and
-/// windows of `patch` overlapping by `overlap`.
+/// windows of `patch` overlapping by `overlap`; before any of it, the
+/// windows and the memory that `outputs` will need are checked against
+/// `limits`.
 ///
 /// # Errors
 /// [`Error::NonFinite`] for NaN or infinite voxels; [`Error::TooLarge`] for
@@ -297,6 +410,8 @@ pub(crate) fn prepare_query(
     patch: [usize; 3],
     intensity: IntensityPolicy,
     overlap: f64,
+    outputs: QueryOutputs,
+    limits: &Limits,
 ) -> Result<QueryInput> {
     query.ensure_finite("query image")?;
     if !overlap.is_finite() {
@@ -305,17 +420,50 @@ pub(crate) fn prepare_query(
             format!("{overlap} is not a fraction in [0, 1)"),
         ));
     }
-    let (canonical_query, reorientation) = canonical(query)?;
-    let grid = target_geometry(canonical_query.geometry(), spacing_mm)?;
+    let reorientation = Reorientation::plan(query.geometry())?;
+    let grid = target_geometry(reorientation.canonical_geometry(), spacing_mm)?;
+    let plan = WindowPlan::new(grid.shape(), patch, overlap as f32)?;
+    limits.check_windows(&plan, spacing_mm)?;
+    limits.check_memory(
+        "query",
+        query_bytes(query.shape(), &plan, outputs),
+        &format!(
+            "a query of {:?} voxels, resampled to {:?} at {spacing_mm} mm with {} class(es),",
+            query.shape(),
+            grid.shape(),
+            outputs.classes
+        ),
+    )?;
+    let canonical_query = reorientation.apply(query)?;
     let mut image = resample_image(&canonical_query, &grid)?;
     drop(canonical_query);
     intensity.normalize_in_place(&mut image)?;
-    let plan = WindowPlan::new(grid.shape(), patch, overlap as f32)?;
     Ok(QueryInput {
         image,
         reorientation,
         plan,
     })
+}
+
+/// The most bytes a query of `source` voxels holds at once on its way
+/// through `plan` (see `docs/memory.md` for the blending term): the
+/// canonical copy (f32) and the resampled volume (f32), the blender's live
+/// rows (at most a window deep, 16 bits per class) and its label map, the
+/// labels on the way back (u16, three times), and with probabilities a map
+/// per class on both grids (f32).
+fn query_bytes(source: [usize; 3], plan: &WindowPlan, outputs: QueryOutputs) -> u128 {
+    let source = voxels(source);
+    let [d, h, w] = plan.volume_shape();
+    let target = voxels([d, h, w]);
+    let k = outputs.classes as u128;
+    let depth = plan.window_shape()[0].min(d) as u128;
+    let blending = 2 * k * depth * (h as u128) * (w as u128);
+    let probabilities = if outputs.probabilities {
+        4 * k * (target + source)
+    } else {
+        0
+    };
+    4 * source + 4 * target + blending + 2 * target + 2 * target + 4 * source + probabilities
 }
 
 /// The logistic function, `1 / (1 + e^-x)`.
@@ -352,7 +500,18 @@ pub fn segment_with(
         image,
         reorientation,
         plan,
-    } = prepare_query(query, spacing_mm, patch, intensity, options.overlap)?;
+    } = prepare_query(
+        query,
+        spacing_mm,
+        patch,
+        intensity,
+        options.overlap,
+        QueryOutputs {
+            classes: class_labels.len(),
+            probabilities: options.probabilities,
+        },
+        &options.limits,
+    )?;
     let grid = *image.geometry();
     let blend = BlendOptions {
         threshold: options.threshold,
@@ -440,7 +599,7 @@ mod tests {
 
     use super::*;
     use crate::labels::probabilities_to_labels;
-    use crate::preprocess::Reorientation;
+    use crate::preprocess::{Reorientation, canonical};
     use crate::test_support::colin;
     use crate::volume::Affine;
 
@@ -679,6 +838,105 @@ mod tests {
         assert!(go(&stop_after(all + 1)).is_ok());
     }
 
+    /// A header can ask for hours or for gigabytes (an 80^3 volume whose
+    /// pixdim says 80 mm is 1067^3 voxels at 6 mm): refused up front with
+    /// what it needed, before the network runs once or anything large is
+    /// allocated.
+    #[test]
+    fn limits_refuse_what_a_header_asks_before_any_work() {
+        let huge = Image::from_vec(
+            [80; 3],
+            Affine::from_spacing([80.0; 3]),
+            vec![1.0; 80 * 80 * 80],
+        )
+        .expect("valid image");
+        let never = |_: &Array3<f32>| -> Result<Vec<f32>> { panic!("no window may run") };
+        let go = |image: &Image, limits: Limits| {
+            let options = SegmentOptions {
+                limits,
+                ..SegmentOptions::default()
+            };
+            segment_with(
+                image,
+                SPACING,
+                PATCH,
+                &LABELS,
+                IntensityPolicy::MR,
+                &options,
+                never,
+            )
+        };
+        let err = go(&huge, Limits::default())
+            .expect_err("too many windows")
+            .to_string();
+        assert!(
+            err.contains("2352637 windows") && err.contains("limit of 10000"),
+            "{err}"
+        );
+        // The same volume is refused for its memory when windows are free.
+        let windows_free = Limits {
+            windows: usize::MAX,
+            ..Limits::default()
+        };
+        let err = go(&huge, windows_free).expect_err("too large").to_string();
+        assert!(
+            err.contains("[1067, 1067, 1067]") && err.contains("GiB"),
+            "{err}"
+        );
+        assert!(err.contains("budget of 4.00 GiB"), "{err}");
+
+        // A small query against tight limits: both checks name the limit.
+        let small = Image::from_vec(
+            [40; 3],
+            Affine::from_spacing([SPACING; 3]),
+            vec![0.5; 64_000],
+        )
+        .expect("valid image");
+        let err = go(
+            &small,
+            Limits {
+                windows: 3,
+                ..Limits::default()
+            },
+        )
+        .expect_err("windows")
+        .to_string();
+        assert!(
+            err.contains("64 windows") && err.contains("limit of 3"),
+            "{err}"
+        );
+        let err = go(
+            &small,
+            Limits {
+                memory_bytes: 1 << 20,
+                ..Limits::default()
+            },
+        )
+        .expect_err("memory")
+        .to_string();
+        assert!(err.contains("budget of 0.00 GiB"), "{err}");
+
+        // The reference is bounded the same way.
+        let labels = LabelMap::from_vec(
+            [80; 3],
+            Affine::from_spacing([80.0; 3]),
+            vec![7; 80 * 80 * 80],
+        )
+        .expect("valid labels");
+        let err = prepare_reference(
+            &huge,
+            &labels,
+            &[7],
+            SPACING,
+            PATCH,
+            None,
+            &Limits::default(),
+        )
+        .expect_err("too large")
+        .to_string();
+        assert!(err.contains("reference") && err.contains("GiB"), "{err}");
+    }
+
     #[test]
     fn bad_queries_options_and_networks_are_refused() {
         let Some(query) = colin_at_model_spacing() else {
@@ -758,8 +1016,16 @@ mod tests {
         let Some((image, labels)) = colin() else {
             return;
         };
-        let input =
-            prepare_reference(&image, &labels, &NEAR, SPACING, PATCH, None).expect("prepared");
+        let input = prepare_reference(
+            &image,
+            &labels,
+            &NEAR,
+            SPACING,
+            PATCH,
+            None,
+            &Limits::default(),
+        )
+        .expect("prepared");
         assert_eq!(input.intensity, IntensityPolicy::MR, "a T1 is not CT");
         assert_eq!(input.image.shape(), PATCH);
         assert_eq!(input.image.geometry().spacing(), [SPACING; 3]);
@@ -819,8 +1085,16 @@ mod tests {
             assert!(seen[k] > 20, "label {label}: {}", seen[k]);
         }
         // Masks follow the order asked for.
-        let swapped =
-            prepare_reference(&image, &labels, &[78, 77], SPACING, PATCH, None).expect("prepared");
+        let swapped = prepare_reference(
+            &image,
+            &labels,
+            &[78, 77],
+            SPACING,
+            PATCH,
+            None,
+            &Limits::default(),
+        )
+        .expect("prepared");
         assert_eq!(swapped.masks[..voxels], input.masks[voxels..]);
         let ct = prepare_reference(
             &image,
@@ -829,6 +1103,7 @@ mod tests {
             SPACING,
             PATCH,
             Some(IntensityPolicy::CT),
+            &Limits::default(),
         )
         .expect("prepared");
         assert_eq!(ct.intensity, IntensityPolicy::CT);
@@ -841,7 +1116,15 @@ mod tests {
             return;
         };
         let prep = |labels_wanted: &[u16], l: &LabelMap| {
-            prepare_reference(&image, l, labels_wanted, SPACING, PATCH, None)
+            prepare_reference(
+                &image,
+                l,
+                labels_wanted,
+                SPACING,
+                PATCH,
+                None,
+                &Limits::default(),
+            )
         };
         assert!(matches!(
             prep(&[1, 999], &labels),
@@ -872,7 +1155,15 @@ mod tests {
         let mut nan = image.clone();
         nan.data_mut()[[0, 0, 0]] = f32::INFINITY;
         assert!(matches!(
-            prepare_reference(&nan, &labels, &NEAR, SPACING, PATCH, None),
+            prepare_reference(
+                &nan,
+                &labels,
+                &NEAR,
+                SPACING,
+                PATCH,
+                None,
+                &Limits::default()
+            ),
             Err(Error::NonFinite { .. })
         ));
         let other_grid = labels.map(|&v| v);

@@ -4,6 +4,7 @@
 use core::ffi::{c_char, c_int, c_void};
 use std::sync::Arc;
 
+use iris_core::engine::Limits;
 use iris_core::preprocess::IntensityPolicy;
 use iris_core::{EncodeOptions, Error, Model, Progress, SegmentOptions, Segmentation, TaskClass};
 
@@ -56,8 +57,13 @@ pub struct IrisEncodeOptions {
     pub struct_size: u32,
     /// An `IrisModality`. Default `IRIS_MODALITY_AUTO`.
     pub modality: u32,
+    /// Most bytes encoding may hold at once (the reference in canonical
+    /// orientation and resampled), checked before it allocates: more is
+    /// `IRIS_ERROR_TOO_LARGE` with the size needed. 0 (the default): 4 GiB.
+    /// ABI 0.2, in ABI 0.1's first reserved word.
+    pub memory_budget: u64,
     /// Must be zero (room for later fields).
-    pub reserved: [u64; 8],
+    pub reserved: [u64; 7],
 }
 
 impl Versioned for IrisEncodeOptions {
@@ -106,8 +112,18 @@ pub struct IrisSegmentOptions {
     pub cancel: IrisCancelFn,
     /// Passed to `cancel` unchanged; borrowed. Default NULL.
     pub cancel_user: *mut c_void,
+    /// Most bytes a segmentation may hold at once (canonical copy,
+    /// resampled volume, blending, labels and probability maps; not the
+    /// network's working memory), estimated from the query's header before
+    /// anything is allocated: more is `IRIS_ERROR_TOO_LARGE` with the size
+    /// needed. 0 (the default): 4 GiB. ABI 0.2.
+    pub memory_budget: u64,
+    /// Most sliding windows a query may need (its header sets how many):
+    /// more is `IRIS_ERROR_TOO_LARGE`, before any window runs. 0 (the
+    /// default): 10 000. ABI 0.2.
+    pub max_windows: u64,
     /// Must be zero (room for later fields).
-    pub reserved: [u64; 6],
+    pub reserved: [u64; 4],
 }
 
 impl Versioned for IrisSegmentOptions {
@@ -169,7 +185,8 @@ pub unsafe extern "C" fn iris_encode_options_default(
         *options = IrisEncodeOptions {
             struct_size: size_of::<IrisEncodeOptions>() as u32,
             modality: IrisModality::Auto as u32,
-            reserved: [0; 8],
+            memory_budget: 0,
+            reserved: [0; 7],
         };
         Ok(())
     })
@@ -198,7 +215,9 @@ pub unsafe extern "C" fn iris_segment_options_default(
             progress_user: core::ptr::null_mut(),
             cancel: None,
             cancel_user: core::ptr::null_mut(),
-            reserved: [0; 6],
+            memory_budget: 0,
+            max_windows: 0,
+            reserved: [0; 4],
         };
         Ok(())
     })
@@ -406,8 +425,26 @@ pub(crate) unsafe fn encode_settings(
         let o = unsafe { args::versioned(options, "options") }?;
         check_reserved(&o.reserved, "options")?;
         settings.intensity = intensity(o.modality, "options")?;
+        settings.limits = limits(o.memory_budget, 0);
     }
     Ok(settings)
+}
+
+/// The pipeline's limits from a C struct's fields (0: the default).
+fn limits(memory_budget: u64, max_windows: u64) -> Limits {
+    let defaults = Limits::default();
+    Limits {
+        memory_bytes: if memory_budget == 0 {
+            defaults.memory_bytes
+        } else {
+            memory_budget
+        },
+        windows: match usize::try_from(max_windows) {
+            Ok(0) => defaults.windows,
+            Ok(n) => n,
+            Err(_) => usize::MAX,
+        },
+    }
 }
 
 /// Segments a query volume with every class of `task`, on the query's own
@@ -651,6 +688,7 @@ pub(crate) unsafe fn segment_settings(
         settings.threshold = o.threshold;
         settings.overlap = o.overlap;
         settings.largest_component = o.largest_component != 0;
+        settings.limits = limits(o.memory_budget, o.max_windows);
         if let Some(callback) = o.progress {
             let caller = CallerProgress {
                 callback,

@@ -619,7 +619,8 @@ fn options_defaults_and_their_checks() {
         (o.modality, o.threshold, o.largest_component, o.overlap),
         (0, 0.5, 1, 0.5)
     );
-    assert!(o.progress.is_none() && o.cancel.is_none() && o.reserved == [0; 6]);
+    assert!(o.progress.is_none() && o.cancel.is_none() && o.reserved == [0; 4]);
+    assert_eq!((o.memory_budget, o.max_windows), (0, 0), "0: the defaults");
     // ABI 0.2 took `cancel` out of reserved words: the size is ABI 0.1's.
     assert_eq!(size_of::<IrisSegmentOptions>(), 104);
     let mut e = core::mem::MaybeUninit::<IrisEncodeOptions>::uninit();
@@ -632,6 +633,9 @@ fn options_defaults_and_their_checks() {
     // SAFETY: initialised by the call above.
     let e = unsafe { e.assume_init() };
     assert_eq!(e.struct_size as usize, size_of::<IrisEncodeOptions>());
+    // ABI 0.2 took `memory_budget` out of a reserved word.
+    assert_eq!(size_of::<IrisEncodeOptions>(), 72);
+    assert_eq!(e.memory_budget, 0);
     assert!(crate::args::check_reserved(&e.reserved, "options").is_ok());
     let mut reserved = e.reserved;
     reserved[3] = 1;

@@ -330,6 +330,109 @@ fn segment_stops_when_the_caller_cancels() {
     }
 }
 
+/// A small volume whose header asks for gigabytes (80^3 voxels of 80 mm:
+/// 1067^3 at the model's 6 mm) or hours is refused with
+/// IRIS_ERROR_TOO_LARGE before anything is allocated or run, by encode and
+/// segment alike; the budget and the window limit are the caller's.
+#[test]
+fn what_a_header_asks_is_bounded() {
+    let dir = TempDir::new("model-limits");
+    fixture::model(dir.path(), 4);
+    let model = load(dir.path());
+    let inputs = inputs();
+    let task = encode(model, &inputs, &[]);
+    let affine = iris_core::volume::Affine::from_spacing([80.0; 3]);
+    let huge = Image::from_vec([80; 3], affine, vec![1.0; 80 * 80 * 80]).expect("valid");
+    let mut a = [0.0; 16];
+    let query = view(&huge, IrisDataType::F32, &mut a);
+    let mut labels = vec![0u8; 80 * 80 * 80];
+    let segment = |options: &IrisSegmentOptions, labels: &mut [u8]| {
+        // SAFETY: live model, view and task; a buffer of the stated size.
+        unsafe {
+            iris_segment(
+                model,
+                &query,
+                task,
+                options,
+                IrisDataType::U8 as u32,
+                labels.as_mut_ptr().cast(),
+                labels.len() as u64,
+                null_mut(),
+                0,
+            )
+        }
+    };
+    let mut options = core::mem::MaybeUninit::<IrisSegmentOptions>::uninit();
+    // SAFETY: fills the struct.
+    unsafe { iris_segment_options_default(options.as_mut_ptr()) };
+    // SAFETY: initialised above.
+    let mut options = unsafe { options.assume_init() };
+    expect(
+        segment(&options, &mut labels),
+        IrisStatus::IrisErrorTooLarge,
+        &["windows", "limit of 10000"],
+    );
+    options.max_windows = u64::MAX;
+    expect(
+        segment(&options, &mut labels),
+        IrisStatus::IrisErrorTooLarge,
+        &["[1067, 1067, 1067]", "budget of 4.00 GiB"],
+    );
+    // The phantom query (about 0.6 MiB) fits the defaults, not 64 KiB.
+    let (mut b, small) = ([0.0; 16], fixture::query(0.0).0);
+    let small_view = view(&small, IrisDataType::F32, &mut b);
+    let mut small_labels = vec![0u8; small.geometry().len()];
+    options.memory_budget = 1 << 16;
+    // SAFETY: as above.
+    let status = unsafe {
+        iris_segment(
+            model,
+            &small_view,
+            task,
+            &options,
+            IrisDataType::U8 as u32,
+            small_labels.as_mut_ptr().cast(),
+            small_labels.len() as u64,
+            null_mut(),
+            0,
+        )
+    };
+    expect(
+        status,
+        IrisStatus::IrisErrorTooLarge,
+        &["budget of 0.00 GiB"],
+    );
+
+    // Encoding a reference with the same header is refused the same way.
+    let huge_labels = LabelMap::from_vec([80; 3], affine, vec![1; 80 * 80 * 80]).expect("valid");
+    let (mut c, mut d) = ([0.0; 16], [0.0; 16]);
+    let image = view(&huge, IrisDataType::F32, &mut c);
+    let label_view = view(&huge_labels, IrisDataType::U16, &mut d);
+    let mut encoded = null_mut();
+    // SAFETY: live views, one label, NULL names and options, a valid out-pointer.
+    let status = unsafe {
+        iris_task_encode(
+            model,
+            &image,
+            &label_view,
+            [1u16].as_ptr(),
+            null(),
+            1,
+            null(),
+            &mut encoded,
+        )
+    };
+    expect(status, IrisStatus::IrisErrorTooLarge, &["reference", "GiB"]);
+    assert!(encoded.is_null());
+
+    let (mut task, mut model) = (task, model);
+    // SAFETY: both live; freed once.
+    unsafe {
+        iris_task_free(&mut task);
+        iris_model_free(&mut model);
+    }
+}
+
 #[test]
 fn a_task_of_another_model_is_refused() {
     let dir = TempDir::new("model-mismatch");

@@ -48,7 +48,7 @@ use burn::module::{Module, Param};
 use burn::optim::{AdamConfig, GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 use iris_core::embedding::{ClassEmbedding, Provenance, TaskEmbedding};
-use iris_core::engine::prepare_reference;
+use iris_core::engine::{Limits, prepare_reference};
 use iris_core::volume::{Image, LabelMap};
 
 use crate::bank::{class_stages, stage_tensors};
@@ -361,6 +361,7 @@ fn prepare_cases(
                 config.spacing_mm,
                 config.patch_size,
                 Some(preprocessing.intensity),
+                &Limits::default(),
             )
             .map_err(|e| {
                 Error::invalid(

@@ -52,7 +52,7 @@ pub use manifest::{
 };
 // The pipeline's types, where the engine's callers look for them.
 pub use crate::pipeline::{
-    Progress, ReferenceInput, SegmentOptions, Segmentation, prepare_reference,
+    Limits, Progress, ReferenceInput, SegmentOptions, Segmentation, prepare_reference,
 };
 pub use retrieval::{ClassChoice, PoolReference, Retrieval, RetrievalLevel, RetrieveOptions};
 
@@ -93,6 +93,8 @@ pub struct EncodeOptions {
     /// MR with [`IntensityPolicy::detect`]. The policy used is recorded in
     /// the embedding, and queries get the same one by default.
     pub intensity: Option<IntensityPolicy>,
+    /// Memory the reference may ask for (see [`Limits`]).
+    pub limits: Limits,
 }
 
 /// The encoder's features of one window: five levels, full resolution
@@ -281,6 +283,7 @@ impl Model {
             self.manifest.spacing_mm,
             patch,
             options.intensity,
+            &options.limits,
         )?;
         let features = self.encode_window(input.image.data().view())?;
         let [d, h, w] = patch;

@@ -25,7 +25,7 @@ use super::{EncodeOptions, Model, SegmentOptions, Segmentation, TaskClass};
 use crate::embedding::{ClassEmbedding, Retrieved, TaskEmbedding, cosine_similarity, top_k};
 use crate::error::{Error, Result};
 use crate::labels::label_value;
-use crate::pipeline;
+use crate::pipeline::{self, Limits, QueryOutputs};
 use crate::preprocess::IntensityPolicy;
 use crate::volume::{Image, LabelMap};
 
@@ -122,6 +122,7 @@ impl Model {
         &self,
         image: &Image,
         intensity: Option<IntensityPolicy>,
+        limits: &Limits,
     ) -> Result<Vec<f32>> {
         let intensity = match intensity {
             Some(policy) => {
@@ -136,6 +137,11 @@ impl Model {
             self.manifest.patch_size,
             intensity,
             DESCRIPTOR_OVERLAP,
+            QueryOutputs {
+                classes: 0,
+                probabilities: false,
+            },
+            limits,
         )?;
         let plan = self.encoder.plan(1, &self.executor)?;
         let mut sum: Vec<f64> = Vec::new();
@@ -181,7 +187,8 @@ impl Model {
         let task = self
             .encode_in_crops(image, labels, classes, options, false)?
             .ok_or_else(|| Error::invalid("classes", "no class to encode"))?;
-        let descriptor = self.image_descriptor(image, Some(task.preprocessing().intensity))?;
+        let descriptor =
+            self.image_descriptor(image, Some(task.preprocessing().intensity), &options.limits)?;
         Ok(PoolReference {
             name: name.into(),
             task,
@@ -309,7 +316,8 @@ impl Model {
             .segment
             .intensity
             .unwrap_or(first_task.preprocessing().intensity);
-        let own = self.encode_predictions(query, &predicted, labels, intensity)?;
+        let own =
+            self.encode_predictions(query, &predicted, labels, intensity, &options.segment)?;
         labels
             .iter()
             .zip(candidates)
@@ -337,6 +345,7 @@ impl Model {
         predicted: &LabelMap,
         labels: &[u32],
         intensity: IntensityPolicy,
+        segment: &SegmentOptions,
     ) -> Result<Vec<ClassEmbedding>> {
         let present = predicted.labels_present();
         let found: Vec<TaskClass> = labels
@@ -350,6 +359,7 @@ impl Model {
         }
         let options = EncodeOptions {
             intensity: Some(intensity),
+            limits: segment.limits,
         };
         let own = self.encode_in_crops(query, predicted, &found, &options, true)?;
         Ok(own.map(|task| task.classes().to_vec()).unwrap_or_default())
@@ -404,7 +414,7 @@ impl Model {
             .segment
             .intensity
             .unwrap_or(pool[options.initial].task.preprocessing().intensity);
-        let mine = self.image_descriptor(query, Some(intensity))?;
+        let mine = self.image_descriptor(query, Some(intensity), &options.segment.limits)?;
         let mut ranked = pool
             .iter()
             .enumerate()

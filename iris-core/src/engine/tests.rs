@@ -129,8 +129,16 @@ fn encode_task_runs_the_graphs_on_the_reference_crop() {
         assert_eq!(pre.intensity, IntensityPolicy::MR);
 
         let wanted: Vec<u16> = classes.iter().map(|c| c.label).collect();
-        let input =
-            prepare_reference(&image, &labels, &wanted, SPACING, [16; 3], None).expect("prepared");
+        let input = prepare_reference(
+            &image,
+            &labels,
+            &wanted,
+            SPACING,
+            [16; 3],
+            None,
+            &Limits::default(),
+        )
+        .expect("prepared");
         let f = feature_energy(&synthetic, input.image.data());
         let voxels = input.image.data().len();
         assert_eq!(task.classes().len(), classes.len());

@@ -104,6 +104,7 @@ fn object_level_picks_the_reference_whose_class_embedding_is_most_similar() {
                 &present,
                 &EncodeOptions {
                     intensity: Some(pool[1].task.preprocessing().intensity),
+                    ..EncodeOptions::default()
                 },
             )
             .expect("encodes the predictions");
@@ -174,7 +175,10 @@ fn a_reference_made_from_the_query_itself_is_found_at_similarity_one() {
             &q,
             &first.labels,
             &present,
-            &EncodeOptions { intensity },
+            &EncodeOptions {
+                intensity,
+                ..EncodeOptions::default()
+            },
         )
         .expect("encodes");
     pool.push(itself);
