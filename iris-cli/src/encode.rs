@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use iris_core::irisemb::{self, Payload};
 
-use crate::failure::{Failure, check_output};
+use crate::claims::Claims;
+use crate::commit::Staged;
+use crate::failure::Failure;
 use crate::input::ModelArgs;
 use crate::inspect::class_list;
 use crate::reference::{Modality, Reference};
@@ -37,7 +39,12 @@ pub struct Args {
 
 /// Runs `iris encode`.
 pub fn run(args: &Args, quiet: bool) -> Result<(), Failure> {
-    check_output("--out", &args.out, &[])?;
+    let mut claims = Claims::default();
+    claims.output("--out", &args.out, &[])?;
+    claims.input("--image", &args.image);
+    claims.input("--label", &args.label);
+    args.model.claim(&mut claims);
+    claims.check()?;
     let model = args.model.load()?;
     let reference = Reference {
         image: &args.image,
@@ -47,8 +54,11 @@ pub fn run(args: &Args, quiet: bool) -> Result<(), Failure> {
         modality: args.modality,
     };
     let task = reference.encode(&model, quiet)?;
-    irisemb::write_file(&args.out, &task, Payload::F32)
-        .map_err(|e| Failure::output(&args.out, e))?;
+    let mut staged = Staged::default();
+    staged.write(&args.out, |tmp| {
+        irisemb::write_file(tmp, &task, Payload::F32)
+    })?;
+    staged.commit()?;
     if !quiet {
         let classes = class_list(&task);
         println!(

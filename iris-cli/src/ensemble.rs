@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use iris_core::embedding::TaskEmbedding;
 use iris_core::irisemb::{self, Payload};
 
-use crate::failure::{self, Failure, MODEL, check_output};
+use crate::claims::Claims;
+use crate::commit::Staged;
+use crate::failure::{self, Failure, MODEL};
 use crate::input::read_task;
 use crate::inspect::class_list;
 
@@ -22,7 +24,12 @@ pub struct Args {
 
 /// Runs `iris ensemble`.
 pub fn run(args: &Args, quiet: bool) -> Result<(), Failure> {
-    check_output("--out", &args.out, &[])?;
+    let mut claims = Claims::default();
+    claims.output("--out", &args.out, &[])?;
+    for part in &args.parts {
+        claims.input("the input", part);
+    }
+    claims.check()?;
     let parts = args
         .parts
         .iter()
@@ -56,8 +63,11 @@ pub fn run(args: &Args, quiet: bool) -> Result<(), Failure> {
             format!("cannot average {files} (parts 0, 1, ... in that order): {e}"),
         )
     })?;
-    irisemb::write_file(&args.out, &merged, Payload::F32)
-        .map_err(|e| Failure::output(&args.out, e))?;
+    let mut staged = Staged::default();
+    staged.write(&args.out, |tmp| {
+        irisemb::write_file(tmp, &merged, Payload::F32)
+    })?;
+    staged.commit()?;
     if !quiet {
         let classes = class_list(&merged);
         println!(

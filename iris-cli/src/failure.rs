@@ -1,9 +1,6 @@
-//! Failures with the exit code scripts can rely on, and output files that
-//! never outlive a failed run.
+//! Failures with the exit code scripts can rely on.
 
-use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use iris_core::Error;
 
@@ -31,7 +28,8 @@ Exit status:
   4  model problem (no model at the path, a model that cannot be loaded, a
      task embedding made by another model)
 Every failure prints one line on stderr naming the file and the problem, and
-leaves no output file behind.";
+leaves every file as it was: the outputs of a command are written together or
+not at all, and an output may not name an input or another output (2).";
 
 /// A failure: the exit code and the one line printed on stderr.
 #[derive(Debug)]
@@ -55,11 +53,6 @@ impl Failure {
     /// follows the kind of error ([`code_of`]), the message names the file.
     pub fn input(path: &Path, error: Error) -> Failure {
         Failure::new(code_of(&error), naming(path, &error))
-    }
-
-    /// `error` met while writing the output `path`: always [`RUNTIME`].
-    pub fn output(path: &Path, error: Error) -> Failure {
-        Failure::new(RUNTIME, naming(path, &error))
     }
 }
 
@@ -91,141 +84,9 @@ fn naming(path: &Path, error: &Error) -> String {
     }
 }
 
-/// Checks before any work that `path` can be an output: its folder exists
-/// and its name ends with one of `extensions` (any, when empty).
-///
-/// # Errors
-/// A [`USAGE`] failure naming the option and the path.
-pub fn check_output(option: &str, path: &Path, extensions: &[&str]) -> Result<(), Failure> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().to_lowercase())
-        .unwrap_or_default();
-    if name.is_empty() {
-        return Err(Failure::new(
-            USAGE,
-            format!("{option} {}: not a file name", path.display()),
-        ));
-    }
-    if !extensions.is_empty() && !extensions.iter().any(|e| name.ends_with(e)) {
-        return Err(Failure::new(
-            USAGE,
-            format!(
-                "{option} {}: the name must end with {}",
-                path.display(),
-                extensions.join(" or ")
-            ),
-        ));
-    }
-    let folder = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    if !folder.is_dir() {
-        return Err(Failure::new(
-            USAGE,
-            format!(
-                "{option} {}: folder {} does not exist",
-                path.display(),
-                folder.display()
-            ),
-        ));
-    }
-    Ok(())
-}
-
-/// The output files of one run. Each is written atomically; if the run
-/// fails before [`Outputs::keep`], those already written are removed, so a
-/// failed run leaves nothing behind.
-#[derive(Debug, Default)]
-pub struct Outputs {
-    written: Vec<PathBuf>,
-}
-
-impl Outputs {
-    /// Records that `path` was written by this run.
-    pub fn add(&mut self, path: &Path) {
-        self.written.push(path.to_path_buf());
-    }
-
-    /// Writes `bytes` to `path` atomically (temporary file in the same
-    /// folder, synced, renamed) and records it.
-    ///
-    /// # Errors
-    /// A [`RUNTIME`] failure naming `path`.
-    pub fn write_bytes(&mut self, path: &Path, bytes: &[u8]) -> Result<(), Failure> {
-        let name = path.file_name().unwrap_or_default().to_string_lossy();
-        let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-        let result = fs::File::create(&tmp)
-            .and_then(|mut f| {
-                f.write_all(bytes)?;
-                f.sync_all()
-            })
-            .and_then(|()| fs::rename(&tmp, path));
-        if let Err(e) = result {
-            // Best effort: the temporary file may not exist.
-            let _ = fs::remove_file(&tmp);
-            return Err(Failure::new(RUNTIME, format!("{}: {e}", path.display())));
-        }
-        self.add(path);
-        Ok(())
-    }
-
-    /// The run succeeded: keep every file.
-    pub fn keep(mut self) {
-        self.written.clear();
-    }
-}
-
-impl Drop for Outputs {
-    fn drop(&mut self) {
-        for path in &self.written {
-            // Best effort: report nothing more than the failure already printed.
-            let _ = fs::remove_file(path);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn outputs_are_removed_unless_kept() {
-        let dir = std::env::temp_dir().join(format!("iris-cli-outputs-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        let (a, b) = (dir.join("a.bin"), dir.join("b.bin"));
-        {
-            let mut out = Outputs::default();
-            out.write_bytes(&a, b"first").unwrap();
-            assert_eq!(fs::read(&a).unwrap(), b"first");
-            // Dropped without keep(): a failed run.
-        }
-        assert!(!a.exists());
-        let mut out = Outputs::default();
-        out.write_bytes(&b, b"second").unwrap();
-        out.keep();
-        assert_eq!(fs::read(&b).unwrap(), b"second");
-        // Only the named file is left: no temporary.
-        assert_eq!(fs::read_dir(&dir).unwrap().count(), 1);
-        fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn outputs_are_checked_before_work() {
-        let here = std::env::temp_dir().join("seg.nii.gz");
-        assert!(check_output("--out", &here, &[".nii", ".nii.gz"]).is_ok());
-        let e = check_output(
-            "--out",
-            &here.with_file_name("seg.png"),
-            &[".nii", ".nii.gz"],
-        )
-        .unwrap_err();
-        assert_eq!(e.code, USAGE);
-        assert!(e.message.contains(".nii or .nii.gz"), "{}", e.message);
-        let e = check_output("--out", Path::new("/no/such/folder/x.nii"), &[]).unwrap_err();
-        assert!(e.message.contains("/no/such/folder"), "{}", e.message);
-    }
 
     #[test]
     fn errors_map_to_codes_and_name_the_file() {
@@ -246,7 +107,10 @@ mod tests {
             path: "x.nii".into(),
             source: std::io::Error::other("disk full"),
         };
-        let f = Failure::output(Path::new("x.nii"), io);
-        assert_eq!((f.code, f.message.as_str()), (RUNTIME, "x.nii: disk full"));
+        let f = Failure::input(Path::new("x.nii"), io);
+        assert_eq!(
+            (f.code, f.message.as_str()),
+            (BAD_INPUT, "x.nii: disk full")
+        );
     }
 }

@@ -13,6 +13,7 @@ use iris_core::irisemb;
 use iris_core::nifti;
 use iris_core::volume::{Image, LabelMap};
 
+use crate::claims::Claims;
 use crate::failure::{Failure, MODEL};
 
 /// The model used when neither `--model` nor `IRIS_MODEL` names one: the
@@ -29,12 +30,30 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// The model folder: `--model`, else `$IRIS_MODEL`, else [`DEFAULT_MODEL`].
+    fn dir(&self) -> PathBuf {
+        self.model
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL))
+    }
+
+    /// Claims the files of the model folder (not its subfolders) as inputs,
+    /// so that no output replaces one; a folder that cannot be listed has
+    /// none (loading it fails later, with [`MODEL`]).
+    pub fn claim(&self, claims: &mut Claims) {
+        let Ok(entries) = std::fs::read_dir(self.dir()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| !t.is_dir()) {
+                claims.input("a --model file", &entry.path());
+            }
+        }
+    }
+
     /// Loads the model, or fails with [`MODEL`] naming the folder.
     pub fn load(&self) -> Result<Model, Failure> {
-        let dir = self
-            .model
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL));
+        let dir = self.dir();
         if !dir.join(iris_core::engine::MANIFEST_FILE).is_file() {
             return Err(Failure::new(
                 MODEL,

@@ -16,10 +16,19 @@
 //! `imagesTr/CASE_0000.nii.gz`), encoded on the fly, or `.irisemb` files
 //! (object level only); see [`pool`].
 //!
+//! Outputs never replace inputs: an output that names an input (the model
+//! folder's files and the pool's included) or another output, however the
+//! path is spelt, is refused before any work (see [`claims`]). A command's
+//! outputs are written all or nothing: each to a temporary file, renamed over
+//! its target only when every one was written, so a failure leaves every
+//! existing file as it was (see [`commit`]).
+//!
 //! `--model DIR` (encode, segment, retrieve) defaults to `$IRIS_MODEL`,
 //! else the workspace's `models/iris-tiny`. Exit codes are in [`failure`]:
 //! 0 ok, 1 runtime failure, 2 usage, 3 bad input file, 4 model problem.
 
+mod claims;
+mod commit;
 mod encode;
 mod ensemble;
 mod eval;

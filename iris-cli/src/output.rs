@@ -15,7 +15,9 @@ use iris_core::nifti;
 use iris_core::volume::Image;
 use serde_json::{Map, Value, json};
 
-use crate::failure::{Failure, Outputs, RUNTIME, USAGE, check_output};
+use crate::claims::Claims;
+use crate::commit::Staged;
+use crate::failure::{Failure, RUNTIME, USAGE};
 use crate::preview::{self, Preview};
 use crate::reference::Modality;
 
@@ -184,24 +186,26 @@ pub struct Summary<'a> {
 }
 
 impl OutputArgs {
-    /// Checks before any work that every output can be written.
+    /// Checks before any work that every output can be written, and claims
+    /// them (the probability maps under every name they may take).
     ///
     /// # Errors
-    /// As [`check_output`].
-    pub fn check(&self) -> Result<(), Failure> {
-        check_output("--out", &self.out, NIFTI)?;
+    /// As [`Claims::output`].
+    pub fn claim(&self, claims: &mut Claims) -> Result<(), Failure> {
+        claims.output("--out", &self.out, NIFTI)?;
         if let Some(p) = &self.probabilities {
-            check_output("--probabilities", p, NIFTI)?;
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            claims.per_class_output("--probabilities", p, NIFTI, split_extension(&name))?;
         }
         if let Some(p) = &self.preview {
-            check_output("--preview", p, &[".png"])?;
+            claims.output("--preview", p, &[".png"])?;
         }
         Ok(())
     }
 
     /// Writes the label map of `segmentation` (with the header of `like`,
-    /// the query's), and the probability maps and preview asked for,
-    /// recording each file in `files`.
+    /// the query's), and the probability maps and preview asked for, into
+    /// `staged`.
     ///
     /// # Errors
     /// A [`RUNTIME`] failure naming the file that could not be written.
@@ -210,12 +214,12 @@ impl OutputArgs {
         query: &Image,
         like: &nifti::NiftiInfo,
         segmentation: &Segmentation,
-        files: &mut Outputs,
+        staged: &mut Staged,
     ) -> Result<Written, Failure> {
-        nifti::write_labels(&self.out, &segmentation.labels, Some(like))
-            .map_err(|e| Failure::output(&self.out, e))?;
-        files.add(&self.out);
-        let probabilities = self.write_probabilities(segmentation, like, files)?;
+        staged.write(&self.out, |tmp| {
+            nifti::write_labels(tmp, &segmentation.labels, Some(like))
+        })?;
+        let probabilities = self.write_probabilities(segmentation, like, staged)?;
         // Label maps hold u16 values, so the engine only returns classes that fit.
         let class_labels: Vec<u16> = segmentation
             .classes
@@ -227,7 +231,7 @@ impl OutputArgs {
                 let fail = |e: String| Failure::new(RUNTIME, format!("{}: {e}", path.display()));
                 let picture = preview::render(query, &segmentation.labels, &class_labels)
                     .map_err(|e| fail(e.to_string()))?;
-                files.write_bytes(path, &preview::encode_png(&picture.rgb).map_err(fail)?)?;
+                staged.write_bytes(path, &preview::encode_png(&picture.rgb).map_err(fail)?)?;
                 Some(picture)
             }
             None => None,
@@ -238,12 +242,13 @@ impl OutputArgs {
         })
     }
 
-    /// Writes the probability maps if asked; returns the files written.
+    /// Writes the probability maps if asked into `staged`; returns their
+    /// paths.
     fn write_probabilities(
         &self,
         segmentation: &Segmentation,
         like: &nifti::NiftiInfo,
-        files: &mut Outputs,
+        staged: &mut Staged,
     ) -> Result<Vec<PathBuf>, Failure> {
         let (Some(path), Some(maps)) = (&self.probabilities, &segmentation.probabilities) else {
             return Ok(Vec::new());
@@ -260,8 +265,7 @@ impl OutputArgs {
             ));
         }
         for (path, map) in paths.iter().zip(maps) {
-            nifti::write_image(path, map, Some(like)).map_err(|e| Failure::output(path, e))?;
-            files.add(path);
+            staged.write(path, |tmp| nifti::write_image(tmp, map, Some(like)))?;
         }
         Ok(paths)
     }
@@ -407,17 +411,22 @@ fn probability_paths(path: &Path, classes: &[u32]) -> Vec<PathBuf> {
         return vec![path.to_path_buf()];
     }
     let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let (stem, ext) = split_extension(&name);
+    classes
+        .iter()
+        .map(|label| path.with_file_name(format!("{stem}-{label}{ext}")))
+        .collect()
+}
+
+/// `name` split before its NIfTI extension (any case; empty if none).
+fn split_extension(name: &str) -> (&str, &str) {
     let lower = name.to_lowercase();
     let extension = NIFTI
         .iter()
         .filter(|e| lower.ends_with(*e))
         .max_by_key(|e| e.len())
         .map_or(0, |e| e.len());
-    let (stem, ext) = name.split_at(name.len() - extension);
-    classes
-        .iter()
-        .map(|label| path.with_file_name(format!("{stem}-{label}{ext}")))
-        .collect()
+    name.split_at(name.len() - extension)
 }
 
 #[cfg(test)]

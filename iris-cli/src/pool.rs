@@ -23,6 +23,7 @@ use iris_core::engine::{EncodeOptions, PoolReference, TaskClass};
 use iris_core::labels::label_value;
 use serde_json::Value;
 
+use crate::claims::Claims;
 use crate::failure::{BAD_INPUT, Failure, USAGE};
 use crate::input::{read_pair, read_task_for_model};
 use crate::output::progress_bar;
@@ -156,6 +157,26 @@ impl Layout {
         match self {
             Layout::Images { .. } => "images",
             Layout::Embeddings(_) => "embeddings",
+        }
+    }
+
+    /// Claims the files of the pool in `dir` as inputs, so that no output
+    /// replaces one: the images, label maps and `dataset.json`, or the
+    /// `.irisemb` files.
+    pub fn claim(&self, dir: &Path, claims: &mut Claims) {
+        match self {
+            Layout::Images { cases, .. } => {
+                for case in cases {
+                    claims.input("a --pool file", &case.image);
+                    claims.input("a --pool file", &case.labels);
+                }
+                claims.input("a --pool file", &dir.join("dataset.json"));
+            }
+            Layout::Embeddings(files) => {
+                for (_, path) in files {
+                    claims.input("a --pool file", path);
+                }
+            }
         }
     }
 

@@ -10,7 +10,9 @@ use iris_core::engine::{Retrieval, RetrievalLevel, RetrieveOptions};
 use iris_core::irisemb::{self, Payload};
 use serde_json::{Map, Value, json};
 
-use crate::failure::{BAD_INPUT, Failure, Outputs, USAGE, check_output};
+use crate::claims::Claims;
+use crate::commit::Staged;
+use crate::failure::{BAD_INPUT, Failure, USAGE};
 use crate::input::{ModelArgs, read_image};
 use crate::inspect::class_list;
 use crate::output::{
@@ -90,12 +92,17 @@ impl Level {
 
 /// Runs `iris retrieve`.
 pub fn run(args: &Args, quiet: bool) -> Result<(), Failure> {
-    args.outputs.check()?;
+    let mut claims = Claims::default();
+    args.outputs.claim(&mut claims)?;
     args.settings.check()?;
     if let Some(path) = &args.save_task {
-        check_output("--save-task", path, &[])?;
+        claims.output("--save-task", path, &[])?;
     }
     let layout = Layout::scan(&args.pool)?;
+    claims.input("--image", &args.image);
+    layout.claim(&args.pool, &mut claims);
+    args.model.claim(&mut claims);
+    claims.check()?;
     if args.level == Level::Image && !layout.has_descriptors() {
         return Err(Failure::new(
             USAGE,
@@ -175,16 +182,16 @@ pub fn run(args: &Args, quiet: bool) -> Result<(), Failure> {
     })?;
     let seconds = start.elapsed().as_secs_f64();
 
-    let mut files = Outputs::default();
+    let mut staged = Staged::default();
     let written = args
         .outputs
-        .write(&query, &query_info, &retrieval.segmentation, &mut files)?;
+        .write(&query, &query_info, &retrieval.segmentation, &mut staged)?;
     if let Some(path) = &args.save_task {
-        irisemb::write_file(path, &retrieval.task, Payload::F32)
-            .map_err(|e| Failure::output(path, e))?;
-        files.add(path);
+        staged.write(path, |tmp| {
+            irisemb::write_file(tmp, &retrieval.task, Payload::F32)
+        })?;
     }
-    files.keep();
+    staged.commit()?;
     let summary = Summary {
         image: &args.image,
         task: &retrieval.task,

@@ -8,7 +8,9 @@ use clap::ArgGroup;
 use iris_core::Model;
 use iris_core::embedding::TaskEmbedding;
 
-use crate::failure::{Failure, MODEL, Outputs, USAGE};
+use crate::claims::Claims;
+use crate::commit::Staged;
+use crate::failure::{Failure, MODEL, USAGE};
 use crate::input::{ModelArgs, read_image, read_task_for_model};
 use crate::output::{
     Extra, OutputArgs, SettingsArgs, Summary, WINDOWS, progress_bar, window_progress,
@@ -65,8 +67,21 @@ pub struct Args {
 
 /// Runs `iris segment`.
 pub fn run(args: &Args, quiet: bool) -> Result<(), Failure> {
-    args.outputs.check()?;
+    let mut claims = Claims::default();
+    args.outputs.claim(&mut claims)?;
     args.settings.check()?;
+    claims.input("--image", &args.image);
+    for (option, path) in [
+        ("--task", &args.task),
+        ("--ref-image", &args.ref_image),
+        ("--ref-label", &args.ref_label),
+    ] {
+        if let Some(path) = path {
+            claims.input(option, path);
+        }
+    }
+    args.model.claim(&mut claims);
+    claims.check()?;
     let model = args.model.load()?;
     let (query, query_info) = read_image(&args.image)?;
     let task = task(args, &model, quiet)?;
@@ -81,11 +96,11 @@ pub fn run(args: &Args, quiet: bool) -> Result<(), Failure> {
     let segmentation = result.map_err(|e| Failure::input(&args.image, e))?;
     let seconds = start.elapsed().as_secs_f64();
 
-    let mut files = Outputs::default();
+    let mut staged = Staged::default();
     let written = args
         .outputs
-        .write(&query, &query_info, &segmentation, &mut files)?;
-    files.keep();
+        .write(&query, &query_info, &segmentation, &mut staged)?;
+    staged.commit()?;
     let summary = Summary {
         image: &args.image,
         task: &task,

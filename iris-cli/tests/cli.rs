@@ -5,7 +5,7 @@
 //! maths (`iris_test_support::fixture`), every output compared with the Rust
 //! API's.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -1235,4 +1235,249 @@ fn retrieve_refuses_bad_pools_and_options_naming_the_problem() {
     expect_code(&o, 2);
     assert!(stderr(&o).contains("--top-k"), "{}", stderr(&o));
     expect_code(&run(&embeddings, &[]), 2);
+}
+
+/// Every file under `dir` (`None` for a folder) with its bytes.
+type Snapshot = std::collections::BTreeMap<PathBuf, Option<Vec<u8>>>;
+
+/// The files under `dir` now.
+fn snapshot(dir: &Path) -> Snapshot {
+    let mut files = Snapshot::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() && !path.is_symlink() {
+            files.insert(path.clone(), None);
+            files.extend(snapshot(&path));
+        } else {
+            files.insert(path.clone(), Some(std::fs::read(&path).unwrap()));
+        }
+    }
+    files
+}
+
+/// Asserts that the files under `dir` are those of `before`, byte for byte,
+/// listing the paths that differ otherwise.
+fn assert_unchanged(dir: &Path, before: &Snapshot, what: &str) {
+    let after = snapshot(dir);
+    let changed: Vec<_> = before
+        .keys()
+        .chain(after.keys())
+        .filter(|p| before.get(*p) != after.get(*p))
+        .collect();
+    assert!(changed.is_empty(), "{what}: changed {changed:?}");
+}
+
+/// Outputs that name an input, however spelt, or another output: exit 2
+/// before any work, naming both options, and every file as it was (the
+/// model folder, the data, the pool). Each case replaced or deleted a file
+/// before outputs were claimed.
+#[test]
+fn outputs_that_name_an_input_or_each_other_are_refused() {
+    let files = fixture::fixture("cli-clash");
+    let model = Model::load(&files.model).unwrap();
+    let pool = files.root.join("pool");
+    std::fs::create_dir_all(&pool).unwrap();
+    let (image, labels) = fixture::reference();
+    let task = fixture::encode(&model, &image, &labels);
+    irisemb::write_file(pool.join("a.irisemb"), &task, Payload::F32).unwrap();
+    irisemb::write_file(files.file("b.irisemb"), &task, Payload::F32).unwrap();
+    std::fs::create_dir_all(files.data.join("sub")).unwrap();
+    #[cfg(unix)]
+    std::os::unix::fs::symlink("query.nii.gz", files.file("link.nii.gz")).unwrap();
+    let before = snapshot(files.root.path());
+
+    let data = |name: &str| files.file(name).into_os_string();
+    let model_dir = files.model.as_os_str().to_owned();
+    let segment = |out: &str, more: &[&str]| {
+        let mut args: Vec<OsString> = vec![
+            "segment".into(),
+            "--model".into(),
+            model_dir.clone(),
+            "--ref-image".into(),
+            data("ref.nii.gz"),
+            "--ref-label".into(),
+            data("ref_labels.nii.gz"),
+            "--out".into(),
+            out.into(),
+        ];
+        args.extend(more.iter().map(Into::into));
+        args
+    };
+    let encode = |out: OsString| -> Vec<OsString> {
+        vec![
+            "encode".into(),
+            "--model".into(),
+            model_dir.clone(),
+            "--image".into(),
+            data("ref.nii.gz"),
+            "--label".into(),
+            data("ref_labels.nii.gz"),
+            "--out".into(),
+            out,
+        ]
+    };
+    let retrieve = |more: &[OsString]| {
+        let mut args: Vec<OsString> = vec![
+            "retrieve".into(),
+            "--model".into(),
+            model_dir.clone(),
+            "--image".into(),
+            data("query.nii.gz"),
+            "--pool".into(),
+            pool.clone().into_os_string(),
+            "--top-k".into(),
+            "1".into(),
+        ];
+        args.extend(more.iter().cloned());
+        args
+    };
+    let seg = data("seg.nii.gz");
+    let mut cases: Vec<(Vec<OsString>, [&str; 2])> = vec![
+        // --out is the query, by the same relative name, through `..`, and
+        // by its absolute path (the command runs in the data folder).
+        (
+            segment("query.nii.gz", &["--image", "query.nii.gz"]),
+            ["--out query.nii.gz", "--image query.nii.gz"],
+        ),
+        (
+            segment("./sub/../query.nii.gz", &["--image", "query.nii.gz"]),
+            ["--out ./sub/../query.nii.gz", "--image query.nii.gz"],
+        ),
+        (
+            segment(
+                &files.file("query.nii.gz").display().to_string(),
+                &["--image", "./query.nii.gz"],
+            ),
+            ["--out /", "--image ./query.nii.gz"],
+        ),
+        // One class: the probability map would be the label map.
+        (
+            segment(
+                "seg.nii.gz",
+                &[
+                    "--image",
+                    "query.nii.gz",
+                    "--classes",
+                    "1",
+                    "--probabilities",
+                    "seg.nii.gz",
+                ],
+            ),
+            ["--out seg.nii.gz", "--probabilities seg.nii.gz"],
+        ),
+        // Two classes: --out is one of the files written per class.
+        (
+            segment(
+                "p-2.nii.gz",
+                &["--image", "query.nii.gz", "--probabilities", "p.nii.gz"],
+            ),
+            ["--out p-2.nii.gz", "--probabilities writes p-LABEL.nii.gz"],
+        ),
+        (
+            encode("ref_labels.nii.gz".into()),
+            ["--out ref_labels.nii.gz", "--label "],
+        ),
+        (encode(data("ref.nii.gz")), ["--out ", "--image "]),
+        (
+            encode(files.model.join("manifest.json").into_os_string()),
+            ["--out ", "a --model file "],
+        ),
+        (
+            vec![
+                "ensemble".into(),
+                "--out".into(),
+                data("b.irisemb"),
+                pool.join("a.irisemb").into_os_string(),
+                "b.irisemb".into(),
+            ],
+            ["--out /", "the input b.irisemb"],
+        ),
+        // Two outputs of one command.
+        (
+            retrieve(&[
+                "--out".into(),
+                seg.clone(),
+                "--save-task".into(),
+                seg.clone(),
+            ]),
+            ["--out ", "--save-task "],
+        ),
+        (
+            retrieve(&[
+                "--out".into(),
+                seg.clone(),
+                "--save-task".into(),
+                pool.join("a.irisemb").into_os_string(),
+            ]),
+            ["--save-task ", "a --pool file "],
+        ),
+    ];
+    #[cfg(unix)]
+    cases.push((
+        segment("query.nii.gz", &["--image", "link.nii.gz"]),
+        ["--out query.nii.gz", "--image link.nii.gz"],
+    ));
+    for (args, flags) in cases {
+        let o = Command::new(env!("CARGO_BIN_EXE_iris"))
+            .args(&args)
+            .current_dir(&files.data)
+            .env_remove("IRIS_MODEL")
+            .output()
+            .unwrap();
+        expect_code(&o, 2);
+        let err = stderr(&o);
+        for flag in flags {
+            assert!(err.contains(flag), "{args:?}: {err}");
+        }
+        assert!(err.contains("name the same file"), "{args:?}: {err}");
+        assert_unchanged(files.root.path(), &before, &format!("{args:?}"));
+    }
+}
+
+/// A command whose last output cannot be put in place (a folder holds its
+/// name) fails with exit 1 and leaves every file as it was: the existing
+/// label map and preview keep their bytes, no new file and no temporary is
+/// left. Without the obstacle, every output is written and nothing else.
+#[test]
+fn a_failed_output_leaves_every_file_as_it_was() {
+    let files = fixture::fixture("cli-all-or-nothing");
+    let out = files.root.join("out");
+    std::fs::create_dir_all(out.join("p-2.nii.gz/inside")).unwrap();
+    std::fs::write(out.join("seg.nii.gz"), b"the user's label map").unwrap();
+    std::fs::write(out.join("seg.png"), b"the user's picture").unwrap();
+    let run = || {
+        iris(&[
+            "segment".as_ref(),
+            "--model".as_ref(),
+            files.model.as_os_str(),
+            "--image".as_ref(),
+            files.file("query.nii.gz").as_os_str(),
+            "--ref-image".as_ref(),
+            files.file("ref.nii.gz").as_os_str(),
+            "--ref-label".as_ref(),
+            files.file("ref_labels.nii.gz").as_os_str(),
+            "--out".as_ref(),
+            out.join("seg.nii.gz").as_os_str(),
+            "--probabilities".as_ref(),
+            out.join("p.nii.gz").as_os_str(),
+            "--preview".as_ref(),
+            out.join("seg.png").as_os_str(),
+            "--quiet".as_ref(),
+        ])
+    };
+    let before = snapshot(files.root.path());
+    let o = run();
+    expect_code(&o, 1);
+    assert!(stderr(&o).contains("p-2.nii.gz"), "{}", stderr(&o));
+    assert_unchanged(files.root.path(), &before, "after the failure");
+
+    std::fs::remove_dir_all(out.join("p-2.nii.gz")).unwrap();
+    expect_code(&run(), 0);
+    let mut names: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["p-1.nii.gz", "p-2.nii.gz", "seg.nii.gz", "seg.png"]);
+    assert!(nifti::read_labels(out.join("seg.nii.gz")).is_ok());
 }
