@@ -211,7 +211,7 @@ pub struct StepOutput {
     pub stats: StepStats,
     /// Per episode, the task embedding of its reference (detached, on the
     /// plain device), for the memory bank.
-    pub embeddings: Vec<crate::model::TaskEmbedding>,
+    pub embeddings: Vec<crate::model::TaskTensors>,
 }
 
 /// One step of Algorithm 1 on `episodes` (at least one, each at most the
@@ -249,7 +249,7 @@ pub fn train_step(
             Some(t) => t + loss,
             None => loss,
         });
-        embeddings.push(crate::model::TaskEmbedding {
+        embeddings.push(crate::model::TaskTensors {
             stages: embedding.stages.into_iter().map(Tensor::inner).collect(),
         });
     }

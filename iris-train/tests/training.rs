@@ -9,9 +9,9 @@ use burn::module::{Module, ModuleMapper, Param};
 use burn::prelude::*;
 use iris_core::embedding::{ModelFingerprint, Provenance};
 use iris_core::irisemb;
-use iris_train::bank::{MemoryBank, class_stages};
+use iris_train::bank::MemoryBank;
 use iris_train::data::{ClassKey, Episode};
-use iris_train::model::{Iris, IrisConfig};
+use iris_train::model::{Iris, IrisConfig, TaskTensors};
 use iris_train::training::{
     Trainer, TrainingConfig, episode_seed, evaluate, held_out_episodes, model_fingerprint,
     thresholded_dice,
@@ -394,7 +394,7 @@ fn fingerprint_tracks_the_weights_and_survives_save_and_load() {
 }
 
 /// The tiny model's task embedding of `episode`'s reference.
-fn reference_embedding(model: &Iris, episode: &Episode) -> iris_train::model::TaskEmbedding {
+fn reference_embedding(model: &Iris, episode: &Episode) -> TaskTensors {
     let device = model.devices()[0].clone();
     let (k, d, h, w) = episode.reference_masks.dim();
     let image = Tensor::<5>::from_data(
@@ -427,7 +427,7 @@ fn bank_follows_the_ema_on_model_embeddings() {
         reference_embedding(&model, &a),
         reference_embedding(&model, &b),
     );
-    let (va, vb) = (class_stages(&ea), class_stages(&eb));
+    let (va, vb) = (ea.class_stages(), eb.class_stages());
     assert_ne!(va, vb, "two references give two embeddings");
     // Shapes: per class, per level (T + 1) * C values.
     let tokens = config.query_tokens + 1;
