@@ -779,6 +779,7 @@ fn a_run_on_the_training_data_reports_each_step() {
     std::fs::remove_dir_all(&out).ok();
 }
 
+#[cfg(feature = "cli")]
 #[test]
 fn command_line_exit_codes_and_messages() {
     let run = |args: &[&str]| {
