@@ -18,7 +18,7 @@ use std::time::Instant;
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use iris_train::device::select_device;
-use iris_train::model::{Iris, IrisConfig, TaskEmbedding};
+use iris_train::model::{Iris, IrisConfig, TaskTensors};
 
 /// Classes per episode.
 const CLASSES: usize = 2;
@@ -79,7 +79,7 @@ fn breakdown(model: &Iris, inputs: &[Tensor<5>; 4]) -> [f64; 3] {
             .forward(&reference_features, masks.clone());
         let _grads = mean_sum(&embedding.stages).backward();
     });
-    let embedding = TaskEmbedding {
+    let embedding = TaskTensors {
         stages: model
             .task_encoder
             .forward(&reference_features, masks.clone())

@@ -15,7 +15,6 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use burn::prelude::*;
 use iris_core::embedding::{
     ClassEmbedding, ModelFingerprint, Preprocessing, Provenance, StageShape, TaskEmbedding,
 };
@@ -23,7 +22,7 @@ use iris_core::irisemb::{self, Payload};
 use iris_core::preprocess::IntensityPolicy;
 
 use crate::data::ClassKey;
-use crate::model::{self, IrisConfig};
+use crate::model::{IrisConfig, TaskTensors};
 
 /// Fingerprint the entries carry while in memory; replaced by the real one
 /// when the bank is written.
@@ -134,16 +133,8 @@ impl MemoryBank {
     pub fn observe(
         &mut self,
         classes: &[ClassKey],
-        embedding: &model::TaskEmbedding,
+        embedding: &TaskTensors,
     ) -> Result<(), iris_core::Error> {
-        let stages = class_stages(embedding);
-        if stages.len() != classes.len() {
-            return Err(iris_core::Error::ShapeMismatch {
-                what: "classes of the observed task embedding".to_string(),
-                expected: vec![classes.len()],
-                found: vec![stages.len()],
-            });
-        }
         // A first observation is stored as it is, as `ema_update` stores a
         // class it does not hold yet.
         let provenance = match self.entries {
@@ -153,20 +144,15 @@ impl MemoryBank {
                 momentum: self.momentum,
             },
         };
-        let observed = classes
-            .iter()
-            .zip(stages)
-            .map(|(key, stages)| {
-                let id = self.register(key, key.as_str());
-                let name = self.names[id as usize - 1].clone();
-                ClassEmbedding::new(id, name, provenance, stages)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let observed = TaskEmbedding::new(
+        let (preprocessing, stage_shapes) = (self.preprocessing, self.stage_shapes.clone());
+        let observed = embedding.to_core(
             UNBOUND,
-            self.preprocessing,
-            self.stage_shapes.clone(),
-            observed,
+            preprocessing,
+            stage_shapes,
+            classes.iter().map(|key| {
+                let id = self.register(key, key.as_str());
+                (id, self.names[id as usize - 1].clone(), provenance)
+            }),
         )?;
         match &mut self.entries {
             Some(entries) => entries.ema_update(&observed, self.momentum)?,
@@ -281,54 +267,4 @@ impl MemoryBank {
     pub fn table(&self) -> (&[String], &[String]) {
         (&self.keys, &self.names)
     }
-}
-
-/// The values of a model task embedding per class and level: for batch
-/// item 0, `out[k][level]` holds the `(T + 1) * C_level` values of class
-/// `k`, token-major (the `iris-core` layout).
-pub fn class_stages(embedding: &model::TaskEmbedding) -> Vec<Vec<Vec<f32>>> {
-    let classes = embedding.num_classes();
-    let mut out = vec![Vec::with_capacity(embedding.stages.len()); classes];
-    for level in &embedding.stages {
-        let [_, k, tokens, channels] = level.dims();
-        let values: Vec<f32> = level
-            .clone()
-            .detach()
-            .narrow(0, 0, 1)
-            .reshape([k * tokens * channels])
-            .into_data()
-            .iter::<f32>()
-            .collect();
-        for (class, chunk) in out.iter_mut().zip(values.chunks_exact(tokens * channels)) {
-            class.push(chunk.to_vec());
-        }
-    }
-    out
-}
-
-/// The inverse of [`class_stages`]: an `iris-core` task embedding as the
-/// model's tensors on `device`, batch 1, classes in the embedding's order:
-/// per level (deepest first) `[1, K, T + 1, C_level]`, from each class's
-/// token-major `(T + 1) * C_level` values.
-pub fn stage_tensors(embedding: &TaskEmbedding, device: &Device) -> model::TaskEmbedding {
-    let classes = embedding.classes();
-    let stages = embedding
-        .stage_shapes()
-        .iter()
-        .enumerate()
-        .map(|(level, shape)| {
-            let values: Vec<f32> = classes
-                .iter()
-                .flat_map(|class| class.stages()[level].iter().copied())
-                .collect();
-            let dims = [
-                1,
-                classes.len(),
-                shape.tokens as usize,
-                shape.channels as usize,
-            ];
-            Tensor::from_data(TensorData::new(values, dims), device)
-        })
-        .collect();
-    model::TaskEmbedding { stages }
 }

@@ -4,7 +4,7 @@
 //!
 //! | file | content |
 //! |---|---|
-//! | `config.json` | the [`TrainingConfig`] (`burn::config::Config::save`), model sizes included |
+//! | `config.json` | the [`TrainingConfig`] (`burn::config::Config::save`): every setting of the run, model sizes, data and curriculum included (read with [`TrainingConfig::from_json`], which also reads older files) |
 //! | `model.bpk` | the weights (burnpack, with parameter ids, so the optimizer state matches) |
 //! | `optimizer.bpk` | LAMB's per-parameter state (burnpack) |
 //! | `state.json` | steps done, the model fingerprint, the bank's `key -> (id, name)` table |
@@ -138,7 +138,9 @@ impl Trainer {
             )
         })?;
         let path = dir.join(CONFIG_FILE);
-        let config = TrainingConfig::load(&path).map_err(|e| failed(&path, e))?;
+        let config = fs::read_to_string(&path)
+            .map_err(|e| failed(&path, e))
+            .and_then(|json| TrainingConfig::from_json(&json).map_err(|e| failed(&path, e)))?;
         let path = dir.join(STATE_FILE);
         let state = CheckpointState::load(&path).map_err(|e| failed(&path, e))?;
         let saved = ModelFingerprint::from_hex(&state.fingerprint)?;

@@ -3,6 +3,8 @@
 use std::fmt;
 use std::path::PathBuf;
 
+use crate::training::Setting;
+
 /// Result alias used throughout `iris-train`.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -60,6 +62,19 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// A setting of a training run that the run cannot follow: invalid
+    /// (see [`TrainingConfig::validate`](crate::training::TrainingConfig::validate)),
+    /// given to a resumed run with another value than the one it was saved
+    /// with ([`TrainingConfig::check_given`](crate::training::TrainingConfig::check_given)),
+    /// or a curriculum bound that no class of the training data meets.
+    Setting {
+        /// The setting.
+        setting: Setting,
+        /// Its value at fault (JSON; for a resumed run, the value given).
+        value: String,
+        /// What is wrong, with the values concerned.
+        reason: String,
+    },
     /// A reference (PyTorch) checkpoint that cannot be imported: the reason
     /// names the key, what was expected and what was found.
     Import {
@@ -112,6 +127,11 @@ impl fmt::Display for Error {
                 write!(f, "checkpoint {}: {reason}", path.display())
             }
             Self::Export { what, reason } => write!(f, "ONNX export, {what}: {reason}"),
+            Self::Setting {
+                setting,
+                value,
+                reason,
+            } => write!(f, "run setting `{}` = {value}: {reason}", setting.field()),
             Self::Import { path, reason } => write!(f, "import {}: {reason}", path.display()),
         }
     }

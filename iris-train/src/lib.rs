@@ -10,7 +10,7 @@
 //! | [`loss`] | adaptive Dice + BCE on logits, per class |
 //! | [`device`] | [`select_device`](device::select_device): the backend, chosen from cargo features |
 //! | [`error`] | the crate's [`Error`] |
-//! | [`training`] | the episodic training step and loop ([`Trainer`](training::Trainer)), the model fingerprint |
+//! | [`training`] | the run's settings ([`TrainingConfig`](training::TrainingConfig)), the episodic training step, a whole run as one call ([`run`](training::run())), the model fingerprint |
 //! | [`bank`] | the EMA memory bank of task embeddings, written as `.irisemb` |
 //! | [`checkpoint`] | atomic checkpoints that resume exactly |
 //! | [`tune`] | in-context tuning: the task embedding alone optimised on labelled cases, model frozen |

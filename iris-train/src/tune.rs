@@ -47,15 +47,14 @@
 use burn::module::{Module, Param};
 use burn::optim::{AdamConfig, GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
-use iris_core::embedding::{ClassEmbedding, Provenance, TaskEmbedding};
+use iris_core::embedding::{Provenance, TaskEmbedding};
 use iris_core::engine::{Limits, prepare_reference};
 use iris_core::volume::{Image, LabelMap};
 
-use crate::bank::{class_stages, stage_tensors};
 use crate::error::Error;
 use crate::export::DEFAULT_CLASSES_PER_FORWARD;
 use crate::loss::segmentation_loss;
-use crate::model::{self, Iris, IrisConfig, QueryFeatures};
+use crate::model::{Iris, IrisConfig, QueryFeatures, TaskTensors};
 use crate::training::model_fingerprint;
 
 /// Settings of [`tune`].
@@ -136,8 +135,8 @@ struct Tokens {
 }
 
 impl Tokens {
-    fn embedding(&self) -> model::TaskEmbedding {
-        model::TaskEmbedding {
+    fn embedding(&self) -> TaskTensors {
+        TaskTensors {
             stages: self.stages.iter().map(Param::val).collect(),
         }
     }
@@ -184,7 +183,7 @@ pub fn tune(
     let frozen = model.clone().train().no_grad();
     let cases = prepare_cases(model, &frozen, config, init, cases, &device)?;
     let mut tokens = Tokens {
-        stages: stage_tensors(init, &device)
+        stages: TaskTensors::from_core(init, &device)
             .stages
             .into_iter()
             .map(Param::from_tensor)
@@ -217,7 +216,7 @@ pub fn tune(
         progress(step, loss_sum);
         tokens = optimizer.step(options.learning_rate, tokens, accumulator.grads());
     }
-    let tuned = model::TaskEmbedding {
+    let tuned = TaskTensors {
         stages: tokens.stages.iter().map(|p| p.val().detach()).collect(),
     };
     let final_loss = mean_loss(&frozen, &tuned, &cases, options.classes_per_forward)?;
@@ -226,20 +225,14 @@ pub fn tune(
     }
     // `steps` fits: checked by `validate`.
     let steps = options.steps as u32;
-    let classes = init
-        .classes()
-        .iter()
-        .zip(class_stages(&tuned))
-        .map(|(class, stages)| {
-            let provenance = tuned_provenance(class.provenance(), steps);
-            ClassEmbedding::new(class.label(), class.name(), provenance, stages)
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let embedding = TaskEmbedding::new(
+    let embedding = tuned.to_core(
         *init.model(),
         *init.preprocessing(),
         init.stage_shapes().to_vec(),
-        classes,
+        init.classes().iter().map(|class| {
+            let provenance = tuned_provenance(class.provenance(), steps);
+            (class.label(), class.name(), provenance)
+        }),
     )?;
     Ok(Tuned {
         embedding,
@@ -290,7 +283,7 @@ pub fn loss_on_cases(
     let cases = prepare_cases(model, &valid, config, task, cases, &device)?;
     mean_loss(
         &valid,
-        &stage_tensors(task, &device),
+        &TaskTensors::from_core(task, &device),
         &cases,
         classes_per_forward,
     )
@@ -308,7 +301,7 @@ fn model_device(model: &Iris) -> Result<Device, Error> {
 /// per decoder run.
 fn mean_loss(
     model: &Iris,
-    embedding: &model::TaskEmbedding,
+    embedding: &TaskTensors,
     cases: &[Case],
     classes_per_forward: usize,
 ) -> Result<f32, Error> {

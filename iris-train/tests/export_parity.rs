@@ -13,7 +13,7 @@ use burn::tensor::Distribution;
 use iris_train::bank::MemoryBank;
 use iris_train::data::ClassKey;
 use iris_train::export::{self, OnnxGraphs};
-use iris_train::model::{Iris, IrisConfig, TaskEmbedding};
+use iris_train::model::{Iris, IrisConfig, TaskTensors};
 use iris_train::training::model_fingerprint;
 
 /// Largest absolute difference allowed between burn and an ONNX runtime.
@@ -126,11 +126,11 @@ struct Case {
     logits: Array,
     /// `features` and `tasks` as burn tensors.
     burn_features: Vec<Tensor<5>>,
-    embedding: TaskEmbedding,
+    embedding: TaskTensors,
 }
 
 /// The burn decoder and head on burn tensors.
-fn burn_decode(model: &Iris, features: &[Tensor<5>], embedding: &TaskEmbedding) -> Tensor<5> {
+fn burn_decode(model: &Iris, features: &[Tensor<5>], embedding: &TaskTensors) -> Tensor<5> {
     let (decoded, summaries) = model.decoder.forward(features, embedding);
     model.head.forward(decoded, summaries)
 }

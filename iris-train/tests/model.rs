@@ -6,7 +6,7 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::prelude::*;
 use burn::tensor::{Distribution, Gradients};
 use iris_train::Error;
-use iris_train::model::{Iris, IrisConfig, TaskEmbedding};
+use iris_train::model::{Iris, IrisConfig, TaskTensors};
 
 fn device() -> Device {
     let device = Device::flex();
@@ -188,7 +188,7 @@ fn permuting_classes_permutes_the_logits() {
         .segment(query.clone(), &embedding)
         .expect("valid shapes");
     let order = [2, 0, 1];
-    let permuted: TaskEmbedding = embedding.select_classes(&order);
+    let permuted: TaskTensors = embedding.select_classes(&order);
     let permuted_logits = model
         .segment(query.clone(), &permuted)
         .expect("valid shapes");
@@ -243,10 +243,10 @@ fn grouped_decoding_segments_each_group_on_its_own() {
     assert!(max_abs_diff(grouped(1).narrow(1, 2, 1), last.clone()) < 1e-5);
     // Features encoded once decode any embedding as a full run would.
     let features = model.encode_query(query.clone()).expect("valid shape");
-    let decoded = |e: &TaskEmbedding| model.decode_grouped(&features, e, 1).expect("fits");
+    let decoded = |e: &TaskTensors| model.decode_grouped(&features, e, 1).expect("fits");
     assert!(max_abs_diff(decoded(&embedding), grouped(1)) < 1e-6);
     assert!(max_abs_diff(decoded(&embedding.select_classes(&[2])), last) < 1e-6);
-    let doubled = TaskEmbedding {
+    let doubled = TaskTensors {
         stages: embedding
             .stages
             .iter()
@@ -404,7 +404,7 @@ fn the_embedding_alone_can_be_optimised() {
     let embedding = model
         .encode_task(reference, masks.clone())
         .expect("valid shapes");
-    let embedding = TaskEmbedding {
+    let embedding = TaskTensors {
         stages: embedding
             .stages
             .into_iter()

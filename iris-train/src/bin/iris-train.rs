@@ -18,6 +18,24 @@
 //!     [--weights ema|model] [--window D,H,W] [--spacing MM] [--with-checkpoint] [--quiet]
 //! ```
 //!
+//! `train` saves every setting that shapes the weights in
+//! `<out>/checkpoint/config.json` (`iris_train::training::TrainingConfig`):
+//! the model's sizes (--preset, --spacing-mm, --patch), the schedule
+//! (--steps of a fresh run, --restart-lr), --batch-size, --seed,
+//! --episode-seed, --bank-momentum, --max-classes, --regions, the
+//! whole-brain zooms (--whole-brain-zoom, --no-whole-brain: none) and the
+//! curriculum (--curriculum-fraction, --curriculum-steps: `null` for a
+//! third of the schedule). `--resume` reads them back: --spacing-mm,
+//! --patch, --seed and --bank-momentum cannot be given with it, and the
+//! other setting flags, when given, must repeat the saved value (exit 2
+//! naming the flag, the value given and the value saved); --restart-lr and
+//! --episode-seed change the saved schedule and episode stream. A
+//! config.json written before the data and curriculum settings were saved
+//! reads as the flags' defaults of then, what those runs used (see
+//! `TrainingConfig::from_json`). --steps, --minutes, --threads, --data
+//! (where the data set lives), --eval-every, --checkpoint-every and
+//! --quiet control one call and are given anew on each.
+//!
 //! Exit codes: 0 done (the step count or the time limit was reached and a
 //! checkpoint written; or the model folder written; or the tuned embedding
 //! written), 1 training, export or tuning failed (for tuning also a task
@@ -30,26 +48,28 @@
 //! with, or a checkpoint in the way of a fresh run, or a write failed).
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::builder::TypedValueParser;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use iris_core::embedding::ModelFingerprint;
 use iris_core::engine::Manifest;
 use iris_core::irisemb::{self, Payload};
 use iris_core::nifti;
 use iris_train::Error;
-use iris_train::data::atlas::{check_zoom, load_atlases, whole_brain_views, with_regions};
+use iris_train::data::atlas::check_zoom;
 use iris_train::data::episode::DEFAULT_MAX_CLASSES;
-use iris_train::data::{AtlasSource, EpisodeConfig, EpisodeSampler};
 use iris_train::export::MANIFEST_FILE;
 use iris_train::import::{ImportOptions, Weights, import_checkpoint};
 use iris_train::model::IrisConfig;
-use iris_train::training::{Trainer, TrainingConfig, evaluate, held_out_episodes};
+use iris_train::training::{
+    self, DEFAULT_CURRICULUM_FRACTION, DEFAULT_REGIONS, DEFAULT_WHOLE_BRAIN_ZOOMS, Event,
+    RunOptions, Setting, Trainer, TrainingConfig,
+};
 use iris_train::tune::{TuneOptions, tune};
 use iris_train::{checkpoint, export};
 
@@ -68,6 +88,12 @@ struct Cli {
 enum Command {
     /// Episodic training (Algorithm 1) with checkpoints, metrics and the
     /// EMA memory bank written to the output folder.
+    ///
+    /// Every setting that shapes the weights is saved in the checkpoint's
+    /// config.json; --resume reads them from there and refuses a flag given
+    /// again with another value. Free on each call: --steps, --minutes,
+    /// --threads, --data, --eval-every, --checkpoint-every, --quiet, and
+    /// the changes --resume allows (--restart-lr, --episode-seed).
     Train(TrainArgs),
     /// Export a checkpoint (or fresh weights) as the model folder the
     /// engine loads: three ONNX graphs, manifest.json and the memory bank.
@@ -99,7 +125,8 @@ impl Preset {
 
 #[derive(clap::Args)]
 struct TrainArgs {
-    /// Model size (required for a fresh run; a resumed run keeps its own).
+    /// Model size (required for a fresh run; a resumed run keeps its own,
+    /// and refuses another preset).
     #[arg(long, value_enum, required_unless_present = "resume")]
     preset: Option<Preset>,
     /// Resample the data to this isotropic spacing in mm instead of the
@@ -157,22 +184,23 @@ struct TrainArgs {
     /// Write a checkpoint every N steps (and at the end).
     #[arg(long, default_value_t = 100)]
     checkpoint_every: usize,
-    /// Episodes per step of a fresh run.
+    /// Episodes per step.
     #[arg(long, default_value_t = 1)]
     batch_size: usize,
     /// Curriculum: at step 0 every class of an episode fills at least this
     /// fraction of the patch; the bound falls linearly to 0 at
     /// --curriculum-steps (0: no curriculum).
-    #[arg(long, default_value_t = 0.005)]
+    #[arg(long, default_value_t = DEFAULT_CURRICULUM_FRACTION)]
     curriculum_fraction: f64,
     /// Steps over which the curriculum's bound falls to 0 (default: a
-    /// third of --steps).
+    /// third of the learning-rate schedule, i.e. of a fresh run's --steps,
+    /// following a restarted schedule).
     #[arg(long)]
     curriculum_steps: Option<usize>,
     /// Also train on coarse views of each atlas: its trainable classes
     /// merged by position into this many regions (large targets, up to
     /// half a brain; 0 or none: parcels only).
-    #[arg(long, value_delimiter = ',', default_values_t = [2, 6, 24])]
+    #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_REGIONS)]
     regions: Vec<usize>,
     /// Leave out the macaque whole-brain view (one target the size of a
     /// brain; the human brain mask stays out of training either way).
@@ -181,7 +209,7 @@ struct TrainArgs {
     /// Sample the macaque whole-brain view at these zooms (the atlas
     /// resampled at spacing / zoom), one subject per zoom: 2 makes it half
     /// a human brain in voxels, 2.5 about as large as one.
-    #[arg(long, value_delimiter = ',', default_values_t = [2.0], conflicts_with = "no_whole_brain")]
+    #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_WHOLE_BRAIN_ZOOMS, conflicts_with = "no_whole_brain")]
     whole_brain_zoom: Vec<f64>,
     /// Most classes per episode: each task draws 1 to N classes of one
     /// source, segmented in one decoder run (inference decodes up to the
@@ -329,8 +357,13 @@ impl From<Error> for Failure {
 }
 
 fn main() -> ExitCode {
-    let result = match Cli::parse().command {
-        Command::Train(args) => train(&args),
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let result = match cli.command {
+        Command::Train(args) => train(
+            &args,
+            matches.subcommand_matches("train").unwrap_or(&matches),
+        ),
         Command::Export(args) => export(&args),
         Command::Tune(args) => tune_task(&args),
         Command::Import(args) => import(&args),
@@ -344,7 +377,73 @@ fn main() -> ExitCode {
     }
 }
 
-fn train(args: &TrainArgs) -> Result<(), Failure> {
+/// The saved settings that `train` flags set, with each flag's clap id
+/// (the flag is `--` and the id with `-` for `_`): given again with
+/// `--resume`, they must match the checkpoint's config.json.
+const SETTING_FLAGS: [(Setting, &str); 8] = [
+    (Setting::Architecture, "preset"),
+    (Setting::BatchSize, "batch_size"),
+    (Setting::MaxClasses, "max_classes"),
+    (Setting::Regions, "regions"),
+    (Setting::WholeBrainZooms, "whole_brain_zoom"),
+    (Setting::WholeBrainZooms, "no_whole_brain"),
+    (Setting::CurriculumFraction, "curriculum_fraction"),
+    (Setting::CurriculumSteps, "curriculum_steps"),
+];
+
+/// The flag that sets `setting` (its field of config.json if none does).
+fn flag(setting: Setting) -> String {
+    SETTING_FLAGS
+        .iter()
+        .find(|(s, _)| *s == setting)
+        .map_or_else(
+            || format!("`{}`", setting.field()),
+            |(_, id)| format!("--{}", id.replace('_', "-")),
+        )
+}
+
+/// A failure of `train`: a refused setting is a bad argument (exit 2),
+/// named by its flag; other errors as [`Failure::from`].
+fn train_failure(e: Error) -> Failure {
+    match e {
+        Error::Setting {
+            setting,
+            value,
+            reason,
+        } => Failure::new(2, format!("{} {value}: {reason}", flag(setting))),
+        e => e.into(),
+    }
+}
+
+/// The run configuration the flags describe, as a fresh run saves it.
+fn training_config(args: &TrainArgs) -> TrainingConfig {
+    let mut model = args.preset.unwrap_or(Preset::Paper).config();
+    if let Some(spacing) = args.spacing_mm {
+        model.spacing_mm = spacing;
+    }
+    if let Some(side) = args.patch {
+        model.patch_size = [side; 3];
+    }
+    let mut config = TrainingConfig::new(model, args.steps)
+        .with_seed(args.seed)
+        .with_episode_seed(args.episode_seed)
+        .with_batch_size(args.batch_size)
+        .with_max_classes(args.max_classes)
+        .with_regions(args.regions.clone())
+        .with_whole_brain_zooms(if args.no_whole_brain {
+            Vec::new()
+        } else {
+            args.whole_brain_zoom.clone()
+        })
+        .with_curriculum_fraction(args.curriculum_fraction)
+        .with_curriculum_steps(args.curriculum_steps);
+    if let Some(momentum) = args.bank_momentum {
+        config.bank_momentum = momentum;
+    }
+    config
+}
+
+fn train(args: &TrainArgs, matches: &ArgMatches) -> Result<(), Failure> {
     if let Some(threads) = args.threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -360,10 +459,22 @@ fn train(args: &TrainArgs) -> Result<(), Failure> {
     let device = iris_train::device::select_device();
     let mut trainer = if args.resume {
         let mut trainer = Trainer::resume(&args.out, &device)?;
+        let given: Vec<Setting> = SETTING_FLAGS
+            .iter()
+            .filter(|(_, id)| matches.value_source(id) == Some(ValueSource::CommandLine))
+            .map(|&(setting, _)| setting)
+            .collect();
+        trainer
+            .config()
+            .check_given(&training_config(args), &given)
+            .map_err(train_failure)?;
         if let Some(rate) = args.restart_lr {
             trainer
                 .restart_schedule(rate, args.steps)
                 .map_err(|e| Failure::new(2, format!("--restart-lr {rate}: {e}")))?;
+        }
+        if let Some(seed) = args.episode_seed {
+            trainer.reseed_episodes(seed);
         }
         trainer
     } else {
@@ -376,136 +487,54 @@ fn train(args: &TrainArgs) -> Result<(), Failure> {
                 ),
             ));
         }
-        let mut model = args.preset.unwrap_or(Preset::Paper).config();
-        if let Some(spacing) = args.spacing_mm {
-            model.spacing_mm = spacing;
-        }
-        if let Some(side) = args.patch {
-            model.patch_size = [side; 3];
-        }
-        let mut config = TrainingConfig::new(model, args.steps)
-            .with_seed(args.seed)
-            .with_batch_size(args.batch_size);
-        if let Some(momentum) = args.bank_momentum {
-            config.bank_momentum = momentum;
-        }
-        config
-            .validate()
-            .map_err(|e| Failure::new(2, e.to_string()))?;
+        let config = training_config(args);
+        config.validate().map_err(|e| match e {
+            Error::Setting { .. } => train_failure(e),
+            e => Failure::new(2, e.to_string()),
+        })?;
         Trainer::new(config, &device)?
     };
-    if let Some(seed) = args.episode_seed {
-        trainer.reseed_episodes(seed);
-    }
 
-    let episodes = EpisodeConfig {
-        max_classes: args.max_classes,
-        ..EpisodeConfig::new(trainer.config().model.patch_size)
+    let options = RunOptions {
+        steps: args.steps,
+        // No limit for one too long to represent.
+        time_limit: args
+            .minutes
+            .and_then(|m| Duration::try_from_secs_f64(m.max(0.0) * 60.0).ok()),
+        eval_every: args.eval_every,
+        checkpoint_every: args.checkpoint_every,
+        data_dir: args.data.clone(),
     };
-    episodes
-        .validate()
-        .map_err(|e| Failure::new(2, format!("--max-classes {}: {e}", args.max_classes)))?;
-    let mut sampler = load_data(
-        &args.data,
-        &trainer.config().model,
-        &args.regions,
-        if args.no_whole_brain {
-            &[]
-        } else {
-            &args.whole_brain_zoom
-        },
-        episodes,
-    )?;
-    let mut classes: Vec<_> = sampler
-        .trainable_classes()
-        .map(|c| (c.key.clone(), c.name.clone()))
-        .collect();
-    classes.sort();
-    for (key, name) in &classes {
-        trainer.bank_mut().register(key, name);
-    }
-    let held_out = if args.eval_every > 0 {
-        held_out_episodes(&sampler, 8, 64, 1)?
-    } else {
-        Vec::new()
-    };
-
-    fs::create_dir_all(&args.out)
-        .map_err(|e| Failure::new(4, format!("{}: {e}", args.out.display())))?;
-    let mut metrics = Metrics::open(&args.out.join("metrics.csv"), trainer.step())?;
     let bar = step_bar(args.steps, args.quiet);
-    bar.set_position(trainer.step() as u64);
-
-    let start = Instant::now();
-    let limit = args
-        .minutes
-        .map(|m| Duration::from_secs_f64(m.max(0.0) * 60.0));
-    let curriculum = Curriculum {
-        fraction: args.curriculum_fraction,
-        steps: args.curriculum_steps.unwrap_or(args.steps / 3),
-    };
-    let (mut loss, mut dice) = (f32::NAN, f32::NAN);
-    let first_step = trainer.step();
-    while trainer.step() < args.steps && limit.is_none_or(|l| start.elapsed() < l) {
-        if let Some(fraction) = curriculum.update(trainer.step(), trainer.step() == first_step) {
-            sampler
-                .set_min_foreground_fraction(fraction)
-                .map_err(|e| Failure::new(2, format!("--curriculum-fraction: {e}")))?;
+    let summary = training::run(&args.out, &mut trainer, &options, |event| match event {
+        Event::Started { step, .. } => bar.set_position(step as u64),
+        Event::Step {
+            step,
+            stats,
+            episodes_per_s,
+        } => {
+            bar.set_position(step as u64);
+            bar.set_message(format!(
+                "loss {:.4}  Dice {:.3}  {episodes_per_s:.2} episodes/s",
+                stats.loss, stats.dice
+            ));
         }
-        let step_start = Instant::now();
-        let stats = trainer.train_with(&|seed| sampler.episode(seed))?;
-        let rate = trainer.config().batch_size as f64 / step_start.elapsed().as_secs_f64();
-        (loss, dice) = (stats.loss, stats.dice);
-        let step = trainer.step();
-        let eval = if args.eval_every > 0 && step % args.eval_every == 0 {
-            evaluate(trainer.model(), &held_out)?
-        } else {
-            None
-        };
-        metrics.row(step, &stats, rate, start.elapsed().as_secs_f64(), eval)?;
-        bar.set_position(step as u64);
-        bar.set_message(format!(
-            "loss {loss:.4}  Dice {dice:.3}  {rate:.2} episodes/s"
-        ));
-        if step % args.checkpoint_every == 0 {
-            trainer.save_checkpoint(&args.out)?;
-        }
-    }
-    trainer.save_checkpoint(&args.out)?;
+        _ => {}
+    })
+    .map_err(train_failure)?;
     bar.finish();
     if !args.quiet {
+        let (loss, dice) = summary
+            .last
+            .map_or((f32::NAN, f32::NAN), |stats| (stats.loss, stats.dice));
         println!(
             "step {} of {}: loss {loss:.4}, Dice {dice:.3}; checkpoint in {}",
-            trainer.step(),
+            summary.step,
             args.steps,
-            args.out.join(checkpoint::CHECKPOINT_DIR).display()
+            summary.checkpoint.display()
         );
     }
     Ok(())
-}
-
-/// The curriculum of `train`: the smallest class size of an episode, as a
-/// fraction of the patch, falls linearly from `fraction` at step 0 to 0 at
-/// `steps`, so that the model first learns from large structures (an
-/// episode of an 8-voxel class gives almost no Dice gradient to a model
-/// that still predicts background everywhere).
-struct Curriculum {
-    fraction: f64,
-    steps: usize,
-}
-
-impl Curriculum {
-    /// Steps between changes of the bound (each change rescans the classes).
-    const EVERY: usize = 100;
-
-    /// The bound to set before `step`, when it changes there (or when the
-    /// run starts or resumes there: `first`).
-    fn update(&self, step: usize, first: bool) -> Option<f64> {
-        if self.fraction <= 0.0 || self.steps == 0 || !(first || step.is_multiple_of(Self::EVERY)) {
-            return None;
-        }
-        (step <= self.steps).then(|| self.fraction * (1.0 - step as f64 / self.steps as f64))
-    }
 }
 
 fn export(args: &ExportArgs) -> Result<(), Failure> {
@@ -759,132 +788,4 @@ fn manifest_grouping(run: &Path, fingerprint: ModelFingerprint) -> Result<usize,
         ));
     }
     Ok(manifest.classes_per_forward.unwrap_or(usize::MAX))
-}
-
-/// The training atlases at the model's spacing, with their region views
-/// and the macaque whole-brain view at `whole_brain_zooms` (none when
-/// empty), sampled as `episodes` says, or a failure telling how to get
-/// them.
-fn load_data(
-    data: &Path,
-    model: &IrisConfig,
-    regions: &[usize],
-    whole_brain_zooms: &[f64],
-    episodes: EpisodeConfig,
-) -> Result<EpisodeSampler, Failure> {
-    if !data.is_dir() {
-        return Err(Failure::new(
-            3,
-            format!(
-                "training data folder {} not found: run scripts/fetch-data.sh (or pass --data DIR)",
-                data.display()
-            ),
-        ));
-    }
-    let data_failure = |e: iris_train::Error| {
-        Failure::new(
-            3,
-            format!(
-                "training data in {}: {e} (run scripts/fetch-data.sh to fetch it)",
-                data.display()
-            ),
-        )
-    };
-    let atlases = AtlasSource::TRAINING;
-    let sources = load_atlases(data, &atlases, model.spacing_mm)
-        .and_then(|mut sources| {
-            if !whole_brain_zooms.is_empty() {
-                sources.extend(whole_brain_views(
-                    data,
-                    &atlases,
-                    model.spacing_mm,
-                    whole_brain_zooms,
-                )?);
-            }
-            Ok(sources)
-        })
-        .and_then(|sources| with_regions(sources, regions))
-        .map_err(data_failure)?;
-    EpisodeSampler::new(sources, episodes).map_err(data_failure)
-}
-
-/// `metrics.csv`: one row per step.
-struct Metrics {
-    file: fs::File,
-    path: PathBuf,
-}
-
-impl Metrics {
-    const HEADER: &str = "step,loss,dice,lr,episodes_per_s,seconds,eval_dice";
-
-    /// Opens `path` for appending, keeping only rows up to `step` (rows a
-    /// crashed run wrote after its last checkpoint are dropped, as the
-    /// resumed run writes them again).
-    fn open(path: &Path, step: usize) -> Result<Self, Failure> {
-        let fail = |e: std::io::Error| Failure::new(1, format!("{}: {e}", path.display()));
-        let old = fs::read_to_string(path).unwrap_or_default();
-        let mut kept = String::from(Self::HEADER);
-        kept.push('\n');
-        for line in old.lines().skip(1) {
-            let row_step = line.split(',').next().and_then(|s| s.parse::<usize>().ok());
-            if row_step.is_some_and(|s| s <= step) {
-                kept.push_str(line);
-                kept.push('\n');
-            }
-        }
-        fs::write(path, kept).map_err(fail)?;
-        let file = fs::OpenOptions::new()
-            .append(true)
-            .open(path)
-            .map_err(fail)?;
-        Ok(Metrics {
-            file,
-            path: path.to_path_buf(),
-        })
-    }
-
-    fn row(
-        &mut self,
-        step: usize,
-        stats: &iris_train::training::StepStats,
-        rate: f64,
-        seconds: f64,
-        eval: Option<f32>,
-    ) -> Result<(), Failure> {
-        let eval = eval.map(|d| format!("{d:.5}")).unwrap_or_default();
-        writeln!(
-            self.file,
-            "{step},{:.6},{:.5},{:.3e},{rate:.4},{seconds:.2},{eval}",
-            stats.loss, stats.dice, stats.learning_rate
-        )
-        .map_err(|e| Failure::new(1, format!("{}: {e}", self.path.display())))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Curriculum;
-
-    #[test]
-    fn curriculum_falls_linearly_and_is_set_on_resume() {
-        let c = Curriculum {
-            fraction: 0.01,
-            steps: 1000,
-        };
-        assert_eq!(c.update(0, true), Some(0.01));
-        assert_eq!(c.update(50, false), None, "only every 100 steps");
-        assert_eq!(
-            c.update(50, true),
-            Some(0.01 * 0.95),
-            "a resumed run sets it at once"
-        );
-        assert_eq!(c.update(500, false), Some(0.005));
-        assert_eq!(c.update(1000, false), Some(0.0));
-        assert_eq!(c.update(1100, false), None, "past the curriculum");
-        let off = Curriculum {
-            fraction: 0.0,
-            steps: 1000,
-        };
-        assert_eq!(off.update(0, true), None);
-    }
 }

@@ -21,7 +21,7 @@ use super::attention::{
 };
 use super::blocks::{BlockStack, BlockStackConfig};
 use super::ops::upsample_trilinear;
-use super::task_encoder::TaskEmbedding;
+use super::task_tensors::TaskTensors;
 
 /// Configuration of the [`Decoder`].
 #[derive(Config, Debug)]
@@ -181,7 +181,7 @@ impl Decoder {
     pub fn forward(
         &self,
         features: &[Tensor<5>],
-        embedding: &TaskEmbedding,
+        embedding: &TaskTensors,
     ) -> (Tensor<5>, Vec<Tensor<3>>) {
         let mut x = features[4].clone();
         let mut summaries = Vec::with_capacity(self.fusions.len());
@@ -267,7 +267,7 @@ mod tests {
         let features: Vec<Tensor<5>> = (0..5)
             .map(|l| random([2, channels[l], 32 >> l, 16 >> l, 32 >> l], &device))
             .collect();
-        let embedding = TaskEmbedding {
+        let embedding = TaskTensors {
             stages: vec![
                 random([2, 3, 11, 32], &device),
                 random([2, 3, 11, 32], &device),

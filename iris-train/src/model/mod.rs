@@ -10,11 +10,12 @@
 //! | [`blocks`] | pre-activation `BasicBlock` | `conv_blocks.py` |
 //! | [`attention`] | pre-norm self/cross-attention and feed-forward units | `attention_blocks.py` |
 //! | [`encoder`] | image encoder, five levels | `encoder.py` |
-//! | [`task_encoder`] | reference + masks to [`TaskEmbedding`] | `task_encoding.py` |
+//! | [`task_encoder`] | reference + masks to [`TaskTensors`] | `task_encoding.py` |
+//! | [`task_tensors`] | the task embedding as tensors ([`TaskTensors`]), to and from `iris-core`'s stored form | |
 //! | [`decoder`] | fusion layers, up blocks, classifier head | `decoder.py`, `fusion.py` |
 //!
 //! Data flow for one episode with `K` classes: `encoder(reference)` and
-//! `task_encoder(features, masks)` give a [`TaskEmbedding`] (per task level
+//! `task_encoder(features, masks)` give a [`TaskTensors`] (per task level
 //! `[B, K, T + 1, C]`); `encoder(query)`, `decoder(features, embedding)` and
 //! `head` give logits `[B, K, D, H, W]`.
 
@@ -25,6 +26,7 @@ pub mod decoder;
 pub mod encoder;
 pub mod ops;
 pub mod task_encoder;
+pub mod task_tensors;
 
 use burn::prelude::*;
 
@@ -32,8 +34,8 @@ use crate::Error;
 use decoder::{ClassifierHead, ClassifierHeadConfig, Decoder, DecoderConfig};
 use encoder::{Encoder, EncoderConfig};
 use iris_core::embedding::StageShape;
-pub use task_encoder::TaskEmbedding;
 use task_encoder::{TaskEncoder, TaskEncoderConfig};
+pub use task_tensors::TaskTensors;
 
 /// Total downsampling of the deepest level: patch sides must be multiples.
 const DEEPEST_SCALE: usize = 16;
@@ -295,7 +297,7 @@ impl Iris {
         &self,
         reference: Tensor<5>,
         masks: Tensor<5>,
-    ) -> Result<TaskEmbedding, Error> {
+    ) -> Result<TaskTensors, Error> {
         self.check_image("reference image", &reference)?;
         self.check_masks(reference.dims(), &masks)?;
         let features = self.encoder.forward(reference);
@@ -310,7 +312,7 @@ impl Iris {
     ///   patch size
     /// - `embedding`: per task level `[B, K, T + 1, C_level]`
     /// - output: logits `[B, K, D, H, W]`
-    pub fn segment(&self, query: Tensor<5>, embedding: &TaskEmbedding) -> Result<Tensor<5>, Error> {
+    pub fn segment(&self, query: Tensor<5>, embedding: &TaskTensors) -> Result<Tensor<5>, Error> {
         self.check_image("query image", &query)?;
         self.check_embedding(query.dims()[0], embedding)?;
         let features = self.encoder.forward(query);
@@ -330,7 +332,7 @@ impl Iris {
     pub fn segment_grouped(
         &self,
         query: Tensor<5>,
-        embedding: &TaskEmbedding,
+        embedding: &TaskTensors,
         classes_per_forward: usize,
     ) -> Result<Tensor<5>, Error> {
         let features = self.encode_query(query)?;
@@ -363,7 +365,7 @@ impl Iris {
     pub fn decode_grouped(
         &self,
         features: &QueryFeatures,
-        embedding: &TaskEmbedding,
+        embedding: &TaskTensors,
         classes_per_forward: usize,
     ) -> Result<Tensor<5>, Error> {
         if classes_per_forward == 0 {
@@ -379,7 +381,7 @@ impl Iris {
             .step_by(classes_per_forward)
             .map(|first| {
                 let n = classes_per_forward.min(k - first);
-                let group = TaskEmbedding {
+                let group = TaskTensors {
                     stages: embedding
                         .stages
                         .iter()
@@ -431,13 +433,13 @@ impl Iris {
         Ok(self.decode(&query_features, &embedding))
     }
 
-    fn decode(&self, features: &[Tensor<5>], embedding: &TaskEmbedding) -> Tensor<5> {
+    fn decode(&self, features: &[Tensor<5>], embedding: &TaskTensors) -> Tensor<5> {
         let (decoded, summaries) = self.decoder.forward(features, embedding);
         self.head.forward(decoded, summaries)
     }
 
     /// Checks an embedding against this model's task levels.
-    fn check_embedding(&self, batch: usize, embedding: &TaskEmbedding) -> Result<(), Error> {
+    fn check_embedding(&self, batch: usize, embedding: &TaskTensors) -> Result<(), Error> {
         let k = embedding.num_classes();
         let tokens = self.query_tokens + 1;
         let expected: Vec<[usize; 4]> = (0..self.task_encoder.num_stages())

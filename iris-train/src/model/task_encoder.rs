@@ -29,47 +29,7 @@ use burn::tensor::activation::relu;
 
 use super::attention::{AttentionConfig, CrossAttention, FeedForward, SelfAttention};
 use super::ops::{pixel_shuffle_3d, pixel_unshuffle_3d, upsample_trilinear_adjoint};
-
-/// A task embedding: for each level the task encoder reads, deepest first,
-/// the tokens `[B, K, T + 1, C_level]` of `K` classes (`T` query tokens, then
-/// the foreground token at index `T`).
-///
-/// It is a plain value: it can be stored (one `[T + 1, C]` array per level
-/// and class), averaged over several references, or optimised on its own.
-#[derive(Clone, Debug)]
-pub struct TaskEmbedding {
-    /// Tokens per level, deepest (1/16) first: `[B, K, T + 1, C_level]`.
-    pub stages: Vec<Tensor<4>>,
-}
-
-impl TaskEmbedding {
-    /// Number of classes `K`.
-    pub fn num_classes(&self) -> usize {
-        self.stages.first().map_or(0, |tokens| tokens.dims()[1])
-    }
-
-    /// The embedding of the classes `indices` (in that order), e.g. to
-    /// segment a subset or to reorder classes.
-    ///
-    /// # Panics
-    /// If an index is `>= self.num_classes()`.
-    pub fn select_classes(&self, indices: &[usize]) -> Self {
-        let stages = self
-            .stages
-            .iter()
-            .map(|tokens| {
-                let device = tokens.device();
-                let indices: Vec<i64> = indices.iter().map(|&i| i as i64).collect();
-                let indices = Tensor::<1, Int>::from_data(
-                    TensorData::new(indices.clone(), [indices.len()]),
-                    &device,
-                );
-                tokens.clone().select(1, indices)
-            })
-            .collect();
-        Self { stages }
-    }
-}
+use super::task_tensors::TaskTensors;
 
 /// Configuration of the [`TaskEncoder`].
 #[derive(Config, Debug)]
@@ -312,21 +272,21 @@ impl TaskEncoder {
         self.stages.len()
     }
 
-    /// Encodes the reference masks into a [`TaskEmbedding`].
+    /// Encodes the reference masks into a [`TaskTensors`].
     ///
     /// # Shapes
     /// - `features`: the encoder's five levels, full resolution first
     ///   (see [`Encoder::forward`](super::encoder::Encoder::forward))
     /// - `masks`: `[B, K, D, H, W]`, the reference image's full-resolution
     ///   binary masks, one channel per class
-    pub fn forward(&self, features: &[Tensor<5>], masks: Tensor<5>) -> TaskEmbedding {
+    pub fn forward(&self, features: &[Tensor<5>], masks: Tensor<5>) -> TaskTensors {
         let stages = self
             .stages
             .iter()
             .enumerate()
             .map(|(i, stage)| stage.forward(features[4 - i].clone(), masks.clone()))
             .collect();
-        TaskEmbedding { stages }
+        TaskTensors { stages }
     }
 }
 

@@ -22,7 +22,7 @@ use iris_core::volume::{Image, LabelMap};
 use iris_test_support::TempDir;
 use iris_test_support::fixture::colin;
 use iris_tests::with_tiny_model;
-use iris_train::model::{Iris, IrisConfig};
+use iris_train::model::{Iris, IrisConfig, TaskTensors};
 
 /// Largest difference allowed between the engine and burn: probabilities
 /// absolute, task tokens relative to their largest magnitude.
@@ -205,20 +205,7 @@ fn engine_equals_burn_on_the_exported_graphs() {
             .normalize_in_place(&mut x)
             .expect("normalise");
         let [d, h, w] = exported.config.patch_size;
-        let tokens = exported.config.query_tokens + 1;
-        let embedding = iris_train::model::TaskEmbedding {
-            stages: (0..burn_task.len())
-                .map(|s| {
-                    let c = exported.config.channels[4 - s];
-                    let v = task
-                        .classes()
-                        .iter()
-                        .flat_map(|class| class.stages()[s].iter().copied())
-                        .collect();
-                    tensor(v, [1, k, tokens, c])
-                })
-                .collect(),
-        };
+        let embedding = TaskTensors::from_core(&task, &Device::flex());
         let logits = exported
             .model
             .segment(
