@@ -65,7 +65,8 @@ use nifti::writer::WriterOptions;
 use nifti::{Endianness, NiftiError, NiftiHeader};
 
 use crate::error::{Error, Result};
-use crate::volume::{Affine, Geometry, Image, LabelMap, Volume, checked_voxel_count};
+use crate::pipeline::{DEFAULT_MEMORY_BUDGET, gib};
+use crate::volume::{Affine, Geometry, Image, LabelMap, MAX_VOXELS, Volume};
 
 /// Size of a NIfTI-1 header in bytes (`sizeof_hdr`).
 const HEADER_LEN: usize = 348;
@@ -207,7 +208,11 @@ pub struct NiftiInfo {
 ///
 /// # Errors
 /// [`Error::Io`] when the file cannot be opened or read, [`Error::Nifti`]
-/// (naming the file) for anything wrong with its contents.
+/// (naming the file) for anything wrong with its contents,
+/// [`Error::TooLarge`] (before reading the voxels) for more than
+/// [`MAX_VOXELS`](crate::volume::MAX_VOXELS) voxels or a volume that would
+/// take more than the default memory budget (4 GiB, raw bytes and decoded
+/// volume together).
 pub fn read_image(path: impl AsRef<Path>) -> Result<(Image, NiftiInfo)> {
     read_path(path.as_ref())
 }
@@ -224,11 +229,13 @@ pub fn read_labels(path: impl AsRef<Path>) -> Result<(LabelMap, NiftiInfo)> {
 
 /// Parses a whole single-file NIfTI-1 (`.nii` bytes, gzip-compressed or not)
 /// from memory, as [`read_image`] does. Never panics, whatever the bytes:
-/// sizes are checked against [`MAX_VOXELS`](crate::volume::MAX_VOXELS) and
-/// against the bytes present before anything large is allocated.
+/// sizes are checked against [`MAX_VOXELS`](crate::volume::MAX_VOXELS), the
+/// default memory budget and the bytes present before anything large is
+/// allocated.
 ///
 /// # Errors
-/// [`Error::Nifti`] (with the path `<memory>`) describing the problem.
+/// [`Error::Nifti`] (with the path `<memory>`) describing the problem;
+/// [`Error::TooLarge`] as [`read_image`].
 pub fn decode_bytes(bytes: &[u8]) -> Result<(Image, NiftiInfo)> {
     decode_memory(bytes)
 }
@@ -392,6 +399,7 @@ fn decode<'a, T: Voxel>(
     let header = parse_header(raw_header).map_err(fail)?;
     let mut warnings = Vec::new();
     let layout = Layout::of(&header, &mut warnings).map_err(fail)?;
+    check_size::<T>(path, &layout)?;
     let (affine, affine_source) = affine_of(&header, &layout, &mut warnings).map_err(fail)?;
 
     let single_file = &header.magic == nifti::header::MAGIC_CODE_NIP1;
@@ -411,7 +419,16 @@ fn decode<'a, T: Voxel>(
         }
     };
 
-    let voxels = convert::<T>(&raw, &layout).map_err(|(index, value)| {
+    let mut voxels = Vec::new();
+    voxels
+        .try_reserve_exact(raw.len() / layout.datatype.size())
+        .map_err(|e| {
+            fail(format!(
+                "cannot allocate the volume of {}: {e}",
+                layout.describe()
+            ))
+        })?;
+    convert::<T>(&raw, &layout, &mut voxels).map_err(|(index, value)| {
         let [_, nj, ni] = layout.shape;
         let (i, j, k) = (index % ni, (index / ni) % nj, index / (ni * nj));
         fail(format!(
@@ -513,7 +530,8 @@ impl Layout {
         }
         let size = |axis: usize| dims.get(axis).map_or(1, |&n| usize::from(n));
         let shape = [size(2), size(1), size(0)];
-        let count = checked_voxel_count(shape).map_err(|e| e.to_string())?;
+        // Sized, not refused, here: `decode` checks it against the limits.
+        let count = shape.iter().fold(1usize, |acc, &n| acc.saturating_mul(n));
 
         let datatype = Datatype::from_code(h.datatype).ok_or_else(|| {
             let name = h
@@ -533,9 +551,7 @@ impl Layout {
                 8 * datatype.size()
             ));
         }
-        let len = count
-            .checked_mul(datatype.size())
-            .ok_or_else(|| format!("{count} {} voxels overflow memory", datatype.name()))?;
+        let len = count.saturating_mul(datatype.size());
 
         let v = h.vox_offset;
         if !v.is_finite() || v < 0.0 || v.fract() != 0.0 || v > u32::MAX as f32 {
@@ -611,14 +627,16 @@ fn skip_to_voxels(
 }
 
 /// Reads exactly the voxel bytes of `layout`. Memory is reserved up front
-/// only up to what `available` says is really there.
+/// (fallibly), only up to what `available` says is really there for a plain
+/// file; a gzip stream's size was bounded by `check_size`.
 fn read_voxels(
     stream: &mut dyn Read,
     layout: &Layout,
     available: Option<u64>,
 ) -> core::result::Result<Vec<u8>, String> {
     let mut raw = Vec::new();
-    let reserve = available.map_or(0, |a| {
+    // What a plain file really holds, or (gzip) what `check_size` allowed.
+    let reserve = available.map_or(layout.len, |a| {
         usize::try_from(a).map_or(layout.len, |a| a.min(layout.len))
     });
     raw.try_reserve_exact(reserve)
@@ -681,11 +699,14 @@ fn read_pair_data(header_path: &Path, layout: &Layout) -> Result<Vec<u8>> {
 }
 
 /// Decodes the raw bytes (C order over `[k, j, i]`), applies scaling and
-/// converts to `T`. On failure returns the flat index and scaled value.
-fn convert<T: Voxel>(raw: &[u8], layout: &Layout) -> core::result::Result<Vec<T>, (usize, f64)> {
+/// converts to `T`, pushed onto `out` (reserved by the caller). On failure
+/// returns the flat index and scaled value.
+fn convert<T: Voxel>(
+    raw: &[u8],
+    layout: &Layout,
+    out: &mut Vec<T>,
+) -> core::result::Result<(), (usize, f64)> {
     let big = layout.big_endian;
-    // `raw` holds exactly the voxels, so this allocation is backed by real data.
-    let mut out = Vec::with_capacity(raw.len() / layout.datatype.size());
     macro_rules! decode_as {
         ($t:ty, $scale:expr) => {{
             let (chunks, _) = raw.as_chunks::<{ core::mem::size_of::<$t>() }>();
@@ -721,7 +742,34 @@ fn convert<T: Voxel>(raw: &[u8], layout: &Layout) -> core::result::Result<Vec<T>
         Datatype::F32 => decode_scaled!(f32),
         Datatype::F64 => decode_scaled!(f64),
     }
-    Ok(out)
+    Ok(())
+}
+
+/// Refuses, before any voxel is read, a volume past
+/// [`MAX_VOXELS`](crate::volume::MAX_VOXELS) or one whose raw bytes and
+/// decoded `T` volume together would pass the default memory budget
+/// ([`DEFAULT_MEMORY_BUDGET`](crate::pipeline::DEFAULT_MEMORY_BUDGET)): a
+/// 1 MB `.nii.gz` can claim 1024^3 voxels.
+fn check_size<T>(path: &Path, layout: &Layout) -> Result<()> {
+    let count: u128 = layout.shape.iter().map(|&n| n as u128).product();
+    let [k, j, i] = layout.shape;
+    let what = |detail: String| Error::TooLarge {
+        what: "NIfTI volume",
+        detail: format!("{}: {i}x{j}x{k} voxels {detail}", path.display()),
+    };
+    if count > MAX_VOXELS as u128 {
+        return Err(what(format!("are more than the {MAX_VOXELS} iris reads")));
+    }
+    let bytes = count * (layout.datatype.size() + size_of::<T>()) as u128;
+    if bytes > u128::from(DEFAULT_MEMORY_BUDGET) {
+        return Err(what(format!(
+            "of {} need about {} to read, over the budget of {}",
+            layout.datatype.name(),
+            gib(bytes),
+            gib(u128::from(DEFAULT_MEMORY_BUDGET))
+        )));
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------- affines

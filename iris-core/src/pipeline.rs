@@ -127,7 +127,7 @@ impl Limits {
 }
 
 /// `bytes` in GiB, for messages.
-fn gib(bytes: u128) -> String {
+pub(crate) fn gib(bytes: u128) -> String {
     format!("{:.2} GiB", bytes as f64 / f64::from(1u32 << 30))
 }
 

@@ -570,12 +570,21 @@ fn damaged_files_are_clear_errors() {
         assert!(text.contains(expect), "{what}: {text}");
     }
     let mut raw = RawNifti::new(4, 2, encode(4, (0..24).map(stored), false));
-    raw.dim = [3, 32767, 32767, 32767, 1, 1, 1, 1];
-    assert!(err_text(decode_bytes(&raw.bytes())).contains("too large"));
-    // Allowed by MAX_VOXELS but far more than the bytes present: refused
-    // without allocating the 16 GB the header asks for.
-    raw.dim = [3, 2000, 2000, 500, 1, 1, 1, 1];
-    raw.datatype = 64;
+    // Past MAX_VOXELS, or past the memory budget (2e9 f64 voxels: 24 GB
+    // raw and decoded): too large, a size error, before any voxel is read.
+    for dim in [
+        [3, 32767, 32767, 32767, 1, 1, 1, 1],
+        [3, 2000, 2000, 500, 1, 1, 1, 1],
+    ] {
+        raw.dim = dim;
+        raw.datatype = 64;
+        let err = decode_bytes(&raw.bytes()).expect_err("too large");
+        assert!(matches!(err, Error::TooLarge { .. }), "{dim:?}: {err}");
+        assert!(err.to_string().contains("too large"), "{err}");
+    }
+    // Within the budget but far more than the bytes present: refused
+    // without allocating the 800 MB the header asks for.
+    raw.dim = [3, 1000, 1000, 100, 1, 1, 1, 1];
     assert!(err_text(decode_bytes(&raw.bytes())).contains("truncated"));
     raw.dim = [3, 4, -3, 2, 1, 1, 1, 1];
     assert!(err_text(decode_bytes(&raw.bytes())).contains("dim[2] is -3"));

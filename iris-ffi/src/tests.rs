@@ -751,6 +751,27 @@ fn nifti_labels_round_trip_through_a_library_volume() {
         );
         let status = iris_volume_read_nifti(c"/nonexistent/x.nii".as_ptr(), 0, &mut image);
         expect(status, IrisStatus::IrisErrorIo, &["/nonexistent/x.nii"]);
+        // A header that claims 32767^3 voxels, or 1024^3 (6 GiB to read as
+        // floats): too large, not a format error, before a voxel is read.
+        let mut plain = std::fs::read(dir.join("labels.nii.gz")).expect("written");
+        plain = iris_core::nifti::decode_label_bytes(&plain)
+            .map(|(labels, _)| {
+                let file = dir.join("plain.nii");
+                iris_core::nifti::write_labels(&file, &labels, None).expect("writes");
+                std::fs::read(file).expect("written")
+            })
+            .expect("reads");
+        for (side, words) in [(32767i16, "more than"), (1024, "GiB")] {
+            for axis in 1..=3 {
+                plain[40 + 2 * axis..42 + 2 * axis].copy_from_slice(&side.to_le_bytes());
+            }
+            let huge = dir.join(format!("huge-{side}.nii"));
+            std::fs::write(&huge, &plain).expect("writes");
+            let huge = CString::new(huge.to_str().expect("utf-8")).expect("no NUL");
+            let status = iris_volume_read_nifti(huge.as_ptr(), 0, &mut image);
+            expect(status, IrisStatus::IrisErrorTooLarge, &["huge-", words]);
+            assert!(image.is_null());
+        }
         let mut small = back;
         small.struct_size = 8;
         let status = iris_volume_view(volume, &mut small);
