@@ -407,9 +407,16 @@ typedef struct IrisSegmentOptions {
    */
   uint64_t max_windows;
   /**
+   * Most classes per decoder run: a larger task is decoded in groups
+   * (the encoder still runs once per window). 0 (the default): the
+   * model manifest's `classes_per_forward`, else all classes in one run.
+   * ABI 0.2.
+   */
+  uint64_t classes_per_forward;
+  /**
    * Must be zero (room for later fields).
    */
-  uint64_t reserved[4];
+  uint64_t reserved[3];
 } IrisSegmentOptions;
 
 /**

@@ -122,8 +122,13 @@ pub struct IrisSegmentOptions {
     /// more is `IRIS_ERROR_TOO_LARGE`, before any window runs. 0 (the
     /// default): 10 000. ABI 0.2.
     pub max_windows: u64,
+    /// Most classes per decoder run: a larger task is decoded in groups
+    /// (the encoder still runs once per window). 0 (the default): the
+    /// model manifest's `classes_per_forward`, else all classes in one run.
+    /// ABI 0.2.
+    pub classes_per_forward: u64,
     /// Must be zero (room for later fields).
-    pub reserved: [u64; 4],
+    pub reserved: [u64; 3],
 }
 
 impl Versioned for IrisSegmentOptions {
@@ -217,7 +222,8 @@ pub unsafe extern "C" fn iris_segment_options_default(
             cancel_user: core::ptr::null_mut(),
             memory_budget: 0,
             max_windows: 0,
-            reserved: [0; 4],
+            classes_per_forward: 0,
+            reserved: [0; 3],
         };
         Ok(())
     })
@@ -689,6 +695,10 @@ pub(crate) unsafe fn segment_settings(
         settings.overlap = o.overlap;
         settings.largest_component = o.largest_component != 0;
         settings.limits = limits(o.memory_budget, o.max_windows);
+        settings.classes_per_forward = match o.classes_per_forward {
+            0 => None,
+            n => Some(usize::try_from(n).unwrap_or(usize::MAX)),
+        };
         if let Some(callback) = o.progress {
             let caller = CallerProgress {
                 callback,

@@ -619,8 +619,12 @@ fn options_defaults_and_their_checks() {
         (o.modality, o.threshold, o.largest_component, o.overlap),
         (0, 0.5, 1, 0.5)
     );
-    assert!(o.progress.is_none() && o.cancel.is_none() && o.reserved == [0; 4]);
-    assert_eq!((o.memory_budget, o.max_windows), (0, 0), "0: the defaults");
+    assert!(o.progress.is_none() && o.cancel.is_none() && o.reserved == [0; 3]);
+    assert_eq!(
+        (o.memory_budget, o.max_windows, o.classes_per_forward),
+        (0, 0, 0),
+        "0: the defaults"
+    );
     // ABI 0.2 took `cancel` out of reserved words: the size is ABI 0.1's.
     assert_eq!(size_of::<IrisSegmentOptions>(), 104);
     let mut e = core::mem::MaybeUninit::<IrisEncodeOptions>::uninit();
@@ -784,4 +788,72 @@ fn nifti_labels_round_trip_through_a_library_volume() {
     }
     assert!(volume.is_null());
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `classes_per_forward` reaches the engine: one class per decoder run plans
+/// the decoder for one class only, and the labels are those of one run for
+/// all classes (the model of known maths decodes classes independently).
+#[test]
+fn classes_per_forward_groups_the_decoder_runs() {
+    use iris_test_support::{TempDir, fixture};
+    let dir = TempDir::new("ffi-groups");
+    fixture::model(dir.path(), 3);
+    let path = CString::new(dir.path().to_str().expect("utf-8")).expect("no NUL");
+    let mut model = null_mut();
+    // SAFETY: a valid path and out-pointer.
+    expect(
+        unsafe { iris_model_load(path.as_ptr(), &mut model) },
+        IrisStatus::IrisOk,
+        &[],
+    );
+    // SAFETY: loaded above, freed at the end.
+    let rust = unsafe { &(*model).model };
+    let (image, labels) = fixture::reference();
+    let task = task(&fixture::encode(rust, &image, &labels));
+    let (query, _) = fixture::query(0.0);
+    let a = query.geometry().affine().0;
+    let affine: [f64; 16] = core::array::from_fn(|i| a[i / 4][i % 4]);
+    let data = query.data().as_slice().expect("standard layout");
+    let view = IrisVolumeView {
+        struct_size: size_of::<IrisVolumeView>() as u32,
+        dtype: IrisDataType::F32 as u32,
+        dims: query.shape().map(|d| d as u64),
+        spacing_mm: query.geometry().spacing(),
+        affine: affine.as_ptr(),
+        data: data.as_ptr().cast(),
+        data_bytes: size_of_val(data) as u64,
+    };
+    let segment = |per_run: u64| {
+        let mut options = core::mem::MaybeUninit::<IrisSegmentOptions>::uninit();
+        // SAFETY: fills the struct.
+        unsafe { iris_segment_options_default(options.as_mut_ptr()) };
+        // SAFETY: initialised above.
+        let mut options = unsafe { options.assume_init() };
+        options.classes_per_forward = per_run;
+        let mut out = vec![0u8; data.len()];
+        // SAFETY: live model, view and task; a buffer of the stated size.
+        let status = unsafe {
+            iris_segment(
+                model,
+                &view,
+                task,
+                &options,
+                IrisDataType::U8 as u32,
+                out.as_mut_ptr().cast(),
+                out.len() as u64,
+                null_mut(),
+                0,
+            )
+        };
+        expect(status, IrisStatus::IrisOk, &[]);
+        out
+    };
+    let grouped = segment(1);
+    assert_eq!(rust.planned_class_counts(), [1], "one class per run");
+    let together = segment(0);
+    assert_eq!(rust.planned_class_counts(), [1, 2], "0: all in one run");
+    assert_eq!(grouped, together);
+    free_task(task);
+    // SAFETY: loaded above; freed once.
+    unsafe { iris_model_free(&mut model) };
 }
