@@ -135,45 +135,25 @@ impl Versioned for IrisSegmentOptions {
     const NAME: &'static str = "IrisSegmentOptions";
 }
 
-/// The caller's progress callback, which the header requires to be callable
-/// from any thread.
-struct CallerProgress {
-    callback: unsafe extern "C" fn(u64, u64, *mut c_void),
-    user: *mut c_void,
-}
+/// A caller's `user` pointer, handed back to its callbacks (`progress`,
+/// `cancel`), which the header requires to be callable from any thread.
+#[derive(Clone, Copy)]
+struct UserPointer(*mut c_void);
 
-impl CallerProgress {
-    fn call(&self, p: Progress) {
-        // SAFETY: the caller's callback, called as IrisProgressFn documents.
-        unsafe { (self.callback)(p.done as u64, p.total as u64, self.user) }
+impl UserPointer {
+    /// The pointer (a method, so that closures capture the whole `Send`
+    /// wrapper rather than its raw field).
+    fn get(self) -> *mut c_void {
+        self.0
     }
 }
 
-// SAFETY: `IrisProgressFn`'s contract makes the callback and its user
-// pointer usable from any thread; libiris never dereferences `user`.
-unsafe impl Send for CallerProgress {}
+// SAFETY: `IrisProgressFn`'s and `IrisCancelFn`'s contracts make the
+// callbacks and their user pointers usable from any thread; libiris never
+// dereferences `user`.
+unsafe impl Send for UserPointer {}
 // SAFETY: as above.
-unsafe impl Sync for CallerProgress {}
-
-/// The caller's cancellation callback, which the header requires to be
-/// callable from any thread.
-struct CallerCancel {
-    callback: unsafe extern "C" fn(*mut c_void) -> c_int,
-    user: *mut c_void,
-}
-
-impl CallerCancel {
-    fn asks_to_stop(&self) -> bool {
-        // SAFETY: the caller's callback, called as IrisCancelFn documents.
-        unsafe { (self.callback)(self.user) != 0 }
-    }
-}
-
-// SAFETY: `IrisCancelFn`'s contract makes the callback and its user pointer
-// usable from any thread; libiris never dereferences `user`.
-unsafe impl Send for CallerCancel {}
-// SAFETY: as above.
-unsafe impl Sync for CallerCancel {}
+unsafe impl Sync for UserPointer {}
 
 /// Fills `options` with the defaults of every field (including
 /// `struct_size`).
@@ -700,18 +680,16 @@ pub(crate) unsafe fn segment_settings(
             n => Some(usize::try_from(n).unwrap_or(usize::MAX)),
         };
         if let Some(callback) = o.progress {
-            let caller = CallerProgress {
-                callback,
-                user: o.progress_user,
-            };
-            settings.progress = Some(Arc::new(move |p: Progress| caller.call(p)));
+            let user = UserPointer(o.progress_user);
+            settings.progress = Some(Arc::new(move |p: Progress| {
+                // SAFETY: the caller's callback, called as IrisProgressFn documents.
+                unsafe { callback(p.done as u64, p.total as u64, user.get()) }
+            }));
         }
         if let Some(callback) = o.cancel {
-            let caller = CallerCancel {
-                callback,
-                user: o.cancel_user,
-            };
-            settings.cancel = Some(Arc::new(move || caller.asks_to_stop()));
+            let user = UserPointer(o.cancel_user);
+            // SAFETY: the caller's callback, called as IrisCancelFn documents.
+            settings.cancel = Some(Arc::new(move || unsafe { callback(user.get()) } != 0));
         }
     }
     Ok(settings)
