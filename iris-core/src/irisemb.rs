@@ -422,9 +422,17 @@ fn parse_body(r: &mut Reader<'_>, payload: Payload) -> Result<TaskEmbedding, For
         patch,
         intensity,
     };
-    preprocessing
-        .validate()
-        .map_err(|e| field_error(e, pre_offset))?;
+    preprocessing.validate().map_err(|e| {
+        // Name the field that is wrong, not the start of the section.
+        let at = match &e {
+            Error::InvalidArgument { name: "patch", .. } => pre_offset + 12,
+            Error::InvalidArgument {
+                name: "intensity", ..
+            } => kind_offset + 4,
+            _ => pre_offset,
+        };
+        field_error(e, at)
+    })?;
 
     let count_offset = r.pos;
     let stage_count = r.u32("stage count")? as usize;
@@ -505,7 +513,21 @@ fn parse_body(r: &mut Reader<'_>, payload: Payload) -> Result<TaskEmbedding, For
         let name_offset = r.pos;
         let name = core::str::from_utf8(r.take(name_len, "class name")?)
             .map_err(|e| invalid("class name", name_offset, format!("not UTF-8: {e}")))?;
-        table.push((label, String::from(name), provenance));
+        table.push((label, String::from(name), provenance, entry));
+    }
+    // Sorted by (label, offset), so a repeated label names its second entry,
+    // in O(K log K) for a bank of many classes.
+    let mut labels: Vec<(u32, usize)> = table.iter().map(|c| (c.0, c.3)).collect();
+    labels.sort_unstable();
+    if let Some(pair) = labels.windows(2).find(|p| p[0].0 == p[1].0) {
+        return Err(invalid(
+            "class label",
+            pair[1].1,
+            format!(
+                "label {} is used twice (first by the entry at byte {})",
+                pair[0].0, pair[0].1
+            ),
+        ));
     }
     let pad = r.pos.next_multiple_of(4) - r.pos;
     r.reserved(pad, "padding")?;
@@ -523,7 +545,7 @@ fn parse_body(r: &mut Reader<'_>, payload: Payload) -> Result<TaskEmbedding, For
         })?;
     r.ensure(class_count, per_class, "payload")?;
     let mut classes = Vec::with_capacity(class_count);
-    for (label, name, provenance) in table {
+    for (label, name, provenance, _) in table {
         let mut stages = Vec::with_capacity(stage_count);
         for &n in &lens {
             let mut stage = Vec::with_capacity(n);

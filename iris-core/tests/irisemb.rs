@@ -79,9 +79,10 @@ fn format_error(bytes: &[u8]) -> FormatError {
     }
 }
 
-fn field_of(bytes: &[u8]) -> &'static str {
+/// The invalid field a reader names, and the byte offset it gives for it.
+fn located(bytes: &[u8]) -> (&'static str, usize) {
     match format_error(bytes) {
-        FormatError::InvalidField { field, .. } => field,
+        FormatError::InvalidField { field, offset, .. } => (field, offset),
         other => panic!("expected an invalid field, got {other:?}"),
     }
 }
@@ -266,19 +267,37 @@ fn invalid_fields_with_valid_checksums_are_named() {
         b
     };
     // Header and preprocessing.
-    assert_eq!(field_of(&edit(10, &[3])), "payload type");
-    assert_eq!(field_of(&edit(11, &[1])), "reserved");
-    assert_eq!(field_of(&edit(16, &8u64.to_le_bytes())), "file length");
-    assert_eq!(field_of(&edit(64, &f32::NAN.to_le_bytes())), "spacing_mm");
-    assert_eq!(field_of(&edit(64, &(-1f32).to_le_bytes())), "spacing_mm");
-    assert_eq!(field_of(&edit(76, &0u32.to_le_bytes())), "patch");
-    assert_eq!(field_of(&edit(88, &[9])), "intensity kind");
-    assert_eq!(field_of(&edit(92, &600f32.to_le_bytes())), "intensity");
+    assert_eq!(located(&edit(10, &[3])), ("payload type", 10));
+    assert_eq!(located(&edit(11, &[1])), ("reserved", 11));
+    assert_eq!(located(&edit(16, &8u64.to_le_bytes())), ("file length", 16));
+    assert_eq!(
+        located(&edit(64, &f32::NAN.to_le_bytes())),
+        ("spacing_mm", 64)
+    );
+    assert_eq!(
+        located(&edit(64, &(-1f32).to_le_bytes())),
+        ("spacing_mm", 64)
+    );
+    assert_eq!(located(&edit(76, &0u32.to_le_bytes())), ("patch", 76));
+    assert_eq!(located(&edit(88, &[9])), ("intensity kind", 88));
+    assert_eq!(located(&edit(92, &600f32.to_le_bytes())), ("intensity", 92));
     // Counts (stage count at 100, class count at 104).
-    assert_eq!(field_of(&edit(100, &0u32.to_le_bytes())), "stage count");
-    assert_eq!(field_of(&edit(100, &u32::MAX.to_le_bytes())), "stage count");
-    assert_eq!(field_of(&edit(104, &0u32.to_le_bytes())), "class count");
-    assert_eq!(field_of(&edit(104, &u32::MAX.to_le_bytes())), "class count");
+    assert_eq!(
+        located(&edit(100, &0u32.to_le_bytes())),
+        ("stage count", 100)
+    );
+    assert_eq!(
+        located(&edit(100, &u32::MAX.to_le_bytes())),
+        ("stage count", 100)
+    );
+    assert_eq!(
+        located(&edit(104, &0u32.to_le_bytes())),
+        ("class count", 104)
+    );
+    assert_eq!(
+        located(&edit(104, &u32::MAX.to_le_bytes())),
+        ("class count", 104)
+    );
     // A large but allowed class count is refused before any allocation.
     assert!(matches!(
         format_error(&edit(104, &60_000u32.to_le_bytes())),
@@ -288,31 +307,39 @@ fn invalid_fields_with_valid_checksums_are_named() {
         }
     ));
     // Stage shapes at 108: zero tokens, and a product beyond the limit.
-    assert_eq!(field_of(&edit(108, &0u32.to_le_bytes())), "stage shape");
     assert_eq!(
-        field_of(&edit(
+        located(&edit(108, &0u32.to_le_bytes())),
+        ("stage shape", 108)
+    );
+    assert_eq!(
+        located(&edit(
             108,
             &[u32::MAX.to_le_bytes(), u32::MAX.to_le_bytes()].concat()
         )),
-        "stage shape"
+        ("stage shape", 108)
     );
     // Class table at 124: label, provenance kind, provenance values, name length, name.
-    assert_eq!(field_of(&edit(128, &[7])), "provenance");
-    assert_eq!(field_of(&edit(132, &5u64.to_le_bytes())), "provenance");
+    assert_eq!(located(&edit(128, &[7])), ("provenance", 128));
+    // A value that does not fit its kind names the provenance field (kind first).
     assert_eq!(
-        field_of(&edit(144, &4096u32.to_le_bytes())),
-        "class name length"
+        located(&edit(132, &5u64.to_le_bytes())),
+        ("provenance", 128)
     );
-    assert_eq!(field_of(&edit(148, &[0xff])), "class name");
-    // Both classes with label 1.
     assert_eq!(
-        field_of(&edit(124 + 24 + 5, &1u32.to_le_bytes())),
-        "class label"
+        located(&edit(144, &4096u32.to_le_bytes())),
+        ("class name length", 144)
+    );
+    assert_eq!(located(&edit(148, &[0xff])), ("class name", 148));
+    // Both classes with label 1: the second entry (after "liver") is named.
+    let second = 124 + 24 + 5;
+    assert_eq!(
+        located(&edit(second, &1u32.to_le_bytes())),
+        ("class label", second)
     );
     // Payload: NaN and infinity in f16.
     let p = payload_offset(&t, Payload::F16);
-    assert_eq!(field_of(&edit(p, &[0x00, 0x7e])), "payload");
-    assert_eq!(field_of(&edit(p + 2, &[0x00, 0x7c])), "payload");
+    assert_eq!(located(&edit(p, &[0x00, 0x7e])), ("payload", p));
+    assert_eq!(located(&edit(p + 2, &[0x00, 0x7c])), ("payload", p + 2));
 }
 
 #[test]
