@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 
 use crate::failure::Failure;
 use crate::input::read_task;
+use crate::printable::printable;
 
 /// Arguments of `iris inspect`.
 #[derive(clap::Args)]
@@ -102,7 +103,7 @@ fn describe_text(path: &Path, task: &TaskEmbedding) -> String {
     let width = task
         .classes()
         .iter()
-        .map(|c| c.name().chars().count())
+        .map(|c| printable(c.name()).chars().count())
         .chain([4])
         .max()
         .unwrap_or(4);
@@ -111,7 +112,7 @@ fn describe_text(path: &Path, task: &TaskEmbedding) -> String {
         out += &format!(
             "  {:>6}  {:width$}  {}\n",
             class.label(),
-            class.name(),
+            printable(class.name()),
             class.provenance()
         );
     }

@@ -38,6 +38,7 @@ mod inspect;
 mod output;
 mod pool;
 mod preview;
+mod printable;
 mod reference;
 mod retrieve;
 mod segment;

@@ -19,6 +19,7 @@ use crate::claims::Claims;
 use crate::commit::Staged;
 use crate::failure::{Failure, RUNTIME, USAGE};
 use crate::preview::{self, Preview};
+use crate::printable::printable;
 use crate::reference::Modality;
 
 const NIFTI: &[&str] = &[".nii", ".nii.gz"];
@@ -376,7 +377,7 @@ impl OutputArgs {
         }
         let width = rows
             .iter()
-            .map(|r| r.1.chars().count())
+            .map(|r| printable(r.1).chars().count())
             .chain([4])
             .max()
             .unwrap_or(4);
@@ -400,6 +401,7 @@ impl OutputArgs {
                 String::new()
             };
             let more = cell(i).map_or(String::new(), |(text, _)| format!("  {text}"));
+            let name = printable(name);
             println!("{label:>6}  {name:width$}  {voxels:>10}  {ml:>10.2}{hex}{more}");
         }
     }

@@ -27,6 +27,7 @@ use crate::claims::Claims;
 use crate::failure::{BAD_INPUT, Failure, USAGE};
 use crate::input::{read_pair, read_task_for_model};
 use crate::output::progress_bar;
+use crate::printable::printable;
 use crate::reference::Modality;
 
 const NIFTI: &[&str] = &[".nii.gz", ".nii"];
@@ -347,7 +348,7 @@ fn resolve(keys: &[String], names: &[(u32, String)], source: &str) -> Result<Vec
                 .map(|&(label, _)| label)
         });
         let Some(label) = found else {
-            let known: Vec<&str> = names.iter().take(40).map(|(_, n)| n.as_str()).collect();
+            let known: Vec<_> = names.iter().take(40).map(|(_, n)| printable(n)).collect();
             let known = if known.is_empty() {
                 String::new()
             } else {

@@ -176,6 +176,28 @@ fn inspect_reports_what_the_file_holds() {
     ] {
         assert!(text.contains(part), "{part:?} missing from\n{text}");
     }
+
+    // A name from a file cannot drive the terminal or break the table: it
+    // is printed escaped (JSON keeps it exact, escaped by JSON's rules).
+    let hostile = "red\u{1b}[31m\nfake row\u{202e}";
+    let t = task(7, &[(1, hostile)], 0.5);
+    let path = write_task(&dir, "hostile.irisemb", &t);
+    let text = stdout(&iris(&[Path::new("inspect"), &path]));
+    assert!(!text.contains(['\u{1b}', '\u{202e}']), "{text:?}");
+    assert!(
+        text.contains("red\\u{1b}[31m\\nfake row\\u{202e}"),
+        "{text}"
+    );
+    assert_eq!(text.lines().filter(|l| l.contains("fake row")).count(), 1);
+    let v = json(&iris(&[Path::new("inspect"), &path, Path::new("--json")]));
+    assert_eq!(v["classes"][0]["name"], hostile);
+
+    // Reading stops at the header: a device without an end is refused.
+    if Path::new("/dev/zero").exists() {
+        let o = iris(&["inspect", "/dev/zero"]);
+        expect_code(&o, 3);
+        assert!(stderr(&o).contains("/dev/zero"), "{}", stderr(&o));
+    }
 }
 
 #[test]

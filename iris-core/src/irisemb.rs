@@ -584,16 +584,62 @@ fn parse_body(r: &mut Reader<'_>, payload: Payload) -> Result<TaskEmbedding, For
 
 /// Reads a `.irisemb` file.
 ///
+/// Reads the header first and then no more than the file length it
+/// declares, so a device or a huge file that is not an `.irisemb`
+/// (`/dev/zero`, a disk image) is refused after 32 bytes instead of being
+/// read into memory.
+///
 /// # Errors
 /// [`Error::Io`] if the file cannot be read, otherwise as [`read`].
 #[cfg(feature = "std")]
 pub fn read_file(path: impl AsRef<std::path::Path>) -> Result<TaskEmbedding> {
+    use std::io::Read;
+
     let path = path.as_ref();
-    let bytes = std::fs::read(path).map_err(|source| Error::Io {
+    let io = |source| Error::Io {
         path: path.to_path_buf(),
         source,
-    })?;
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut bytes = Vec::new();
+    (&mut file)
+        .take(HEADER_LEN as u64)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    let Some(declared) = declared_len(&bytes) else {
+        // Not a valid header: `read` says what is wrong with it.
+        return read(&bytes);
+    };
+    // The vector grows with the bytes actually there, never with the claim.
+    (&mut file)
+        .take(declared.saturating_sub(HEADER_LEN as u64))
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 == declared {
+        // Count what follows without keeping it (at most 1 GiB of it).
+        let extra = std::io::copy(&mut file.take(1 << 30), &mut std::io::sink()).map_err(io)?;
+        if extra > 0 {
+            return Err(FormatError::TrailingBytes {
+                offset: bytes.len(),
+                extra: usize::try_from(extra).unwrap_or(usize::MAX),
+            }
+            .into());
+        }
+    }
     read(&bytes)
+}
+
+/// The file length a header declares, if `header` is a whole header with
+/// the magic, the version and a matching header checksum.
+#[cfg(feature = "std")]
+fn declared_len(header: &[u8]) -> Option<u64> {
+    let header: &[u8; HEADER_LEN] = header.try_into().ok()?;
+    let field = |at: usize| header[at..at + 4].try_into().ok().map(u32::from_le_bytes);
+    let valid = header[..MAGIC.len()] == MAGIC
+        && u16::from_le_bytes([header[8], header[9]]) == VERSION
+        && field(HEADER_CRC_OFFSET)? == crc(&header[..HEADER_CRC_OFFSET]);
+    let len = header[FILE_LEN_OFFSET..FILE_LEN_OFFSET + 8].try_into().ok();
+    valid.then_some(u64::from_le_bytes(len?))
 }
 
 /// Writes `embedding` to `path` atomically: the bytes go to a temporary file

@@ -241,6 +241,55 @@ fn foreign_file_and_trailing_bytes() {
     );
 }
 
+/// `read_file` reads no more than the header declares: an endless device
+/// is refused after its first bytes, a header claiming more than the file
+/// holds is a truncated file, and extra bytes after the declared end are
+/// counted, as `read` does on a slice.
+#[test]
+fn files_are_read_no_further_than_their_header_declares() {
+    let read_file_error = |path: &std::path::Path| match irisemb::read_file(path) {
+        Err(Error::Format(e)) => e,
+        other => panic!("expected a format error, got {other:?}"),
+    };
+    let zero = std::path::Path::new("/dev/zero");
+    if zero.exists() {
+        assert!(matches!(
+            read_file_error(zero),
+            FormatError::BadMagic { .. }
+        ));
+    }
+    let dir = std::env::temp_dir().join(format!("irisemb-bounded-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("task.irisemb");
+    let bytes = fixture_bytes();
+    std::fs::write(&path, &bytes).unwrap();
+    assert_eq!(irisemb::read_file(&path).unwrap(), fixture_embedding());
+
+    let mut claims_more = bytes.clone();
+    claims_more[16..24].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    reseal(&mut claims_more);
+    std::fs::write(&path, &claims_more).unwrap();
+    assert!(matches!(
+        read_file_error(&path),
+        FormatError::Truncated {
+            section: "file",
+            ..
+        }
+    ));
+
+    let mut trailing = bytes.clone();
+    trailing.extend([0; 5]);
+    std::fs::write(&path, &trailing).unwrap();
+    assert_eq!(
+        read_file_error(&path),
+        FormatError::TrailingBytes {
+            offset: bytes.len(),
+            extra: 5
+        }
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn wrong_model_is_a_model_mismatch() {
     let bytes = fixture_bytes();
