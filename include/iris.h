@@ -40,7 +40,7 @@
  * ABI minor version: grows when functions or struct fields are added. A
  * program runs on a library whose minor is at least its own.
  */
-#define IRIS_ABI_VERSION_MINOR 2
+#define IRIS_ABI_VERSION_MINOR 3
 
 /**
  * Major version of the iris library this header belongs to.
@@ -254,6 +254,32 @@ typedef struct IrisTask IrisTask;
 typedef struct IrisVolume IrisVolume;
 
 /**
+ * Settings of `iris_volume_read_nifti_with`. Initialise with
+ * `iris_read_options_default`, then change fields. ABI 0.3.
+ */
+typedef struct IrisReadOptions {
+  /**
+   * `sizeof(IrisReadOptions)` (set by the `_default` function).
+   */
+  uint32_t struct_size;
+  /**
+   * Must be zero.
+   */
+  uint32_t reserved0;
+  /**
+   * Most bytes reading may take (the file's voxels as stored plus the
+   * decoded volume), checked against the header before any voxel is
+   * read: more is `IRIS_ERROR_TOO_LARGE` with the size needed. 0 (the
+   * default): 4 GiB.
+   */
+  uint64_t memory_budget;
+  /**
+   * Must be zero (room for later fields).
+   */
+  uint64_t reserved[6];
+} IrisReadOptions;
+
+/**
  * A 3-D volume in memory that the caller owns: an intensity image or a
  * label map, described for libiris to read (or, from `iris_volume_view`,
  * a description of a volume libiris owns).
@@ -420,6 +446,89 @@ typedef struct IrisSegmentOptions {
 } IrisSegmentOptions;
 
 /**
+ * Settings of `iris_model_load_with` and `iris_model_load_buffers`.
+ * Initialise with `iris_model_options_default`, then change fields. ABI 0.3.
+ */
+typedef struct IrisModelOptions {
+  /**
+   * `sizeof(IrisModelOptions)` (set by the `_default` function).
+   */
+  uint32_t struct_size;
+  /**
+   * Threads of the model's own pool, on which all of its work runs;
+   * models do not share pools. 0 (the default): one per core.
+   */
+  uint32_t threads;
+  /**
+   * Must be zero (room for later fields).
+   */
+  uint64_t reserved[7];
+} IrisModelOptions;
+
+/**
+ * The files of a model folder in memory, for `iris_model_load_buffers`:
+ * `manifest.json`, the three ONNX graphs and, when the manifest names one,
+ * the memory bank. Every pointer with a non-zero length must be non-NULL.
+ * The bytes are copied; the caller may free them once the call returns.
+ * ABI 0.3.
+ */
+typedef struct IrisModelBuffers {
+  /**
+   * `sizeof(IrisModelBuffers)`.
+   */
+  uint32_t struct_size;
+  /**
+   * Must be zero.
+   */
+  uint32_t reserved0;
+  /**
+   * `manifest.json` (UTF-8, not NUL-terminated).
+   */
+  const uint8_t *manifest;
+  /**
+   * Bytes at `manifest`.
+   */
+  size_t manifest_len;
+  /**
+   * `encoder.onnx`.
+   */
+  const uint8_t *encoder;
+  /**
+   * Bytes at `encoder`.
+   */
+  size_t encoder_len;
+  /**
+   * `task_encoder.onnx`.
+   */
+  const uint8_t *task_encoder;
+  /**
+   * Bytes at `task_encoder`.
+   */
+  size_t task_encoder_len;
+  /**
+   * `decoder.onnx`.
+   */
+  const uint8_t *decoder;
+  /**
+   * Bytes at `decoder`.
+   */
+  size_t decoder_len;
+  /**
+   * The memory bank `.irisemb`; NULL with length 0 when the manifest
+   * names none (required when it names one).
+   */
+  const uint8_t *memory_bank;
+  /**
+   * Bytes at `memory_bank`.
+   */
+  size_t memory_bank_len;
+  /**
+   * Must be zero (room for later fields).
+   */
+  uint64_t reserved[4];
+} IrisModelBuffers;
+
+/**
  * Settings of `iris_retrieve`. Initialise with
  * `iris_retrieve_options_default`, then change fields.
  */
@@ -511,10 +620,34 @@ const char *iris_status_name(int status);
  *
  * Returns `IRIS_OK`, `IRIS_ERROR_NULL_POINTER`, `IRIS_ERROR_INVALID_ARGUMENT`,
  * `IRIS_ERROR_IO`, `IRIS_ERROR_FORMAT`, `IRIS_ERROR_TOO_LARGE`.
+ *
+ * The volume (raw and decoded voxels together) may take up to 4 GiB; more
+ * is `IRIS_ERROR_TOO_LARGE`, decided from the header before any voxel is
+ * read. `iris_volume_read_nifti_with` sets another budget.
  */
 enum IrisStatus iris_volume_read_nifti(const char *path,
                                        uint32_t as_labels,
                                        struct IrisVolume **out);
+
+/**
+ * Fills `options` with the defaults of every field (including
+ * `struct_size`). ABI 0.3.
+ *
+ * Returns `IRIS_OK` or `IRIS_ERROR_NULL_POINTER`.
+ */
+enum IrisStatus iris_read_options_default(struct IrisReadOptions *options);
+
+/**
+ * `iris_volume_read_nifti` with settings: `options` (nullable; NULL for the
+ * defaults) sets the memory budget reading may use. ABI 0.3.
+ *
+ * Returns as `iris_volume_read_nifti`; `IRIS_ERROR_INVALID_ARGUMENT` for
+ * options with a wrong `struct_size` or non-zero reserved fields.
+ */
+enum IrisStatus iris_volume_read_nifti_with(const char *path,
+                                            uint32_t as_labels,
+                                            const struct IrisReadOptions *options,
+                                            struct IrisVolume **out);
 
 /**
  * Describes a volume libiris owns, to read its voxels or to pass it to any
@@ -715,20 +848,6 @@ enum IrisStatus iris_encode_options_default(struct IrisEncodeOptions *options);
 enum IrisStatus iris_segment_options_default(struct IrisSegmentOptions *options);
 
 /**
- * Loads a model folder (`manifest.json` and three ONNX graphs, as written
- * by `iris-train export`). Optimised plans are built on first use.
- *
- * `dir`: NUL-terminated folder name. On success `*out` is a new model that
- * the caller owns and frees with `iris_model_free`; on failure `*out` is
- * NULL.
- *
- * Returns `IRIS_OK`, `IRIS_ERROR_NULL_POINTER`, `IRIS_ERROR_IO` (no
- * manifest), `IRIS_ERROR_FORMAT` (a manifest or graph that breaks the
- * model-folder contract).
- */
-enum IrisStatus iris_model_load(const char *dir, struct IrisModel **out);
-
-/**
  * Frees a model and sets `*model` to NULL. `model == NULL` and
  * `*model == NULL` are allowed and do nothing. No other call may be using
  * the model.
@@ -821,6 +940,62 @@ enum IrisStatus iris_segment(const struct IrisModel *model,
                              uint64_t labels_out_bytes,
                              float *probabilities_out,
                              uint64_t probabilities_count);
+
+/**
+ * Fills `options` with the defaults of every field (including
+ * `struct_size`). ABI 0.3.
+ *
+ * Returns `IRIS_OK` or `IRIS_ERROR_NULL_POINTER`.
+ */
+enum IrisStatus iris_model_options_default(struct IrisModelOptions *options);
+
+/**
+ * Loads a model folder (`manifest.json` and three ONNX graphs, as written
+ * by `iris-train export`), with one thread per core. Optimised plans are
+ * built on first use.
+ *
+ * `dir`: NUL-terminated folder name. On success `*out` is a new model that
+ * the caller owns and frees with `iris_model_free`; on failure `*out` is
+ * NULL.
+ *
+ * Returns `IRIS_OK`, `IRIS_ERROR_NULL_POINTER`, `IRIS_ERROR_IO` (no
+ * manifest), `IRIS_ERROR_FORMAT` (a manifest or graph that breaks the
+ * model-folder contract).
+ */
+enum IrisStatus iris_model_load(const char *dir, struct IrisModel **out);
+
+/**
+ * `iris_model_load` with settings: `options` (nullable; NULL for the
+ * defaults) sets the number of threads. ABI 0.3.
+ *
+ * Returns as `iris_model_load`; `IRIS_ERROR_INVALID_ARGUMENT` for options
+ * with a wrong `struct_size` or non-zero reserved words.
+ */
+enum IrisStatus iris_model_load_with(const char *dir,
+                                     const struct IrisModelOptions *options,
+                                     struct IrisModel **out);
+
+/**
+ * Loads a model from its files' bytes (`buffers`, see `IrisModelBuffers`)
+ * with the checks of `iris_model_load`; messages name the files as
+ * `<memory>/encoder.onnx` and so on. `options` is nullable. ABI 0.3.
+ *
+ * Returns `IRIS_OK`, `IRIS_ERROR_NULL_POINTER`,
+ * `IRIS_ERROR_INVALID_ARGUMENT` (a struct's size or reserved words),
+ * `IRIS_ERROR_FORMAT` (a manifest or graph that breaks the model-folder
+ * contract, a memory bank missing that the manifest names or given when it
+ * names none).
+ */
+enum IrisStatus iris_model_load_buffers(const struct IrisModelBuffers *buffers,
+                                        const struct IrisModelOptions *options,
+                                        struct IrisModel **out);
+
+/**
+ * The number of threads of `model`'s pool, in `*out`. ABI 0.3.
+ *
+ * Returns `IRIS_OK` or `IRIS_ERROR_NULL_POINTER`.
+ */
+enum IrisStatus iris_model_threads(const struct IrisModel *model, uint32_t *out);
 
 /**
  * Fills `options` with the defaults of every field (including

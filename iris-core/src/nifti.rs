@@ -65,7 +65,7 @@ use nifti::writer::WriterOptions;
 use nifti::{Endianness, NiftiError, NiftiHeader};
 
 use crate::error::{Error, Result};
-use crate::pipeline::{DEFAULT_MEMORY_BUDGET, gib};
+use crate::pipeline::{Limits, gib};
 use crate::volume::{Affine, Geometry, Image, LabelMap, MAX_VOXELS, Volume};
 
 /// Size of a NIfTI-1 header in bytes (`sizeof_hdr`).
@@ -214,7 +214,28 @@ pub struct NiftiInfo {
 /// take more than the default memory budget (4 GiB, raw bytes and decoded
 /// volume together).
 pub fn read_image(path: impl AsRef<Path>) -> Result<(Image, NiftiInfo)> {
-    read_path(path.as_ref())
+    read_path(path.as_ref(), &Limits::default())
+}
+
+/// [`read_image`] with the caller's memory budget: a volume whose raw bytes
+/// and decoded voxels together need more than `limits.memory_bytes` is
+/// refused from its header, before any voxel is read. (`limits.windows`
+/// does not apply to reading.)
+///
+/// ```no_run
+/// use iris_core::nifti;
+/// use iris_core::pipeline::Limits;
+///
+/// // A viewer that lends iris 512 MiB.
+/// let limits = Limits { memory_bytes: 512 << 20, ..Limits::default() };
+/// let (image, _info) = nifti::read_image_with("scan.nii.gz", &limits)?;
+/// # Ok::<(), iris_core::Error>(())
+/// ```
+///
+/// # Errors
+/// As [`read_image`], with [`Error::TooLarge`] against `limits`.
+pub fn read_image_with(path: impl AsRef<Path>, limits: &Limits) -> Result<(Image, NiftiInfo)> {
+    read_path(path.as_ref(), limits)
 }
 
 /// Reads a NIfTI-1 label map (any stored type) as `u16` labels
@@ -224,7 +245,15 @@ pub fn read_image(path: impl AsRef<Path>) -> Result<(Image, NiftiInfo)> {
 /// As [`read_image`]; also [`Error::Nifti`] naming the first voxel whose
 /// (scaled) value is not an integer in `0..=65535`.
 pub fn read_labels(path: impl AsRef<Path>) -> Result<(LabelMap, NiftiInfo)> {
-    read_path(path.as_ref())
+    read_path(path.as_ref(), &Limits::default())
+}
+
+/// [`read_labels`] with the caller's memory budget, as [`read_image_with`].
+///
+/// # Errors
+/// As [`read_labels`], with [`Error::TooLarge`] against `limits`.
+pub fn read_labels_with(path: impl AsRef<Path>, limits: &Limits) -> Result<(LabelMap, NiftiInfo)> {
+    read_path(path.as_ref(), limits)
 }
 
 /// Parses a whole single-file NIfTI-1 (`.nii` bytes, gzip-compressed or not)
@@ -340,7 +369,7 @@ fn lower_name(path: &Path) -> String {
         .unwrap_or_default()
 }
 
-fn read_path<T: Voxel>(path: &Path) -> Result<(Volume<T>, NiftiInfo)> {
+fn read_path<T: Voxel>(path: &Path, limits: &Limits) -> Result<(Volume<T>, NiftiInfo)> {
     let name = lower_name(path);
     let is_pair_header = name.ends_with(".hdr") || name.ends_with(".hdr.gz");
     if !(name.ends_with(".nii") || name.ends_with(".nii.gz") || is_pair_header) {
@@ -352,12 +381,12 @@ fn read_path<T: Voxel>(path: &Path) -> Result<(Volume<T>, NiftiInfo)> {
     let file = File::open(path).map_err(|e| io_error(path, e))?;
     let size = file.metadata().map_err(|e| io_error(path, e))?.len();
     let pair_header = is_pair_header.then_some(path);
-    decode(path, BufReader::new(file), Some(size), pair_header)
+    decode(path, BufReader::new(file), Some(size), pair_header, limits)
 }
 
 fn decode_memory<T: Voxel>(bytes: &[u8]) -> Result<(Volume<T>, NiftiInfo)> {
     let size = u64::try_from(bytes.len()).ok();
-    decode(Path::new("<memory>"), bytes, size, None)
+    decode(Path::new("<memory>"), bytes, size, None, &Limits::default())
 }
 
 /// Wraps `input` in a gzip decoder when it starts with the gzip magic; also
@@ -380,6 +409,7 @@ fn decode<'a, T: Voxel>(
     input: impl BufRead + 'a,
     size: Option<u64>,
     pair_header: Option<&Path>,
+    limits: &Limits,
 ) -> Result<(Volume<T>, NiftiInfo)> {
     let fail = |reason: String| nifti_error(path, reason);
     let (mut stream, plain_size) =
@@ -399,7 +429,7 @@ fn decode<'a, T: Voxel>(
     let header = parse_header(raw_header).map_err(fail)?;
     let mut warnings = Vec::new();
     let layout = Layout::of(&header, &mut warnings).map_err(fail)?;
-    check_size::<T>(path, &layout)?;
+    check_size::<T>(path, &layout, limits.memory_bytes)?;
     let (affine, affine_source) = affine_of(&header, &layout, &mut warnings).map_err(fail)?;
 
     let single_file = &header.magic == nifti::header::MAGIC_CODE_NIP1;
@@ -747,10 +777,9 @@ fn convert<T: Voxel>(
 
 /// Refuses, before any voxel is read, a volume past
 /// [`MAX_VOXELS`](crate::volume::MAX_VOXELS) or one whose raw bytes and
-/// decoded `T` volume together would pass the default memory budget
-/// ([`DEFAULT_MEMORY_BUDGET`](crate::pipeline::DEFAULT_MEMORY_BUDGET)): a
-/// 1 MB `.nii.gz` can claim 1024^3 voxels.
-fn check_size<T>(path: &Path, layout: &Layout) -> Result<()> {
+/// decoded `T` volume together would pass `budget` bytes: a 1 MB `.nii.gz`
+/// can claim 1024^3 voxels.
+fn check_size<T>(path: &Path, layout: &Layout, budget: u64) -> Result<()> {
     let count: u128 = layout.shape.iter().map(|&n| n as u128).product();
     let [k, j, i] = layout.shape;
     let what = |detail: String| Error::TooLarge {
@@ -761,12 +790,12 @@ fn check_size<T>(path: &Path, layout: &Layout) -> Result<()> {
         return Err(what(format!("are more than the {MAX_VOXELS} iris reads")));
     }
     let bytes = count * (layout.datatype.size() + size_of::<T>()) as u128;
-    if bytes > u128::from(DEFAULT_MEMORY_BUDGET) {
+    if bytes > u128::from(budget) {
         return Err(what(format!(
             "of {} need about {} to read, over the budget of {}",
             layout.datatype.name(),
             gib(bytes),
-            gib(u128::from(DEFAULT_MEMORY_BUDGET))
+            gib(u128::from(budget))
         )));
     }
     Ok(())

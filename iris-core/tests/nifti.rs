@@ -10,9 +10,10 @@ use std::path::{Path, PathBuf};
 use common::{Python, TempDir, data_file, python_with_nibabel};
 use iris_core::Error;
 use iris_core::nifti::{
-    AffineSource, Datatype, NiftiInfo, decode_bytes, decode_label_bytes, read_image, read_labels,
-    write_image, write_labels,
+    AffineSource, Datatype, NiftiInfo, decode_bytes, decode_label_bytes, read_image,
+    read_image_with, read_labels, read_labels_with, write_image, write_labels,
 };
+use iris_core::pipeline::Limits;
 use iris_core::volume::{Affine, Image, LabelMap};
 use proptest::prelude::*;
 
@@ -527,6 +528,35 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
     let path = dir.join("x.nii.gz");
     write_image(&path, &image, None).expect("write");
     std::fs::read(path).expect("read")
+}
+
+/// The caller's memory budget bounds what a read may take, decided from
+/// the header: 24 float voxels stored as i16 take 24 * (2 + 4) = 144 bytes
+/// to read as an image, 24 * (2 + 2) = 96 as labels.
+#[test]
+fn reading_keeps_to_the_callers_budget() {
+    let dir = TempDir::new("nifti-budget");
+    let path = dir.join("small.nii");
+    let labels = RawNifti::new(4, 2, encode(4, (0..24).map(|n| n as f64), false));
+    std::fs::write(&path, labels.bytes()).expect("write");
+    let limits = |memory_bytes| Limits {
+        memory_bytes,
+        ..Limits::default()
+    };
+    let (image, _) = read_image_with(&path, &limits(144)).expect("fits exactly");
+    assert_eq!(image, read_image(&path).expect("reads").0);
+    let err = read_image_with(&path, &limits(143)).expect_err("one byte short");
+    assert!(matches!(err, Error::TooLarge { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("small.nii") && text.contains("budget"),
+        "{text}"
+    );
+    assert!(read_labels_with(&path, &limits(96)).is_ok());
+    assert!(matches!(
+        read_labels_with(&path, &limits(95)),
+        Err(Error::TooLarge { .. })
+    ));
 }
 
 #[test]

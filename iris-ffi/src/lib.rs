@@ -48,14 +48,20 @@ mod task;
 
 mod model;
 
+mod loading;
+
 mod pool;
 
 mod args;
 
+pub use loading::{
+    IrisModelBuffers, IrisModelOptions, iris_model_load, iris_model_load_buffers,
+    iris_model_load_with, iris_model_options_default, iris_model_threads,
+};
 pub use model::{
     IrisEncodeOptions, IrisModality, IrisModel, IrisProgressFn, IrisSegmentOptions,
-    iris_encode_options_default, iris_model_free, iris_model_load, iris_model_memory_bank,
-    iris_segment, iris_segment_options_default, iris_task_check_model, iris_task_encode,
+    iris_encode_options_default, iris_model_free, iris_model_memory_bank, iris_segment,
+    iris_segment_options_default, iris_task_check_model, iris_task_encode,
 };
 pub use pool::{
     IrisPool, IrisRetrievalLevel, IrisRetrieveOptions, iris_pool_add_reference, iris_pool_add_task,
@@ -74,7 +80,8 @@ pub use version::{
 };
 pub use view::{IrisDataType, IrisVolumeView};
 pub use volume::{
-    IrisVolume, iris_dice, iris_volume_free, iris_volume_read_nifti, iris_volume_view,
+    IrisReadOptions, IrisVolume, iris_dice, iris_read_options_default, iris_volume_free,
+    iris_volume_read_nifti, iris_volume_read_nifti_with, iris_volume_view,
     iris_volume_write_nifti_labels,
 };
 

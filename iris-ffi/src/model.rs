@@ -6,9 +6,10 @@ use std::sync::Arc;
 
 use iris_core::engine::Limits;
 use iris_core::preprocess::IntensityPolicy;
-use iris_core::{EncodeOptions, Error, Model, Progress, SegmentOptions, Segmentation, TaskClass};
+use iris_core::{EncodeOptions, Model, Progress, SegmentOptions, Segmentation, TaskClass};
 
 use crate::args::{self, Versioned, check_reserved};
+use crate::loading::load_failure;
 use crate::status::{Failure, FfiResult, IrisStatus, guard};
 use crate::task::{IrisTask, give_task};
 use crate::view::{CheckedView, IrisDataType, IrisVolumeView, check_view};
@@ -209,41 +210,6 @@ pub unsafe extern "C" fn iris_segment_options_default(
     })
 }
 
-/// A model-folder failure while loading is a malformed folder, not an
-/// inference failure.
-fn load_failure(e: Error) -> Failure {
-    match e {
-        Error::Model { .. } => Failure::new(IrisStatus::IrisErrorFormat, e.to_string()),
-        other => other.into(),
-    }
-}
-
-/// Loads a model folder (`manifest.json` and three ONNX graphs, as written
-/// by `iris-train export`). Optimised plans are built on first use.
-///
-/// `dir`: NUL-terminated folder name. On success `*out` is a new model that
-/// the caller owns and frees with `iris_model_free`; on failure `*out` is
-/// NULL.
-///
-/// Returns `IRIS_OK`, `IRIS_ERROR_NULL_POINTER`, `IRIS_ERROR_IO` (no
-/// manifest), `IRIS_ERROR_FORMAT` (a manifest or graph that breaks the
-/// model-folder contract).
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn iris_model_load(
-    dir: *const c_char,
-    out: *mut *mut IrisModel,
-) -> IrisStatus {
-    guard(|| {
-        // SAFETY: pointers are valid or NULL per this function's contract.
-        let slot = unsafe { args::out_handle(out, "out") }?;
-        // SAFETY: as above.
-        let dir = unsafe { args::path(dir, "dir") }?;
-        let model = Model::load(&dir).map_err(load_failure)?;
-        args::give(slot, IrisModel { model });
-        Ok(())
-    })
-}
-
 /// Frees a model and sets `*model` to NULL. `model == NULL` and
 /// `*model == NULL` are allowed and do nothing. No other call may be using
 /// the model.
@@ -417,7 +383,7 @@ pub(crate) unsafe fn encode_settings(
 }
 
 /// The pipeline's limits from a C struct's fields (0: the default).
-fn limits(memory_budget: u64, max_windows: u64) -> Limits {
+pub(crate) fn limits(memory_budget: u64, max_windows: u64) -> Limits {
     let defaults = Limits::default();
     Limits {
         memory_bytes: if memory_budget == 0 {

@@ -639,6 +639,10 @@ fn options_defaults_and_their_checks() {
     assert_eq!(e.struct_size as usize, size_of::<IrisEncodeOptions>());
     // ABI 0.2 took `memory_budget` out of a reserved word.
     assert_eq!(size_of::<IrisEncodeOptions>(), 72);
+    // ABI 0.3's structs, frozen from now on (fields come from reserved words).
+    assert_eq!(size_of::<IrisReadOptions>(), 64);
+    assert_eq!(size_of::<IrisModelOptions>(), 64);
+    assert_eq!(size_of::<IrisModelBuffers>(), 120);
     assert_eq!(e.memory_budget, 0);
     assert!(crate::args::check_reserved(&e.reserved, "options").is_ok());
     let mut reserved = e.reserved;
@@ -776,6 +780,46 @@ fn nifti_labels_round_trip_through_a_library_volume() {
             expect(status, IrisStatus::IrisErrorTooLarge, &["huge-", words]);
             assert!(image.is_null());
         }
+        // The caller's budget: 64 bytes refuses this small file from its
+        // header; the default reads it; malformed options are refused.
+        let mut options = core::mem::zeroed::<IrisReadOptions>();
+        expect(
+            iris_read_options_default(&mut options),
+            IrisStatus::IrisOk,
+            &[],
+        );
+        assert_eq!(options.memory_budget, 0);
+        options.memory_budget = 64;
+        let status = iris_volume_read_nifti_with(path.as_ptr(), 1, &options, &mut image);
+        expect(
+            status,
+            IrisStatus::IrisErrorTooLarge,
+            &["labels.nii.gz", "over the budget of"],
+        );
+        assert!(image.is_null());
+        options.memory_budget = 0;
+        let status = iris_volume_read_nifti_with(path.as_ptr(), 1, &options, &mut image);
+        expect(status, IrisStatus::IrisOk, &[]);
+        iris_volume_free(&mut image);
+        let status = iris_volume_read_nifti_with(path.as_ptr(), 1, null(), &mut image);
+        expect(status, IrisStatus::IrisOk, &[]);
+        iris_volume_free(&mut image);
+        options.reserved[5] = 1;
+        let status = iris_volume_read_nifti_with(path.as_ptr(), 1, &options, &mut image);
+        expect(
+            status,
+            IrisStatus::IrisErrorInvalidArgument,
+            &["reserved[5]"],
+        );
+        options.reserved[5] = 0;
+        options.struct_size = 8;
+        let status = iris_volume_read_nifti_with(path.as_ptr(), 1, &options, &mut image);
+        expect(
+            status,
+            IrisStatus::IrisErrorInvalidArgument,
+            &["struct_size` is 8"],
+        );
+        assert!(image.is_null());
         let mut small = back;
         small.struct_size = 8;
         let status = iris_volume_view(volume, &mut small);

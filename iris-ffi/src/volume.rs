@@ -6,9 +6,11 @@ use core::ffi::c_char;
 use iris_core::labels::label_value;
 use iris_core::metrics::dice_per_class;
 use iris_core::nifti::{self, NiftiInfo};
+use iris_core::pipeline::Limits;
 use iris_core::volume::{Geometry, Image, LabelMap, Volume};
 
 use crate::args;
+use crate::model;
 use crate::status::{Failure, FfiResult, IrisStatus, guard};
 use crate::view::{IrisDataType, IrisVolumeView, check_view};
 
@@ -62,10 +64,72 @@ fn contiguous<T: Clone>(volume: Volume<T>) -> FfiResult<Volume<T>> {
 ///
 /// Returns `IRIS_OK`, `IRIS_ERROR_NULL_POINTER`, `IRIS_ERROR_INVALID_ARGUMENT`,
 /// `IRIS_ERROR_IO`, `IRIS_ERROR_FORMAT`, `IRIS_ERROR_TOO_LARGE`.
+///
+/// The volume (raw and decoded voxels together) may take up to 4 GiB; more
+/// is `IRIS_ERROR_TOO_LARGE`, decided from the header before any voxel is
+/// read. `iris_volume_read_nifti_with` sets another budget.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn iris_volume_read_nifti(
     path: *const c_char,
     as_labels: u32,
+    out: *mut *mut IrisVolume,
+) -> IrisStatus {
+    // SAFETY: forwarded; NULL options are the defaults.
+    unsafe { iris_volume_read_nifti_with(path, as_labels, core::ptr::null(), out) }
+}
+
+/// Settings of `iris_volume_read_nifti_with`. Initialise with
+/// `iris_read_options_default`, then change fields. ABI 0.3.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct IrisReadOptions {
+    /// `sizeof(IrisReadOptions)` (set by the `_default` function).
+    pub struct_size: u32,
+    /// Must be zero.
+    pub reserved0: u32,
+    /// Most bytes reading may take (the file's voxels as stored plus the
+    /// decoded volume), checked against the header before any voxel is
+    /// read: more is `IRIS_ERROR_TOO_LARGE` with the size needed. 0 (the
+    /// default): 4 GiB.
+    pub memory_budget: u64,
+    /// Must be zero (room for later fields).
+    pub reserved: [u64; 6],
+}
+
+impl args::Versioned for IrisReadOptions {
+    const NAME: &'static str = "IrisReadOptions";
+}
+
+/// Fills `options` with the defaults of every field (including
+/// `struct_size`). ABI 0.3.
+///
+/// Returns `IRIS_OK` or `IRIS_ERROR_NULL_POINTER`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn iris_read_options_default(options: *mut IrisReadOptions) -> IrisStatus {
+    guard(|| {
+        // SAFETY: `options` is valid or NULL per this function's contract
+        // (a caller struct of this header's size; written, not read).
+        let options = unsafe { args::borrow_mut(options, "options") }?;
+        *options = IrisReadOptions {
+            struct_size: size_of::<IrisReadOptions>() as u32,
+            reserved0: 0,
+            memory_budget: 0,
+            reserved: [0; 6],
+        };
+        Ok(())
+    })
+}
+
+/// `iris_volume_read_nifti` with settings: `options` (nullable; NULL for the
+/// defaults) sets the memory budget reading may use. ABI 0.3.
+///
+/// Returns as `iris_volume_read_nifti`; `IRIS_ERROR_INVALID_ARGUMENT` for
+/// options with a wrong `struct_size` or non-zero reserved fields.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn iris_volume_read_nifti_with(
+    path: *const c_char,
+    as_labels: u32,
+    options: *const IrisReadOptions,
     out: *mut *mut IrisVolume,
 ) -> IrisStatus {
     guard(|| {
@@ -73,13 +137,27 @@ pub unsafe extern "C" fn iris_volume_read_nifti(
         let slot = unsafe { args::out_handle(out, "out") }?;
         // SAFETY: as above.
         let path = unsafe { args::path(path, "path") }?;
+        let mut limits = Limits::default();
+        if !options.is_null() {
+            // SAFETY: a non-NULL `options` is a valid struct (the caller's guarantee).
+            let o = unsafe { args::versioned(options, "options") }?;
+            if o.reserved0 != 0 {
+                return Err(Failure::invalid(format!(
+                    "`options.reserved0` is {}, expected 0 (initialise the struct with \
+                     iris_read_options_default)",
+                    o.reserved0
+                )));
+            }
+            args::check_reserved(&o.reserved, "options")?;
+            limits = model::limits(o.memory_budget, 0);
+        }
         let (voxels, info) = match as_labels {
             0 => {
-                let (image, info) = nifti::read_image(&path)?;
+                let (image, info) = nifti::read_image_with(&path, &limits)?;
                 (Voxels::Image(contiguous(image)?), info)
             }
             1 => {
-                let (labels, info) = nifti::read_labels(&path)?;
+                let (labels, info) = nifti::read_labels_with(&path, &limits)?;
                 (Voxels::Labels(contiguous(labels)?), info)
             }
             other => {

@@ -1082,3 +1082,141 @@ fn retrieve_matches_the_rust_api_at_both_levels() {
     }
     assert!(pool.is_null() && empty.is_null());
 }
+
+/// The task of `model` for labels 1 and 2 of `inputs`, as `.irisemb` bytes.
+fn task_bytes(model: *const IrisModel, inputs: &Inputs) -> Vec<u8> {
+    let mut task = encode(model, inputs, &[]);
+    let mut bytes = vec![0u8; 1 << 20];
+    let mut written = 0;
+    // SAFETY: a live task and buffer; the task is freed once.
+    unsafe {
+        let status = iris_task_save_buffer(task, bytes.as_mut_ptr(), bytes.len(), &mut written);
+        expect(status, IrisStatus::IrisOk, &[]);
+        iris_task_free(&mut task);
+    }
+    bytes.truncate(written);
+    bytes
+}
+
+/// A viewer sets the model's threads, and loads a model from memory (the
+/// same model as its folder); bad buffers and options are named.
+#[test]
+fn models_load_with_threads_and_from_buffers() {
+    let dir = TempDir::new("model-buffers");
+    fixture::model(dir.path(), 7);
+    let inputs = inputs();
+    let folder = load(dir.path());
+    let expected = task_bytes(folder, &inputs);
+
+    let path = CString::new(dir.path().to_str().expect("utf-8")).expect("no NUL");
+    // SAFETY: zeroed plain data, filled by the _default function.
+    let mut options: IrisModelOptions = unsafe { core::mem::zeroed() };
+    // SAFETY: a valid struct.
+    expect(
+        unsafe { iris_model_options_default(&mut options) },
+        IrisStatus::IrisOk,
+        &[],
+    );
+    assert_eq!(options.threads, 0);
+    options.threads = 2;
+    let mut threaded = null_mut();
+    // SAFETY: a valid path, options and out-pointer.
+    let status = unsafe { iris_model_load_with(path.as_ptr(), &options, &mut threaded) };
+    expect(status, IrisStatus::IrisOk, &[]);
+    let mut threads = 0;
+    // SAFETY: a live model and a valid out-pointer.
+    expect(
+        unsafe { iris_model_threads(threaded, &mut threads) },
+        IrisStatus::IrisOk,
+        &[],
+    );
+    assert_eq!(threads, 2);
+    assert_eq!(task_bytes(threaded, &inputs), expected);
+
+    let read = |name: &str| std::fs::read(dir.join(name)).expect("reads");
+    let files = [
+        read("manifest.json"),
+        read("encoder.onnx"),
+        read("task_encoder.onnx"),
+        read("decoder.onnx"),
+    ];
+    let buffers = IrisModelBuffers {
+        struct_size: size_of::<IrisModelBuffers>() as u32,
+        reserved0: 0,
+        manifest: files[0].as_ptr(),
+        manifest_len: files[0].len(),
+        encoder: files[1].as_ptr(),
+        encoder_len: files[1].len(),
+        task_encoder: files[2].as_ptr(),
+        task_encoder_len: files[2].len(),
+        decoder: files[3].as_ptr(),
+        decoder_len: files[3].len(),
+        memory_bank: null(),
+        memory_bank_len: 0,
+        reserved: [0; 4],
+    };
+    let load_buffers = |buffers: &IrisModelBuffers, options: *const IrisModelOptions| {
+        let mut model = null_mut();
+        // SAFETY: the buffers point to `files`, alive for the call.
+        let status = unsafe { iris_model_load_buffers(buffers, options, &mut model) };
+        (status, model)
+    };
+    let (status, mut memory) = load_buffers(&buffers, &options);
+    expect(status, IrisStatus::IrisOk, &[]);
+    assert_eq!(task_bytes(memory, &inputs), expected);
+
+    let refused = |buffers: IrisModelBuffers, status: IrisStatus, words: &[&str]| {
+        let (got, model) = load_buffers(&buffers, null());
+        expect(got, status, words);
+        assert!(model.is_null());
+    };
+    refused(
+        IrisModelBuffers {
+            decoder: null(),
+            ..buffers
+        },
+        IrisStatus::IrisErrorNullPointer,
+        &["buffers.decoder"],
+    );
+    refused(
+        IrisModelBuffers {
+            decoder_len: 0,
+            ..buffers
+        },
+        IrisStatus::IrisErrorFormat,
+        &["<memory>/decoder.onnx"],
+    );
+    refused(
+        IrisModelBuffers {
+            struct_size: 8,
+            ..buffers
+        },
+        IrisStatus::IrisErrorInvalidArgument,
+        &["struct_size` is 8"],
+    );
+    refused(
+        IrisModelBuffers {
+            memory_bank: files[0].as_ptr(),
+            memory_bank_len: 4,
+            ..buffers
+        },
+        IrisStatus::IrisErrorFormat,
+        &["names no memory bank"],
+    );
+    options.reserved[0] = 1;
+    let (status, model) = load_buffers(&buffers, &options);
+    expect(
+        status,
+        IrisStatus::IrisErrorInvalidArgument,
+        &["reserved[0]"],
+    );
+    assert!(model.is_null());
+
+    let (mut folder, mut threaded) = (folder, threaded);
+    // SAFETY: live handles, freed once.
+    unsafe {
+        iris_model_free(&mut folder);
+        iris_model_free(&mut threaded);
+        iris_model_free(&mut memory);
+    }
+}

@@ -305,6 +305,78 @@ static void threads(void) {
     check("each thread sees its own error message", ra == pa && rb == pb);
 }
 
+/* The whole file at `path` in a malloc'ed buffer (NULL on failure). */
+static unsigned char *read_all(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    unsigned char *bytes = NULL;
+    long n;
+    if (f != NULL && fseek(f, 0, SEEK_END) == 0 && (n = ftell(f)) > 0 &&
+        fseek(f, 0, SEEK_SET) == 0 && (bytes = malloc((size_t)n)) != NULL) {
+        *len = fread(bytes, 1, (size_t)n, f);
+    }
+    if (f != NULL) {
+        fclose(f);
+    }
+    return bytes;
+}
+
+/* ABI 0.3: a model's threads, a model from memory, a reading budget. */
+static void loading(const char *model_dir, const char *labels_path) {
+    static const char *names[4] = {"manifest.json", "encoder.onnx", "task_encoder.onnx",
+                                   "decoder.onnx"};
+    unsigned char *files[4];
+    size_t lens[4] = {0, 0, 0, 0};
+    IrisModelOptions options;
+    IrisModelBuffers buffers;
+    IrisReadOptions read_options;
+    IrisModel *model = NULL;
+    IrisVolume *volume = NULL;
+    uint32_t threads = 0;
+    int i;
+
+    expect("iris_model_options_default", iris_model_options_default(&options), IRIS_OK, NULL);
+    options.threads = 1;
+    expect("iris_model_load_with(1 thread)", iris_model_load_with(model_dir, &options, &model),
+           IRIS_OK, NULL);
+    expect("iris_model_threads", iris_model_threads(model, &threads), IRIS_OK, NULL);
+    check("the model has the 1 thread asked for", threads == 1);
+    iris_model_free(&model);
+
+    for (i = 0; i < 4; i++) {
+        char *path = path_in(model_dir, names[i]);
+        files[i] = path ? read_all(path, &lens[i]) : NULL;
+        free(path);
+    }
+    memset(&buffers, 0, sizeof buffers);
+    buffers.struct_size = sizeof buffers;
+    buffers.manifest = files[0];
+    buffers.manifest_len = lens[0];
+    buffers.encoder = files[1];
+    buffers.encoder_len = lens[1];
+    buffers.task_encoder = files[2];
+    buffers.task_encoder_len = lens[2];
+    buffers.decoder = files[3];
+    buffers.decoder_len = lens[3];
+    expect("iris_model_load_buffers", iris_model_load_buffers(&buffers, NULL, &model), IRIS_OK,
+           NULL);
+    for (i = 0; i < 4; i++) {
+        free(files[i]); /* the library keeps its own copy */
+    }
+    expect("the model from memory works", iris_model_threads(model, &threads), IRIS_OK, NULL);
+    iris_model_free(&model);
+    buffers.decoder = NULL;
+    expect("iris_model_load_buffers(NULL decoder)", iris_model_load_buffers(&buffers, NULL, &model),
+           IRIS_ERROR_NULL_POINTER, "buffers.decoder");
+    check("a failed load sets *out = NULL", model == NULL);
+
+    expect("iris_read_options_default", iris_read_options_default(&read_options), IRIS_OK, NULL);
+    read_options.memory_budget = 16;
+    expect("iris_volume_read_nifti_with(16-byte budget)",
+           iris_volume_read_nifti_with(labels_path, 1, &read_options, &volume),
+           IRIS_ERROR_TOO_LARGE, "budget");
+    check("a refused read sets *out = NULL", volume == NULL);
+}
+
 int main(int argc, char **argv) {
     IrisModel *model = NULL;
     IrisVolume *ref = NULL, *ref_labels = NULL, *query = NULL;
@@ -329,6 +401,7 @@ int main(int argc, char **argv) {
     memset(&ref_view, 0, sizeof ref_view);
     ref_view.struct_size = sizeof ref_view;
     labels_view = query_view = ref_view;
+    loading(argv[1], paths[1]);
     expect("iris_model_load", iris_model_load(argv[1], &model), IRIS_OK, NULL);
     expect("read ref", iris_volume_read_nifti(paths[0], 0, &ref), IRIS_OK, NULL);
     expect("read ref labels", iris_volume_read_nifti(paths[1], 1, &ref_labels), IRIS_OK, NULL);

@@ -8,7 +8,8 @@
 //! first), so repeated calls with the same `K` never optimise again.
 //!
 //! Every plan runs its matrix products on the model's [`Executor`], a rayon
-//! pool with one thread per core (tract's `multithread-mm`).
+//! pool of the model's own (one thread per core unless the caller sets
+//! another count; tract's `multithread-mm`).
 
 // This crate is `no_std`; the engine is `std` code.
 use std::prelude::rust_2024::*;
@@ -105,22 +106,36 @@ struct Plans {
     by_classes: HashMap<usize, (u64, Arc<TypedRunnableModel>)>,
 }
 
+/// Where a graph's ONNX bytes are.
+pub(crate) enum Source<'a> {
+    /// A file.
+    File(PathBuf),
+    /// Bytes in memory; `name` stands for the file in messages.
+    Bytes { name: PathBuf, bytes: &'a [u8] },
+}
+
 impl Graph {
-    /// Reads the ONNX graph at `path` and checks that its inputs and
+    /// Reads the ONNX graph from `source` and checks that its inputs and
     /// outputs are exactly `inputs` and `outputs` (names; element type f32;
     /// every fixed dimension that the file declares concretely).
-    pub fn load(path: &Path, inputs: &[Port], outputs: Vec<Port>) -> Result<Graph> {
+    pub fn load(source: Source<'_>, inputs: &[Port], outputs: Vec<Port>) -> Result<Graph> {
+        let path = match &source {
+            Source::File(path) | Source::Bytes { name: path, .. } => path.clone(),
+        };
         let fail = |reason: String| Error::Model {
-            path: path.to_path_buf(),
+            path: path.clone(),
             reason,
         };
         let tract = |what: &str, e: &dyn Display| fail(format!("{what}: {e:#}"));
-        if !path.is_file() {
-            return Err(fail("the graph file is missing".into()));
+        let onnx = tract_onnx::onnx();
+        let model = match source {
+            Source::File(path) if !path.is_file() => {
+                return Err(fail("the graph file is missing".into()));
+            }
+            Source::File(path) => onnx.model_for_path(path),
+            Source::Bytes { mut bytes, .. } => onnx.model_for_read(&mut bytes),
         }
-        let model = tract_onnx::onnx()
-            .model_for_path(path)
-            .map_err(|e| tract("cannot read the ONNX graph", &e))?;
+        .map_err(|e| tract("cannot read the ONNX graph", &e))?;
         let input_outlets = model
             .input_outlets()
             .map_err(|e| tract("cannot list the inputs", &e))?;
@@ -175,7 +190,7 @@ impl Graph {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Graph {
-            path: path.to_path_buf(),
+            path,
             model,
             inputs: ordered,
             outputs,
@@ -315,12 +330,15 @@ fn check_declared(fact: &InferenceFact, port: &Port) -> core::result::Result<(),
     }
 }
 
-/// The pool tract's matrix products run on: one thread per core.
+/// The pool a model's graphs run on: `threads` threads, 0 for one per core.
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] if the operating system refuses the threads.
-pub(crate) fn executor() -> Result<Executor> {
-    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+pub(crate) fn executor(threads: usize) -> Result<Executor> {
+    let threads = match threads {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    };
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("iris-tract-{i}"))
@@ -332,6 +350,15 @@ pub(crate) fn executor() -> Result<Executor> {
                 format!("cannot start {threads} threads: {e}"),
             )
         })
+}
+
+/// Threads of `executor`'s pool.
+pub(crate) fn threads(executor: &Executor) -> usize {
+    match executor {
+        Executor::MultiThread(pool) => pool.current_num_threads(),
+        Executor::SingleThread => 1,
+        Executor::RayonGlobal => rayon::current_num_threads(),
+    }
 }
 
 /// A tract tensor of `shape` holding `values` (C order).

@@ -26,8 +26,9 @@
 //! with symbolic shapes runs about 5x slower), once: decoder plans are
 //! cached per `K` (the encoder's and the task encoder's need one class at
 //! most), so the first call with a new class count pays for tract's
-//! optimisation and later ones do not. Matrix products run on a pool with
-//! one thread per core. A [`Model`] is `Send + Sync`: share it by reference
+//! optimisation and later ones do not. Matrix products run on the model's
+//! own pool, one thread per core unless [`ModelOptions`] says how many;
+//! [`Model::from_buffers`] loads a model without a folder. A [`Model`] is `Send + Sync`: share it by reference
 //! or in an `Arc` and segment from several threads at once.
 
 // This crate is `no_std`; the engine is `std` code.
@@ -35,10 +36,10 @@ use std::prelude::rust_2024::*;
 use std::{format, vec};
 
 mod graphs;
+mod loading;
 mod manifest;
 mod retrieval;
 
-use std::path::Path;
 use std::sync::Arc;
 
 use ndarray::{Array3, Array4, ArrayView3, ArrayView4, Axis};
@@ -46,6 +47,7 @@ use tract_linalg::multithread::Executor;
 use tract_onnx::prelude::{TValue, TVec};
 
 pub use graphs::MAX_PLANS;
+pub use loading::{ModelBuffers, ModelOptions};
 pub use manifest::{
     FORMAT, FORMAT_VERSION, GraphFiles, LEVELS, MANIFEST_FILE, MAX_PATCH, Manifest, ManifestFile,
     StageEntry, WeightsSource,
@@ -64,7 +66,7 @@ use crate::irisemb;
 use crate::labels::label_value;
 use crate::preprocess::IntensityPolicy;
 use crate::volume::{Image, LabelMap};
-use graphs::{Dim, Graph, Port};
+use graphs::Graph;
 
 /// A class to encode: its value in the reference label map and the name
 /// stored with its embedding (may be empty).
@@ -143,6 +145,9 @@ pub struct Model {
     task_encoder: Graph,
     decoder: Graph,
     executor: Executor,
+    /// The memory bank's bytes when the model came from memory buffers
+    /// (a folder's bank is read from its file when asked for).
+    bank_bytes: Option<Vec<u8>>,
 }
 
 impl core::fmt::Debug for Model {
@@ -156,66 +161,6 @@ impl core::fmt::Debug for Model {
 }
 
 impl Model {
-    /// Loads the model folder `dir`: reads and checks `manifest.json`, reads
-    /// the three graphs and checks their input and output names and the
-    /// shapes they declare against the manifest. Plans are built on first use.
-    ///
-    /// # Errors
-    /// [`Error::Io`] if the manifest cannot be read; [`Error::Model`] naming
-    /// the manifest or the graph for anything that breaks the model-folder
-    /// contract; [`Error::InvalidArgument`] if no thread pool can be started.
-    pub fn load(dir: impl AsRef<Path>) -> Result<Model> {
-        let manifest = Manifest::read(dir.as_ref())?;
-        let [d, h, w] = manifest.patch_size;
-        let spatial = |level: usize| [d, h, w].map(|n| Dim::Fixed(n >> level));
-        let level = |i: usize| {
-            let [sd, sh, sw] = spatial(i);
-            Port::new(
-                format!("features_{i}"),
-                vec![Dim::Batch, Dim::Fixed(manifest.channels[i]), sd, sh, sw],
-            )
-        };
-        let levels = |from: usize| (from..LEVELS).map(level).collect::<Vec<_>>();
-        let tasks: Vec<Port> = manifest
-            .stages
-            .iter()
-            .enumerate()
-            .map(|(s, stage)| {
-                Port::new(
-                    format!("task_{s}"),
-                    vec![
-                        Dim::Batch,
-                        Dim::Classes,
-                        Dim::Fixed(stage.tokens as usize),
-                        Dim::Fixed(stage.channels as usize),
-                    ],
-                )
-            })
-            .collect();
-        let [sd, sh, sw] = spatial(0);
-        let per_class = |name: &str| Port::new(name, vec![Dim::Batch, Dim::Classes, sd, sh, sw]);
-        let image = Port::new("image", vec![Dim::Batch, Dim::Fixed(1), sd, sh, sw]);
-
-        let encoder = Graph::load(&manifest.encoder, &[image], levels(0))?;
-        let mut task_inputs = levels(manifest.first_task_level());
-        task_inputs.push(per_class("masks"));
-        let task_encoder = Graph::load(&manifest.task_encoder, &task_inputs, tasks.clone())?;
-        let mut decoder_inputs = levels(0);
-        decoder_inputs.extend(tasks);
-        let decoder = Graph::load(
-            &manifest.decoder,
-            &decoder_inputs,
-            vec![per_class("logits")],
-        )?;
-        Ok(Model {
-            manifest,
-            encoder,
-            task_encoder,
-            decoder,
-            executor: graphs::executor()?,
-        })
-    }
-
     /// The model's manifest.
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
@@ -237,7 +182,11 @@ impl Model {
         let Some(path) = &self.manifest.memory_bank else {
             return Ok(None);
         };
-        let bank = irisemb::read_file(path).map_err(|e| match e {
+        let bank = match &self.bank_bytes {
+            Some(bytes) => irisemb::read(bytes),
+            None => irisemb::read_file(path),
+        };
+        let bank = bank.map_err(|e| match e {
             Error::Format(format) => Error::Model {
                 path: path.clone(),
                 reason: format!("invalid memory bank: {format}"),

@@ -445,3 +445,137 @@ fn window_level_calls_check_their_input() {
     assert_eq!(shapes, [(2, 3, 2), (2, 3, 3), (2, 3, 4)]);
     assert!(stages[0].index_axis(Axis(0), 0) == stages[0].index_axis(Axis(0), 1));
 }
+
+/// The caller sets the size of a model's pool; the pool's size does not
+/// change what the model computes.
+#[test]
+fn threads_are_the_callers_to_set() {
+    let Some((image, labels)) = colin() else {
+        return;
+    };
+    let (dir, _) = model_dir(0x11);
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    assert_eq!(Model::load(dir.path()).expect("loads").threads(), cores);
+    let segment = |threads| {
+        let model = Model::load_with(dir.path(), &ModelOptions { threads }).expect("loads");
+        assert_eq!(model.threads(), threads);
+        let task = model
+            .encode_task(
+                &image,
+                &labels,
+                &thalamus_and_caudate(),
+                &EncodeOptions::default(),
+            )
+            .expect("encodes");
+        let options = SegmentOptions {
+            probabilities: true,
+            ..SegmentOptions::default()
+        };
+        (
+            task.clone(),
+            model.segment(&image, &task, &options).expect("segments"),
+        )
+    };
+    assert_eq!(segment(1), segment(3));
+}
+
+/// A model from its files' bytes is the model of its folder; what is wrong
+/// with the bytes is named as `<memory>/<file>`.
+#[test]
+fn models_load_from_memory_buffers() {
+    let Some((image, labels)) = colin() else {
+        return;
+    };
+    let (dir, _) = model_dir(0x11);
+    let read = |name: &str| std::fs::read(dir.join(name)).expect("reads");
+    let (manifest, encoder) = (read("manifest.json"), read("encoder.onnx"));
+    let (task_encoder, decoder) = (read("task_encoder.onnx"), read("decoder.onnx"));
+    let buffers = ModelBuffers {
+        manifest: &manifest,
+        encoder: &encoder,
+        task_encoder: &task_encoder,
+        decoder: &decoder,
+        memory_bank: None,
+    };
+    let from_folder = Model::load(dir.path()).expect("loads");
+    let from_memory = Model::from_buffers(&buffers, &ModelOptions { threads: 1 }).expect("loads");
+    assert_eq!(from_memory.fingerprint(), from_folder.fingerprint());
+    assert_eq!(from_memory.threads(), 1);
+    let classes = thalamus_and_caudate();
+    let encode = |model: &Model| {
+        model
+            .encode_task(&image, &labels, &classes, &EncodeOptions::default())
+            .expect("encodes")
+    };
+    let task = encode(&from_folder);
+    assert_eq!(encode(&from_memory), task);
+    let options = SegmentOptions::default();
+    assert_eq!(
+        from_memory
+            .segment(&image, &task, &options)
+            .expect("segments"),
+        from_folder
+            .segment(&image, &task, &options)
+            .expect("segments")
+    );
+
+    let error = |buffers: &ModelBuffers<'_>| {
+        Model::from_buffers(buffers, &ModelOptions::default())
+            .expect_err("refused")
+            .to_string()
+    };
+    let err = error(&ModelBuffers {
+        decoder: &encoder,
+        ..buffers
+    });
+    assert!(
+        err.contains("<memory>/decoder.onnx") && err.contains("inputs are [\"image\"]"),
+        "{err}"
+    );
+    let err = error(&ModelBuffers {
+        task_encoder: b"not protobuf",
+        ..buffers
+    });
+    assert!(
+        err.contains("<memory>/task_encoder.onnx: cannot read the ONNX graph"),
+        "{err}"
+    );
+    let err = error(&ModelBuffers {
+        manifest: b"\xff{}",
+        ..buffers
+    });
+    assert!(
+        err.contains("<memory>/manifest.json") && err.contains("UTF-8"),
+        "{err}"
+    );
+
+    // The memory bank: required when the manifest names it, refused when
+    // it names none, and read from the bytes given.
+    let bank = irisemb::write(&task, Payload::F32).expect("writes");
+    let err = error(&ModelBuffers {
+        memory_bank: Some(&bank),
+        ..buffers
+    });
+    assert!(err.contains("names no memory bank"), "{err}");
+    let mut json: serde_json::Value = serde_json::from_slice(&manifest).expect("json");
+    json["memory_bank"] = "bank.irisemb".into();
+    let with_bank = json.to_string().into_bytes();
+    let err = error(&ModelBuffers {
+        manifest: &with_bank,
+        ..buffers
+    });
+    assert!(
+        err.contains("bank.irisemb") && err.contains("no memory_bank bytes"),
+        "{err}"
+    );
+    let model = Model::from_buffers(
+        &ModelBuffers {
+            manifest: &with_bank,
+            memory_bank: Some(&bank),
+            ..buffers
+        },
+        &ModelOptions::default(),
+    )
+    .expect("loads");
+    assert_eq!(model.memory_bank().expect("bank"), Some(task));
+}
