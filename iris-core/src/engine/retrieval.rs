@@ -25,7 +25,7 @@ use super::{EncodeOptions, Model, SegmentOptions, Segmentation, TaskClass};
 use crate::embedding::{ClassEmbedding, Retrieved, TaskEmbedding, cosine_similarity, top_k};
 use crate::error::{Error, Result};
 use crate::labels::label_value;
-use crate::pipeline::{self, Limits, QueryOutputs};
+use crate::pipeline::{self, QueryOutputs};
 use crate::preprocess::IntensityPolicy;
 use crate::volume::{Image, LabelMap};
 
@@ -112,19 +112,16 @@ impl Model {
     /// A global descriptor of a whole image, for image-level retrieval: the
     /// mean of the encoder's deepest features (`C_4` channels) over every
     /// window of the volume, prepared as a query is (canonical orientation,
-    /// the model's spacing, `intensity`, detected when `None`), windows not
-    /// overlapping.
+    /// the model's spacing, `options.intensity`, detected when `None`),
+    /// windows not overlapping. Of `options`, the intensity, the limits and
+    /// `cancel` (asked before every window) apply.
     ///
     /// # Errors
     /// [`Error::NonFinite`] for NaN or infinite voxels; [`Error::TooLarge`]
-    /// for absurd sizes; [`Error::Model`] if the encoder fails.
-    pub fn image_descriptor(
-        &self,
-        image: &Image,
-        intensity: Option<IntensityPolicy>,
-        limits: &Limits,
-    ) -> Result<Vec<f32>> {
-        let intensity = match intensity {
+    /// past `options.limits`; [`Error::Cancelled`]; [`Error::Model`] if the
+    /// encoder fails.
+    pub fn image_descriptor(&self, image: &Image, options: &SegmentOptions) -> Result<Vec<f32>> {
+        let intensity = match options.intensity {
             Some(policy) => {
                 policy.validate()?;
                 policy
@@ -141,12 +138,13 @@ impl Model {
                 classes: 0,
                 probabilities: false,
             },
-            limits,
+            &options.limits,
         )?;
         let plan = self.encoder.plan(1, &self.executor)?;
         let mut sum: Vec<f64> = Vec::new();
         let mut windows = 0usize;
         for window in query.plan.windows() {
+            options.check_cancel()?;
             let input = query
                 .plan
                 .extract(query.image.data().view(), window.index, 0.0)?;
@@ -187,8 +185,14 @@ impl Model {
         let task = self
             .encode_in_crops(image, labels, classes, options, false)?
             .ok_or_else(|| Error::invalid("classes", "no class to encode"))?;
-        let descriptor =
-            self.image_descriptor(image, Some(task.preprocessing().intensity), &options.limits)?;
+        let descriptor = self.image_descriptor(
+            image,
+            &SegmentOptions {
+                intensity: Some(task.preprocessing().intensity),
+                limits: options.limits,
+                ..SegmentOptions::default()
+            },
+        )?;
         Ok(PoolReference {
             name: name.into(),
             task,
@@ -414,7 +418,13 @@ impl Model {
             .segment
             .intensity
             .unwrap_or(pool[options.initial].task.preprocessing().intensity);
-        let mine = self.image_descriptor(query, Some(intensity), &options.segment.limits)?;
+        let mine = self.image_descriptor(
+            query,
+            &SegmentOptions {
+                intensity: Some(intensity),
+                ..options.segment.clone()
+            },
+        )?;
         let mut ranked = pool
             .iter()
             .enumerate()

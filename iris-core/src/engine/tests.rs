@@ -579,3 +579,40 @@ fn models_load_from_memory_buffers() {
     .expect("loads");
     assert_eq!(model.memory_bank().expect("bank"), Some(task));
 }
+
+/// Image-level retrieval's descriptor pass asks `cancel` before every
+/// window, as segmenting does.
+#[test]
+fn descriptors_can_be_cancelled() {
+    use core::sync::atomic::{AtomicUsize, Ordering};
+    let Some((image, _)) = colin() else {
+        return;
+    };
+    let (dir, _) = model_dir(0x11);
+    let model = Model::load(dir.path()).expect("loads");
+    let plain = model
+        .image_descriptor(&image, &SegmentOptions::default())
+        .expect("describes");
+    let asked = Arc::new(AtomicUsize::new(0));
+    let counting = |stop_at: usize| {
+        let asked = Arc::clone(&asked);
+        asked.store(0, Ordering::Relaxed);
+        SegmentOptions {
+            cancel: Some(Arc::new(move || {
+                asked.fetch_add(1, Ordering::Relaxed) + 1 >= stop_at
+            })),
+            ..SegmentOptions::default()
+        }
+    };
+    let never = model
+        .image_descriptor(&image, &counting(usize::MAX))
+        .expect("describes");
+    assert_eq!(never, plain);
+    let windows = asked.load(Ordering::Relaxed);
+    assert!(windows > 1, "{windows} windows");
+    let err = model
+        .image_descriptor(&image, &counting(2))
+        .expect_err("cancelled");
+    assert!(matches!(err, Error::Cancelled), "{err}");
+    assert_eq!(asked.load(Ordering::Relaxed), 2, "stopped at once");
+}
