@@ -51,7 +51,7 @@ use crate::preprocess::{
     IntensityPolicy, LabelSelection, Reorientation, crop_or_pad, reference_crop, resample_image,
     resample_labels, target_geometry,
 };
-use crate::volume::{Image, LabelMap, MAX_VOXELS, checked_voxel_count};
+use crate::volume::{Image, LabelMap, MAX_VOXELS, checked_voxel_count, try_filled};
 use crate::window::{BlendOptions, Blender, WindowPlan};
 
 /// What one input may ask of the pipeline, checked before any large
@@ -347,7 +347,7 @@ pub fn prepare_reference(
     for (k, &label) in class_labels.iter().enumerate() {
         slot[usize::from(label)] = k + 1;
     }
-    let mut masks = vec![0f32; total];
+    let mut masks = try_filled(total, 0f32, "reference masks")?;
     let mut counts = vec![0usize; class_labels.len()];
     for (i, &v) in values.data().iter().enumerate() {
         if let Some(k) = slot[usize::from(v)].checked_sub(1) {
@@ -527,7 +527,13 @@ pub fn segment_with(
                 what: "probability maps",
                 detail: format!("{classes} classes x {:?} voxels", grid.shape()),
             })?;
-        vec![Array3::<f32>::zeros((d, h, w)); classes]
+        (0..classes)
+            .map(|_| {
+                let zeros = try_filled(grid.len(), 0.0, "probability maps")?;
+                Array3::from_shape_vec((d, h, w), zeros)
+                    .map_err(|e| Error::invalid("probability maps", format!("{e}")))
+            })
+            .collect::<Result<Vec<_>>>()?
     } else {
         Vec::new()
     };

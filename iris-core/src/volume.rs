@@ -263,6 +263,40 @@ pub fn checked_voxel_count(shape: [usize; 3]) -> Result<usize> {
         })
 }
 
+/// An empty vector with room for `len` values, reserved without aborting:
+/// when the system cannot provide the memory, [`Error::TooLarge`] names
+/// `what` and the bytes. The budget of [`Limits`](crate::pipeline::Limits)
+/// is checked before the large buffers are made; this covers a machine, or
+/// a host process, with less memory than the budget allows.
+pub(crate) fn try_with_capacity<T>(len: usize, what: &'static str) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|e| Error::TooLarge {
+        what,
+        detail: format!(
+            "cannot allocate {} for {len} values: {e}",
+            crate::pipeline::gib((len as u128) * size_of::<T>() as u128)
+        ),
+    })?;
+    Ok(v)
+}
+
+/// `len` copies of `value`, allocated as [`try_with_capacity`] does.
+pub(crate) fn try_filled<T: Clone>(len: usize, value: T, what: &'static str) -> Result<Vec<T>> {
+    let mut v = try_with_capacity(len, what)?;
+    v.resize(len, value);
+    Ok(v)
+}
+
+/// An owned C-order copy of `view`, allocated as [`try_with_capacity`] does.
+pub(crate) fn try_standard<T: Clone>(
+    view: ndarray::ArrayView3<'_, T>,
+    what: &'static str,
+) -> Result<Array3<T>> {
+    let mut v = try_with_capacity(view.len(), what)?;
+    v.extend(view.iter().cloned());
+    Array3::from_shape_vec(view.raw_dim(), v).map_err(|e| Error::invalid(what, format!("{e}")))
+}
+
 /// A dense 3-D array of voxels (`[D, H, W]`, C order) with its [`Geometry`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct Volume<T> {

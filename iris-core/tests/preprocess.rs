@@ -401,3 +401,56 @@ fn bad_target_spacing_is_refused() {
         Err(Error::TooLarge { .. })
     ));
 }
+
+/// When the machine (here: a 1 GiB address-space limit) cannot hold what a
+/// resampling needs, the call returns `Error::TooLarge` instead of aborting
+/// the process: an 8^3 image at 100 mm resampled to 1 mm asks for 800^3
+/// floats (2 GiB), and 800^3 labels (1 GiB). The work runs in a child
+/// process (this test binary, re-run under `ulimit -v`), because the limit
+/// applies to a whole process.
+#[test]
+fn allocation_failure_is_an_error_not_an_abort() {
+    const CHILD: &str = "IRIS_TEST_ALLOCATION_CHILD";
+    let big = |spacing: f64| {
+        let affine = Affine([
+            [spacing, 0.0, 0.0, 0.0],
+            [0.0, spacing, 0.0, 0.0],
+            [0.0, 0.0, spacing, 0.0],
+            [0.0, 0.0, 0.0, 1.0],
+        ]);
+        Image::new(Array3::from_elem((8, 8, 8), 1.0), affine).expect("valid")
+    };
+    if std::env::var_os(CHILD).is_some() {
+        let image = big(100.0);
+        let target = target_geometry(image.geometry(), 1.0).expect("target");
+        assert_eq!(target.shape(), [800, 800, 800]);
+        let err = resample_image(&image, &target).expect_err("over the limit");
+        assert!(matches!(err, Error::TooLarge { .. }), "{err}");
+        assert!(err.to_string().contains("cannot allocate"), "{err}");
+        let labels = image.map(|_| 1u16);
+        let err = resample_labels(&labels, &target).expect_err("over the limit");
+        assert!(matches!(err, Error::TooLarge { .. }), "{err}");
+        return;
+    }
+    let exe = std::env::current_exe().expect("test binary");
+    // Output captured: the child's own "test result" line is not this run's.
+    let child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"ulimit -v 1048576 && exec "$0" "$@""#)
+        .arg(exe)
+        .args([
+            "--exact",
+            "allocation_failure_is_an_error_not_an_abort",
+            "--test-threads=1",
+        ])
+        .env(CHILD, "1")
+        .output()
+        .expect("runs");
+    assert!(
+        child.status.success(),
+        "the child failed or aborted: {}\n{}{}",
+        child.status,
+        String::from_utf8_lossy(&child.stdout),
+        String::from_utf8_lossy(&child.stderr)
+    );
+}

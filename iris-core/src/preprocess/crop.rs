@@ -9,7 +9,7 @@ use core::ops::Range;
 use ndarray::{Array3, s};
 
 use crate::error::{Error, Result};
-use crate::volume::{Image, LabelMap, Volume, checked_voxel_count};
+use crate::volume::{Image, LabelMap, Volume, checked_voxel_count, try_filled};
 
 /// Cuts a `size` box (voxels, `[D, H, W]`) out of `volume`, starting at
 /// voxel `start` of the source (which may be negative or run past the end:
@@ -44,8 +44,9 @@ pub fn crop_or_pad<T: Clone>(
             format!("{size:?} has a zero dimension"),
         ));
     }
-    checked_voxel_count(size)?;
-    let mut data = Array3::from_elem(dims(size), fill);
+    let len = checked_voxel_count(size)?;
+    let mut data = Array3::from_shape_vec(dims(size), try_filled(len, fill, "crop")?)
+        .map_err(|e| Error::invalid("crop", format!("{e}")))?;
     if let Some((src, dst)) = overlap(volume.shape(), start, size) {
         data.slice_mut(s![dst[0].clone(), dst[1].clone(), dst[2].clone()])
             .assign(

@@ -10,7 +10,7 @@
 use ndarray::Axis;
 
 use crate::error::Result;
-use crate::volume::{Affine, Geometry, Volume};
+use crate::volume::{Affine, Geometry, Volume, try_standard};
 
 /// How a grid was reoriented to canonical RAS+ order, and how to go back.
 ///
@@ -144,10 +144,7 @@ impl Reorientation {
                 view.invert_axis(Axis(self.source_axis[o]));
             }
         }
-        let data = view
-            .permuted_axes(self.source_axis)
-            .as_standard_layout()
-            .into_owned();
+        let data = try_standard(view.permuted_axes(self.source_axis), "reoriented volume")?;
         Volume::with_geometry(data, self.canonical)
     }
 
@@ -171,7 +168,7 @@ impl Reorientation {
                 view.invert_axis(Axis(self.source_axis[o]));
             }
         }
-        Volume::with_geometry(view.as_standard_layout().into_owned(), self.original)
+        Volume::with_geometry(try_standard(view, "reoriented volume")?, self.original)
     }
 }
 

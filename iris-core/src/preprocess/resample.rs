@@ -26,7 +26,12 @@ use alloc::format;
 use alloc::vec::Vec;
 
 use crate::error::{Error, Result};
-use crate::volume::{Affine, Geometry, Image, LabelMap, MAX_VOXELS, Volume, checked_voxel_count};
+use crate::volume::{
+    Affine, Geometry, Image, LabelMap, MAX_VOXELS, Volume, checked_voxel_count, try_with_capacity,
+};
+
+/// What a failed allocation of resampling names.
+const RESAMPLED: &str = "resampled volume";
 
 /// Distance (in source voxels) within which a position snaps to a voxel centre.
 const SNAP: f64 = 1e-6;
@@ -117,7 +122,7 @@ pub fn resample_image(image: &Image, target: &Geometry) -> Result<Image> {
                 )
             };
             lerp(plane(td.i0), plane(td.i1), td.w)
-        })
+        })?
     };
     Volume::from_vec(target.shape(), target.affine(), voxels)
 }
@@ -143,7 +148,7 @@ pub fn resample_labels(labels: &LabelMap, target: &Geometry) -> Result<LabelMap>
     let voxels = if map.aligned {
         let [td, th, tw]: [Vec<Option<usize>>; 3] =
             core::array::from_fn(|a| map.axis_positions(a).map(|x| nearest(x, s[a])).collect());
-        let mut out = Vec::with_capacity(target.len());
+        let mut out = try_with_capacity(target.len(), RESAMPLED)?;
         for &d in &td {
             for &h in &th {
                 out.extend(tw.iter().map(|&w| at([d, h, w])));
@@ -151,7 +156,7 @@ pub fn resample_labels(labels: &LabelMap, target: &Geometry) -> Result<LabelMap>
         }
         out
     } else {
-        map.each_voxel(|p| at(core::array::from_fn(|a| nearest(p[a], s[a]))))
+        map.each_voxel(|p| at(core::array::from_fn(|a| nearest(p[a], s[a]))))?
     };
     Volume::from_vec(target.shape(), target.affine(), voxels)
 }
@@ -188,9 +193,9 @@ impl GridMap {
     }
 
     /// Calls `f` with the source position of every target voxel, in C order.
-    fn each_voxel<T>(&self, mut f: impl FnMut([f64; 3]) -> T) -> Vec<T> {
+    fn each_voxel<T>(&self, mut f: impl FnMut([f64; 3]) -> T) -> Result<Vec<T>> {
         let [nd, nh, nw] = self.shape;
-        let mut out = Vec::with_capacity(nd * nh * nw);
+        let mut out = try_with_capacity(nd * nh * nw, RESAMPLED)?;
         let step = self.m.apply_linear([0.0, 0.0, 1.0]);
         for d in 0..nd {
             for h in 0..nh {
@@ -201,7 +206,7 @@ impl GridMap {
                 }
             }
         }
-        out
+        Ok(out)
     }
 }
 
@@ -266,11 +271,11 @@ fn contiguous<T>(slice: Option<&[T]>) -> Result<&[T]> {
 /// then `h`, then `d`), each over contiguous rows or planes.
 fn separable_linear(src: &[f32], s: [usize; 3], taps: &[Vec<Tap>; 3]) -> Result<Vec<f32>> {
     let t = [taps[0].len(), taps[1].len(), taps[2].len()];
-    let mut along_w = Vec::with_capacity(checked_voxel_count([s[0], s[1], t[2]])?);
+    let mut along_w = try_with_capacity(checked_voxel_count([s[0], s[1], t[2]])?, RESAMPLED)?;
     for row in src.chunks_exact(s[2]) {
         along_w.extend(taps[2].iter().map(|k| lerp(row[k.i0], row[k.i1], k.w)));
     }
-    let mut along_h = Vec::with_capacity(checked_voxel_count([s[0], t[1], t[2]])?);
+    let mut along_h = try_with_capacity(checked_voxel_count([s[0], t[1], t[2]])?, RESAMPLED)?;
     for plane in along_w.chunks_exact(s[1] * t[2]) {
         for k in &taps[1] {
             let (r0, r1) = (&plane[k.i0 * t[2]..][..t[2]], &plane[k.i1 * t[2]..][..t[2]]);
@@ -279,7 +284,7 @@ fn separable_linear(src: &[f32], s: [usize; 3], taps: &[Vec<Tap>; 3]) -> Result<
     }
     drop(along_w);
     let plane = t[1] * t[2];
-    let mut out = Vec::with_capacity(checked_voxel_count(t)?);
+    let mut out = try_with_capacity(checked_voxel_count(t)?, RESAMPLED)?;
     for k in &taps[0] {
         let (p0, p1) = (
             &along_h[k.i0 * plane..][..plane],

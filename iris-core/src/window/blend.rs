@@ -71,7 +71,7 @@ use super::plan::{Span, WindowPlan};
 use super::weights::GaussianWeights;
 use crate::error::{Error, Result};
 use crate::labels::{DEFAULT_THRESHOLD, check_class_labels, check_threshold, decide};
-use crate::volume::MAX_VOXELS;
+use crate::volume::{MAX_VOXELS, try_filled};
 
 /// How the running per-class means are stored.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -202,9 +202,9 @@ impl<'s> Blender<'s> {
                 .ok_or_else(|| too_large("window weight table"))?;
         }
         let rows = match options.precision {
-            Precision::Fixed16 => Rows::Fixed16(RowPool::new(row_len, d * h)),
-            Precision::F16 => Rows::F16(RowPool::new(row_len, d * h)),
-            Precision::F32 => Rows::F32(RowPool::new(row_len, d * h)),
+            Precision::Fixed16 => Rows::Fixed16(RowPool::new(row_len, d * h)?),
+            Precision::F16 => Rows::F16(RowPool::new(row_len, d * h)?),
+            Precision::F32 => Rows::F32(RowPool::new(row_len, d * h)?),
         };
         let gaussian = GaussianWeights::new(window)?;
         let profiles = gaussian.profiles();
@@ -215,8 +215,8 @@ impl<'s> Blender<'s> {
             threshold: options.threshold,
             ratios,
             rows,
-            labels: alloc::vec![0; d * h * w],
-            added: alloc::vec![false; plan.len()],
+            labels: try_filled(d * h * w, 0, "label map")?,
+            added: try_filled(plan.len(), false, "window table")?,
             row: 0,
             band_added: alloc::vec![0; plan.grid()[1]],
             next_band: 0,
@@ -260,7 +260,7 @@ impl<'s> Blender<'s> {
                 what: "probability block",
                 detail: format!("{} classes x {rows} x {w}", self.class_labels.len()),
             })?;
-        self.block_scratch = alloc::vec![0.0; len];
+        self.block_scratch = try_filled(len, 0.0, "probability block")?;
         self.sink = Some(Box::new(sink));
         Ok(self)
     }
@@ -357,7 +357,9 @@ impl<'s> Blender<'s> {
             plane: [self.plan.volume_shape()[1], self.plan.volume_shape()[2]],
         };
         let scratch = &mut self.row_scratch;
-        with_rows!(&mut self.rows, rows => layout.accumulate(rows, probs, &spans, ratios, scratch));
+        // A failed allocation leaves the window half-added: the blender is
+        // then dropped with the error, and nothing of it is returned.
+        with_rows!(&mut self.rows, rows => layout.accumulate(rows, probs, &spans, ratios, scratch))?;
         self.added[index] = true;
         self.band_added[win.grid[1]] += 1;
         // Bands are final once they and every band above them are complete.
@@ -490,7 +492,7 @@ impl Layout {
         spans: &[Span; 3],
         ratios: [&[f32]; 3],
         scratch: &mut [f32],
-    ) {
+    ) -> Result<()> {
         let [wd, wh, ww] = self.window;
         let [h, w] = self.plane;
         let [sd, sh, sw] = spans;
@@ -500,7 +502,7 @@ impl Layout {
             let z = sd.volume_start + td - sd.local.start;
             for th in sh.local.clone() {
                 let y = sh.volume_start + th - sh.local.start;
-                let row = pool.get(z * h + y);
+                let row = pool.get(z * h + y)?;
                 let scale = ratios[0][td] * ratios[1][th];
                 for c in 0..self.classes {
                     let src = ((c * wd + td) * wh + th) * ww + sw.local.start;
@@ -515,6 +517,7 @@ impl Layout {
                 }
             }
         }
+        Ok(())
     }
 }
 
@@ -535,14 +538,14 @@ const POOL_BLOCK_ROWS: usize = 64;
 const NO_SLOT: u32 = u32::MAX;
 
 impl<T: Store> RowPool<T> {
-    fn new(row_len: usize, volume_rows: usize) -> RowPool<T> {
-        RowPool {
+    fn new(row_len: usize, volume_rows: usize) -> Result<RowPool<T>> {
+        Ok(RowPool {
             row_len,
             blocks: Vec::new(),
-            slot_of: alloc::vec![NO_SLOT; volume_rows],
+            slot_of: try_filled(volume_rows, NO_SLOT, "row table")?,
             free: Vec::new(),
             used: 0,
-        }
+        })
     }
 
     /// Number of rows holding data.
@@ -557,26 +560,29 @@ impl<T: Store> RowPool<T> {
     }
 
     /// The row of volume row `index`, zeroed when first touched.
-    fn get(&mut self, index: usize) -> &mut [T] {
+    fn get(&mut self, index: usize) -> Result<&mut [T]> {
         let slot = match self.slot_of[index] {
             NO_SLOT => {
-                let slot = self.free.pop().unwrap_or_else(|| {
-                    if self.used.is_multiple_of(POOL_BLOCK_ROWS) {
-                        self.blocks
-                            .push(alloc::vec![T::ZERO; POOL_BLOCK_ROWS * self.row_len]);
+                let slot = match self.free.pop() {
+                    Some(slot) => slot,
+                    None => {
+                        if self.used.is_multiple_of(POOL_BLOCK_ROWS) {
+                            let len = POOL_BLOCK_ROWS * self.row_len;
+                            self.blocks.push(try_filled(len, T::ZERO, "blending rows")?);
+                        }
+                        self.used += 1;
+                        // Fewer slots than volume rows, which are at most MAX_VOXELS = 2^31.
+                        (self.used - 1) as u32
                     }
-                    self.used += 1;
-                    // Fewer slots than volume rows, which are at most MAX_VOXELS = 2^31.
-                    (self.used - 1) as u32
-                });
+                };
                 self.slot_of[index] = slot;
                 let row = self.row_mut(slot);
                 row.fill(T::ZERO);
-                return row;
+                return Ok(row);
             }
             slot => slot,
         };
-        self.row_mut(slot)
+        Ok(self.row_mut(slot))
     }
 
     /// Converts volume row `index` into `out` (`[K, W]` probabilities) and
