@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use iris_core::Model;
 use iris_core::embedding::TaskEmbedding;
+use iris_core::engine::ModelOptions;
 use iris_core::irisemb;
 use iris_core::nifti;
 use iris_core::volume::{Image, LabelMap};
@@ -27,6 +28,9 @@ pub struct ModelArgs {
     /// workspace's models/iris-tiny.
     #[arg(long, env = "IRIS_MODEL", value_name = "DIR")]
     model: Option<PathBuf>,
+    /// Threads the model runs on (default: one per core).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    threads: Option<u32>,
 }
 
 impl ModelArgs {
@@ -63,7 +67,10 @@ impl ModelArgs {
                 ),
             ));
         }
-        Model::load(&dir).map_err(|e| {
+        let options = ModelOptions {
+            threads: self.threads.map_or(0, |n| n as usize),
+        };
+        Model::load_with(&dir, &options).map_err(|e| {
             Failure::new(
                 MODEL,
                 format!("cannot load the model in {}: {e}", dir.display()),

@@ -560,6 +560,8 @@ fn encode_segment_eval_on_an_exported_model_match_the_rust_api() {
         "segment".as_ref(),
         "--model".as_ref(),
         model_dir,
+        "--threads".as_ref(),
+        "1".as_ref(),
         "--image".as_ref(),
         query_path.as_os_str(),
         "--task".as_ref(),
