@@ -115,10 +115,12 @@ def test_dice_equals_cli_eval(cli, data, tmp_path):
 def test_retrieve_equals_cli(model, cli, small, tmp_path):
     pool_dir = tmp_path / "pool"
     pool_dir.mkdir()
+    ref, labels = iris.load_image(small["ref"]), iris.load_labels(small["labels"])
+    # A second reference: the same brain with another contrast (square root).
+    other = (np.sqrt(np.maximum(ref[0], 0)), ref[1])
     references = {
-        "a-colin": model.encode(nibabel.load(str(COLIN)), nibabel.load(str(AAL)), [77, 78]),
-        "b-colin-2mm": model.encode(iris.load_image(small["ref"]), iris.load_labels(small["labels"]),
-                                    [77, 78]),
+        "a-colin-2mm": model.encode(ref, labels, [77, 78]),
+        "b-colin-2mm-sqrt": model.encode(other, labels, [77, 78]),
     }
     for name, task in references.items():
         task.save(pool_dir / f"{name}.irisemb")

@@ -59,7 +59,7 @@ def test_command_line_exit_status(model, small, tmp_path, capsys):
     task = tmp_path / "t.irisemb"
     model.encode(iris.load_image(small["ref"]), iris.load_labels(small["labels"]), [77]).save(task)
     status = dask_segment.main([str(folder), "--model", str(model.path), "--task", str(task),
-                                "--local", "2", "--json"])
+                                "--local", "1", "--json"])
     assert status == 0
     assert (folder / "q_seg.nii").exists()
     assert '"volumes_per_second"' in capsys.readouterr().out
