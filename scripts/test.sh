@@ -27,8 +27,37 @@ trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace "$@" 2>&1 | tee "$log" || status=$?
 
-# cargo prints one "test result" line per test binary; sum them so the run
-# closes on one line that says what ran in total.
+# The Python package (iris-py), on the whole run only: its wheel is built
+# with the dev profile into the target/ the tests above filled, so only
+# pyo3, numpy and iris-py compile (its Cargo.toml aligns features with the
+# workspace so that tract and iris-core are reused), then installed, and
+# pytest compares it with the `iris` command built above.
+if [ $# -eq 0 ]; then
+    py_start=$(date +%s)
+    py_deps=('maturin==1.16.0' 'pytest==9.2.0' 'dask==2026.8.0' 'distributed==2026.8.0')
+    if ! python3 -c 'import maturin, pytest, distributed' 2>/dev/null; then
+        python3 -m pip install --quiet --disable-pip-version-check "${py_deps[@]}"
+    fi
+    wheels=$(mktemp -d)
+    trap 'rm -rf "$log" "$wheels"' EXIT
+    python3 -m maturin build --profile dev --manifest-path iris-py/Cargo.toml \
+        --out "$wheels" || status=$?
+    python3 -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps \
+        "$wheels"/*.whl || status=1
+    python3 -m pytest -q -p no:cacheprovider iris-py/tests 2>&1 | tee -a "$log" || status=$?
+    echo "python: wheel, install and pytest took $(( $(date +%s) - py_start )) s"
+fi
+
+# cargo prints one "test result" line per test binary and pytest one summary
+# line ("12 passed, 1 skipped in 9.81s"); sum them so the run closes on one
+# line that says what ran in total.
 awk '/^test result:/ { p += $4; f += $6; i += $8 }
+     /^[0-9]+ (passed|failed|skipped|error)/ || /^=+ [0-9]+ (passed|failed|skipped)/ {
+         for (n = 1; n < NF; n++) {
+             w = $(n + 1); sub(/[,=]+$/, "", w)
+             if (w == "passed") p += $n; else if (w == "failed" || w == "error" || w == "errors") f += $n
+             else if (w == "skipped") i += $n
+         }
+     }
      END { printf "total: %d passed, %d failed, %d skipped\n", p, f, i }' "$log"
 exit "$status"
