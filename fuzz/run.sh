@@ -11,15 +11,15 @@
 # the input in fuzz/artifacts/<target>/; the script then exits non-zero.
 set -euo pipefail
 cd "$(dirname "$0")"
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "cargo-fuzz is not installed (cargo install cargo-fuzz --locked)" >&2
+    exit 2
+fi
 seconds=${1:-60}
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
     mapfile -t targets < <(cargo fuzz list)
-fi
-if ! cargo fuzz --version >/dev/null 2>&1; then
-    echo "cargo-fuzz is not installed (cargo install cargo-fuzz --locked)" >&2
-    exit 2
 fi
 status=0
 for t in "${targets[@]}"; do
