@@ -210,8 +210,10 @@ fn member(gz: &[u8], out: &mut Vec<u8>) -> Option<usize> {
         out.reserve(4096);
         let (read, written) = (inflate.total_in(), inflate.total_out());
         let rest = body.get(usize::try_from(read).ok()?..)?;
+        // Not `Finish`: with it miniz_oxide refuses some valid streams that
+        // it inflates fine a piece at a time, as the reader's decoder does.
         match inflate
-            .decompress_vec(rest, out, FlushDecompress::Finish)
+            .decompress_vec(rest, out, FlushDecompress::None)
             .ok()?
         {
             Status::StreamEnd => break,
