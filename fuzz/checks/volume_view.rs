@@ -323,8 +323,9 @@ impl Spec {
 
     /// What dims and dtype need, when both are valid and the product fits.
     fn needed(&self, dims: [u64; 3]) -> Option<u128> {
-        let size = self.size()?;
-        Some(dims.iter().map(|&d| u128::from(d)).product::<u128>() * u128::from(size))
+        dims.iter().try_fold(u128::from(self.size()?), |n, &d| {
+            n.checked_mul(u128::from(d))
+        })
     }
 
     /// A view of `voxels`: see the module's note on memory.
