@@ -282,8 +282,9 @@ pub fn decode_label_bytes(bytes: &[u8]) -> Result<(LabelMap, NiftiInfo)> {
 /// units and other acquisition fields are copied from that source header.
 ///
 /// # Errors
-/// [`Error::Nifti`] for an unsupported extension or a dimension above
-/// 32767; [`Error::Io`] when the file cannot be written.
+/// [`Error::Nifti`] for an unsupported extension, a dimension above
+/// 32767 or an affine that is not finite and invertible in single
+/// precision; [`Error::Io`] when the file cannot be written.
 pub fn write_image(path: impl AsRef<Path>, image: &Image, like: Option<&NiftiInfo>) -> Result<()> {
     let path = path.as_ref();
     let header = output_header(path, image.geometry(), like, 0)?;
@@ -1083,6 +1084,22 @@ fn output_header(
     };
     let m = swap_ik(&geometry.affine());
     let row = |r: usize| m.0[r].map(|v| v as f32);
+    // NIfTI keeps the affine in single precision: one that overflows or
+    // becomes singular there would be written but could never be read back.
+    let stored = Affine(core::array::from_fn(|r| match r {
+        3 => m.0[3],
+        _ => row(r).map(f64::from),
+    }));
+    if !stored.is_valid() || stored.inverse().is_none() {
+        return Err(nifti_error(
+            path,
+            format!(
+                "the affine {:?} does not fit NIfTI's single precision (as float32 it is not \
+                 finite and invertible)",
+                geometry.affine().0
+            ),
+        ));
+    }
     (h.srow_x, h.srow_y, h.srow_z) = (row(0), row(1), row(2));
     let qform_exact = set_qform(&mut h, &m);
     let (sform_code, qform_code) = match like {

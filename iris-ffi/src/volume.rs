@@ -262,7 +262,8 @@ pub unsafe extern "C" fn iris_volume_write_nifti_labels(
 ///
 /// Returns `IRIS_OK`, `IRIS_ERROR_NULL_POINTER`, `IRIS_ERROR_INVALID_ARGUMENT`
 /// (label above 65535, different placement), `IRIS_ERROR_SHAPE` (different
-/// dims), `IRIS_ERROR_BUFFER_TOO_SMALL`, `IRIS_ERROR_EMPTY_MASK` (the label is
+/// dims), `IRIS_ERROR_BUFFER_TOO_SMALL`, `IRIS_ERROR_TOO_LARGE` (dims past
+/// 2^31 voxels), `IRIS_ERROR_EMPTY_MASK` (the label is
 /// in neither map, so Dice is undefined: decide yourself whether that counts
 /// as agreement).
 #[unsafe(no_mangle)]
