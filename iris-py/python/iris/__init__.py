@@ -13,7 +13,7 @@ number of new volumes::
     task.save("hippocampus.irisemb")
     seg = model.segment(nib.load("query.nii.gz"), task)
     seg.to_nifti().to_filename("seg.nii.gz")           # or seg.save("seg.nii.gz")
-    print(iris.dice(seg, nib.load("truth.nii.gz")))    # {37: 0.81, 38: 0.79}
+    print(iris.dice(seg, nib.load("truth.nii.gz")))    # {37: Dice, 38: Dice}
 
 **Volumes.** Wherever a volume is expected, pass a nibabel image (its
 affine comes with it), a ``(array, affine)`` pair, or a 3-D array and an
