@@ -168,7 +168,7 @@ fn edit(gz: &mut Vec<u8>, input: &mut Input) {
 /// The decompressed bytes of `gz` when it is a sequence of well-formed gzip
 /// members (RFC 1952) whose every CRC-32 and length match, checked with raw
 /// inflate and crc32fast rather than the reader's gzip decoder; else `None`.
-fn gunzip_checked(mut gz: &[u8]) -> Option<Vec<u8>> {
+pub fn gunzip_checked(mut gz: &[u8]) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     while !gz.is_empty() {
         let used = member(gz, &mut out)?;

@@ -36,31 +36,46 @@ fn nifti_gzip_corpus_and_mutants() {
 /// streams it must refuse (a wrong CRC or length, a cut, a flipped bit,
 /// garbage after the last member), so a reader that accepted everything, or
 /// nothing, fails here and not only under the fuzzer.
+///
+/// The seeds that edit a member's header or trailer are refused whatever
+/// deflate encoder made the stream. Edits inside the deflate data land on
+/// bytes that depend on flate2's backend, which follows the features of the
+/// whole build (miniz_oxide alone, zlib-rs in the workspace): there the
+/// independent check decides, and the reader must agree with it.
 #[test]
 fn nifti_gzip_corpus_holds_streams_to_read_and_to_refuse() {
-    let refused = [
+    let framing = [
         "cut_trailer",
-        "delete_in_member",
         "flip_crc",
-        "flip_deflate",
-        "insert_in_member",
         "isize_plus_one",
         "reserved_flag",
-        "stored_byte_set",
         "trailing_garbage",
         "zero_crc",
     ];
+    let (mut read, mut refused_in_data) = (0, 0);
     for (path, bytes) in replay::seeds("nifti_gzip") {
         let name = path.file_name().expect("a file name").to_string_lossy();
-        let (base, gz) = nifti_gzip::stream(&bytes);
-        let decoded = iris_core::nifti::decode_bytes(&gz);
-        if refused.contains(&name.as_ref()) {
-            assert!(decoded.is_err(), "{name} was read");
-        } else {
-            let want = iris_core::nifti::decode_bytes(base)
-                .expect("a base decodes")
-                .0;
-            assert_eq!(decoded.expect(&name).0, want, "{name}");
+        let (_, gz) = nifti_gzip::stream(&bytes);
+        let verdict = nifti_gzip::gunzip_checked(&gz);
+        if framing.contains(&name.as_ref()) {
+            assert!(verdict.is_none(), "{name}: the independent check read it");
+            assert!(
+                iris_core::nifti::decode_bytes(&gz).is_err(),
+                "{name} was read"
+            );
+            continue;
+        }
+        // The reader reads exactly what the independent check accepts, to
+        // the voxels of the file inside.
+        nifti_gzip::check(&bytes);
+        match verdict {
+            Some(_) => read += 1,
+            None => refused_in_data += 1,
         }
     }
+    assert!(read >= 5, "{read} seeds the reader must read");
+    assert!(
+        refused_in_data >= 1,
+        "no seed with damaged deflate data to refuse"
+    );
 }
