@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -53,12 +54,13 @@ class LoadModel(WorkerPlugin):
 
     name = "iris-model"
 
-    def __init__(self, model_dir: str) -> None:
+    def __init__(self, model_dir: str, threads: int = 0) -> None:
         self.model_dir = model_dir
+        self.threads = threads
         self.model: Optional[iris.Model] = None
 
     def setup(self, worker) -> None:  # noqa: ANN001 (distributed's Worker)
-        self.model = iris.Model(self.model_dir)
+        self.model = iris.Model(self.model_dir, threads=self.threads)
 
 
 def segment_bytes(name: str, nifti: bytes, task: iris.Task, options: Dict) -> Tuple[np.ndarray, np.ndarray, int]:
@@ -106,10 +108,15 @@ class Report:
 
 
 def run(client: Client, model_dir: str, task: iris.Task, folder: Path,
-        in_flight: Optional[int] = None, options: Optional[Dict] = None) -> Report:
-    """Segments every volume of ``folder`` on ``client``'s cluster; see the module docs."""
+        in_flight: Optional[int] = None, options: Optional[Dict] = None,
+        model_threads: int = 0) -> Report:
+    """Segments every volume of ``folder`` on ``client``'s cluster; see the module docs.
+
+    ``model_threads`` is each worker's engine thread pool (0: one per core of
+    its machine).
+    """
     options = dict(options or {})
-    client.register_plugin(LoadModel(model_dir))
+    client.register_plugin(LoadModel(model_dir, model_threads))
     workers = len(client.nthreads())
     limit = in_flight or 2 * max(workers, 1)
     task_future = client.scatter(task, broadcast=True)
@@ -165,6 +172,15 @@ def local_cluster(workers: int) -> LocalCluster:
     )
 
 
+def model_threads(args: argparse.Namespace) -> int:
+    """Engine threads per worker: as asked, else local workers share this machine's cores."""
+    if args.model_threads is not None:
+        return args.model_threads
+    if args.local:
+        return max(1, (os.cpu_count() or 1) // args.local)
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=Path, help="folder of .nii / .nii.gz volumes")
@@ -174,6 +190,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     where.add_argument("--scheduler", help="address of a running Dask scheduler")
     where.add_argument("--local", type=int, metavar="N", help="start N local worker processes")
     parser.add_argument("--in-flight", type=int, help="volumes in the cluster at once (default 2 per worker)")
+    parser.add_argument("--model-threads", type=int,
+                        help="engine threads per worker (default: with --local N, this machine's "
+                             "cores / N; with --scheduler, every core of the worker's node)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
 
@@ -183,7 +202,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         with Client(cluster if cluster else args.scheduler) as client:
             if args.local:
                 client.wait_for_workers(args.local)
-            report = run(client, args.model, task, args.folder, args.in_flight)
+            report = run(client, args.model, task, args.folder, args.in_flight,
+                         model_threads=model_threads(args))
     finally:
         if cluster is not None:
             cluster.close()

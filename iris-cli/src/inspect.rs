@@ -2,9 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
-use iris_core::embedding::{Provenance, TaskEmbedding};
+use iris_core::embedding::TaskEmbedding;
 use iris_core::preprocess::IntensityPolicy;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::failure::Failure;
 use crate::input::read_task;
@@ -54,32 +54,6 @@ pub fn intensity_text(policy: &IntensityPolicy) -> String {
     }
 }
 
-fn intensity_json(policy: &IntensityPolicy) -> Value {
-    match *policy {
-        IntensityPolicy::Ct { min_hu, max_hu } => {
-            json!({ "policy": "ct", "min_hu": min_hu, "max_hu": max_hu })
-        }
-        IntensityPolicy::Percentile { low, high } => {
-            json!({ "policy": "percentile", "low": low, "high": high })
-        }
-    }
-}
-
-fn provenance_json(provenance: Provenance) -> Value {
-    match provenance {
-        Provenance::OneShot => json!({ "kind": "one-shot" }),
-        Provenance::Ensemble { references } => {
-            json!({ "kind": "ensemble", "references": references })
-        }
-        Provenance::MemoryBank { updates, momentum } => {
-            json!({ "kind": "memory-bank", "updates": updates, "momentum": momentum })
-        }
-        Provenance::Tuned { steps, references } => {
-            json!({ "kind": "tuned", "steps": steps, "references": references })
-        }
-    }
-}
-
 fn describe_text(path: &Path, task: &TaskEmbedding) -> String {
     let pre = task.preprocessing();
     let [sd, sh, sw] = pre.spacing_mm;
@@ -120,24 +94,7 @@ fn describe_text(path: &Path, task: &TaskEmbedding) -> String {
 }
 
 fn describe_json(path: &Path, task: &TaskEmbedding) -> Value {
-    let pre = task.preprocessing();
-    json!({
-        "file": path.display().to_string(),
-        "model": task.model().to_string(),
-        "preprocessing": {
-            "spacing_mm": pre.spacing_mm,
-            "patch": pre.patch,
-            "intensity": intensity_json(&pre.intensity),
-        },
-        "stages": task.stage_shapes().iter()
-            .map(|s| json!({ "tokens": s.tokens, "channels": s.channels }))
-            .collect::<Vec<_>>(),
-        "classes": task.classes().iter()
-            .map(|c| json!({
-                "label": c.label(),
-                "name": c.name(),
-                "provenance": provenance_json(c.provenance()),
-            }))
-            .collect::<Vec<_>>(),
-    })
+    let mut json = task.describe_json();
+    json["file"] = Value::String(path.display().to_string());
+    json
 }

@@ -57,6 +57,9 @@ use core::fmt;
 use crate::error::{Error, Result};
 use crate::preprocess::IntensityPolicy;
 
+#[cfg(feature = "json")]
+mod json;
+
 /// Most task-encoding stages an embedding may have (the released model has 3).
 pub const MAX_STAGES: usize = 16;
 /// Most values (`tokens * channels`) one stage of one class may have: 2^24.

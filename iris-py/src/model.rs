@@ -5,7 +5,8 @@ use std::sync::{Arc, Mutex};
 
 use iris_core::Error;
 use iris_core::engine::{
-    self, EncodeOptions, Limits, RetrievalLevel, RetrieveOptions, Segmentation, TaskClass,
+    self, EncodeOptions, Limits, ModelOptions, RetrievalLevel, RetrieveOptions, Segmentation,
+    TaskClass,
 };
 use numpy::{PyArray2, PyArray3, PyReadonlyArray2, PyReadonlyArray3};
 use pyo3::prelude::*;
@@ -215,11 +216,22 @@ fn encode_options(
 
 #[pymethods]
 impl Model {
-    /// Loads the model folder `path` (manifest and three ONNX graphs).
+    /// Loads the model folder `path` (manifest and three ONNX graphs); the
+    /// model runs on a pool of `threads` threads of its own (0: one per core).
     #[new]
-    fn load(py: Python<'_>, path: PathBuf) -> PyResult<Model> {
-        let inner = py.detach(|| engine::Model::load(&path)).py_err()?;
+    #[pyo3(signature = (path, *, threads=0))]
+    fn load(py: Python<'_>, path: PathBuf, threads: usize) -> PyResult<Model> {
+        let options = ModelOptions { threads };
+        let inner = py
+            .detach(|| engine::Model::load_with(&path, &options))
+            .py_err()?;
         Ok(Model { inner, dir: path })
+    }
+
+    /// Threads of the model's pool.
+    #[getter]
+    fn threads(&self) -> usize {
+        self.inner.threads()
     }
 
     /// The folder the model was loaded from.

@@ -2,12 +2,11 @@
 
 use std::path::PathBuf;
 
-use iris_core::embedding::{Provenance, TaskEmbedding};
+use iris_core::embedding::TaskEmbedding;
 use iris_core::engine;
 use iris_core::irisemb::{self, Payload};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyType};
-use serde_json::{Value, json};
 
 use crate::convert::intensity_to_py;
 use crate::errors::{IntoPy, invalid};
@@ -43,49 +42,6 @@ fn payload(name: &str) -> PyResult<Payload> {
             format!("{other:?}: expected \"f32\" or \"f16\""),
         )),
     }
-}
-
-fn provenance_json(provenance: Provenance) -> Value {
-    match provenance {
-        Provenance::OneShot => json!({ "kind": "one-shot" }),
-        Provenance::Ensemble { references } => {
-            json!({ "kind": "ensemble", "references": references })
-        }
-        Provenance::MemoryBank { updates, momentum } => {
-            json!({ "kind": "memory-bank", "updates": updates, "momentum": momentum })
-        }
-        Provenance::Tuned { steps, references } => {
-            json!({ "kind": "tuned", "steps": steps, "references": references })
-        }
-    }
-}
-
-/// What `iris inspect --json` prints for `task` (without its "file").
-fn describe(task: &TaskEmbedding) -> Value {
-    let pre = task.preprocessing();
-    let (policy, a, b) = intensity_to_py(&pre.intensity);
-    let intensity = match policy {
-        "ct" => json!({ "policy": "ct", "min_hu": a, "max_hu": b }),
-        _ => json!({ "policy": "percentile", "low": a, "high": b }),
-    };
-    json!({
-        "model": task.model().to_string(),
-        "preprocessing": {
-            "spacing_mm": pre.spacing_mm,
-            "patch": pre.patch,
-            "intensity": intensity,
-        },
-        "stages": task.stage_shapes().iter()
-            .map(|s| json!({ "tokens": s.tokens, "channels": s.channels }))
-            .collect::<Vec<_>>(),
-        "classes": task.classes().iter()
-            .map(|c| json!({
-                "label": c.label(),
-                "name": c.name(),
-                "provenance": provenance_json(c.provenance()),
-            }))
-            .collect::<Vec<_>>(),
-    })
 }
 
 #[pymethods]
@@ -142,7 +98,7 @@ impl Task {
 
     /// `iris inspect --json`'s description, as a JSON string.
     fn describe_json(&self) -> String {
-        describe(&self.inner).to_string()
+        self.inner.describe_json().to_string()
     }
 
     /// The classes with these label values, in this order.

@@ -126,6 +126,15 @@ def test_threads_share_one_model(model, task, query, expected):
         np.testing.assert_array_equal(labels, expected.labels)
 
 
+def test_a_model_runs_on_the_threads_it_is_given(model, task, query, expected):
+    one = iris.Model(model.path, threads=1)
+    assert one.threads == 1
+    assert model.threads >= 1  # 0 asks for one per core
+    np.testing.assert_array_equal(one.segment(query, task).labels, expected.labels)
+    with pytest.raises(OverflowError):
+        iris.Model(model.path, threads=-1)
+
+
 def test_the_gil_is_released_while_the_engine_runs(model, task, query):
     # While one thread segments, the main thread keeps running Python code:
     # it counts; with the GIL held for the whole call it could not.

@@ -31,11 +31,12 @@ def test_folder_on_two_worker_processes(model, small, tmp_path):
     with dask_segment.local_cluster(2) as cluster, distributed.Client(cluster) as client:
         client.wait_for_workers(2)
         assert len(client.nthreads()) == 2
-        report = dask_segment.run(client, str(model.path), task, folder)
-        # Each worker process loaded the model once, through the plugin.
-        loaded = client.run(lambda dask_worker: dask_worker.plugins["iris-model"].model is not None)
+        report = dask_segment.run(client, str(model.path), task, folder, model_threads=1)
+        # Each worker process loaded the model once, through the plugin, on
+        # the one engine thread it was given.
+        threads = client.run(lambda dask_worker: dask_worker.plugins["iris-model"].model.threads)
         pids = client.run(lambda: __import__("os").getpid())
-    assert list(loaded.values()) == [True, True] and len(set(pids.values())) == 2
+    assert list(threads.values()) == [1, 1] and len(set(pids.values())) == 2
 
     assert report.workers == 2
     assert sorted(report.written) == [str(folder / "colin27.nii.gz"), str(folder / "mni152.nii.gz")]

@@ -444,12 +444,17 @@ class Model:
     """An Iris model loaded from a model folder (``manifest.json`` and three
     ONNX graphs, e.g. ``models/iris-tiny``), run by iris's tract engine.
 
+    ``threads`` is the size of the model's own thread pool (0, the default:
+    one thread per core). Two models do not share threads, so a process
+    that runs several (e.g. one per Dask worker on one machine) should give
+    each its share of the cores.
+
     Raises :class:`IoError` (no manifest) or :class:`ModelError` (a folder
     that breaks the model contract). Thread-safe; see the module docs.
     """
 
-    def __init__(self, path: PathLike) -> None:
-        self._native = _native.Model(os.fspath(path))
+    def __init__(self, path: PathLike, *, threads: int = 0) -> None:
+        self._native = _native.Model(os.fspath(path), threads=int(threads))
 
     def __repr__(self) -> str:
         return repr(self._native)
@@ -458,6 +463,11 @@ class Model:
     def path(self) -> str:
         """The model folder."""
         return os.fspath(self._native.path)
+
+    @property
+    def threads(self) -> int:
+        """Threads of the model's pool."""
+        return self._native.threads
 
     @property
     def fingerprint(self) -> str:
