@@ -34,14 +34,18 @@ cargo test --workspace "$@" 2>&1 | tee "$log" || status=$?
 # pytest compares it with the `iris` command built above.
 if [ $# -eq 0 ]; then
     py_start=$(date +%s)
-    py_deps=('maturin==1.16.0' 'pytest==9.2.0' 'dask==2026.8.0' 'distributed==2026.8.0')
-    if ! python3 -c 'import maturin, pytest, distributed' 2>/dev/null; then
+    py_deps=('maturin==1.16.0' 'pytest==9.2.0' 'dask==2026.8.0' 'distributed==2026.8.0'
+             'abi3audit==0.0.26')
+    if ! python3 -c 'import maturin, pytest, distributed, abi3audit' 2>/dev/null; then
         python3 -m pip install --quiet --disable-pip-version-check "${py_deps[@]}"
     fi
     wheels=$(mktemp -d)
     trap 'rm -rf "$log" "$wheels"' EXIT
     python3 -m maturin build --profile dev --manifest-path iris-py/Cargo.toml \
         --out "$wheels" || status=$?
+    # One abi3 wheel serves every CPython >= 3.9 only if the module uses no
+    # symbol outside the 3.9 stable ABI (only 3.11 is here to run it).
+    python3 -m abi3audit --strict --summary "$wheels"/*.whl || status=1
     python3 -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps \
         "$wheels"/*.whl || status=1
     python3 -m pytest -q -p no:cacheprovider iris-py/tests 2>&1 | tee -a "$log" || status=$?
