@@ -2,7 +2,10 @@
 //!
 //! 1. **Per window**: seconds per window of each graph (the encoder, the task
 //!    encoder, the decoder) for a few class counts `K`, through the engine's
-//!    pinned, cached tract plans, on a synthetic window.
+//!    pinned, cached tract plans, on a synthetic window. Criterion times
+//!    them (10 samples of one run each), so a run is compared with the last
+//!    one, or with a baseline saved by `-- --save-baseline NAME` when run
+//!    with `-- --baseline NAME`; its reports go to `target/criterion/`.
 //! 2. **Scenario** (the paper's Table 3): one reference (Colin27 with its AAL
 //!    labels, the 15 largest) encoded once into a 15-class task embedding,
 //!    then 10 real query volumes segmented with it (all 15 classes decoded
@@ -13,10 +16,12 @@
 //!
 //! ```text
 //! IRIS_MODEL=models/iris-small cargo bench -p iris-core --bench engine
+//! IRIS_MODEL=models/iris-small IRIS_BENCH_PARTS=window \
+//!     cargo bench -p iris-core --bench engine -- --baseline before decoder
 //! ```
 //! Optional: `IRIS_BENCH_CLASSES=1,15` (class counts of part 1),
-//! `IRIS_BENCH_RUNS=5` (timed runs per measurement of part 1; the median is
-//! printed), `IRIS_BENCH_SCENARIO_RUNS=3` (runs of the 1x1 and 10x15
+//! criterion's own options after `--` (`--sample-size`, a name filter),
+//! `IRIS_BENCH_SCENARIO_RUNS=3` (runs of the 1x1 and 10x15
 //! scenarios; the median is printed), `IRIS_BENCH_NAIVE_CLASSES=2` (classes
 //! per query of the naive loop, 1 to 15), `IRIS_BENCH_PARTS=window,scenario`.
 //! The first call for each plan builds and optimises it; its time is printed
@@ -36,6 +41,7 @@ use std::error::Error;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use criterion::{BenchmarkId, Criterion, SamplingMode};
 use iris_core::embedding::{ClassEmbedding, Preprocessing, Provenance, TaskEmbedding};
 use iris_core::engine::{EncodeOptions, Model, SegmentOptions, TaskClass};
 use iris_core::nifti;
@@ -159,13 +165,25 @@ fn main() -> BenchResult<()> {
     Ok(())
 }
 
-/// Part 1: each graph on one synthetic window.
+/// Criterion's settings for iterations of seconds: 10 samples of one
+/// iteration each (flat sampling), after a warm-up of at least one run;
+/// the command line (`--sample-size`, `--measurement-time`,
+/// `--save-baseline`, `--baseline`, a name filter) overrides them.
+fn criterion() -> Criterion {
+    Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(10))
+        .configure_from_args()
+}
+
+/// Part 1: each graph on one synthetic window, timed by criterion (group
+/// `window <model name>`: `encoder`, `task encoder/K=k`, `decoder/K=k`).
 fn per_window(model: &Model, memory: &mut PeakMemory) -> BenchResult<()> {
     let classes = env_list("IRIS_BENCH_CLASSES", "1,15")?;
-    let runs = env_count("IRIS_BENCH_RUNS", 5)?;
     let manifest = model.manifest();
     let [d, h, w] = manifest.patch_size;
-    println!("\n== per window (median of {runs} run(s)) ==");
+    println!("\n== per window ==");
     let baseline = memory.reset();
 
     // A deterministic window of roughly unit-variance values.
@@ -176,13 +194,17 @@ fn per_window(model: &Model, memory: &mut PeakMemory) -> BenchResult<()> {
             .wrapping_add(1);
         ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.4
     });
+    let mut criterion = criterion();
+    let mut group = criterion.benchmark_group(format!("window {}", manifest.name));
+    group.sampling_mode(SamplingMode::Flat);
+    // Each graph runs once outside criterion first: that call builds and
+    // optimises its plan (printed, never sampled) and surfaces any error;
+    // the sampled runs repeat the same call.
     let (features, first) = timed(|| model.encode_window(window.view()))?;
-    let (encoder, _) = median(|| model.encode_window(window.view()), runs)?;
-    println!(
-        "encoder       {:>9.4} s/window   (plan + first run {:.2} s)",
-        encoder.as_secs_f64(),
-        first.as_secs_f64()
-    );
+    println!("encoder: plan + first run {:.2} s", first.as_secs_f64());
+    group.bench_function("encoder", |b| {
+        b.iter(|| model.encode_window(window.view()).expect("ran once above"))
+    });
 
     for &k in &classes {
         // Class k: a ball of radius patch/4 around a centre moved per class.
@@ -196,7 +218,17 @@ fn per_window(model: &Model, memory: &mut PeakMemory) -> BenchResult<()> {
             f32::from(r2 <= (d.min(h).min(w) as f64 / 4.0).powi(2))
         });
         let (stages, first) = timed(|| model.encode_masks(&features, masks.view()))?;
-        let (task_encoder, _) = median(|| model.encode_masks(&features, masks.view()), runs)?;
+        println!(
+            "task encoder K = {k}: plan + first run {:.2} s",
+            first.as_secs_f64()
+        );
+        group.bench_function(BenchmarkId::new("task encoder", format!("K={k}")), |b| {
+            b.iter(|| {
+                model
+                    .encode_masks(&features, masks.view())
+                    .expect("ran once above")
+            })
+        });
         let embeddings = (0..k)
             .map(|c| {
                 let per_stage = stages
@@ -216,21 +248,21 @@ fn per_window(model: &Model, memory: &mut PeakMemory) -> BenchResult<()> {
             manifest.stages.clone(),
             embeddings,
         )?;
-        let (_, first_decode) = timed(|| model.decode_window(&features, &task))?;
-        let (decoder, _) = median(|| model.decode_window(&features, &task), runs)?;
+        let (_, first) = timed(|| model.decode_window(&features, &task))?;
         println!(
-            "task encoder  {:>9.4} s/reference  K = {k:<3} (plan + first run {:.2} s)",
-            task_encoder.as_secs_f64(),
+            "decoder K = {k}: plan + first run {:.2} s",
             first.as_secs_f64()
         );
-        println!(
-            "decoder       {:>9.4} s/window     K = {k:<3} (plan + first run {:.2} s); \
-             encoder + decoder {:.4} s/window",
-            decoder.as_secs_f64(),
-            first_decode.as_secs_f64(),
-            (encoder + decoder).as_secs_f64()
-        );
+        group.bench_function(BenchmarkId::new("decoder", format!("K={k}")), |b| {
+            b.iter(|| {
+                model
+                    .decode_window(&features, &task)
+                    .expect("ran once above")
+            })
+        });
     }
+    group.finish();
+    criterion.final_summary();
     println!("{}", memory.report(baseline));
     Ok(())
 }

@@ -8,23 +8,25 @@
 //! timed as forward + backward of that part alone: the encoder (query and
 //! reference as one batch), the task encoder, and the decoder with the head.
 //!
+//! Criterion times each (10 samples in about 10 s), so a run is compared
+//! with the last one, or with a saved baseline.
+//!
 //! Run: `cargo bench -p iris-train --bench forward` (2 threads unless
-//! `RAYON_NUM_THREADS` says otherwise).
+//! `RAYON_NUM_THREADS` says otherwise). Criterion's options follow `--`:
+//! a name filter (`-- small`), `--save-baseline NAME`, `--baseline NAME`.
 
 mod common;
 
-use std::time::Instant;
-
 use burn::prelude::*;
 use burn::tensor::Distribution;
+use common::Best;
+use criterion::BenchmarkGroup;
+use criterion::measurement::WallTime;
 use iris_train::device::select_device;
 use iris_train::model::{Iris, IrisConfig, TaskTensors};
 
 /// Classes per episode.
 const CLASSES: usize = 2;
-/// Timed repetitions after one warm-up run.
-const REPEATS: usize = 3;
-
 fn episode(config: &IrisConfig, device: &Device) -> [Tensor<5>; 4] {
     let [d, h, w] = config.patch_size;
     let image = || Tensor::<5>::random([1, 1, d, h, w], Distribution::Normal(0.0, 1.0), device);
@@ -36,21 +38,6 @@ fn episode(config: &IrisConfig, device: &Device) -> [Tensor<5>; 4] {
     [image(), image(), mask(), mask()]
 }
 
-/// Median seconds of `REPEATS` runs of `run`, after one warm-up run. Each
-/// run ends with a device sync, so queued GPU work is counted.
-fn median_seconds(device: &Device, mut run: impl FnMut()) -> f64 {
-    let mut timed = || {
-        let start = Instant::now();
-        run();
-        device.sync().expect("device sync");
-        start.elapsed().as_secs_f64()
-    };
-    timed();
-    let mut times: Vec<f64> = (0..REPEATS).map(|_| timed()).collect();
-    times.sort_by(f64::total_cmp);
-    times[REPEATS / 2]
-}
-
 /// Sum of the means of `tensors`: a scalar that depends on every output.
 fn mean_sum<const D: usize>(tensors: &[Tensor<D>]) -> Tensor<1> {
     tensors
@@ -60,20 +47,25 @@ fn mean_sum<const D: usize>(tensors: &[Tensor<D>]) -> Tensor<1> {
         .expect("at least one tensor")
 }
 
-/// Median forward + backward seconds of the encoder, the task encoder and
-/// the decoder with the head, each on detached inputs.
-fn breakdown(model: &Iris, inputs: &[Tensor<5>; 4]) -> [f64; 3] {
+/// Benchmarks forward + backward of the encoder, the task encoder and the
+/// decoder with the head, each on detached inputs, as `parts/...`.
+fn breakdown(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    best: &Best,
+    model: &Iris,
+    inputs: &[Tensor<5>; 4],
+) {
     let [query, reference, masks, target] = inputs;
     let device = query.device();
     let batch = Tensor::cat(vec![query.clone(), reference.clone()], 0);
-    let encoder = median_seconds(&device, || {
+    best.bench(group, "parts/encoder (2 images)", &device, || {
         let _grads = mean_sum(&model.encoder.forward(batch.clone())).backward();
     });
     let detached = |levels: Vec<Tensor<5>>| -> Vec<Tensor<5>> {
         levels.into_iter().map(Tensor::detach).collect()
     };
     let reference_features = detached(model.encoder.forward(reference.clone()));
-    let task_encoder = median_seconds(&device, || {
+    best.bench(group, "parts/task encoder", &device, || {
         let embedding = model
             .task_encoder
             .forward(&reference_features, masks.clone());
@@ -89,12 +81,11 @@ fn breakdown(model: &Iris, inputs: &[Tensor<5>; 4]) -> [f64; 3] {
             .collect(),
     };
     let query_features = detached(model.encoder.forward(query.clone()));
-    let decoder = median_seconds(&device, || {
+    best.bench(group, "parts/decoder + head", &device, || {
         let (decoded, summaries) = model.decoder.forward(&query_features, &embedding);
         let logits = model.head.forward(decoded, summaries);
         let _grads = (logits - target.clone()).powi_scalar(2).mean().backward();
     });
-    [encoder, task_encoder, decoder]
 }
 
 fn main() {
@@ -105,14 +96,16 @@ fn main() {
     }
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_default();
     let device = select_device();
-    println!(
-        "backend {device:?}, {threads} CPU threads, {CLASSES} classes per episode, median of {REPEATS}"
-    );
+    println!("backend {device:?}, {threads} CPU threads, {CLASSES} classes per episode");
+    let mut criterion = common::criterion(10);
     for (name, config) in [("tiny", IrisConfig::tiny()), ("small", IrisConfig::small())] {
+        let best = Best::default();
+        let [d, h, w] = config.patch_size;
+        let mut group = criterion.benchmark_group(format!("episode {name} {d}x{h}x{w}"));
         device.seed(1);
         let model = config.init(&device).expect("valid preset");
         let [query, reference, masks, _] = episode(&config, &device);
-        let forward = median_seconds(&device, || {
+        best.bench(&mut group, "forward", &device, || {
             let logits = model
                 .forward(query.clone(), reference.clone(), masks.clone())
                 .expect("valid shapes");
@@ -123,24 +116,24 @@ fn main() {
         let model = config.init(&autodiff).expect("valid preset");
         let inputs = episode(&config, &autodiff);
         let [query, reference, masks, target] = &inputs;
-        let train = median_seconds(&device, || {
+        best.bench(&mut group, "forward+backward", &device, || {
             let logits = model
                 .forward(query.clone(), reference.clone(), masks.clone())
                 .expect("valid shapes");
             let loss = (logits - target.clone()).powi_scalar(2).mean();
             let _grads = loss.backward();
         });
-        let [encoder, task_encoder, decoder] = breakdown(&model, &inputs);
-        let [d, h, w] = config.patch_size;
-        println!(
-            "{name:>5} ({:.2} M params, {d}x{h}x{w}): forward {forward:.3} s, forward+backward {train:.3} s ({:.2} episodes/s)",
-            model.num_params() as f64 / 1e6,
-            1.0 / train,
-        );
-        println!(
-            "       forward+backward parts: encoder (2 images) {encoder:.3} s, task encoder {task_encoder:.3} s, decoder + head {decoder:.3} s"
-        );
+        breakdown(&mut group, &best, &model, &inputs);
+        group.finish();
+        if let Some(train) = best.get("forward+backward") {
+            println!(
+                "{name} ({:.2} M params): {:.2} episodes/s (fastest forward+backward)",
+                model.num_params() as f64 / 1e6,
+                1.0 / train,
+            );
+        }
     }
+    criterion.final_summary();
     if let Some(peak) = common::peak_rss_mib() {
         println!("peak resident memory {peak:.0} MiB");
     }

@@ -2,19 +2,23 @@
 //! each operation at the shapes the `small` preset (64³, channels
 //! `[8, 16, 32, 64, 128]`) gives it in one episode, timed forward alone and
 //! forward + backward (gradients of the input and the weights; the loss is
-//! `<output, r>` for a fixed random `r`), best of 7 runs.
+//! `<output, r>` for a fixed random `r`).
 //!
 //! The 3x3x3 convolutions are timed with burn's `conv3d` and with the
 //! model's own [`conv3x3`], one by one (a block's `conv1` and shortcut
-//! separately), and summed with how often one training step runs each;
+//! separately), and summed with how often one training step runs each
+//! (from each benchmark's fastest iteration);
 //! instance norm + ReLU with burn's modules and fused. The other rows are
 //! the full-resolution shapes, the largest of each layer type.
 //!
+//! Criterion times every row (10 samples in about 2 s each), so a run is
+//! compared with the last one, or with a saved baseline.
+//!
 //! Run: `cargo bench -p iris-train --bench layers` (2 threads unless
-//! `RAYON_NUM_THREADS` says otherwise). Pass a word to run only the rows
-//! whose name contains it, e.g. `-- conv`.
+//! `RAYON_NUM_THREADS` says otherwise). Criterion's options follow `--`:
+//! a name filter (`-- conv3x3`), `--save-baseline NAME`, `--baseline NAME`.
 
-use std::time::Instant;
+mod common;
 
 use burn::nn::InstanceNormConfig;
 use burn::prelude::*;
@@ -22,52 +26,40 @@ use burn::tensor::Distribution;
 use burn::tensor::activation::relu;
 use burn::tensor::module::conv3d;
 use burn::tensor::ops::ConvOptions;
+use common::Best;
+use criterion::BenchmarkGroup;
+use criterion::measurement::WallTime;
 use iris_train::model::conv::conv3x3;
 use iris_train::model::ops::{instance_norm_relu, max_pool_2x, upsample_trilinear};
-
-/// Timed repetitions after one warm-up run.
-const REPEATS: usize = 7;
-
-/// Fastest of `REPEATS` runs of `run` after one warm-up run, in seconds:
-/// on a machine shared with other work the minimum is the steadiest
-/// estimate of what the operation itself costs.
-fn best_seconds(device: &Device, mut run: impl FnMut()) -> f64 {
-    let mut timed = || {
-        let start = Instant::now();
-        run();
-        device.sync().expect("device sync");
-        start.elapsed().as_secs_f64()
-    };
-    timed();
-    (0..REPEATS).map(|_| timed()).fold(f64::INFINITY, f64::min)
-}
 
 fn normal<const D: usize>(shape: [usize; D], device: &Device) -> Tensor<D> {
     Tensor::random(shape, Distribution::Normal(0.0, 1.0), device)
 }
 
-/// Forward and forward + backward seconds of `op` on inputs of the given
-/// shapes (all made to require gradients), the loss being `<op(..), r>`
-/// for a fixed random `r`.
-fn time_op<const N: usize>(
+/// Benchmarks `op` on inputs of the given shapes as `name/forward` and
+/// `name/forward+backward` (gradients of every input, all made to require
+/// them; the loss is `<op(..), r>` for a fixed random `r`).
+fn bench_op<const N: usize>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    best: &Best,
     device: &Device,
+    name: &str,
     shapes: [[usize; 5]; N],
     op: impl Fn([Tensor<5>; N]) -> Tensor<5>,
-) -> (f64, f64) {
+) {
     let autodiff = device.clone().autodiff();
     let inputs = shapes.map(|s| normal(s, &autodiff).require_grad());
     let plain = inputs.clone().map(|t| t.inner());
     let upstream = normal(op(plain.clone()).dims(), &autodiff);
-    let forward = best_seconds(device, || {
+    best.bench(group, &format!("{name}/forward"), device, || {
         let _: f32 = op(plain.clone()).sum().into_scalar();
     });
-    let backward = best_seconds(device, || {
+    best.bench(group, &format!("{name}/forward+backward"), device, || {
         let grads = (op(inputs.clone()) * upstream.clone()).sum().backward();
         for input in &inputs {
             let _: f32 = input.grad(&grads).expect("gradient").sum().into_scalar();
         }
     });
-    (forward, backward)
 }
 
 /// One 3x3x3 convolution of a `small` step: batch, channels in and out,
@@ -77,6 +69,18 @@ struct ConvCase {
     channels: [usize; 2],
     side: usize,
     count: usize,
+}
+
+impl ConvCase {
+    /// `B2 8->16 32^3 x2 conv3x3`: the shape, how often a step runs it, and
+    /// which implementation.
+    fn name(&self, implementation: &str) -> String {
+        let [cin, cout] = self.channels;
+        format!(
+            "B{} {cin}->{cout} {}^3 x{} {implementation}",
+            self.batch, self.side, self.count
+        )
+    }
 }
 
 /// Every 3x3x3 convolution of the `small` preset's encoder (query and
@@ -119,50 +123,57 @@ fn main() {
         // created lazily on the first tensor operation below).
         unsafe { std::env::set_var("RAYON_NUM_THREADS", "2") };
     }
-    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
-    let wanted = |name: &str| filter.as_ref().is_none_or(|f| name.contains(f.as_str()));
     let device = iris_train::device::select_device();
     println!(
-        "{:?}, {} threads, best of {REPEATS}; seconds forward / forward+backward, x count per step",
+        "{:?}, {} threads",
         device,
         std::env::var("RAYON_NUM_THREADS").unwrap_or_default()
     );
+    let mut criterion = common::criterion(2);
+    let best = Best::default();
 
     let burn_conv =
         |[x, w]: [Tensor<5>; 2]| conv3d(x, w, None, ConvOptions::new([1; 3], [1; 3], [1; 3], 1));
     let ours = |[x, w]: [Tensor<5>; 2]| conv3x3(x, w);
-    let mut totals = [0.0f64; 2];
+    let mut group = criterion.benchmark_group("conv3d");
     for case in small_convolutions() {
-        let ConvCase {
-            batch,
-            channels: [cin, cout],
-            side,
-            count,
-        } = case;
-        let shapes = [[batch, cin, side, side, side], [cout, cin, 3, 3, 3]];
-        let name = format!("conv B{batch} {cin}->{cout} {side}^3");
-        if !wanted(&name) && !wanted("burn") && !wanted("conv3x3") {
-            continue;
-        }
-        let mut line = format!("{name:<26} x{count}");
-        for (total, (label, op)) in totals.iter_mut().zip([
-            ("burn", &burn_conv as &dyn Fn([Tensor<5>; 2]) -> Tensor<5>),
-            ("conv3x3", &ours),
-        ]) {
-            if !wanted(&name) && !wanted(label) {
-                continue;
-            }
-            let (forward, backward) = time_op(&device, shapes, op);
-            *total += backward * count as f64;
-            line += &format!("  {label} {forward:.4} / {backward:.4}");
-        }
-        println!("{line}");
-    }
-    if totals.iter().any(|&t| t > 0.0) {
-        println!(
-            "all 3x3x3 convolutions of a step, forward+backward: burn {:.3} s, conv3x3 {:.3} s",
-            totals[0], totals[1]
+        let [cin, cout] = case.channels;
+        let shapes = [
+            [case.batch, cin, case.side, case.side, case.side],
+            [cout, cin, 3, 3, 3],
+        ];
+        bench_op(
+            &mut group,
+            &best,
+            &device,
+            &case.name("burn"),
+            shapes,
+            burn_conv,
         );
+        bench_op(
+            &mut group,
+            &best,
+            &device,
+            &case.name("conv3x3"),
+            shapes,
+            ours,
+        );
+    }
+    group.finish();
+    for label in ["burn", "conv3x3"] {
+        let per_step: Option<f64> = small_convolutions()
+            .iter()
+            .map(|case| {
+                let id = format!("{}/forward+backward", case.name(label));
+                best.get(&id).map(|s| s * case.count as f64)
+            })
+            .sum();
+        if let Some(seconds) = per_step {
+            println!(
+                "all 3x3x3 convolutions of a step, forward+backward, {label}: {seconds:.3} s \
+                 (fastest iterations x how often a step runs each)"
+            );
+        }
     }
 
     // The other layer types at their largest (full-resolution) shapes.
@@ -181,10 +192,10 @@ fn main() {
             upsample_trilinear(x.slice([0..2, 0..8, 0..32, 0..32, 0..32]), [64; 3])
         }),
     ];
+    let mut group = criterion.benchmark_group("layers B2 8 64^3");
     for (name, op) in others {
-        if wanted(name) {
-            let (forward, backward) = time_op(&device, [full], op);
-            println!("{name:<26} B2 8 64^3  {forward:.4} / {backward:.4}");
-        }
+        bench_op(&mut group, &best, &device, name, [full], op);
     }
+    group.finish();
+    criterion.final_summary();
 }
