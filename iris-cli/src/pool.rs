@@ -425,13 +425,38 @@ fn list(dir: &Path, extensions: &[&str]) -> Result<Vec<(String, PathBuf)>, Failu
     Ok(files)
 }
 
+/// Largest `dataset.json` read (nnU-Net's and MSD's list every case, a few
+/// MB for the largest datasets): an endless file is refused unread.
+const MAX_DATASET_JSON_BYTES: u64 = 64 << 20;
+
 /// `(label, name)` of the `"labels"` of a `dataset.json`, either layout:
 /// MSD's `{"0": "background", "1": "liver"}` or nnU-Net v2's
 /// `{"background": 0, "liver": 1}` (region lists are left out); label 0
 /// left out.
 fn label_names(path: &Path) -> Result<Vec<(u32, String)>, Failure> {
+    use std::io::Read;
     let bad = |e: String| Failure::new(BAD_INPUT, format!("{}: {e}", path.display()));
-    let text = fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let too_large = || {
+        bad(format!(
+            "more than {MAX_DATASET_JSON_BYTES} bytes: not a dataset description"
+        ))
+    };
+    let file = fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+    if file
+        .metadata()
+        .is_ok_and(|m| m.len() > MAX_DATASET_JSON_BYTES)
+    {
+        return Err(too_large());
+    }
+    // The length is checked again on what is read, for files whose size is
+    // not known in advance.
+    let mut text = String::new();
+    file.take(MAX_DATASET_JSON_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| bad(e.to_string()))?;
+    if text.len() as u64 > MAX_DATASET_JSON_BYTES {
+        return Err(too_large());
+    }
     let value: Value = serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
     let Some(labels) = value.get("labels").and_then(Value::as_object) else {
         return Ok(Vec::new());
@@ -480,6 +505,18 @@ mod tests {
         assert_eq!(e.code, BAD_INPUT);
         assert!(
             e.message.contains("dataset.json: not JSON"),
+            "{}",
+            e.message
+        );
+        // A file larger than any dataset description (sparse: no disk used)
+        // is refused without being read.
+        fs::File::create(&path)
+            .and_then(|f| f.set_len(MAX_DATASET_JSON_BYTES + 1))
+            .unwrap();
+        let e = label_names(&path).unwrap_err();
+        assert_eq!(e.code, BAD_INPUT);
+        assert!(
+            e.message.contains("dataset.json: more than 67108864 bytes"),
             "{}",
             e.message
         );

@@ -34,6 +34,10 @@ pub const FORMAT_VERSION: u32 = 1;
 /// The manifest's file name in a model folder.
 pub const MANIFEST_FILE: &str = "manifest.json";
 
+/// Largest manifest read, in bytes (a real one is about 1 KB): a larger
+/// file, or an endless one such as `/dev/zero`, is refused unread.
+pub const MAX_MANIFEST_BYTES: usize = 1 << 20;
+
 /// Encoder feature levels: level `i` has `channels[i]` channels and the
 /// patch size divided by `2^i` along every axis.
 pub const LEVELS: usize = 5;
@@ -194,17 +198,30 @@ impl Manifest {
     /// for JSON that does not parse or a field that breaks the contract,
     /// with the field, what was expected and what was found.
     pub fn read(dir: &Path) -> Result<Manifest> {
+        use std::io::Read;
         let path = dir.join(MANIFEST_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+        let io = |source| Error::Io {
             path: path.clone(),
             source,
-        })?;
+        };
+        // One byte more than allowed, so that `parse` sees a file too large.
+        let mut text = String::new();
+        std::fs::File::open(&path)
+            .map_err(io)?
+            .take(MAX_MANIFEST_BYTES as u64 + 1)
+            .read_to_string(&mut text)
+            .map_err(io)?;
         Manifest::parse(&text, dir).map_err(|reason| Error::Model { path, reason })
     }
 
     /// Parses manifest JSON as [`Manifest::read`] describes; the error is
     /// a sentence naming the field.
     pub(crate) fn parse(text: &str, dir: &Path) -> core::result::Result<Manifest, String> {
+        if text.len() > MAX_MANIFEST_BYTES {
+            return Err(format!(
+                "more than {MAX_MANIFEST_BYTES} bytes: not a manifest (a real one is about 1 KB)"
+            ));
+        }
         let raw = ManifestFile::parse(text)?;
         if raw.format != FORMAT {
             return Err(format!(
@@ -490,5 +507,32 @@ mod tests {
         std::fs::remove_dir_all(&dir).ok();
         assert!(matches!(bad, Error::Model { .. }));
         assert!(text.contains("manifest.json: `format`"), "{text}");
+    }
+
+    #[test]
+    fn a_huge_or_endless_manifest_is_refused_unread() {
+        // A valid manifest padded with JSON whitespace: parses at the limit,
+        // refused one byte over it.
+        let valid = json(|_| {});
+        let at_limit = format!("{valid}{}", " ".repeat(MAX_MANIFEST_BYTES - valid.len()));
+        assert!(Manifest::parse(&at_limit, Path::new("/m")).is_ok());
+        let over = format!("{at_limit} ");
+        let err = Manifest::parse(&over, Path::new("/m")).expect_err("too large");
+        assert!(err.contains("more than 1048576 bytes"), "{err}");
+
+        let dir = std::env::temp_dir().join(format!("iris-manifest-big-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        std::fs::write(dir.join("manifest.json"), &over).expect("write");
+        let big = Manifest::read(&dir).expect_err("too large").to_string();
+        #[cfg(unix)]
+        let endless = {
+            std::fs::remove_file(dir.join("manifest.json")).expect("remove");
+            std::os::unix::fs::symlink("/dev/zero", dir.join("manifest.json")).expect("link");
+            Manifest::read(&dir).expect_err("endless").to_string()
+        };
+        std::fs::remove_dir_all(&dir).ok();
+        assert!(big.contains("manifest.json: more than"), "{big}");
+        #[cfg(unix)]
+        assert!(endless.contains("manifest.json: more than"), "{endless}");
     }
 }
