@@ -52,6 +52,7 @@ pub fn run(args: &Args, quiet: bool) -> Result<(), Failure> {
         classes: &args.classes,
         names: &args.names,
         modality: args.modality,
+        limits: args.model.limits(),
     };
     let task = reference.encode(&model, quiet)?;
     let mut staged = Staged::default();

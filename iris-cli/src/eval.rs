@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use iris_core::engine::Limits;
 use iris_core::metrics::{dice_per_class, label_volumes_ml};
 use serde_json::json;
 
@@ -36,8 +37,9 @@ struct Row {
 
 /// Runs `iris eval`.
 pub fn run(args: &Args, quiet: bool) -> Result<(), Failure> {
-    let pred = read_labels(&args.pred)?;
-    let truth = read_labels(&args.truth)?;
+    let limits = Limits::default();
+    let pred = read_labels(&args.pred, &limits)?;
+    let truth = read_labels(&args.truth, &limits)?;
     let what = format!(
         "prediction {} vs truth {}",
         args.pred.display(),

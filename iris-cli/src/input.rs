@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use iris_core::Model;
 use iris_core::embedding::TaskEmbedding;
-use iris_core::engine::ModelOptions;
+use iris_core::engine::{Limits, ModelOptions};
 use iris_core::irisemb;
 use iris_core::nifti;
 use iris_core::volume::{Image, LabelMap};
@@ -31,6 +31,33 @@ pub struct ModelArgs {
     /// Threads the model runs on (default: one per core).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     threads: Option<u32>,
+    /// Most memory one volume may take, reading it and through the pipeline
+    /// (its copies, blending, labels and probability maps; not the network's
+    /// own working memory): bytes, or with a binary suffix K, M, G or T
+    /// (default 4G; a whole-body CT of 2000 slices needs more).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    memory_budget: Option<u64>,
+    /// Most sliding windows one volume may need (default 10000).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    max_windows: Option<u64>,
+}
+
+/// `8G`, `512M`, `64K`, `1T` (powers of 1024) or a number of bytes.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let (digits, shift) = match text.trim().char_indices().last() {
+        Some((i, 'K' | 'k')) => (&text.trim()[..i], 10),
+        Some((i, 'M' | 'm')) => (&text.trim()[..i], 20),
+        Some((i, 'G' | 'g')) => (&text.trim()[..i], 30),
+        Some((i, 'T' | 't')) => (&text.trim()[..i], 40),
+        _ => (text.trim(), 0),
+    };
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (e.g. 8G, 512M or a number of bytes)"))?;
+    value
+        .checked_mul(1 << shift)
+        .filter(|&bytes| bytes > 0)
+        .ok_or_else(|| format!("{text:?} is not a size between 1 byte and 16 EiB"))
 }
 
 impl ModelArgs {
@@ -52,6 +79,18 @@ impl ModelArgs {
             if entry.file_type().is_ok_and(|t| !t.is_dir()) {
                 claims.input("a --model file", &entry.path());
             }
+        }
+    }
+
+    /// The limits `--memory-budget` and `--max-windows` set, the engine's
+    /// defaults otherwise.
+    pub fn limits(&self) -> Limits {
+        let default = Limits::default();
+        Limits {
+            memory_bytes: self.memory_budget.unwrap_or(default.memory_bytes),
+            windows: self.max_windows.map_or(default.windows, |n| {
+                usize::try_from(n).unwrap_or(usize::MAX)
+            }),
         }
     }
 
@@ -79,27 +118,34 @@ impl ModelArgs {
     }
 }
 
-/// Reads a NIfTI image and refuses NaN or infinite voxels, naming the file.
-pub fn read_image(path: &Path) -> Result<(Image, nifti::NiftiInfo), Failure> {
-    let (image, info) = nifti::read_image(path).map_err(|e| Failure::input(path, e))?;
+/// Reads a NIfTI image within `limits` and refuses NaN or infinite voxels,
+/// naming the file.
+pub fn read_image(path: &Path, limits: &Limits) -> Result<(Image, nifti::NiftiInfo), Failure> {
+    let (image, info) =
+        nifti::read_image_with(path, limits).map_err(|e| Failure::input(path, e))?;
     image
         .ensure_finite("image")
         .map_err(|e| Failure::input(path, e))?;
     Ok((image, info))
 }
 
-/// Reads a NIfTI label map; any problem is a failure naming the file.
-pub fn read_labels(path: &Path) -> Result<LabelMap, Failure> {
-    nifti::read_labels(path)
+/// Reads a NIfTI label map within `limits`; any problem is a failure
+/// naming the file.
+pub fn read_labels(path: &Path, limits: &Limits) -> Result<LabelMap, Failure> {
+    nifti::read_labels_with(path, limits)
         .map(|(labels, _)| labels)
         .map_err(|e| Failure::input(path, e))
 }
 
-/// Reads a reference image and its label map and checks that they share a
-/// grid, naming the files.
-pub fn read_pair(image: &Path, labels: &Path) -> Result<(Image, LabelMap), Failure> {
-    let (pixels, _) = read_image(image)?;
-    let map = read_labels(labels)?;
+/// Reads a reference image and its label map within `limits` and checks
+/// that they share a grid, naming the files.
+pub fn read_pair(
+    image: &Path,
+    labels: &Path,
+    limits: &Limits,
+) -> Result<(Image, LabelMap), Failure> {
+    let (pixels, _) = read_image(image, limits)?;
+    let map = read_labels(labels, limits)?;
     let what = format!(
         "label map {} vs image {}",
         labels.display(),

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use indicatif::{ProgressBar, ProgressFinish, ProgressStyle};
 use iris_core::embedding::TaskEmbedding;
-use iris_core::engine::{Progress, SegmentOptions, Segmentation};
+use iris_core::engine::{Limits, Progress, SegmentOptions, Segmentation};
 use iris_core::labels::{DEFAULT_THRESHOLD, label_value};
 use iris_core::metrics::label_volumes_ml;
 use iris_core::nifti;
@@ -97,6 +97,7 @@ impl SettingsArgs {
     pub fn options(
         &self,
         outputs: &OutputArgs,
+        limits: Limits,
         progress: Arc<dyn Fn(Progress) + Send + Sync>,
     ) -> SegmentOptions {
         SegmentOptions {
@@ -107,6 +108,7 @@ impl SettingsArgs {
             probabilities: outputs.probabilities.is_some(),
             classes_per_forward: self.classes_per_forward.map(|n| n as usize),
             progress: Some(progress),
+            limits,
             ..SegmentOptions::default()
         }
     }

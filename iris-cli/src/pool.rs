@@ -28,7 +28,6 @@ use crate::failure::{BAD_INPUT, Failure, USAGE};
 use crate::input::{read_pair, read_task_for_model};
 use crate::output::progress_bar;
 use crate::printable::printable;
-use crate::reference::Modality;
 
 const NIFTI: &[&str] = &[".nii.gz", ".nii"];
 const EMBEDDING: &[&str] = &[".irisemb"];
@@ -205,7 +204,7 @@ impl Layout {
         dir: &Path,
         model: &Model,
         keys: &[String],
-        modality: Modality,
+        options: &EncodeOptions,
         quiet: bool,
     ) -> Result<Pool, Failure> {
         let (cases, names) = match self {
@@ -218,10 +217,6 @@ impl Layout {
             dir.join("dataset.json").display().to_string()
         };
         let wanted = resolve(keys, names, &source)?;
-        let options = EncodeOptions {
-            intensity: modality.policy(),
-            ..EncodeOptions::default()
-        };
         let bar = progress_bar(quiet, CASES);
         bar.set_length(cases.len() as u64);
         let mut pool = Pool {
@@ -231,7 +226,7 @@ impl Layout {
         };
         for case in cases {
             bar.set_message(case.name.clone());
-            let (image, labels) = read_pair(&case.image, &case.labels)?;
+            let (image, labels) = read_pair(&case.image, &case.labels, &options.limits)?;
             let present = labels.labels_present();
             let chosen: Vec<u16> = if keys.is_empty() {
                 present
@@ -266,7 +261,7 @@ impl Layout {
                 .map(|&label| TaskClass::new(label, name_of(names, label.into())))
                 .collect();
             let reference = model
-                .encode_pool_reference(case.name.clone(), &image, &labels, &classes, &options)
+                .encode_pool_reference(case.name.clone(), &image, &labels, &classes, options)
                 .map_err(|e| Failure::input(&case.labels, e))?;
             pool.references.push(reference);
             bar.inc(1);

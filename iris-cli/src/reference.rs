@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use iris_core::Model;
 use iris_core::embedding::TaskEmbedding;
-use iris_core::engine::{EncodeOptions, TaskClass};
+use iris_core::engine::{EncodeOptions, Limits, TaskClass};
 use iris_core::preprocess::IntensityPolicy;
 use iris_core::volume::LabelMap;
 
@@ -50,6 +50,8 @@ pub struct Reference<'a> {
     pub names: &'a [String],
     /// Intensity policy override.
     pub modality: Modality,
+    /// What reading and encoding may take.
+    pub limits: Limits,
 }
 
 impl Reference<'_> {
@@ -61,12 +63,12 @@ impl Reference<'_> {
     /// unreadable files, grids that differ, NaNs or a label that is absent
     /// (each naming the file); the engine's failure otherwise.
     pub fn encode(&self, model: &Model, quiet: bool) -> Result<TaskEmbedding, Failure> {
-        let (image, labels) = read_pair(self.image, self.labels)?;
+        let (image, labels) = read_pair(self.image, self.labels, &self.limits)?;
         let classes = self.classes(&labels)?;
         let start = Instant::now();
         let options = EncodeOptions {
             intensity: self.modality.policy(),
-            ..EncodeOptions::default()
+            limits: self.limits,
         };
         let task = model
             .encode_task(&image, &labels, &classes, &options)

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use iris_core::Error;
-use iris_core::engine::{Retrieval, RetrievalLevel, RetrieveOptions};
+use iris_core::engine::{EncodeOptions, Retrieval, RetrievalLevel, RetrieveOptions};
 use iris_core::irisemb::{self, Payload};
 use serde_json::{Map, Value, json};
 
@@ -130,14 +130,18 @@ pub fn run(args: &Args, quiet: bool) -> Result<(), Failure> {
         }
     }
     let model = args.model.load()?;
-    let (query, query_info) = read_image(&args.image)?;
+    let limits = args.model.limits();
+    let (query, query_info) = read_image(&args.image, &limits)?;
 
     let start = Instant::now();
     let pool = layout.load(
         &args.pool,
         &model,
         &args.classes,
-        args.settings.modality,
+        &EncodeOptions {
+            intensity: args.settings.modality.policy(),
+            limits,
+        },
         quiet,
     )?;
     let pool_seconds = start.elapsed().as_secs_f64();
@@ -169,7 +173,7 @@ pub fn run(args: &Args, quiet: bool) -> Result<(), Failure> {
         initial,
         segment: args
             .settings
-            .options(&args.outputs, window_progress(&bar, passes)),
+            .options(&args.outputs, limits, window_progress(&bar, passes)),
     };
     let result = model.retrieve(&query, &pool.references, &pool.classes, &options);
     bar.finish_and_clear();

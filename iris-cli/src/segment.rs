@@ -83,14 +83,14 @@ pub fn run(args: &Args, quiet: bool) -> Result<(), Failure> {
     args.model.claim(&mut claims);
     claims.check()?;
     let model = args.model.load()?;
-    let (query, query_info) = read_image(&args.image)?;
+    let (query, query_info) = read_image(&args.image, &args.model.limits())?;
     let task = task(args, &model, quiet)?;
 
     let start = Instant::now();
     let bar = progress_bar(quiet, WINDOWS);
-    let options = args
-        .settings
-        .options(&args.outputs, window_progress(&bar, 1));
+    let options =
+        args.settings
+            .options(&args.outputs, args.model.limits(), window_progress(&bar, 1));
     let result = model.segment(&query, &task, &options);
     bar.finish_and_clear();
     let segmentation = result.map_err(|e| Failure::input(&args.image, e))?;
@@ -138,6 +138,7 @@ fn task(args: &Args, model: &Model, quiet: bool) -> Result<TaskEmbedding, Failur
             classes: &classes,
             names: &args.names,
             modality: args.settings.modality,
+            limits: args.model.limits(),
         };
         return reference.encode(model, quiet);
     }

@@ -680,6 +680,98 @@ fn encode_segment_eval_on_an_exported_model_match_the_rust_api() {
 /// model of known maths (untrained: this checks the plumbing, not
 /// quality). The label maps keep each query's grid and header, hold the
 /// task's labels and no other, and `iris eval` gives the Dice counted here.
+/// `--memory-budget` and `--max-windows` reach the reading and the
+/// pipeline: too small, the command exits 3 naming the file and the limit
+/// and writes nothing; large enough, it runs; a malformed size is a usage
+/// error.
+#[test]
+fn memory_budget_and_max_windows_limit_each_volume() {
+    let files = fixture::fixture("cli-limits");
+    let model_dir = files.model.as_os_str();
+    let (reference, reference_labels) = (files.file("ref.nii.gz"), files.file("ref_labels.nii.gz"));
+    let query = files.file("query.nii.gz");
+    let (task, seg) = (
+        files.root.join("task.irisemb"),
+        files.root.join("seg.nii.gz"),
+    );
+    let encode = |limits: &[&str]| {
+        let mut args = vec![
+            "encode",
+            "--image",
+            reference.to_str().unwrap(),
+            "--label",
+            reference_labels.to_str().unwrap(),
+            "--out",
+            task.to_str().unwrap(),
+            "--quiet",
+            "--model",
+            model_dir.to_str().unwrap(),
+        ];
+        args.extend_from_slice(limits);
+        iris(&args)
+    };
+    let segment = |limits: &[&str]| {
+        let mut args = vec![
+            "segment",
+            "--image",
+            query.to_str().unwrap(),
+            "--task",
+            task.to_str().unwrap(),
+            "--out",
+            seg.to_str().unwrap(),
+            "--quiet",
+            "--model",
+            model_dir.to_str().unwrap(),
+        ];
+        args.extend_from_slice(limits);
+        iris(&args)
+    };
+
+    let o = encode(&["--memory-budget", "1K"]);
+    expect_code(&o, 3);
+    assert!(
+        stderr(&o).contains("ref.nii.gz") && stderr(&o).contains("budget of 1.00 KiB"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!task.exists());
+    expect_code(
+        &encode(&["--memory-budget", "1G", "--max-windows", "100"]),
+        0,
+    );
+
+    let o = segment(&["--memory-budget", "64K"]);
+    expect_code(&o, 3);
+    assert!(
+        stderr(&o).contains("query.nii.gz") && stderr(&o).contains("budget of 64.00 KiB"),
+        "{}",
+        stderr(&o)
+    );
+    let o = segment(&["--max-windows", "1"]);
+    expect_code(&o, 3);
+    assert!(
+        stderr(&o).contains("query.nii.gz") && stderr(&o).contains("window"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!seg.exists());
+    expect_code(
+        &segment(&["--memory-budget", "1g", "--max-windows", "100"]),
+        0,
+    );
+    assert!(seg.exists());
+
+    for bad in ["8X", "0", "1.5G", "99999999999T", ""] {
+        let o = segment(&["--memory-budget", bad]);
+        expect_code(&o, 2);
+        assert!(
+            stderr(&o).contains("--memory-budget"),
+            "{bad}: {}",
+            stderr(&o)
+        );
+    }
+}
+
 #[test]
 fn encode_and_segment_real_anatomy_then_eval() {
     let (Some(ch2), Some(aal), Some(bet), Some(mni)) = (

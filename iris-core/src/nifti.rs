@@ -65,7 +65,7 @@ use nifti::writer::WriterOptions;
 use nifti::{Endianness, NiftiError, NiftiHeader};
 
 use crate::error::{Error, Result};
-use crate::pipeline::{Limits, gib};
+use crate::pipeline::{Limits, size_text};
 use crate::volume::{Affine, Geometry, Image, LabelMap, MAX_VOXELS, Volume};
 
 /// Size of a NIfTI-1 header in bytes (`sizeof_hdr`).
@@ -795,8 +795,8 @@ fn check_size<T>(path: &Path, layout: &Layout, budget: u64) -> Result<()> {
         return Err(what(format!(
             "of {} need about {} to read, over the budget of {}",
             layout.datatype.name(),
-            gib(bytes),
-            gib(u128::from(budget))
+            size_text(bytes),
+            size_text(u128::from(budget))
         )));
     }
     Ok(())

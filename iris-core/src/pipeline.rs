@@ -101,8 +101,8 @@ impl Limits {
             detail: format!(
                 "{detail} needs about {} of memory, over the budget of {} \
                  (Limits::memory_bytes)",
-                gib(bytes),
-                gib(u128::from(self.memory_bytes))
+                size_text(bytes),
+                size_text(u128::from(self.memory_bytes))
             ),
         })
     }
@@ -126,9 +126,15 @@ impl Limits {
     }
 }
 
-/// `bytes` in GiB, for messages.
-pub(crate) fn gib(bytes: u128) -> String {
-    format!("{:.2} GiB", bytes as f64 / f64::from(1u32 << 30))
+/// `bytes` for messages: in GiB, MiB or KiB with two decimals, in bytes
+/// below 1 KiB.
+pub(crate) fn size_text(bytes: u128) -> String {
+    match bytes {
+        0..1024 => format!("{bytes} bytes"),
+        1024..0x10_0000 => format!("{:.2} KiB", bytes as f64 / 1024.0),
+        0x10_0000..0x4000_0000 => format!("{:.2} MiB", bytes as f64 / f64::from(1u32 << 20)),
+        _ => format!("{:.2} GiB", bytes as f64 / f64::from(1u32 << 30)),
+    }
 }
 
 /// Voxels of a shape, without overflow.
@@ -920,7 +926,10 @@ mod tests {
         )
         .expect_err("memory")
         .to_string();
-        assert!(err.contains("budget of 0.00 GiB"), "{err}");
+        assert!(
+            err.contains("needs about 1.12 MiB of memory, over the budget of 1.00 MiB"),
+            "{err}"
+        );
 
         // The reference is bounded the same way.
         let labels = LabelMap::from_vec(

@@ -274,7 +274,7 @@ pub(crate) fn try_with_capacity<T>(len: usize, what: &'static str) -> Result<Vec
         what,
         detail: format!(
             "cannot allocate {} for {len} values: {e}",
-            crate::pipeline::gib((len as u128) * size_of::<T>() as u128)
+            crate::pipeline::size_text((len as u128) * size_of::<T>() as u128)
         ),
     })?;
     Ok(v)

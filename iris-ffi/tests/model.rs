@@ -400,7 +400,7 @@ fn what_a_header_asks_is_bounded() {
     expect(
         status,
         IrisStatus::IrisErrorTooLarge,
-        &["budget of 0.00 GiB"],
+        &["budget of 64.00 KiB"],
     );
 
     // Encoding a reference with the same header is refused the same way.
