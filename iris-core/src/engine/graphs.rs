@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tract_linalg::multithread::Executor;
 use tract_onnx::prelude::{
     Datum, Framework, InferenceFact, InferenceModel, InferenceModelExt, RunOptions, TValue, TVec,
-    Tensor, TypedRunnableModel,
+    Tensor, TypedModel, TypedRunnableModel,
 };
 use tract_onnx::tract_hir::infer::Factoid;
 
@@ -250,7 +250,14 @@ impl Graph {
                 )
                 .map_err(|e| fail(&e))?;
         }
-        let typed = model.into_optimized().map_err(|e| fail(&e))?;
+        // tract's own convolutions give way to the direct 3x3x3 kernel
+        // where the CPU runs it, before tract optimises the graph.
+        let mut typed = model
+            .into_typed()
+            .and_then(TypedModel::into_decluttered)
+            .map_err(|e| fail(&e))?;
+        super::conv3d::substitute(&mut typed).map_err(|e| fail(&e))?;
+        let typed = typed.into_optimized().map_err(|e| fail(&e))?;
         for (port, &slot) in self.outputs.iter().zip(&self.output_slots) {
             let fact = typed.output_fact(slot).map_err(|e| fail(&e))?;
             let want = port.shape(classes);

@@ -35,6 +35,7 @@
 use std::prelude::rust_2024::*;
 use std::{format, vec};
 
+mod conv3d;
 mod graphs;
 mod loading;
 mod manifest;
