@@ -9,7 +9,9 @@
 //!
 //! The graph's inputs are given in order as shapes (`1x16x8x8x8`; `K`
 //! stands for `--classes`, default 1) and filled with a fixed pattern in
-//! `[0, 1)`; the plan is optimised as the engine does. After one warm-up
+//! `[0, 1)`; tract optimises the plan (tract alone: without the engine's
+//! direct convolution of `engine/conv3d.rs`, so its convolutions show as
+//! tract runs them). After one warm-up
 //! run, `--runs` runs (default 5) are timed node by node on a pool of
 //! `--threads` threads (default 1, as many as tract's matrix products may
 //! use). It prints the mean seconds per run of each operator type and of the
