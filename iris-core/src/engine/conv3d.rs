@@ -8,11 +8,12 @@
 //! [`MIN_WIDTH`] voxels) with [`DirectConv3d`] before tract optimises the
 //! graph; tract keeps every other convolution.
 //!
-//! The kernel copies the input into a zero-padded buffer, then for each
-//! output row and block of [`BLOCK`] output channels accumulates
-//! `BLOCK x 32` outputs in registers over every input channel and the 27
-//! taps: each tap is two unaligned loads of 16 input values and
-//! `2 * BLOCK` fused multiply-adds with the tap's weights broadcast. Depth
+//! For each output row and block of [`BLOCK`] output channels the kernel
+//! accumulates `BLOCK x 32` outputs in registers over every input channel
+//! and the 27 taps: each tap is two 16-value loads of the input and
+//! `2 * BLOCK` fused multiply-adds with the tap's weights broadcast. The
+//! zero padding is not copied: taps above, below, in front of or behind
+//! the volume are skipped, and the loads at the row's ends are masked. Depth
 //! slices run in parallel on the model's thread pool. The sums run in
 //! another order than tract's, so results differ from it by rounding only
 //! (about 1e-6 relative; the parity tests hold at 1e-4).
@@ -164,19 +165,18 @@ impl DirectConv3d {
     /// The convolution of `input` (`[Cin, D, H, W]`, C order) into `out`
     /// (`[Cout, D, H, W]`).
     fn run(&self, input: &[f32], [d, h, w]: [usize; 3], out: &mut [f32]) {
-        let padded = Padded::new(input, self.input_channels, [d, h, w]);
         let blocks = self.output_channels.div_ceil(BLOCK);
         let out = SharedOut(out.as_mut_ptr());
         let slice = |z: usize| {
             for y in 0..h {
                 for block in 0..blocks {
                     // SAFETY: `available()` held when the op was made
-                    // (`substitute` makes it only then); `padded` holds
-                    // every row the block reads (see `Padded`); each
+                    // (`substitute` makes it only then); `input` is the
+                    // op's whole input (checked by `eval`); each
                     // (z, y, block) writes its own outputs, inside `out`.
                     #[cfg(target_arch = "x86_64")]
                     unsafe {
-                        avx512::row_block(self, &padded, [z, y, block], [d, h, w], out.ptr())
+                        avx512::row_block(self, input, [z, y, block], [d, h, w], out.ptr())
                     };
                 }
             }
@@ -220,82 +220,68 @@ fn pack(kernel: &[f32], cin: usize, cout: usize) -> Vec<f32> {
     packed
 }
 
-/// The input with one zero voxel of padding on every side, and rows long
-/// enough that a 32-wide block starting at any multiple of 32 below `W`
-/// reads inside its row (the extra values are zero; their outputs are not
-/// stored).
-struct Padded {
-    data: Vec<f32>,
-    /// Row length, plane and channel strides.
-    strides: [usize; 3],
-}
-
-impl Padded {
-    fn new(input: &[f32], channels: usize, [d, h, w]: [usize; 3]) -> Padded {
-        let row = w.div_ceil(SPAN) * SPAN + 2;
-        let plane = (h + 2) * row;
-        let volume = (d + 2) * plane;
-        let mut data = vec![0.0; channels * volume];
-        for (c, z, y) in (0..channels)
-            .cartesian_product(0..d)
-            .cartesian_product(0..h)
-            .map(|((c, z), y)| (c, z, y))
-        {
-            let from = ((c * d + z) * h + y) * w;
-            let to = c * volume + (z + 1) * plane + (y + 1) * row + 1;
-            data[to..to + w].copy_from_slice(&input[from..from + w]);
-        }
-        Padded {
-            data,
-            strides: [row, plane, volume],
-        }
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{BLOCK, DirectConv3d, Padded, SPAN};
+    use super::{BLOCK, DirectConv3d, SPAN};
 
     /// Output row `y` of depth slice `z` for output channels
     /// `block * BLOCK ..`, written into `out` (`[Cout, D, H, W]`).
     ///
     /// # Safety
     /// The CPU has AVX-512F; `z < D`, `y < H`, `block` is a block of the
-    /// op's output channels, `padded` is the op's input padded by
-    /// [`Padded::new`] and `out` holds `Cout * D * H * W` values.
+    /// op's output channels, `input` holds `Cin * D * H * W` values and
+    /// `out` holds `Cout * D * H * W`.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn row_block(
         op: &DirectConv3d,
-        padded: &Padded,
+        input: &[f32],
         [z, y, block]: [usize; 3],
         [d, h, w]: [usize; 3],
         out: *mut f32,
     ) {
-        let [row, plane, volume] = padded.strides;
         let cin = op.input_channels;
         let channels = (op.output_channels - block * BLOCK).min(BLOCK);
         let weights = &op.weights[block * cin * 27 * BLOCK..][..cin * 27 * BLOCK];
+        // The input rows each tap row reads: (dz, dy) with its row index
+        // (z + dz - 1, y + dy - 1) inside the volume; the others are padding.
+        let mut rows = [(0, 0); 9];
+        let mut count = 0;
+        for (dz, dy) in (0..9).map(|t| (t / 3, t % 3)) {
+            if (1..=d).contains(&(z + dz)) && (1..=h).contains(&(y + dy)) {
+                rows[count] = (dz * 3 + dy, ((z + dz - 1) * h + (y + dy - 1)) * w);
+                count += 1;
+            }
+        }
+        let rows = &rows[..count];
         let mut x0 = 0;
         while x0 < w {
+            // Lane i of vector v reads x = x0 + 16 v + i + dx - 1 for tap dx;
+            // the masks keep the x inside [0, w).
+            let masks: [[__mmask16; 2]; 3] =
+                core::array::from_fn(|dx| core::array::from_fn(|v| inside(x0 + 16 * v + dx, w)));
             let mut acc = [[_mm512_setzero_ps(); 2]; BLOCK];
             for (o, acc) in acc.iter_mut().enumerate().take(channels) {
                 *acc = [_mm512_set1_ps(op.bias[block * BLOCK + o]); 2];
             }
             for (ci, taps) in weights.chunks_exact(27 * BLOCK).enumerate() {
-                let channel = &padded.data[ci * volume..][..volume];
-                for (dz, dy) in [0, 1, 2].into_iter().flat_map(|a| [(a, 0), (a, 1), (a, 2)]) {
-                    let start = (z + dz) * plane + (y + dy) * row + x0;
-                    // The three taps along x read 34 values from `start`.
-                    let line = &channel[start..start + SPAN + 2];
-                    for dx in 0..3 {
-                        let tap = &taps[((dz * 3 + dy) * 3 + dx) * BLOCK..][..BLOCK];
-                        // SAFETY: `line` holds SPAN + 2 values, so both
-                        // 16-value loads from `dx <= 2` are inside it.
+                let channel = &input[ci * d * h * w..][..d * h * w];
+                for &(tap_row, start) in rows {
+                    let line = &channel[start..start + w];
+                    for (dx, masks) in masks.iter().enumerate() {
+                        let tap = &taps[(tap_row * 3 + dx) * BLOCK..][..BLOCK];
+                        // The first lane reads x0 + dx - 1, which is -1 at
+                        // the row's start: a wrapping pointer, whose lanes
+                        // outside the row the masks never load.
+                        let p = line.as_ptr().wrapping_add(x0 + dx).wrapping_sub(1);
+                        // SAFETY: the masks load only lanes whose x is in
+                        // [0, w), inside `line`; masked lanes are not read.
                         let (v0, v1) = unsafe {
-                            let p = line.as_ptr().add(dx);
-                            (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)))
+                            (
+                                _mm512_maskz_loadu_ps(masks[0], p),
+                                _mm512_maskz_loadu_ps(masks[1], p.wrapping_add(16)),
+                            )
                         };
                         for (acc, &weight) in acc.iter_mut().zip(tap) {
                             let weight = _mm512_set1_ps(weight);
@@ -321,6 +307,14 @@ mod avx512 {
             }
             x0 += SPAN;
         }
+    }
+
+    /// The lanes `i` of a 16-lane vector whose `x = first + i - 1` is in
+    /// `[0, w)`.
+    fn inside(first: usize, w: usize) -> __mmask16 {
+        (0..16)
+            .filter(|&i| (1..=w).contains(&(first + i)))
+            .fold(0, |mask, i| mask | (1 << i))
     }
 
     /// A mask of the first `n` (at most 16) lanes.
