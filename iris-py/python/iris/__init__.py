@@ -76,19 +76,9 @@ __all__ = [
     "load_labels",
     "save_image",
     "save_labels",
-    "IrisError",
-    "FormatError",
-    "ModelMismatchError",
-    "ShapeMismatchError",
-    "InvalidArgumentError",
-    "TooLargeError",
-    "NonFiniteError",
-    "EmptyMaskError",
-    "CancelledError",
-    "IoError",
-    "NiftiError",
-    "ModelError",
 ]
+# The exception classes, as `_errors` lists them.
+__all__ += _errors.__all__
 
 PathLike = Union[str, "os.PathLike[str]"]
 #: A volume: a nibabel image, an ``(array, affine)`` pair, or an array
