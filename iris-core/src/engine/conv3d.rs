@@ -2,21 +2,30 @@
 //!
 //! tract runs a 3-D convolution as a matrix product over a lazily gathered
 //! im2col (issue 20): 12-30 % of this machine's multiply-add peak on the
-//! model's shapes. [`substitute`] replaces each convolution the kernel
-//! here serves (3x3x3, stride and dilation 1, zero padding 1 on every
-//! side, one group, f32, batch 1, constant weights, rows of at least
-//! [`MIN_WIDTH`] voxels) with [`DirectConv3d`] before tract optimises the
-//! graph; tract keeps every other convolution.
+//! model's shapes, and at a batch above 1 over an eager im2col, 20 times
+//! slower again. [`substitute`] replaces each convolution the kernel here
+//! serves (3x3x3, stride and dilation 1, zero padding 1 on every side, one
+//! group, f32, constant weights) with [`DirectConv3d`] before tract
+//! optimises the graph, except those with narrow rows (under
+//! [`MIN_WIDTH`] voxels), several output channels and batch 1, which
+//! tract's matrix product runs as fast; tract keeps every other
+//! convolution.
 //!
-//! For each output row and block of [`BLOCK`] output channels the kernel
-//! accumulates `BLOCK x 32` outputs in registers over every input channel
-//! and the 27 taps: each tap is two 16-value loads of the input and
-//! `2 * BLOCK` fused multiply-adds with the tap's weights broadcast. The
-//! zero padding is not copied: taps above, below, in front of or behind
-//! the volume are skipped, and the loads at the row's ends are masked. Depth
-//! slices run in parallel on the model's thread pool. The sums run in
-//! another order than tract's, so results differ from it by rounding only
-//! (about 1e-6 relative; the parity tests hold at 1e-4).
+//! For each output row and register block the kernel accumulates
+//! [`BLOCK`] output channels (or the one channel of a one-output
+//! convolution) by 16, 32 or up to 128 positions in registers over every
+//! input channel and the 27 taps: per tap, one 16-value load of the input
+//! per vector and one fused multiply-add per vector and channel, with the
+//! tap's weight broadcast. The input rows an output row reads are first
+//! copied side by side with their zero padding ([`Rows`]), so the loads
+//! need no masks and hit the nearest cache; taps above, below, in front of
+//! or behind the volume are skipped. Depth slices run in parallel on the
+//! model's thread pool, the samples of a batch one after the other. On
+//! this project's 2-core VM (AMD EPYC, AVX-512) one thread of the kernel
+//! ran 103-127 GFLOP/s on the model's wide shapes, about the core's
+//! measured multiply-add peak (115 GFLOP/s). The sums run in another order than tract's, so results
+//! differ from it by rounding only (about 1e-6 relative; the parity tests
+//! hold at 1e-4).
 
 use std::prelude::rust_2024::*;
 use std::sync::Arc;
@@ -30,13 +39,13 @@ use tract_onnx::tract_core::ops::nn::DataFormat;
 
 /// Output channels one register block computes.
 pub(crate) const BLOCK: usize = 8;
-/// Output positions along a row one register block computes: two vectors.
-const SPAN: usize = 32;
-/// Narrowest row the direct kernel takes. Below it the 32-wide register
-/// block is half padding and the deep levels have many channels, so each
-/// block streams a large weight slice for few outputs: with 16 the
-/// full-size decoder took 24.5 s per window, with 32 22.0 s (tract's
-/// matrix product runs the narrower levels; `docs/benchmarks.md`).
+/// Narrowest row the direct kernel takes from batch-1 convolutions with
+/// several output channels. The narrower rows are the deep levels (16^3 and
+/// 8^3 in the full-size model, 256-768 input channels), where tract's
+/// matrix product has long dot products to work with: there, taking rows
+/// of 16 as well measured the same as leaving them to tract (full-size
+/// decoder 16.9 against 17.1 s, encoder 5.9 against 6.0 s;
+/// `docs/benchmarks.md`).
 pub(crate) const MIN_WIDTH: usize = 32;
 
 /// Whether this CPU runs the direct kernel (x86-64 with AVX-512F), unless
@@ -80,12 +89,15 @@ pub(crate) fn substitute(model: &mut TypedModel) -> TractResult<usize> {
 }
 
 /// A 3x3x3 convolution with padding 1, computed directly (see the module
-/// docs). Input `[1, Cin, D, H, W]`, output `[1, Cout, D, H, W]`.
+/// docs). Input `[N, Cin, D, H, W]`, output `[N, Cout, D, H, W]`.
 #[derive(Debug, Clone)]
 pub(crate) struct DirectConv3d {
     input_channels: usize,
     output_channels: usize,
-    /// `[Cout / BLOCK (rounded up)][Cin][27][BLOCK]`, zero past `Cout`.
+    /// Output channels per register block: [`BLOCK`], or 1 for a
+    /// convolution with one output channel.
+    block: usize,
+    /// `[Cout / block (rounded up)][Cin][27][block]`, zero past `Cout`.
     weights: Arc<Vec<f32>>,
     /// `[Cout]`.
     bias: Arc<Vec<f32>>,
@@ -128,10 +140,14 @@ impl DirectConv3d {
         let (cin, cout) = (spec.input_channels, spec.output_channels);
         let input = model.outlet_fact(node.inputs[0])?;
         let shape = input.shape.as_concrete();
-        let Some(&[1, c, _, _, w]) = shape else {
+        let Some(&[n, c, _, _, w]) = shape else {
             return Ok(None);
         };
-        if input.datum_type != f32::datum_type() || c != cin || w < MIN_WIDTH {
+        // Narrow rows stay with tract, except where tract is slowest: one
+        // output channel (a matrix product with one row) and batches
+        // (eager im2col).
+        let narrow = w < MIN_WIDTH && n == 1 && cout > 1;
+        if input.datum_type != f32::datum_type() || c != cin || narrow {
             return Ok(None);
         }
         let constant = |ix: usize| -> TractResult<Option<Arc<Tensor>>> {
@@ -153,40 +169,138 @@ impl DirectConv3d {
             n if n == cout => bias,
             _ => return Ok(None),
         };
-        let weights = pack(kernel.try_as_plain_ram()?.as_slice::<f32>()?, cin, cout);
-        Ok(Some(DirectConv3d {
-            input_channels: cin,
-            output_channels: cout,
-            weights: Arc::new(weights),
-            bias: Arc::new(bias),
-        }))
+        let kernel = kernel.try_as_plain_ram()?;
+        Ok(Some(DirectConv3d::new(
+            kernel.as_slice::<f32>()?,
+            bias,
+            [cin, cout],
+        )))
     }
 
-    /// The convolution of `input` (`[Cin, D, H, W]`, C order) into `out`
-    /// (`[Cout, D, H, W]`).
+    /// The op for `kernel` (`[Cout, Cin, 3, 3, 3]`) and `bias` (`[Cout]`).
+    fn new(kernel: &[f32], bias: Vec<f32>, [cin, cout]: [usize; 2]) -> Self {
+        let block = if cout == 1 { 1 } else { BLOCK };
+        DirectConv3d {
+            input_channels: cin,
+            output_channels: cout,
+            block,
+            weights: Arc::new(pack(kernel, [cin, cout], block)),
+            bias: Arc::new(bias),
+        }
+    }
+
+    /// The convolution of `n` samples (`input`: `[N, Cin, D, H, W]`, C
+    /// order), one after the other; returns `[N, Cout, D, H, W]`.
+    fn run_batch(&self, input: &[f32], [n, d, h, w]: [usize; 4]) -> Vec<f32> {
+        let voxels = d * h * w;
+        let mut out = vec![0.0f32; n * self.output_channels * voxels];
+        for (sample, out) in input
+            .chunks_exact(self.input_channels * voxels)
+            .zip(out.chunks_exact_mut(self.output_channels * voxels))
+        {
+            self.run(sample, [d, h, w], out);
+        }
+        out
+    }
+
+    /// The convolution of one sample, `input` (`[Cin, D, H, W]`, C order),
+    /// into `out` (`[Cout, D, H, W]`).
     fn run(&self, input: &[f32], [d, h, w]: [usize; 3], out: &mut [f32]) {
-        let blocks = self.output_channels.div_ceil(BLOCK);
+        let blocks = self.output_channels.div_ceil(self.block);
+        // Vectors of 16 outputs per register block: enough for the row (one
+        // on rows of up to 16, two on wider ones) with eight output
+        // channels, up to eight with one.
+        let vectors = match self.block {
+            1 => w.div_ceil(16).next_power_of_two().min(8),
+            _ if w <= 16 => 1,
+            _ => 2,
+        };
+        #[cfg(target_arch = "x86_64")]
+        let kernel = avx512::kernel(self.block, vectors);
         let out = SharedOut(out.as_mut_ptr());
         let slice = |z: usize| {
+            let mut rows = Rows::new(self.input_channels, w, 16 * vectors);
             for y in 0..h {
+                rows.gather(input, [z, y], [d, h, w]);
                 for block in 0..blocks {
                     // SAFETY: `available()` held when the op was made
-                    // (`substitute` makes it only then); `input` is the
-                    // op's whole input (checked by `eval`); each
-                    // (z, y, block) writes its own outputs, inside `out`.
+                    // (`substitute` makes it only then); `rows` holds the
+                    // input rows of (z, y), padded for the kernel's span;
+                    // each (z, y, block) writes its own outputs, inside
+                    // `out`.
                     #[cfg(target_arch = "x86_64")]
                     unsafe {
-                        avx512::row_block(self, input, [z, y, block], [d, h, w], out.ptr())
+                        kernel(self, &rows, [z, y, block], [d, h, w], out.ptr())
                     };
                 }
             }
         };
-        match tract_linalg::multithread::current_tract_executor() {
-            tract_linalg::multithread::Executor::MultiThread(pool) => {
-                use rayon::prelude::*;
-                pool.install(|| (0..d).into_par_iter().for_each(slice));
+        super::parallel::for_each(d, slice);
+    }
+}
+
+/// The input rows one output row reads, copied side by side.
+///
+/// In `[C, D, H, W]` the rows of one (z, y) lie a power of two apart
+/// (`D * H * W` floats between channels), so at 128^3 they share cache
+/// sets and the kernel's loads missed every cache level: 74 GFLOP/s on a
+/// 32-deep 128^2 slab against 106 on an 8-deep one (one thread). Copied
+/// here, the 9 rows of every channel are one contiguous block, read from
+/// the nearest cache. Each depth plane keeps its last three rows (a ring
+/// indexed by `y % 3`), so moving to the next output row copies one new
+/// row per plane and channel.
+struct Rows {
+    /// `[Cin][3 planes][3 ring slots][stride]`; value `x` of a row is at
+    /// `1 + x`, and the padding around it stays zero.
+    values: Vec<f32>,
+    /// Floats from one row to the next: `w` rounded up to the kernel's
+    /// span, plus the padding before and after, so the kernel's loads need
+    /// no masks.
+    stride: usize,
+    /// Which input row (`z * H + y`, plus one; zero for none) each slot
+    /// holds.
+    held: [usize; 9],
+    /// The taps rows inside the volume read, as (tap row `3 * dz + dy`,
+    /// offset of its slot in a channel's block); the kernel skips the
+    /// others, which read padding.
+    taps: [(usize, usize); 9],
+    count: usize,
+}
+
+impl Rows {
+    fn new(channels: usize, w: usize, span: usize) -> Self {
+        let stride = w.next_multiple_of(span) + 2;
+        Rows {
+            values: vec![0.0; channels * 9 * stride],
+            stride,
+            held: [0; 9],
+            taps: [(0, 0); 9],
+            count: 0,
+        }
+    }
+
+    /// Makes the rows output row (z, y) reads from `input` (`[Cin, D, H,
+    /// W]`) ready, copying those not held yet.
+    fn gather(&mut self, input: &[f32], [z, y]: [usize; 2], [d, h, w]: [usize; 3]) {
+        self.count = 0;
+        for (dz, dy) in (0..9).map(|t| (t / 3, t % 3)) {
+            if !(1..=d).contains(&(z + dz)) || !(1..=h).contains(&(y + dy)) {
+                continue;
             }
-            _ => (0..d).for_each(slice),
+            let (zi, yi) = (z + dz - 1, y + dy - 1);
+            let slot = dz * 3 + yi % 3;
+            self.taps[self.count] = (dz * 3 + dy, slot * self.stride);
+            self.count += 1;
+            if self.held[slot] != zi * h + yi + 1 {
+                self.held[slot] = zi * h + yi + 1;
+                let start = (zi * h + yi) * w;
+                for (channel, rows) in input
+                    .chunks_exact(d * h * w)
+                    .zip(self.values.chunks_exact_mut(9 * self.stride))
+                {
+                    rows[slot * self.stride + 1..][..w].copy_from_slice(&channel[start..start + w]);
+                }
+            }
         }
     }
 }
@@ -206,15 +320,15 @@ unsafe impl Send for SharedOut {}
 // SAFETY: as above.
 unsafe impl Sync for SharedOut {}
 
-/// `[Cout, Cin, 3, 3, 3]` weights as `[Cout / BLOCK][Cin][27][BLOCK]`.
-fn pack(kernel: &[f32], cin: usize, cout: usize) -> Vec<f32> {
-    let mut packed = vec![0.0; cout.div_ceil(BLOCK) * BLOCK * cin * 27];
+/// `[Cout, Cin, 3, 3, 3]` weights as `[Cout / block][Cin][27][block]`.
+fn pack(kernel: &[f32], [cin, cout]: [usize; 2], block: usize) -> Vec<f32> {
+    let mut packed = vec![0.0; cout.div_ceil(block) * block * cin * 27];
     for (co, ci, tap) in (0..cout)
         .cartesian_product(0..cin)
         .cartesian_product(0..27)
         .map(|((co, ci), tap)| (co, ci, tap))
     {
-        packed[(((co / BLOCK) * cin + ci) * 27 + tap) * BLOCK + co % BLOCK] =
+        packed[(((co / block) * cin + ci) * 27 + tap) * block + co % block] =
             kernel[(co * cin + ci) * 27 + tap];
     }
     packed
@@ -224,97 +338,100 @@ fn pack(kernel: &[f32], cin: usize, cout: usize) -> Vec<f32> {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{BLOCK, DirectConv3d, SPAN};
+    use super::{DirectConv3d, Rows};
+
+    /// One output row for one block of output channels (see [`row_block`]).
+    pub(super) type RowBlock = unsafe fn(&DirectConv3d, &Rows, [usize; 3], [usize; 3], *mut f32);
+
+    /// The kernel for register blocks of `block` output channels (8 or 1)
+    /// by `vectors` vectors of 16 outputs (1 or 2 with 8 channels; 1, 2, 4
+    /// or 8 with one).
+    pub(super) fn kernel(block: usize, vectors: usize) -> RowBlock {
+        match (block, vectors) {
+            (1, 1) => row_block::<1, 1>,
+            (1, 2) => row_block::<1, 2>,
+            (1, 4) => row_block::<1, 4>,
+            (1, _) => row_block::<1, 8>,
+            (_, 1) => row_block::<8, 1>,
+            _ => row_block::<8, 2>,
+        }
+    }
 
     /// Output row `y` of depth slice `z` for output channels
-    /// `block * BLOCK ..`, written into `out` (`[Cout, D, H, W]`).
+    /// `block * OUT ..`, written into `out` (`[Cout, D, H, W]`), in
+    /// register blocks of `OUT` channels by `16 * VECTORS` positions.
     ///
     /// # Safety
-    /// The CPU has AVX-512F; `z < D`, `y < H`, `block` is a block of the
-    /// op's output channels, `input` holds `Cin * D * H * W` values and
-    /// `out` holds `Cout * D * H * W`.
+    /// The CPU has AVX-512F; `OUT` is the op's block; `z < D`, `y < H`;
+    /// `block` is a block of the op's output channels; `out` holds
+    /// `Cout * D * H * W` values. (`rows`, the input rows of (z, y) from
+    /// [`Rows::gather`], is read through bounds-checked slices.)
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn row_block(
+    unsafe fn row_block<const OUT: usize, const VECTORS: usize>(
         op: &DirectConv3d,
-        input: &[f32],
+        rows: &Rows,
         [z, y, block]: [usize; 3],
         [d, h, w]: [usize; 3],
         out: *mut f32,
     ) {
+        let span = 16 * VECTORS;
         let cin = op.input_channels;
-        let channels = (op.output_channels - block * BLOCK).min(BLOCK);
-        let weights = &op.weights[block * cin * 27 * BLOCK..][..cin * 27 * BLOCK];
-        // The input rows each tap row reads: (dz, dy) with its row index
-        // (z + dz - 1, y + dy - 1) inside the volume; the others are padding.
-        let mut rows = [(0, 0); 9];
-        let mut count = 0;
-        for (dz, dy) in (0..9).map(|t| (t / 3, t % 3)) {
-            if (1..=d).contains(&(z + dz)) && (1..=h).contains(&(y + dy)) {
-                rows[count] = (dz * 3 + dy, ((z + dz - 1) * h + (y + dy - 1)) * w);
-                count += 1;
-            }
-        }
-        let rows = &rows[..count];
+        let channels = (op.output_channels - block * OUT).min(OUT);
+        let weights = &op.weights[block * cin * 27 * OUT..][..cin * 27 * OUT];
+        let taps = &rows.taps[..rows.count];
+        let values = &rows.values[..cin * 9 * rows.stride];
         let mut x0 = 0;
         while x0 < w {
-            // Lane i of vector v reads x = x0 + 16 v + i + dx - 1 for tap dx;
-            // the masks keep the x inside [0, w).
-            let masks: [[__mmask16; 2]; 3] =
-                core::array::from_fn(|dx| core::array::from_fn(|v| inside(x0 + 16 * v + dx, w)));
-            let mut acc = [[_mm512_setzero_ps(); 2]; BLOCK];
+            let mut acc = [[_mm512_setzero_ps(); VECTORS]; OUT];
             for (o, acc) in acc.iter_mut().enumerate().take(channels) {
-                *acc = [_mm512_set1_ps(op.bias[block * BLOCK + o]); 2];
+                *acc = [_mm512_set1_ps(op.bias[block * OUT + o]); VECTORS];
             }
-            for (ci, taps) in weights.chunks_exact(27 * BLOCK).enumerate() {
-                let channel = &input[ci * d * h * w..][..d * h * w];
-                for &(tap_row, start) in rows {
-                    let line = &channel[start..start + w];
-                    for (dx, masks) in masks.iter().enumerate() {
-                        let tap = &taps[(tap_row * 3 + dx) * BLOCK..][..BLOCK];
-                        // The first lane reads x0 + dx - 1, which is -1 at
-                        // the row's start: a wrapping pointer, whose lanes
-                        // outside the row the masks never load.
-                        let p = line.as_ptr().wrapping_add(x0 + dx).wrapping_sub(1);
-                        // SAFETY: the masks load only lanes whose x is in
-                        // [0, w), inside `line`; masked lanes are not read.
-                        let (v0, v1) = unsafe {
-                            (
-                                _mm512_maskz_loadu_ps(masks[0], p),
-                                _mm512_maskz_loadu_ps(masks[1], p.wrapping_add(16)),
-                            )
-                        };
+            for (weights, lines) in weights
+                .chunks_exact(27 * OUT)
+                .zip(values.chunks_exact(9 * rows.stride))
+            {
+                for &(tap_row, offset) in taps {
+                    // Lane i of vector v reads padded position
+                    // x0 + 16 v + i + dx, the input's x0 + 16 v + i + dx - 1,
+                    // for tap dx: at most x0 + span + 1 < stride, as x0 < w.
+                    let line = &lines[offset + x0..][..span + 2];
+                    let tap_weights = &weights[tap_row * 3 * OUT..][..3 * OUT];
+                    for (dx, tap) in tap_weights.chunks_exact(OUT).enumerate() {
+                        let vectors: [__m512; VECTORS] = core::array::from_fn(|v| {
+                            let lanes = &line[dx + 16 * v..][..16];
+                            // SAFETY: `lanes` holds the 16 values loaded.
+                            unsafe { _mm512_loadu_ps(lanes.as_ptr()) }
+                        });
                         for (acc, &weight) in acc.iter_mut().zip(tap) {
                             let weight = _mm512_set1_ps(weight);
-                            acc[0] = _mm512_fmadd_ps(weight, v0, acc[0]);
-                            acc[1] = _mm512_fmadd_ps(weight, v1, acc[1]);
+                            for (acc, &vector) in acc.iter_mut().zip(&vectors) {
+                                *acc = _mm512_fmadd_ps(weight, vector, *acc);
+                            }
                         }
                     }
                 }
             }
-            // Store the first `w - x0` positions (up to 32).
-            let left = (w - x0).min(SPAN);
-            let masks = [lanes(left.min(16)), lanes(left.saturating_sub(16))];
+            // Store the first `w - x0` positions (up to `span`).
+            let left = (w - x0).min(span);
             for (o, acc) in acc.iter().enumerate().take(channels) {
-                let co = block * BLOCK + o;
-                // SAFETY: the row `(co, z, y)` of `out` starts here and
-                // holds `w` values; the masks store only `left` of them
-                // from `x0`.
-                unsafe {
-                    let dst = out.add(((co * d + z) * h + y) * w + x0);
-                    _mm512_mask_storeu_ps(dst, masks[0], acc[0]);
-                    _mm512_mask_storeu_ps(dst.add(16), masks[1], acc[1]);
+                let co = block * OUT + o;
+                for (v, &acc) in acc.iter().enumerate() {
+                    let mask = lanes(left.saturating_sub(16 * v).min(16));
+                    if mask == 0 {
+                        continue;
+                    }
+                    // SAFETY: the row `(co, z, y)` of `out` holds `w`
+                    // values; this vector starts at its position
+                    // `x0 + 16 v < w` (the mask is not empty), and the mask
+                    // stores only the positions below `w`.
+                    unsafe {
+                        let dst = out.add(((co * d + z) * h + y) * w + x0 + 16 * v);
+                        _mm512_mask_storeu_ps(dst, mask, acc);
+                    }
                 }
             }
-            x0 += SPAN;
+            x0 += span;
         }
-    }
-
-    /// The lanes `i` of a 16-lane vector whose `x = first + i - 1` is in
-    /// `[0, w)`.
-    fn inside(first: usize, w: usize) -> __mmask16 {
-        (0..16)
-            .filter(|&i| (1..=w).contains(&(first + i)))
-            .fold(0, |mask, i| mask | (1 << i))
     }
 
     /// A mask of the first `n` (at most 16) lanes.
@@ -347,9 +464,9 @@ impl EvalOp for DirectConv3d {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let input = &inputs[0];
-        let &[1, c, d, h, w] = input.shape() else {
+        let &[n, c, d, h, w] = input.shape() else {
             bail!(
-                "direct convolution: input shape {:?}, expected [1, C, D, H, W]",
+                "direct convolution: input shape {:?}, expected [N, C, D, H, W]",
                 input.shape()
             );
         };
@@ -359,9 +476,8 @@ impl EvalOp for DirectConv3d {
             self.input_channels
         );
         let values = input.try_as_plain_ram()?.as_slice::<f32>()?;
-        let mut out = vec![0.0f32; self.output_channels * d * h * w];
-        self.run(values, [d, h, w], &mut out);
-        let shape = [1, self.output_channels, d, h, w];
+        let out = self.run_batch(values, [n, d, h, w]);
+        let shape = [n, self.output_channels, d, h, w];
         Ok(tvec!(
             tract_ndarray::Array::from_shape_vec(shape.as_slice(), out)?.into_tvalue()
         ))
@@ -380,8 +496,6 @@ impl TypedOp for DirectConv3d {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use super::*;
 
     /// Deterministic values in [-1, 1).
@@ -444,57 +558,40 @@ mod tests {
             std::println!("skipped: this CPU has no AVX-512F, the direct kernel is not used");
             return;
         }
-        // Output channels below, at and past a block; rows of one block,
-        // with a tail, and of several; one to five input channels.
-        let cases: [([usize; 2], [usize; 3]); 6] = [
-            ([1, 1], [3, 4, 16]),
-            ([2, 1], [2, 3, 20]),
-            ([3, 12], [3, 2, 33]),
-            ([5, 8], [2, 2, 48]),
-            ([4, 9], [1, 3, 64]),
-            ([2, 16], [4, 1, 100]),
+        // One output channel (every span) and blocks of eight: below, at
+        // and past a block; rows of one span, with a tail, and of several;
+        // one to five input channels; rows past the three a plane keeps;
+        // batches of one to three.
+        let cases: [([usize; 3], [usize; 3]); 10] = [
+            ([1, 1, 1], [3, 4, 16]),
+            ([2, 2, 1], [2, 3, 20]),
+            ([1, 2, 1], [2, 7, 40]),
+            ([3, 1, 1], [2, 2, 100]),
+            ([1, 3, 12], [3, 2, 33]),
+            ([2, 5, 8], [2, 2, 48]),
+            ([1, 4, 9], [1, 3, 64]),
+            ([1, 2, 16], [4, 1, 100]),
+            ([1, 3, 8], [3, 6, 8]),
+            ([1, 2, 3], [2, 5, 12]),
         ];
-        for (i, ([cin, cout], shape)) in cases.into_iter().enumerate() {
+        for (i, ([n, cin, cout], shape)) in cases.into_iter().enumerate() {
             let voxels: usize = shape.iter().product();
-            let input = values(cin * voxels, 3 * i as u64);
+            let input = values(n * cin * voxels, 3 * i as u64);
             let kernel = values(cout * cin * 27, 3 * i as u64 + 1);
             let bias = values(cout, 3 * i as u64 + 2);
-            let op = DirectConv3d {
-                input_channels: cin,
-                output_channels: cout,
-                weights: Arc::new(pack(&kernel, cin, cout)),
-                bias: Arc::new(bias.clone()),
-            };
-            let mut out = vec![f32::NAN; cout * voxels];
-            op.run(&input, shape, &mut out);
-            let expected = reference(&input, &kernel, &bias, [cin, cout], shape);
+            let op = DirectConv3d::new(&kernel, bias.clone(), [cin, cout]);
+            let [d, h, w] = shape;
+            let out = op.run_batch(&input, [n, d, h, w]);
+            let expected: Vec<f64> = input
+                .chunks_exact(cin * voxels)
+                .flat_map(|sample| reference(sample, &kernel, &bias, [cin, cout], shape))
+                .collect();
+            assert_eq!(out.len(), expected.len());
             for (j, (&got, &want)) in out.iter().zip(&expected).enumerate() {
                 assert!(
                     (f64::from(got) - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                    "case {i} ({cin} -> {cout}, {shape:?}), value {j}: {got} vs {want}"
+                    "case {i} ({n} x {cin} -> {cout}, {shape:?}), value {j}: {got} vs {want}"
                 );
-            }
-        }
-    }
-
-    #[test]
-    fn the_shipped_model_runs_its_wide_convolutions_direct() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/iris-tiny");
-        let model = crate::engine::Model::load(&dir).expect("models/iris-tiny loads");
-        for graph in [&model.encoder, &model.decoder] {
-            let plan = graph.plan(1, &model.executor).expect("plans");
-            let direct = plan
-                .model()
-                .nodes()
-                .iter()
-                .filter(|n| n.op().name() == "IrisDirectConv3x3x3")
-                .count();
-            // Where the kernel runs, the full-resolution level (32^3, the
-            // only one at least MIN_WIDTH wide) has its convolutions direct.
-            if available() {
-                assert!(direct >= 2, "{direct} direct convolutions");
-            } else {
-                assert_eq!(direct, 0);
             }
         }
     }

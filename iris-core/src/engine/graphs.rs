@@ -127,7 +127,8 @@ impl Graph {
             reason,
         };
         let tract = |what: &str, e: &dyn Display| fail(format!("{what}: {e:#}"));
-        let onnx = tract_onnx::onnx();
+        let mut onnx = tract_onnx::onnx();
+        super::instance_norm::register(&mut onnx);
         let model = match source {
             Source::File(path) if !path.is_file() => {
                 return Err(fail("the graph file is missing".into()));
@@ -250,13 +251,15 @@ impl Graph {
                 )
                 .map_err(|e| fail(&e))?;
         }
-        // tract's own convolutions give way to the direct 3x3x3 kernel
-        // where the CPU runs it, before tract optimises the graph.
+        // The engine's own ops take the place of tract's convolutions (the
+        // direct 3x3x3 kernel, where the CPU runs it) and upsampling before
+        // tract optimises the graph.
         let mut typed = model
             .into_typed()
             .and_then(TypedModel::into_decluttered)
             .map_err(|e| fail(&e))?;
         super::conv3d::substitute(&mut typed).map_err(|e| fail(&e))?;
+        super::upsample::substitute(&mut typed).map_err(|e| fail(&e))?;
         let typed = typed.into_optimized().map_err(|e| fail(&e))?;
         for (port, &slot) in self.outputs.iter().zip(&self.output_slots) {
             let fact = typed.output_fact(slot).map_err(|e| fail(&e))?;

@@ -37,9 +37,12 @@ use std::{format, vec};
 
 mod conv3d;
 mod graphs;
+mod instance_norm;
 mod loading;
 mod manifest;
+mod parallel;
 mod retrieval;
+mod upsample;
 
 use std::sync::Arc;
 
@@ -356,10 +359,12 @@ impl Model {
     ///
     /// The graph encodes every class on its own (classes are folded into
     /// the batch), so the classes are run one at a time through the plan
-    /// for one class: tract 0.23.9 gives 3-D convolutions with a batch
-    /// above 1 its generic eager im2col, which made one `K`-class run 20
-    /// times slower than `K` one-class runs (see `docs/pipeline.md`); the
-    /// results are the same.
+    /// for one class. A plan for `K` classes gives the same results but
+    /// took longer: with tract's convolutions 20 times longer than `K`
+    /// one-class runs (its eager im2col at a batch above 1), and with the
+    /// engine's own ops 1.7 times longer at 128^3 (3 classes: 1.84 s
+    /// against 3 x 0.36 s), as the classes share little work (see
+    /// `docs/pipeline.md`).
     ///
     /// # Errors
     /// [`Error::ShapeMismatch`] for masks not of the patch shape;

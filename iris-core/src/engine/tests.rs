@@ -616,3 +616,33 @@ fn descriptors_can_be_cancelled() {
     assert!(matches!(err, Error::Cancelled), "{err}");
     assert_eq!(asked.load(Ordering::Relaxed), 2, "stopped at once");
 }
+
+#[test]
+fn the_shipped_model_runs_the_engines_own_ops() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/iris-tiny");
+    let model = Model::load(&dir).expect("models/iris-tiny loads");
+    let count = |graph: &graphs::Graph, op: &str| {
+        let plan = graph.plan(1, &model.executor).expect("plans");
+        let nodes = plan.model().nodes();
+        nodes.iter().filter(|n| n.op().name() == op).count()
+    };
+    for graph in [&model.encoder, &model.task_encoder, &model.decoder] {
+        assert!(count(graph, "IrisInstanceNorm") > 0);
+        assert_eq!(count(graph, "InstanceNorm"), 0);
+        // Where the kernel runs, every 3x3x3 convolution is direct: those
+        // on rows of at least MIN_WIDTH, and the task encoder's
+        // one-output merges at every width.
+        let direct = count(graph, "IrisDirectConv3x3x3");
+        if conv3d::available() {
+            assert!(direct >= 2, "{direct} direct convolutions");
+        } else {
+            assert_eq!(direct, 0);
+        }
+    }
+    // The decoder doubles its size once per level above the deepest.
+    assert_eq!(
+        count(&model.decoder, "IrisUpsample3d"),
+        manifest::LEVELS - 1
+    );
+    assert_eq!(count(&model.decoder, "Resize"), 0);
+}

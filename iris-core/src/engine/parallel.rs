@@ -1,0 +1,48 @@
+//! Work split over the model's thread pool, for the engine's own tract ops.
+//!
+//! tract runs an op's `eval` on the calling thread; the engine's ops
+//! (`conv3d`, `instance_norm`, `upsample`) split their work over the pool
+//! that tract's matrix products use, found with
+//! `current_tract_executor`, so they use the threads the caller gave the
+//! model and no others.
+
+use rayon::prelude::*;
+use tract_linalg::multithread::{Executor, current_tract_executor};
+
+/// Calls `f(i)` for every `i` in `0..n`, in parallel where the model has a
+/// pool.
+pub(crate) fn for_each(n: usize, f: impl Fn(usize) + Send + Sync) {
+    match current_tract_executor() {
+        Executor::MultiThread(pool) => pool.install(|| (0..n).into_par_iter().for_each(f)),
+        _ => (0..n).for_each(f),
+    }
+}
+
+/// Calls `f(i, input plane i, output plane i)` for the planes of `input`
+/// (`input_plane` values each) and `out` (`out_plane` values each), in
+/// parallel where the model has a pool. Planes past the shorter of the two
+/// are not visited; empty planes never are.
+pub(crate) fn for_each_plane(
+    (input, input_plane): (&[f32], usize),
+    (out, out_plane): (&mut [f32], usize),
+    f: impl Fn(usize, &[f32], &mut [f32]) + Send + Sync,
+) {
+    if input_plane == 0 || out_plane == 0 {
+        return;
+    }
+    let f = |(i, (x, y)): (usize, (&[f32], &mut [f32]))| f(i, x, y);
+    match current_tract_executor() {
+        Executor::MultiThread(pool) => pool.install(|| {
+            input
+                .par_chunks_exact(input_plane)
+                .zip(out.par_chunks_exact_mut(out_plane))
+                .enumerate()
+                .for_each(f)
+        }),
+        _ => input
+            .chunks_exact(input_plane)
+            .zip(out.chunks_exact_mut(out_plane))
+            .enumerate()
+            .for_each(f),
+    }
+}
