@@ -3,7 +3,7 @@
 //! tract runs a 3-D convolution as a matrix product over a lazily gathered
 //! im2col (issue 20): 12-30 % of this machine's multiply-add peak on the
 //! model's shapes, and at a batch above 1 over an eager im2col, 20 times
-//! slower again. [`substitute`] replaces each convolution the kernel here
+//! slower again. [`replacement`] gives each convolution the kernel here
 //! serves (3x3x3, stride and dilation 1, zero padding 1 on every side, one
 //! group, f32, constant weights) with [`DirectConv3d`] before tract
 //! optimises the graph, except those with narrow rows (under
@@ -65,27 +65,16 @@ pub(crate) fn available() -> bool {
     }
 }
 
-/// Replaces every convolution of `model` that [`DirectConv3d`] serves;
-/// returns how many. Does nothing where the CPU lacks AVX-512.
-pub(crate) fn substitute(model: &mut TypedModel) -> TractResult<usize> {
-    if !available() {
-        return Ok(0);
+/// The direct form of `node` where it is a convolution [`DirectConv3d`]
+/// serves and the CPU runs the kernel; its one input is the node's first.
+pub(crate) fn replacement(
+    model: &TypedModel,
+    node: &TypedNode,
+) -> TractResult<Option<DirectConv3d>> {
+    match node.op_as::<Conv>() {
+        Some(conv) if available() => DirectConv3d::for_conv(model, node, conv),
+        _ => Ok(None),
     }
-    let mut replaced = 0;
-    for id in model.eval_order()? {
-        let node = model.node(id);
-        let Some(conv) = node.op_as::<Conv>() else {
-            continue;
-        };
-        let Some(op) = DirectConv3d::for_conv(model, node, conv)? else {
-            continue;
-        };
-        let input = node.inputs[0];
-        let patch = TypedModelPatch::replace_single_op(model, node, &[input], op)?;
-        patch.apply(model)?;
-        replaced += 1;
-    }
-    Ok(replaced)
 }
 
 /// A 3x3x3 convolution with padding 1, computed directly (see the module
@@ -224,7 +213,7 @@ impl DirectConv3d {
                 rows.gather(input, [z, y], [d, h, w]);
                 for block in 0..blocks {
                     // SAFETY: `available()` held when the op was made
-                    // (`substitute` makes it only then); `rows` holds the
+                    // (`replacement` gives it only then); `rows` holds the
                     // input rows of (z, y), padded for the kernel's span;
                     // each (z, y, block) writes its own outputs, inside
                     // `out`.

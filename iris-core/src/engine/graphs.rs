@@ -25,6 +25,7 @@ use tract_onnx::prelude::{
     Datum, Framework, InferenceFact, InferenceModel, InferenceModelExt, RunOptions, TValue, TVec,
     Tensor, TypedModel, TypedRunnableModel,
 };
+use tract_onnx::tract_core::internal::{TypedModelPatch, TypedOp};
 use tract_onnx::tract_hir::infer::Factoid;
 
 use crate::error::{Error, Result};
@@ -251,15 +252,11 @@ impl Graph {
                 )
                 .map_err(|e| fail(&e))?;
         }
-        // The engine's own ops take the place of tract's convolutions (the
-        // direct 3x3x3 kernel, where the CPU runs it) and upsampling before
-        // tract optimises the graph.
         let mut typed = model
             .into_typed()
             .and_then(TypedModel::into_decluttered)
             .map_err(|e| fail(&e))?;
-        super::conv3d::substitute(&mut typed).map_err(|e| fail(&e))?;
-        super::upsample::substitute(&mut typed).map_err(|e| fail(&e))?;
+        substitute_own_ops(&mut typed).map_err(|e| fail(&e))?;
         let typed = typed.into_optimized().map_err(|e| fail(&e))?;
         for (port, &slot) in self.outputs.iter().zip(&self.output_slots) {
             let fact = typed.output_fact(slot).map_err(|e| fail(&e))?;
@@ -391,4 +388,25 @@ pub(crate) fn values<'a>(graph: &Graph, value: &'a TValue) -> Result<&'a [f32]> 
             path: graph.path.clone(),
             reason: format!("an output is not an f32 tensor: {e:#}"),
         })
+}
+
+/// Puts the engine's own ops in place of the tract ops they serve, before
+/// tract optimises the graph: the direct 3x3x3 convolution (where the CPU
+/// runs it) and the trilinear upsampling. (The instance norm is read as the
+/// engine's own op already, see `instance_norm::register`.) Each takes the
+/// node's first input only; the others are constants folded into it.
+fn substitute_own_ops(model: &mut TypedModel) -> tract_onnx::prelude::TractResult<()> {
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let op: Box<dyn TypedOp> = if let Some(op) = super::conv3d::replacement(model, node)? {
+            Box::new(op)
+        } else if let Some(op) = super::upsample::replacement(model, node)? {
+            Box::new(op)
+        } else {
+            continue;
+        };
+        let patch = TypedModelPatch::replace_single_op(model, node, &node.inputs[..1], op)?;
+        patch.apply(model)?;
+    }
+    Ok(())
 }

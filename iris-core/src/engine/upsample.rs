@@ -6,8 +6,8 @@
 //! (issue 20). [`Upsample3d`] does the same three passes plane by plane,
 //! the (sample, channel) planes in parallel on the model's thread pool,
 //! each pass a weighted sum of two neighbouring rows, planes or values.
-//! [`substitute`] puts it in place of every `Resize` node it serves before
-//! tract optimises the graph.
+//! [`replacement`] gives it for every `Resize` node it serves, put in place
+//! before tract optimises the graph.
 
 use std::prelude::rust_2024::*;
 use std::vec;
@@ -15,41 +15,33 @@ use std::vec;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::nn::resize::{CoordTransformer, Interpolator, Resize};
 
-/// Replaces every trilinear `align_corners` `Resize` of an f32 `[N, C, D,
-/// H, W]` tensor whose shapes are known by [`Upsample3d`]; returns how
-/// many.
-pub(crate) fn substitute(model: &mut TypedModel) -> TractResult<usize> {
-    let mut replaced = 0;
-    for id in model.eval_order()? {
-        let node = model.node(id);
-        let Some(resize) = node.op_as::<Resize>() else {
-            continue;
-        };
-        if resize.coord_transformer != CoordTransformer::AlignCorners
-            || resize.interpolator != Interpolator::Linear
-        {
-            continue;
-        }
-        let input = model.outlet_fact(node.inputs[0])?;
-        let output = model.outlet_fact(OutletId::new(id, 0))?;
-        let (Some(from), Some(to)) = (input.shape.as_concrete(), output.shape.as_concrete()) else {
-            continue;
-        };
-        let (&[n, c, d, h, w], &[n2, c2, dd, hh, ww]) = (from, to) else {
-            continue;
-        };
-        if input.datum_type != f32::datum_type() || [n, c] != [n2, c2] {
-            continue;
-        }
-        let op = Upsample3d {
-            from: [d, h, w],
-            to: [dd, hh, ww],
-        };
-        let patch = TypedModelPatch::replace_single_op(model, node, &node.inputs[..1], op)?;
-        patch.apply(model)?;
-        replaced += 1;
+/// [`Upsample3d`] for `node` where it is a trilinear `align_corners`
+/// `Resize` of an f32 `[N, C, D, H, W]` tensor whose shapes are known; its
+/// one input is the node's first.
+pub(crate) fn replacement(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Upsample3d>> {
+    let Some(resize) = node.op_as::<Resize>() else {
+        return Ok(None);
+    };
+    if resize.coord_transformer != CoordTransformer::AlignCorners
+        || resize.interpolator != Interpolator::Linear
+    {
+        return Ok(None);
     }
-    Ok(replaced)
+    let input = model.outlet_fact(node.inputs[0])?;
+    let output = model.outlet_fact(OutletId::new(node.id, 0))?;
+    let (Some(from), Some(to)) = (input.shape.as_concrete(), output.shape.as_concrete()) else {
+        return Ok(None);
+    };
+    let (&[n, c, d, h, w], &[n2, c2, dd, hh, ww]) = (from, to) else {
+        return Ok(None);
+    };
+    if input.datum_type != f32::datum_type() || [n, c] != [n2, c2] {
+        return Ok(None);
+    }
+    Ok(Some(Upsample3d {
+        from: [d, h, w],
+        to: [dd, hh, ww],
+    }))
 }
 
 /// Trilinear resampling of `[N, C, from...]` to `[N, C, to...]` with
