@@ -33,8 +33,10 @@ use std::{format, vec};
 
 use tract_onnx::prelude::tract_itertools::Itertools;
 use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::cnn::PaddingSpec;
 use tract_onnx::tract_core::ops::cnn::conv::{Conv, KernelFormat};
+use tract_onnx::tract_core::ops::math::Add;
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
 /// Output channels one register block computes.
@@ -77,12 +79,53 @@ pub(crate) fn replacement(
     }
 }
 
+/// The direct form of `node` fused with the `Add` that is its one
+/// successor, where [`replacement`] serves `node` and the sum's other term
+/// is an f32 tensor of the convolution's shape: the op (taking the
+/// convolution's input and that term), the `Add` node it stands for, and
+/// the term.
+pub(crate) fn fuse_residual<'m>(
+    model: &'m TypedModel,
+    node: &TypedNode,
+) -> TractResult<Option<(DirectConv3d, &'m TypedNode, OutletId)>> {
+    let Some(op) = replacement(model, node)? else {
+        return Ok(None);
+    };
+    let [next] = node.outputs[0].successors.as_slice() else {
+        return Ok(None);
+    };
+    let add = model.node(next.node);
+    let is_add = add.op_as::<TypedBinOp>().is_some_and(|op| op.0.is::<Add>());
+    if !is_add || add.inputs.len() != 2 {
+        return Ok(None);
+    }
+    let residual = add.inputs[1 - next.slot];
+    let conv = model.outlet_fact(OutletId::new(node.id, 0))?;
+    let term = model.outlet_fact(residual)?;
+    let sum = model.outlet_fact(OutletId::new(add.id, 0))?;
+    if residual.node == node.id
+        || term.datum_type != f32::datum_type()
+        || term.shape != conv.shape
+        || sum.shape != conv.shape
+    {
+        return Ok(None);
+    }
+    let op = DirectConv3d {
+        residual: true,
+        ..op
+    };
+    Ok(Some((op, add, residual)))
+}
+
 /// A 3x3x3 convolution with padding 1, computed directly (see the module
-/// docs). Input `[N, Cin, D, H, W]`, output `[N, Cout, D, H, W]`.
+/// docs). Input `[N, Cin, D, H, W]`, output `[N, Cout, D, H, W]`; with
+/// `residual`, a second input of the output's shape is added to the output.
 #[derive(Debug, Clone)]
 pub(crate) struct DirectConv3d {
     input_channels: usize,
     output_channels: usize,
+    /// Whether the op adds its second input to its output.
+    residual: bool,
     /// Output channels per register block: [`BLOCK`], or 1 for a
     /// convolution with one output channel.
     block: usize,
@@ -96,7 +139,9 @@ pub(crate) struct DirectConv3d {
 /// compares ops to merge equal nodes).
 impl PartialEq for DirectConv3d {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.weights, &other.weights) && Arc::ptr_eq(&self.bias, &other.bias)
+        Arc::ptr_eq(&self.weights, &other.weights)
+            && Arc::ptr_eq(&self.bias, &other.bias)
+            && self.residual == other.residual
     }
 }
 
@@ -172,29 +217,30 @@ impl DirectConv3d {
         DirectConv3d {
             input_channels: cin,
             output_channels: cout,
+            residual: false,
             block,
             weights: Arc::new(pack(kernel, [cin, cout], block)),
             bias: Arc::new(bias),
         }
     }
 
-    /// The convolution of `n` samples (`input`: `[N, Cin, D, H, W]`, C
-    /// order), one after the other; returns `[N, Cout, D, H, W]`.
-    fn run_batch(&self, input: &[f32], [n, d, h, w]: [usize; 4]) -> Vec<f32> {
+    /// The convolution of the samples of `input` (`[N, Cin, D, H, W]`, C
+    /// order), one after the other, into `out` (`[N, Cout, D, H, W]`),
+    /// added to what `out` holds where `accumulate`.
+    fn run_batch(&self, input: &[f32], [d, h, w]: [usize; 3], out: &mut [f32], accumulate: bool) {
         let voxels = d * h * w;
-        let mut out = vec![0.0f32; n * self.output_channels * voxels];
         for (sample, out) in input
             .chunks_exact(self.input_channels * voxels)
             .zip(out.chunks_exact_mut(self.output_channels * voxels))
         {
-            self.run(sample, [d, h, w], out);
+            self.run(sample, [d, h, w], out, accumulate);
         }
-        out
     }
 
     /// The convolution of one sample, `input` (`[Cin, D, H, W]`, C order),
-    /// into `out` (`[Cout, D, H, W]`).
-    fn run(&self, input: &[f32], [d, h, w]: [usize; 3], out: &mut [f32]) {
+    /// into `out` (`[Cout, D, H, W]`), added to what `out` holds where
+    /// `accumulate`.
+    fn run(&self, input: &[f32], [d, h, w]: [usize; 3], out: &mut [f32], accumulate: bool) {
         let blocks = self.output_channels.div_ceil(self.block);
         // Vectors of 16 outputs per register block: enough for the row (one
         // on rows of up to 16, two on wider ones) with eight output
@@ -219,7 +265,13 @@ impl DirectConv3d {
                     // `out`.
                     #[cfg(target_arch = "x86_64")]
                     unsafe {
-                        kernel(self, &rows, [z, y, block], [d, h, w], out.ptr())
+                        kernel(
+                            self,
+                            &rows,
+                            [z, y, block],
+                            [d, h, w],
+                            (out.ptr(), accumulate),
+                        )
                     };
                 }
             }
@@ -330,7 +382,8 @@ mod avx512 {
     use super::{DirectConv3d, Rows};
 
     /// One output row for one block of output channels (see [`row_block`]).
-    pub(super) type RowBlock = unsafe fn(&DirectConv3d, &Rows, [usize; 3], [usize; 3], *mut f32);
+    pub(super) type RowBlock =
+        unsafe fn(&DirectConv3d, &Rows, [usize; 3], [usize; 3], (*mut f32, bool));
 
     /// The kernel for register blocks of `block` output channels (8 or 1)
     /// by `vectors` vectors of 16 outputs (1 or 2 with 8 channels; 1, 2, 4
@@ -347,8 +400,9 @@ mod avx512 {
     }
 
     /// Output row `y` of depth slice `z` for output channels
-    /// `block * OUT ..`, written into `out` (`[Cout, D, H, W]`), in
-    /// register blocks of `OUT` channels by `16 * VECTORS` positions.
+    /// `block * OUT ..`, written into `out` (`[Cout, D, H, W]`), or added
+    /// to what it holds where `accumulate`, in register blocks of `OUT`
+    /// channels by `16 * VECTORS` positions.
     ///
     /// # Safety
     /// The CPU has AVX-512F; `OUT` is the op's block; `z < D`, `y < H`;
@@ -361,7 +415,7 @@ mod avx512 {
         rows: &Rows,
         [z, y, block]: [usize; 3],
         [d, h, w]: [usize; 3],
-        out: *mut f32,
+        (out, accumulate): (*mut f32, bool),
     ) {
         let span = 16 * VECTORS;
         let cin = op.input_channels;
@@ -415,7 +469,12 @@ mod avx512 {
                     // stores only the positions below `w`.
                     unsafe {
                         let dst = out.add(((co * d + z) * h + y) * w + x0 + 16 * v);
-                        _mm512_mask_storeu_ps(dst, mask, acc);
+                        let sum = if accumulate {
+                            _mm512_add_ps(acc, _mm512_maskz_loadu_ps(mask, dst))
+                        } else {
+                            acc
+                        };
+                        _mm512_mask_storeu_ps(dst, mask, sum);
                     }
                 }
             }
@@ -431,7 +490,10 @@ mod avx512 {
 
 impl Op for DirectConv3d {
     fn name(&self) -> StaticName {
-        "IrisDirectConv3x3x3".into()
+        match self.residual {
+            false => "IrisDirectConv3x3x3".into(),
+            true => "IrisDirectConv3x3x3+Add".into(),
+        }
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
@@ -451,7 +513,16 @@ impl Op for DirectConv3d {
 impl EvalOp for DirectConv3d {
     op_out_of_plan!();
 
-    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+    fn eval(&self, _ctx: &EvalContext, mut inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        ensure!(
+            inputs.len() == 1 + usize::from(self.residual),
+            "direct convolution: {} inputs, expected {}",
+            inputs.len(),
+            1 + usize::from(self.residual)
+        );
+        // Taken out of `inputs`, so that it is the only handle on the
+        // residual where no other node reads it.
+        let residual = if self.residual { inputs.pop() } else { None };
         let input = &inputs[0];
         let &[n, c, d, h, w] = input.shape() else {
             bail!(
@@ -464,12 +535,28 @@ impl EvalOp for DirectConv3d {
             "direct convolution: {c} input channels, expected {}",
             self.input_channels
         );
-        let values = input.try_as_plain_ram()?.as_slice::<f32>()?;
-        let out = self.run_batch(values, [n, d, h, w]);
         let shape = [n, self.output_channels, d, h, w];
-        Ok(tvec!(
-            tract_ndarray::Array::from_shape_vec(shape.as_slice(), out)?.into_tvalue()
-        ))
+        let accumulate = residual.is_some();
+        let mut out = match residual {
+            Some(residual) => {
+                ensure!(
+                    residual.shape() == shape && residual.datum_type() == f32::datum_type(),
+                    "direct convolution: residual {:?} {:?}, expected f32 {shape:?}",
+                    residual.datum_type(),
+                    residual.shape()
+                );
+                // Its own tensor where the residual is exclusive, a copy
+                // otherwise.
+                residual.into_tensor()
+            }
+            None => Tensor::zero::<f32>(&shape)?,
+        };
+        let values = input.try_as_plain_ram()?.as_slice::<f32>()?;
+        {
+            let mut view = out.try_as_plain_ram_mut()?;
+            self.run_batch(values, [d, h, w], view.as_slice_mut::<f32>()?, accumulate);
+        }
+        Ok(tvec!(out.into_tvalue()))
     }
 }
 
@@ -569,18 +656,88 @@ mod tests {
             let kernel = values(cout * cin * 27, 3 * i as u64 + 1);
             let bias = values(cout, 3 * i as u64 + 2);
             let op = DirectConv3d::new(&kernel, bias.clone(), [cin, cout]);
-            let [d, h, w] = shape;
-            let out = op.run_batch(&input, [n, d, h, w]);
             let expected: Vec<f64> = input
                 .chunks_exact(cin * voxels)
                 .flat_map(|sample| reference(sample, &kernel, &bias, [cin, cout], shape))
                 .collect();
-            assert_eq!(out.len(), expected.len());
-            for (j, (&got, &want)) in out.iter().zip(&expected).enumerate() {
+            // Into a fresh output, and added to a residual.
+            let residual = values(expected.len(), 3 * i as u64 + 3);
+            for accumulate in [false, true] {
+                let mut out = match accumulate {
+                    false => vec![f32::NAN; expected.len()],
+                    true => residual.clone(),
+                };
+                op.run_batch(&input, shape, &mut out, accumulate);
+                for (j, (&got, &want)) in out.iter().zip(&expected).enumerate() {
+                    let want = want
+                        + if accumulate {
+                            f64::from(residual[j])
+                        } else {
+                            0.0
+                        };
+                    assert!(
+                        (f64::from(got) - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "case {i} ({n} x {cin} -> {cout}, {shape:?}, accumulate \
+                         {accumulate}), value {j}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_residual_is_added_in_place_only_where_no_other_node_reads_it() {
+        if !available() {
+            std::println!("skipped: this CPU has no AVX-512F, the direct kernel is not used");
+            return;
+        }
+        let (cin, shape) = (3usize, [1usize, 3, 2, 3, 40]);
+        let voxels: usize = shape[2..].iter().product();
+        let kernel = values(cin * cin * 27, 7);
+        let bias = values(cin, 8);
+        let op = DirectConv3d {
+            residual: true,
+            ..DirectConv3d::new(&kernel, bias.clone(), [cin, cin])
+        };
+        let x = values(cin * voxels, 9);
+        let r = values(cin * voxels, 10);
+        let conv = reference(&x, &kernel, &bias, [cin, cin], [2, 3, 40]);
+        // `conv(x) + r`, with `r` also an output of the model (read
+        // elsewhere: the sum goes into a copy) or not (into `r` itself).
+        for keep_residual in [false, true] {
+            let mut model = TypedModel::default();
+            let input = model.add_source("x", f32::fact(shape)).expect("source");
+            let residual = model.add_source("r", f32::fact(shape)).expect("source");
+            let sum = model
+                .wire_node("conv", op.clone(), &[input, residual])
+                .expect("wires")[0];
+            let outputs = match keep_residual {
+                false => vec![sum],
+                true => vec![sum, residual],
+            };
+            model.select_output_outlets(&outputs).expect("outputs");
+            let plan = model.into_runnable().expect("plans");
+            let [x_tensor, r_tensor] =
+                [&x, &r].map(|v| Tensor::from_shape(&shape, v).expect("tensor"));
+            let given = r_tensor.as_ptr::<f32>().expect("f32");
+            let inputs = tvec!(x_tensor.into_tvalue(), r_tensor.into_tvalue());
+            let out = plan.run(inputs).expect("runs");
+            // The sum is in the residual's own memory exactly where no
+            // other node reads the residual.
+            let result = out[0].as_ptr::<f32>().expect("f32");
+            assert_eq!(result == given, !keep_residual, "keep {keep_residual}");
+            let got = out[0].try_as_plain_ram().expect("plain");
+            let got = got.as_slice::<f32>().expect("f32");
+            for (j, (&got, (&c, &r))) in got.iter().zip(conv.iter().zip(&r)).enumerate() {
+                let want = c + f64::from(r);
                 assert!(
                     (f64::from(got) - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                    "case {i} ({n} x {cin} -> {cout}, {shape:?}), value {j}: {got} vs {want}"
+                    "keep {keep_residual}, value {j}: {got} vs {want}"
                 );
+            }
+            if keep_residual {
+                let kept = out[1].try_as_plain_ram().expect("plain");
+                assert_eq!(kept.as_slice::<f32>().expect("f32"), r.as_slice());
             }
         }
     }

@@ -25,7 +25,7 @@ use tract_onnx::prelude::{
     Datum, Framework, InferenceFact, InferenceModel, InferenceModelExt, RunOptions, TValue, TVec,
     Tensor, TypedModel, TypedRunnableModel,
 };
-use tract_onnx::tract_core::internal::{TypedModelPatch, TypedOp};
+use tract_onnx::tract_core::internal::{OutletId, TractResult, TypedModelPatch, TypedOp};
 use tract_onnx::tract_hir::infer::Factoid;
 
 use crate::error::{Error, Result};
@@ -392,12 +392,24 @@ pub(crate) fn values<'a>(graph: &Graph, value: &'a TValue) -> Result<&'a [f32]> 
 
 /// Puts the engine's own ops in place of the tract ops they serve, before
 /// tract optimises the graph: the direct 3x3x3 convolution (where the CPU
-/// runs it) and the trilinear upsampling. (The instance norm is read as the
-/// engine's own op already, see `instance_norm::register`.) Each takes the
-/// node's first input only; the others are constants folded into it.
-fn substitute_own_ops(model: &mut TypedModel) -> tract_onnx::prelude::TractResult<()> {
+/// runs it), fused with the residual sum that follows it; the instance
+/// norm fused with the ReLU that follows it (the norm is read as the
+/// engine's own op already, see `instance_norm::register`); and the
+/// trilinear upsampling. The convolution and the upsampling take the
+/// node's first input only; the others are constants folded into them.
+fn substitute_own_ops(model: &mut TypedModel) -> TractResult<()> {
     for id in model.eval_order()? {
         let node = model.node(id);
+        if let Some((op, sum, residual)) = super::conv3d::fuse_residual(model, node)? {
+            let (inputs, last) = ([node.inputs[0], residual], (sum.id, sum.name.clone()));
+            fuse(model, last, &inputs, op)?;
+            continue;
+        }
+        if let Some((op, relu)) = super::instance_norm::fuse_relu(model, node)? {
+            let (inputs, last) = (node.inputs.clone(), (relu.id, relu.name.clone()));
+            fuse(model, last, &inputs, op)?;
+            continue;
+        }
         let op: Box<dyn TypedOp> = if let Some(op) = super::conv3d::replacement(model, node)? {
             Box::new(op)
         } else if let Some(op) = super::upsample::replacement(model, node)? {
@@ -409,4 +421,19 @@ fn substitute_own_ops(model: &mut TypedModel) -> tract_onnx::prelude::TractResul
         patch.apply(model)?;
     }
     Ok(())
+}
+
+/// Has `op`, on `inputs`, stand for the output of node `last` (its id and
+/// name): the nodes from the inputs to `last` are left without readers.
+fn fuse(
+    model: &mut TypedModel,
+    (last, name): (usize, String),
+    inputs: &[OutletId],
+    op: impl TypedOp,
+) -> TractResult<()> {
+    let mut patch = TypedModelPatch::default();
+    let taps = patch.taps(model, inputs)?;
+    let out = patch.wire_node(name, op, &taps)?[0];
+    patch.shunt_outside(model, OutletId::new(last, 0), out)?;
+    patch.apply(model)
 }

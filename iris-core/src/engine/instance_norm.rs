@@ -9,12 +9,19 @@
 //! the model's thread pool. Its sums run in f64 over f32 partial sums of
 //! short runs, so its statistics are nearer the exact ones than tract's
 //! f32 reductions.
+//!
+//! Every norm of the released network is followed by a ReLU; [`fuse_relu`]
+//! folds that into the op, and the op normalises its input in place when no
+//! other node still reads it, so a norm and its ReLU cost one pass and no
+//! new tensor instead of two passes and two tensors.
 
 use std::prelude::rust_2024::*;
 use std::vec;
 
 use tract_onnx::model::{Onnx, ParsingContext};
 use tract_onnx::pb::NodeProto;
+use tract_onnx::tract_core::ops::binary::TypedBinOp;
+use tract_onnx::tract_core::ops::math::Max;
 use tract_onnx::tract_hir::internal::*;
 
 /// Has `onnx` read `InstanceNormalization` nodes as [`InstanceNorm`].
@@ -27,15 +34,65 @@ fn parse(
     node: &NodeProto,
 ) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
     let epsilon = node.get_attr_opt("epsilon")?.unwrap_or(1e-5);
-    Ok((expand(InstanceNorm { epsilon }), vec![]))
+    let op = InstanceNorm {
+        epsilon,
+        relu: false,
+    };
+    Ok((expand(op), vec![]))
+}
+
+/// The fused norm and ReLU for `node` where it is an [`InstanceNorm`]
+/// whose one successor is a ReLU (`max(y, 0)`), with that ReLU's node; the
+/// fused op takes the norm's inputs and stands for the ReLU's output.
+pub(crate) fn fuse_relu<'m>(
+    model: &'m TypedModel,
+    node: &TypedNode,
+) -> TractResult<Option<(InstanceNorm, &'m TypedNode)>> {
+    let Some(norm) = node.op_as::<InstanceNorm>() else {
+        return Ok(None);
+    };
+    let [next] = node.outputs[0].successors.as_slice() else {
+        return Ok(None);
+    };
+    let next = model.node(next.node);
+    let is_max = next
+        .op_as::<TypedBinOp>()
+        .is_some_and(|op| op.0.is::<Max>());
+    if norm.relu || !is_max || next.inputs.len() != 2 || next.inputs[0] != node.id.into() {
+        return Ok(None);
+    }
+    let zero = model
+        .outlet_fact(next.inputs[1])?
+        .konst
+        .as_ref()
+        .and_then(|k| {
+            k.try_as_plain_ram()
+                .ok()?
+                .as_slice::<f32>()
+                .ok()
+                .map(<[f32]>::to_vec)
+        })
+        .is_some_and(|k| k.len() == 1 && k[0] == 0.0);
+    let same_shape = model.outlet_fact(next.inputs[0])?.shape
+        == model.outlet_fact(OutletId::new(next.id, 0))?.shape;
+    if !zero || !same_shape {
+        return Ok(None);
+    }
+    let fused = InstanceNorm {
+        epsilon: norm.epsilon,
+        relu: true,
+    };
+    Ok(Some((fused, next)))
 }
 
 /// `y = (x - mean) / sqrt(var + epsilon) * scale[c] + bias[c]`, with the
 /// mean and (biased) variance of each (sample, channel) plane of
-/// `x: [N, C, ...]`. Inputs: `x`, `scale: [C]`, `bias: [C]`.
+/// `x: [N, C, ...]`, then `max(y, 0)` where `relu`. Inputs: `x`,
+/// `scale: [C]`, `bias: [C]`.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct InstanceNorm {
     epsilon: f32,
+    relu: bool,
 }
 
 impl Eq for InstanceNorm {}
@@ -74,7 +131,10 @@ impl Expansion for InstanceNorm {
 
 impl Op for InstanceNorm {
     fn name(&self) -> StaticName {
-        "IrisInstanceNorm".into()
+        match self.relu {
+            false => "IrisInstanceNorm".into(),
+            true => "IrisInstanceNorm+Relu".into(),
+        }
     }
 
     fn validation(&self) -> Validation {
@@ -88,7 +148,7 @@ impl EvalOp for InstanceNorm {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let (x, scale, bias) = (&inputs[0], &inputs[1], &inputs[2]);
+        let (x, scale, bias) = args_3!(inputs);
         ensure!(
             x.datum_type() == f32::datum_type() && x.rank() >= 3,
             "instance norm: input {:?} {:?}, expected f32 [N, C, ...]",
@@ -106,14 +166,32 @@ impl EvalOp for InstanceNorm {
             bias.len()
         );
         let plane: usize = x.shape()[2..].iter().product();
-        let values = x.try_as_plain_ram()?;
-        let values = values.as_slice::<f32>()?;
-        let mut out = vec![0.0f32; values.len()];
-        super::parallel::for_each_plane((values, plane), (&mut out, plane), |i, x, y| {
-            let c = i % channels;
-            normalise(x, y, self.epsilon, scale[c], bias[c]);
-        });
-        let out = tract_ndarray::Array::from_shape_vec(x.shape(), out)?;
+        let norm = |i: usize| Plane {
+            epsilon: self.epsilon,
+            scale: scale[i % channels],
+            bias: bias[i % channels],
+            relu: self.relu,
+        };
+        let out = if x.is_exclusive() {
+            // No other node reads `x`: normalise it where it is.
+            let mut x = x.into_tensor();
+            {
+                let mut view = x.try_as_plain_ram_mut()?;
+                let values = view.as_slice_mut::<f32>()?;
+                super::parallel::for_each_plane_mut((values, plane), |i, y| {
+                    norm(i).apply_in_place(y)
+                });
+            }
+            x
+        } else {
+            let values = x.try_as_plain_ram()?;
+            let values = values.as_slice::<f32>()?;
+            let mut out = vec![0.0f32; values.len()];
+            super::parallel::for_each_plane((values, plane), (&mut out, plane), |i, x, y| {
+                norm(i).apply(x, y)
+            });
+            tract_ndarray::Array::from_shape_vec(x.shape(), out)?.into_tensor()
+        };
         Ok(tvec!(out.into_tvalue()))
     }
 }
@@ -129,22 +207,49 @@ impl TypedOp for InstanceNorm {
 /// Floats summed in f32 lanes before the lanes go into the f64 total.
 const RUN: usize = 1024;
 
-/// `y = (x - mean(x)) / sqrt(var(x) + epsilon) * scale + bias` for one
-/// plane.
-fn normalise(x: &[f32], y: &mut [f32], epsilon: f32, scale: f32, bias: f32) {
-    let n = x.len() as f64;
-    // Summed around the first value, so that the f32 lanes add small
-    // numbers where the mean is large against the spread.
-    let pivot = x.first().copied().unwrap_or(0.0);
-    let mean = f64::from(pivot) + sum(x, |v| v - pivot) / n;
-    let centre = mean as f32;
-    let variance = sum(x, |v| (v - centre) * (v - centre)) / n;
-    // In f64, so that the mean keeps its digits where it is large against
-    // the spread (the pass is memory-bound either way).
-    let factor = f64::from(scale) / (variance + f64::from(epsilon)).sqrt();
-    let bias = f64::from(bias);
-    for (y, &x) in y.iter_mut().zip(x) {
-        *y = ((f64::from(x) - mean) * factor + bias) as f32;
+/// The norm of one plane, with its channel's scale and bias.
+struct Plane {
+    epsilon: f32,
+    scale: f32,
+    bias: f32,
+    relu: bool,
+}
+
+impl Plane {
+    /// `y = (x - mean(x)) / sqrt(var(x) + epsilon) * scale + bias`, then
+    /// `max(y, 0)` where `relu`.
+    fn apply(&self, x: &[f32], y: &mut [f32]) {
+        let f = self.affine(x);
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = f(x);
+        }
+    }
+
+    /// [`Plane::apply`] with `x` and `y` the same values.
+    fn apply_in_place(&self, x: &mut [f32]) {
+        let f = self.affine(x);
+        for x in x.iter_mut() {
+            *x = f(*x);
+        }
+    }
+
+    /// The map from a value of `x` to its normalised value.
+    fn affine(&self, x: &[f32]) -> impl Fn(f32) -> f32 + use<> {
+        let n = x.len() as f64;
+        // Summed around the first value, so that the f32 lanes add small
+        // numbers where the mean is large against the spread.
+        let pivot = x.first().copied().unwrap_or(0.0);
+        let mean = f64::from(pivot) + sum(x, |v| v - pivot) / n;
+        let centre = mean as f32;
+        let variance = sum(x, |v| (v - centre) * (v - centre)) / n;
+        // In f64, so that the mean keeps its digits where it is large
+        // against the spread (the pass is memory-bound either way).
+        let factor = f64::from(self.scale) / (variance + f64::from(self.epsilon)).sqrt();
+        let (bias, relu) = (f64::from(self.bias), self.relu);
+        move |x| {
+            let y = ((f64::from(x) - mean) * factor + bias) as f32;
+            if relu { y.max(0.0) } else { y }
+        }
     }
 }
 
@@ -197,14 +302,78 @@ mod tests {
             let x: Vec<f32> = (0..len)
                 .map(|i| offset + ((i * 37 % 101) as f32 / 50.0 - 1.0))
                 .collect();
-            let mut y = vec![f32::NAN; len];
-            normalise(&x, &mut y, 1e-5, 2.0, 0.5);
-            for (i, (&got, want)) in y.iter().zip(reference(&x, 1e-5)).enumerate() {
-                let want = want * 2.0 + 0.5;
+            for relu in [false, true] {
+                let plane = Plane {
+                    epsilon: 1e-5,
+                    scale: 2.0,
+                    bias: 0.5,
+                    relu,
+                };
+                let mut y = vec![f32::NAN; len];
+                plane.apply(&x, &mut y);
+                let mut in_place = x.clone();
+                plane.apply_in_place(&mut in_place);
+                assert_eq!(y, in_place, "length {len}: in place differs");
+                for (i, (&got, want)) in y.iter().zip(reference(&x, 1e-5)).enumerate() {
+                    let want = want * 2.0 + 0.5;
+                    let want = if relu { want.max(0.0) } else { want };
+                    assert!(
+                        (f64::from(got) - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "length {len}, relu {relu}, value {i}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_input_is_normalised_in_place_only_where_no_other_node_reads_it() {
+        let shape = [1usize, 2, 3, 5];
+        let x: Vec<f32> = (0..30).map(|i| (i * 7 % 11) as f32 - 4.0).collect();
+        let scale = tensor1(&[1.5f32, -0.5]);
+        let bias = tensor1(&[0.25f32, 0.0]);
+        let op = InstanceNorm {
+            epsilon: 1e-5,
+            relu: true,
+        };
+        let mut want = Vec::new();
+        for (plane, (s, b)) in x.chunks(15).zip([(1.5, 0.25), (-0.5, 0.0)]) {
+            want.extend(reference(plane, 1e-5).iter().map(|v| (v * s + b).max(0.0)));
+        }
+        for keep_input in [false, true] {
+            let mut model = TypedModel::default();
+            let input = model.add_source("x", f32::fact(shape)).expect("source");
+            let scale = model.add_const("scale", scale.clone()).expect("scale");
+            let bias = model.add_const("bias", bias.clone()).expect("bias");
+            let y = model
+                .wire_node("norm", op.clone(), &[input, scale, bias])
+                .expect("wires")[0];
+            let outputs = if keep_input { vec![y, input] } else { vec![y] };
+            model.select_output_outlets(&outputs).expect("outputs");
+            let plan = model.into_runnable().expect("plans");
+            let tensor = Tensor::from_shape(&shape, &x).expect("tensor");
+            let given = tensor.as_ptr::<f32>().expect("f32");
+            let out = plan.run(tvec!(tensor.into_tvalue())).expect("runs");
+            // The result is in the input's own memory exactly where no
+            // other node reads the input.
+            let result = out[0].as_ptr::<f32>().expect("f32");
+            assert_eq!(result == given, !keep_input, "keep input {keep_input}");
+            let got = out[0].try_as_plain_ram().expect("plain");
+            for (j, (&got, &want)) in got
+                .as_slice::<f32>()
+                .expect("f32")
+                .iter()
+                .zip(&want)
+                .enumerate()
+            {
                 assert!(
                     (f64::from(got) - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                    "length {len}, value {i}: {got} vs {want}"
+                    "keep input {keep_input}, value {j}: {got} vs {want}"
                 );
+            }
+            if keep_input {
+                let kept = out[1].try_as_plain_ram().expect("plain");
+                assert_eq!(kept.as_slice::<f32>().expect("f32"), x.as_slice());
             }
         }
     }

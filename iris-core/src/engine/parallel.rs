@@ -46,3 +46,21 @@ pub(crate) fn for_each_plane(
             .for_each(f),
     }
 }
+
+/// Calls `f(i, plane i)` for the planes of `values` (`plane` values each),
+/// in parallel where the model has a pool; empty planes are not visited.
+pub(crate) fn for_each_plane_mut(
+    (values, plane): (&mut [f32], usize),
+    f: impl Fn(usize, &mut [f32]) + Send + Sync,
+) {
+    if plane == 0 {
+        return;
+    }
+    let f = |(i, x): (usize, &mut [f32])| f(i, x);
+    match current_tract_executor() {
+        Executor::MultiThread(pool) => {
+            pool.install(|| values.par_chunks_exact_mut(plane).enumerate().for_each(f))
+        }
+        _ => values.chunks_exact_mut(plane).enumerate().for_each(f),
+    }
+}

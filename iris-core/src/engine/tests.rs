@@ -627,16 +627,27 @@ fn the_shipped_model_runs_the_engines_own_ops() {
         nodes.iter().filter(|n| n.op().name() == op).count()
     };
     for graph in [&model.encoder, &model.task_encoder, &model.decoder] {
-        assert!(count(graph, "IrisInstanceNorm") > 0);
+        let norms = count(graph, "IrisInstanceNorm") + count(graph, "IrisInstanceNorm+Relu");
+        assert!(norms > 0);
         assert_eq!(count(graph, "InstanceNorm"), 0);
         // Where the kernel runs, every 3x3x3 convolution is direct: those
         // on rows of at least MIN_WIDTH, and the task encoder's
         // one-output merges at every width.
-        let direct = count(graph, "IrisDirectConv3x3x3");
+        let direct = count(graph, "IrisDirectConv3x3x3") + count(graph, "IrisDirectConv3x3x3+Add");
         if conv3d::available() {
             assert!(direct >= 2, "{direct} direct convolutions");
         } else {
             assert_eq!(direct, 0);
+        }
+    }
+    // In the image encoder and the decoder, every norm is followed by a
+    // ReLU, and each is fused with it; residual blocks end in a direct
+    // convolution that adds the block's input.
+    for graph in [&model.encoder, &model.decoder] {
+        assert_eq!(count(graph, "IrisInstanceNorm"), 0);
+        assert_eq!(count(graph, "OptMaxByScalar"), 0);
+        if conv3d::available() {
+            assert!(count(graph, "IrisDirectConv3x3x3+Add") > 0);
         }
     }
     // The decoder doubles its size once per level above the deepest.
