@@ -39,6 +39,9 @@ use tract_onnx::tract_core::ops::cnn::conv::{Conv, KernelFormat};
 use tract_onnx::tract_core::ops::math::Add;
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
+use super::parallel::SharedOut;
+use super::winograd::Winograd;
+
 /// Output channels one register block computes.
 pub(crate) const BLOCK: usize = 8;
 /// Narrowest row the direct kernel takes from batch-1 convolutions with
@@ -49,6 +52,14 @@ pub(crate) const BLOCK: usize = 8;
 /// decoder 16.9 against 17.1 s, encoder 5.9 against 6.0 s;
 /// `docs/benchmarks.md`).
 pub(crate) const MIN_WIDTH: usize = 32;
+
+/// Fewest input and output channels for which the convolution runs by
+/// Winograd's algorithm (`winograd.rs`). Its transforms cost per channel
+/// what its products save per channel pair, so it loses on few channels:
+/// the small model's decoder took 164-182 ms with Winograd on its 8-channel
+/// level, 150-156 ms without (and 164-175 ms with the direct kernel
+/// everywhere).
+pub(crate) const WINOGRAD_CHANNELS: usize = 16;
 
 /// Whether this CPU runs the direct kernel (x86-64 with AVX-512F), unless
 /// `IRIS_DIRECT_CONV=0` turns it off (for comparisons with tract's own
@@ -133,6 +144,10 @@ pub(crate) struct DirectConv3d {
     weights: Arc<Vec<f32>>,
     /// `[Cout]`.
     bias: Arc<Vec<f32>>,
+    /// The same weights in Winograd form, for convolutions with at least
+    /// [`WINOGRAD_CHANNELS`] input and output channels: used on volumes
+    /// with even sides.
+    winograd: Option<Arc<Winograd>>,
 }
 
 /// Two ops are the same when they share their packed weights (tract
@@ -221,6 +236,8 @@ impl DirectConv3d {
             block,
             weights: Arc::new(pack(kernel, [cin, cout], block)),
             bias: Arc::new(bias),
+            winograd: (cin >= WINOGRAD_CHANNELS && cout >= WINOGRAD_CHANNELS)
+                .then(|| Arc::new(Winograd::new(kernel, [cin, cout]))),
         }
     }
 
@@ -241,6 +258,12 @@ impl DirectConv3d {
     /// into `out` (`[Cout, D, H, W]`), added to what `out` holds where
     /// `accumulate`.
     fn run(&self, input: &[f32], [d, h, w]: [usize; 3], out: &mut [f32], accumulate: bool) {
+        if let Some(winograd) = &self.winograd
+            && Winograd::serves([d, h, w])
+        {
+            winograd.run(input, &self.bias, [d, h, w], out, accumulate);
+            return;
+        }
         let blocks = self.output_channels.div_ceil(self.block);
         // Vectors of 16 outputs per register block: enough for the row (one
         // on rows of up to 16, two on wider ones) with eight output
@@ -252,7 +275,7 @@ impl DirectConv3d {
         };
         #[cfg(target_arch = "x86_64")]
         let kernel = avx512::kernel(self.block, vectors);
-        let out = SharedOut(out.as_mut_ptr());
+        let out = SharedOut::new(out);
         let slice = |z: usize| {
             let mut rows = Rows::new(self.input_channels, w, 16 * vectors);
             for y in 0..h {
@@ -345,21 +368,6 @@ impl Rows {
         }
     }
 }
-
-/// The output buffer, shared by the threads that write disjoint parts.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-impl SharedOut {
-    /// The pointer (a method, so that closures capture the `Sync` wrapper).
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
-}
-
-// SAFETY: the threads write disjoint outputs (see `DirectConv3d::run`).
-unsafe impl Send for SharedOut {}
-// SAFETY: as above.
-unsafe impl Sync for SharedOut {}
 
 /// `[Cout, Cin, 3, 3, 3]` weights as `[Cout / block][Cin][27][block]`.
 fn pack(kernel: &[f32], [cin, cout]: [usize; 2], block: usize) -> Vec<f32> {
@@ -497,8 +505,12 @@ impl Op for DirectConv3d {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
+        let algorithm = match self.winograd {
+            Some(_) => "Winograd F(2x2x2, 3x3x3) on even sides",
+            None => "direct",
+        };
         Ok(vec![format!(
-            "{} -> {} channels",
+            "{} -> {} channels, {algorithm}",
             self.input_channels, self.output_channels
         )])
     }
@@ -629,16 +641,20 @@ mod tests {
     }
 
     #[test]
-    fn direct_equals_the_definition_on_every_block_and_tail() {
+    fn both_kernels_equal_the_definition_on_every_block_and_tail() {
         if !available() {
             std::println!("skipped: this CPU has no AVX-512F, the direct kernel is not used");
             return;
         }
-        // One output channel (every span) and blocks of eight: below, at
-        // and past a block; rows of one span, with a tail, and of several;
-        // one to five input channels; rows past the three a plane keeps;
-        // batches of one to three.
-        let cases: [([usize; 3], [usize; 3]); 10] = [
+        // The direct kernel: one output channel (every span) and blocks of
+        // eight: below, at and past a block; rows of one span, with a
+        // tail, and of several; one to five input channels; rows past the
+        // three a plane keeps; batches of one to three.
+        // Winograd (WINOGRAD_CHANNELS or more each way, even sides): a block of
+        // exactly one tile row, blocks that split rows (64 tiles a row) and
+        // that span rows (20 and 17 tiles a row, runs crossing rows), one
+        // tile, output channels past a block, a batch of two.
+        let cases: [([usize; 3], [usize; 3]); 15] = [
             ([1, 1, 1], [3, 4, 16]),
             ([2, 2, 1], [2, 3, 20]),
             ([1, 2, 1], [2, 7, 40]),
@@ -649,7 +665,13 @@ mod tests {
             ([1, 2, 16], [4, 1, 100]),
             ([1, 3, 8], [3, 6, 8]),
             ([1, 2, 3], [2, 5, 12]),
+            ([1, 16, 16], [2, 4, 64]),
+            ([1, 17, 18], [4, 2, 128]),
+            ([2, 16, 19], [4, 2, 40]),
+            ([1, 20, 16], [2, 6, 34]),
+            ([1, 16, 16], [2, 2, 2]),
         ];
+        let mut winograd_cases = 0;
         for (i, ([n, cin, cout], shape)) in cases.into_iter().enumerate() {
             let voxels: usize = shape.iter().product();
             let input = values(n * cin * voxels, 3 * i as u64);
@@ -660,9 +682,20 @@ mod tests {
                 .chunks_exact(cin * voxels)
                 .flat_map(|sample| reference(sample, &kernel, &bias, [cin, cout], shape))
                 .collect();
+            let mut ops = vec![(
+                "direct",
+                DirectConv3d {
+                    winograd: None,
+                    ..op.clone()
+                },
+            )];
+            if op.winograd.is_some() && Winograd::serves(shape) {
+                winograd_cases += 1;
+                ops.push(("winograd", op));
+            }
             // Into a fresh output, and added to a residual.
             let residual = values(expected.len(), 3 * i as u64 + 3);
-            for accumulate in [false, true] {
+            for ((kernel, op), accumulate) in ops.iter().cartesian_product([false, true]) {
                 let mut out = match accumulate {
                     false => vec![f32::NAN; expected.len()],
                     true => residual.clone(),
@@ -677,12 +710,13 @@ mod tests {
                         };
                     assert!(
                         (f64::from(got) - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                        "case {i} ({n} x {cin} -> {cout}, {shape:?}, accumulate \
+                        "case {i} ({n} x {cin} -> {cout}, {shape:?}, {kernel}, accumulate \
                          {accumulate}), value {j}: {got} vs {want}"
                     );
                 }
             }
         }
+        assert_eq!(winograd_cases, 5);
     }
 
     #[test]

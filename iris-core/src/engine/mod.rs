@@ -43,6 +43,7 @@ mod manifest;
 mod parallel;
 mod retrieval;
 mod upsample;
+mod winograd;
 
 use std::sync::Arc;
 

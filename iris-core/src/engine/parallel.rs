@@ -6,6 +6,8 @@
 //! `current_tract_executor`, so they use the threads the caller gave the
 //! model and no others.
 
+use core::marker::PhantomData;
+
 use rayon::prelude::*;
 use tract_linalg::multithread::{Executor, current_tract_executor};
 
@@ -62,5 +64,45 @@ pub(crate) fn for_each_plane_mut(
             pool.install(|| values.par_chunks_exact_mut(plane).enumerate().for_each(f))
         }
         _ => values.chunks_exact_mut(plane).enumerate().for_each(f),
+    }
+}
+
+/// An output buffer that several threads write, each its own disjoint
+/// part (the engine's convolution kernels write through it).
+#[derive(Clone, Copy)]
+pub(crate) struct SharedOut<'a> {
+    start: *mut f32,
+    len: usize,
+    buffer: PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: the threads write disjoint values (see `SharedOut::slice`).
+unsafe impl Send for SharedOut<'_> {}
+// SAFETY: as above.
+unsafe impl Sync for SharedOut<'_> {}
+
+impl<'a> SharedOut<'a> {
+    pub(crate) fn new(out: &'a mut [f32]) -> Self {
+        SharedOut {
+            start: out.as_mut_ptr(),
+            len: out.len(),
+            buffer: PhantomData,
+        }
+    }
+
+    /// The start of the buffer.
+    pub(crate) fn ptr(self) -> *mut f32 {
+        self.start
+    }
+
+    /// Values `start..start + len` of the buffer.
+    ///
+    /// # Safety
+    /// No other thread reads or writes these values while the slice lives.
+    pub(crate) unsafe fn slice(self, start: usize, len: usize) -> &'a mut [f32] {
+        assert!(start + len <= self.len, "outside the output buffer");
+        // SAFETY: inside the buffer (checked), which outlives 'a; the
+        // caller keeps other threads off these values.
+        unsafe { core::slice::from_raw_parts_mut(self.start.add(start), len) }
     }
 }

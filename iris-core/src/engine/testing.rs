@@ -45,14 +45,14 @@ use crate::error::{Error, Result};
 
 /// A graph dimension: symbolic (`"batch"`, `"classes"`) or fixed.
 #[derive(Clone, Copy)]
-enum D {
+pub(crate) enum D {
     Sym(&'static str),
     N(usize),
 }
 
 /// Builds one ONNX graph node by node.
 #[derive(Default)]
-struct OnnxGraph {
+pub(crate) struct OnnxGraph {
     graph: GraphProto,
     next: usize,
 }
@@ -82,7 +82,7 @@ fn value_info(name: &str, dims: &[D]) -> ValueInfoProto {
 }
 
 /// An integer-list attribute.
-fn ints(name: &str, values: &[i64]) -> AttributeProto {
+pub(crate) fn ints(name: &str, values: &[i64]) -> AttributeProto {
     AttributeProto {
         name: name.into(),
         r#type: AttributeType::Ints as i32,
@@ -92,7 +92,7 @@ fn ints(name: &str, values: &[i64]) -> AttributeProto {
 }
 
 /// An integer attribute.
-fn int(name: &str, value: i64) -> AttributeProto {
+pub(crate) fn int(name: &str, value: i64) -> AttributeProto {
     AttributeProto {
         name: name.into(),
         r#type: AttributeType::Int as i32,
@@ -103,19 +103,19 @@ fn int(name: &str, value: i64) -> AttributeProto {
 
 impl OnnxGraph {
     /// A graph input called `name`.
-    fn input(&mut self, name: &str, dims: &[D]) -> String {
+    pub(crate) fn input(&mut self, name: &str, dims: &[D]) -> String {
         self.graph.input.push(value_info(name, dims));
         name.into()
     }
 
     /// Exposes `from` as the graph output `name`.
-    fn output(&mut self, from: &str, name: &str, dims: &[D]) {
+    pub(crate) fn output(&mut self, from: &str, name: &str, dims: &[D]) {
         self.op_to("Identity", &[from], vec![], name);
         self.graph.output.push(value_info(name, dims));
     }
 
     /// An f32 initializer of shape `dims`.
-    fn constant(&mut self, values: &[f32], dims: &[usize]) -> String {
+    pub(crate) fn constant(&mut self, values: &[f32], dims: &[usize]) -> String {
         let name = self.fresh("const");
         self.graph.initializer.push(TensorProto {
             dims: dims.iter().map(|&d| d as i64).collect(),
@@ -141,7 +141,7 @@ impl OnnxGraph {
     }
 
     /// Node `op` on `inputs`; returns its output's name.
-    fn op(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>) -> String {
+    pub(crate) fn op(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>) -> String {
         let out = self.fresh(op);
         self.op_to(op, inputs, attrs, &out);
         out
@@ -165,7 +165,12 @@ impl OnnxGraph {
     }
 
     /// Writes the graph as an ONNX model (opset 17) to `path`.
-    fn save(mut self, path: &Path) -> Result<()> {
+    fn save(self, path: &Path) -> Result<()> {
+        write(path, &self.into_bytes())
+    }
+
+    /// The graph as the bytes of an ONNX model (opset 17).
+    pub(crate) fn into_bytes(mut self) -> Vec<u8> {
         self.graph.name = "synthetic".into();
         let model = ModelProto {
             ir_version: 8,
@@ -177,7 +182,7 @@ impl OnnxGraph {
             graph: Some(self.graph),
             ..ModelProto::default()
         };
-        write(path, &model.encode_to_vec())
+        model.encode_to_vec()
     }
 }
 

@@ -657,3 +657,112 @@ fn the_shipped_model_runs_the_engines_own_ops() {
     );
     assert_eq!(count(&model.decoder, "Resize"), 0);
 }
+
+/// A pre-activation residual block as ONNX: `y = x + conv(relu(norm(
+/// conv(relu(norm(x))))))`, 3x3x3 convolutions with `channels` channels
+/// each way, over `[1, channels, 4, 4, 32]` (rows wide enough for the
+/// engine's convolution).
+fn residual_block(channels: usize) -> Vec<u8> {
+    use super::testing::{D, OnnxGraph, int, ints};
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64 ^ channels as u64;
+    let mut draw = |n: usize, scale: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                seed = seed
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                ((seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+            })
+            .collect()
+    };
+    let dims = [1, channels, 4, 4, 32].map(D::N);
+    let mut g = OnnxGraph::default();
+    let x = g.input("x", &dims);
+    let mut h = x.clone();
+    for _ in 0..2 {
+        let scale = g.constant(&draw(channels, 1.0), &[channels]);
+        let bias = g.constant(&draw(channels, 0.5), &[channels]);
+        let norm = g.op("InstanceNormalization", &[&h, &scale, &bias], vec![]);
+        let relu = g.op("Relu", &[&norm], vec![]);
+        let bound = 1.0 / ((27 * channels) as f32).sqrt();
+        let kernel = g.constant(
+            &draw(channels * channels * 27, bound),
+            &[channels, channels, 3, 3, 3],
+        );
+        let conv_bias = g.constant(&draw(channels, 0.1), &[channels]);
+        let attrs = vec![
+            ints("kernel_shape", &[3, 3, 3]),
+            ints("pads", &[1; 6]),
+            int("group", 1),
+        ];
+        h = g.op("Conv", &[&relu, &kernel, &conv_bias], attrs);
+    }
+    let y = g.op("Add", &[&h, &x], vec![]);
+    g.output(&y, "y", &dims);
+    g.into_bytes()
+}
+
+#[test]
+fn the_engines_own_ops_compute_what_tract_computes_on_a_residual_block() {
+    use tract_onnx::prelude::{
+        Framework, InferenceModelExt, IntoRunnable, IntoTValue, Tensor, tvec,
+    };
+    // 8 channels: the direct kernel; 16: Winograd's.
+    for (channels, algorithm) in [(8, "direct"), (16, "Winograd")] {
+        let bytes = residual_block(channels);
+        let shape = [1, channels, 4, 4, 32];
+        let x: Vec<f32> = (0..shape.iter().product::<usize>())
+            .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 3.0 + 0.25)
+            .collect();
+        let input = || {
+            Tensor::from_shape(&shape, &x)
+                .expect("tensor")
+                .into_tvalue()
+        };
+        let tract = tract_onnx::onnx()
+            .model_for_read(&mut &bytes[..])
+            .and_then(|m| m.into_optimized())
+            .and_then(|m| m.into_runnable())
+            .expect("tract plans the block");
+        let want = tract.run(tvec!(input())).expect("tract runs");
+        let port = |name: &str| graphs::Port::new(name, shape.map(graphs::Dim::Fixed).to_vec());
+        let source = graphs::Source::Bytes {
+            name: "residual-block.onnx".into(),
+            bytes: &bytes,
+        };
+        let graph = graphs::Graph::load(source, &[port("x")], vec![port("y")]).expect("loads");
+        let executor = graphs::executor(2).expect("threads");
+        let plan = graph.plan(1, &executor).expect("plans");
+        if conv3d::available() {
+            // The block runs the fused ops, with the expected kernel.
+            let nodes = plan.model().nodes();
+            let named = |name: &str| nodes.iter().filter(|n| n.op().name() == name).count();
+            assert_eq!(named("IrisInstanceNorm+Relu"), 2);
+            assert_eq!(named("IrisDirectConv3x3x3"), 1);
+            assert_eq!(named("IrisDirectConv3x3x3+Add"), 1);
+            for node in nodes
+                .iter()
+                .filter(|n| n.op().name().starts_with("IrisDirectConv"))
+            {
+                let info = node.op().info().expect("info").join(" ");
+                assert!(info.contains(algorithm), "{channels} channels: {info}");
+            }
+        }
+        let got = graph.run(&plan, tvec!(input())).expect("the engine runs");
+        let (got, want) = (
+            graphs::values(&graph, &got[0]).expect("f32"),
+            graphs::values(&graph, &want[0]).expect("f32"),
+        );
+        assert_eq!(got.len(), want.len());
+        let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        let diff = got
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(
+            diff / scale < 1e-5,
+            "{channels} channels: max diff {diff} x {scale}"
+        );
+    }
+}

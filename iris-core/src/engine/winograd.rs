@@ -1,0 +1,475 @@
+//! The 3x3x3 convolution by Winograd's minimal filtering, F(2x2x2, 3x3x3).
+//!
+//! A direct 3x3x3 convolution spends 27 multiply-adds per input channel,
+//! output channel and output voxel. Winograd's F(2, 3) computes two outputs
+//! of a 3-tap filter from four inputs with four products instead of six
+//! (Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks",
+//! CVPR 2016); nested along the three axes, a 2x2x2 output tile takes
+//! 4x4x4 = 64 products per channel pair instead of 8 x 27 = 216, 3.4 times
+//! fewer. The transforms that surround the products are additions only:
+//!
+//! - each 4x4x4 input tile `d` becomes `V = Bᵀ d B` along every axis, once
+//!   per input channel;
+//! - each kernel `g` becomes `U = G g Gᵀ` along every axis, once, when the
+//!   op is made;
+//! - for each of the 64 tile positions `t`, `M[t] = U[t] · V[t]` is a matrix
+//!   product over the input channels (output channels by tiles), the work
+//!   that stays;
+//! - each output tile is `Aᵀ M A` along every axis, plus the bias.
+//!
+//! The tiles of one depth pair are taken [`TILES`] at a time, so that a
+//! block's transformed inputs and products stay in the core's caches;
+//! depth pairs run in parallel on the model's thread pool. The products'
+//! register block is the direct kernel's (eight output channels by two
+//! vectors of 16 tiles, the weight broadcast). Every transform entry is 0,
+//! ±1 or ±1/2, so F(2, 3) adds little rounding: results differ from the
+//! direct sum by about 1e-6 relative (the unit test bounds them at 1e-5).
+
+use std::prelude::rust_2024::*;
+use std::vec;
+
+use super::parallel::{self, SharedOut};
+
+/// Tiles one block transforms and multiplies: two vectors of 16.
+const TILES: usize = 32;
+/// Output channels per register block of the products.
+const BLOCK: usize = 8;
+/// Input channels ahead of the one being transformed whose rows are
+/// prefetched.
+const PREFETCH: usize = 2;
+/// Transformed values per tile: 4 x 4 x 4.
+const POSITIONS: usize = 64;
+/// Floats between two positions' blocks of rows in the transformed inputs
+/// and the products: their rows (`TILES` floats each), plus one cache
+/// line. Without the extra line, 32 or 64 rows make a multiple of 4 KiB,
+/// so the 64 values of one tile fell in one set of the first-level cache
+/// and evicted each other.
+fn position_stride(rows: usize) -> usize {
+    rows * TILES + 16
+}
+
+/// A 3x3x3 convolution's weights in Winograd form, and the convolution.
+#[derive(Debug)]
+pub(crate) struct Winograd {
+    input_channels: usize,
+    output_channels: usize,
+    /// `U = G g Gᵀ` of every kernel, as `[64][Cout / BLOCK][Cin][BLOCK]`,
+    /// zero past `Cout`.
+    weights: Vec<f32>,
+}
+
+/// One run of tiles of a block: output tile row `ty` of the depth pair,
+/// tiles `tx0..tx1` along W, lanes `lane..` of the block.
+#[derive(Clone, Copy)]
+struct Run {
+    tz: usize,
+    ty: usize,
+    tx0: usize,
+    tx1: usize,
+    lane: usize,
+}
+
+impl Winograd {
+    /// The transformed weights of `kernel` (`[Cout, Cin, 3, 3, 3]`).
+    pub(crate) fn new(kernel: &[f32], [cin, cout]: [usize; 2]) -> Self {
+        let blocks = cout.div_ceil(BLOCK);
+        let mut weights = vec![0.0; POSITIONS * blocks * cin * BLOCK];
+        for co in 0..cout {
+            for ci in 0..cin {
+                let u = transform_kernel(&kernel[(co * cin + ci) * 27..][..27]);
+                for (t, &u) in u.iter().enumerate() {
+                    weights[((t * blocks + co / BLOCK) * cin + ci) * BLOCK + co % BLOCK] = u as f32;
+                }
+            }
+        }
+        Winograd {
+            input_channels: cin,
+            output_channels: cout,
+            weights,
+        }
+    }
+
+    /// Whether the tiles cover a volume of `[d, h, w]`: every side even.
+    pub(crate) fn serves([d, h, w]: [usize; 3]) -> bool {
+        [d, h, w].iter().all(|&n| n > 0 && n % 2 == 0)
+    }
+
+    /// The convolution of one sample, `input` (`[Cin, D, H, W]`, C order),
+    /// plus `bias` (`[Cout]`), into `out` (`[Cout, D, H, W]`), added to what
+    /// `out` holds where `accumulate`. The sides must be even
+    /// ([`Winograd::serves`]); the CPU must have AVX-512F.
+    pub(crate) fn run(
+        &self,
+        input: &[f32],
+        bias: &[f32],
+        [d, h, w]: [usize; 3],
+        out: &mut [f32],
+        accumulate: bool,
+    ) {
+        assert!(Winograd::serves([d, h, w]), "odd sides {:?}", [d, h, w]);
+        let (cin, cout) = (self.input_channels, self.output_channels);
+        assert_eq!(input.len(), cin * d * h * w, "input size");
+        assert_eq!(out.len(), cout * d * h * w, "output size");
+        assert_eq!(bias.len(), cout, "bias size");
+        #[cfg(target_arch = "x86_64")]
+        self.run_avx512(input, bias, [d, h, w], out, accumulate);
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("the convolution's own kernels run only where `conv3d::available()`");
+    }
+
+    /// [`Winograd::run`], once its sizes are checked.
+    #[cfg(target_arch = "x86_64")]
+    fn run_avx512(
+        &self,
+        input: &[f32],
+        bias: &[f32],
+        [d, h, w]: [usize; 3],
+        out: &mut [f32],
+        accumulate: bool,
+    ) {
+        use avx512::{products, transform_input, transform_output};
+        let cin = self.input_channels;
+        let (ty_n, tx_n) = (h / 2, w / 2);
+        let padded = self.output_channels.div_ceil(BLOCK) * BLOCK;
+        let out = SharedOut::new(out);
+        let pair = |tz: usize| {
+            let mut v = vec![0.0f32; POSITIONS * position_stride(cin)];
+            let mut m = vec![0.0f32; POSITIONS * position_stride(padded)];
+            let mut runs = Vec::new();
+            for start in (0..ty_n * tx_n).step_by(TILES) {
+                // The block's tiles, one run per tile row.
+                runs.clear();
+                let end = (start + TILES).min(ty_n * tx_n);
+                let mut tile = start;
+                while tile < end {
+                    let (ty, tx0) = (tile / tx_n, tile % tx_n);
+                    let tx1 = (tx0 + end - tile).min(tx_n);
+                    runs.push(Run {
+                        tz,
+                        ty,
+                        tx0,
+                        tx1,
+                        lane: tile - start,
+                    });
+                    tile += tx1 - tx0;
+                }
+                // SAFETY: `run`'s callers hold AVX-512F (the op is made
+                // only where `conv3d::available()`); `out` holds
+                // `Cout * D * H * W` values and this depth pair writes
+                // only its own two depth slices of it.
+                unsafe {
+                    for &run in &runs {
+                        transform_input(input, [d, h, w], cin, run, &mut v);
+                    }
+                    products(&self.weights, &v, &mut m, cin, padded / BLOCK);
+                    for &run in &runs {
+                        transform_output((&m, padded), [d, h, w], bias, run, (out, accumulate));
+                    }
+                }
+            }
+        };
+        parallel::for_each(d / 2, pair);
+    }
+}
+
+/// `U = G g G^T` along the three axes of one 3x3x3 kernel, in f64.
+fn transform_kernel(g: &[f32]) -> [f64; POSITIONS] {
+    const G: [[f64; 3]; 4] = [
+        [1.0, 0.0, 0.0],
+        [0.5, 0.5, 0.5],
+        [0.5, -0.5, 0.5],
+        [0.0, 0.0, 1.0],
+    ];
+    let mut u = [0.0; POSITIONS];
+    for (t, u) in u.iter_mut().enumerate() {
+        let (kz, ky, kx) = (t / 16, t / 4 % 4, t % 4);
+        *u = (0..27)
+            .map(|tap| {
+                let (dz, dy, dx) = (tap / 9, tap / 3 % 3, tap % 3);
+                G[kz][dz] * G[ky][dy] * G[kx][dx] * f64::from(g[tap])
+            })
+            .sum();
+    }
+    u
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{BLOCK, POSITIONS, PREFETCH, Run, TILES, position_stride};
+    use crate::engine::parallel::SharedOut;
+
+    /// A mask of lanes `0..n` (at most 16).
+    fn lanes(n: usize) -> __mmask16 {
+        ((1u32 << n.min(16)) - 1) as __mmask16
+    }
+
+    /// `Bᵀ d` for F(2, 3): the four inputs of two outputs, transformed.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn b_t([d0, d1, d2, d3]: [__m512; 4]) -> [__m512; 4] {
+        [
+            _mm512_sub_ps(d0, d2),
+            _mm512_add_ps(d1, d2),
+            _mm512_sub_ps(d2, d1),
+            _mm512_sub_ps(d1, d3),
+        ]
+    }
+
+    /// `Aᵀ m` for F(2, 3): two outputs from four products.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn a_t([m0, m1, m2, m3]: [__m512; 4]) -> [__m512; 2] {
+        [
+            _mm512_add_ps(_mm512_add_ps(m0, m1), m2),
+            _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3),
+        ]
+    }
+
+    /// The first `count` (at most 16) values of `values`, zero past them.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn load_lanes(values: &[f32], count: usize) -> __m512 {
+        let values = &values[..count];
+        // SAFETY: the mask reads the `count` values of `values`.
+        unsafe { _mm512_maskz_loadu_ps(lanes(count), values.as_ptr()) }
+    }
+
+    /// Transforms the input tiles of `run` (`Bᵀ d B` along every axis) for
+    /// every input channel of `input` (`[Cin, D, H, W]`) into `v`
+    /// (`[64][Cin][TILES]`, positions `position_stride(Cin)` apart; lanes
+    /// `run.lane..`), 16 tiles per vector.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F.
+    // The loops walk one axis of tiles indexed on three.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn transform_input(
+        input: &[f32],
+        [d, h, w]: [usize; 3],
+        cin: usize,
+        run: Run,
+        v: &mut [f32],
+    ) {
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        let n = run.tx1 - run.tx0;
+        // The 4x4 rows the run's tiles read, as offsets in a channel; rows
+        // outside the volume are read as zeros (empty masks).
+        let mut rows = [[(0usize, true); 4]; 4];
+        for (a, rows) in rows.iter_mut().enumerate() {
+            for (b, row) in rows.iter_mut().enumerate() {
+                let z = (2 * run.tz + a).checked_sub(1).filter(|&z| z < d);
+                let y = (2 * run.ty + b).checked_sub(1).filter(|&y| y < h);
+                *row = match (z, y) {
+                    (Some(z), Some(y)) => ((z * h + y) * w, true),
+                    _ => (0, false),
+                };
+            }
+        }
+        for group in 0..n.div_ceil(16) {
+            let count = (n - 16 * group).min(16);
+            // Tile i of the group reads x = start + 2i .. start + 2i + 4; the
+            // four loads below start at start + k, their masks keep x in
+            // 0..W.
+            let start = 2 * (run.tx0 + 16 * group) as isize - 1;
+            let offsets = [0, 16, 2, 18].map(|k| start + k);
+            let masks = offsets.map(|at| {
+                let below = (-at).clamp(0, 16) as usize;
+                let inside = (w as isize - at).clamp(0, 16) as usize;
+                lanes(inside) & !lanes(below)
+            });
+            for ci in 0..cin {
+                let channel = &input[ci * d * h * w..][..d * h * w];
+                // The rows are far apart (a plane between depths, a
+                // channel between channels), too many streams for the
+                // hardware prefetcher: ask for those of the channel after
+                // next now.
+                if ci + PREFETCH < cin {
+                    let ahead = &input[(ci + PREFETCH) * d * h * w..][..d * h * w];
+                    for &(row, inside) in rows.iter().flatten() {
+                        if !inside {
+                            continue;
+                        }
+                        let row = &ahead[row..][..w];
+                        for line in [0, 16, 32] {
+                            let at = (start + line).clamp(0, w as isize - 1) as usize;
+                            _mm_prefetch::<_MM_HINT_T0>(row[at..].as_ptr().cast());
+                        }
+                    }
+                }
+                // `x[a][b][kx]`: row (a, b) of the 16 tiles' 4x4 rows,
+                // transformed along x.
+                let mut x = [[[_mm512_setzero_ps(); 4]; 4]; 4];
+                for (x, rows) in x.iter_mut().zip(&rows) {
+                    for (x, &(row, inside)) in x.iter_mut().zip(rows) {
+                        let row = &channel[row..][..w];
+                        let [p0, p1, q0, q1] = [0, 1, 2, 3].map(|k| {
+                            let mask = if inside { masks[k] } else { 0 };
+                            // SAFETY: the mask keeps the lanes at x in
+                            // 0..W, inside `row`; the others are not read
+                            // (the pointer itself may lie outside, hence
+                            // `wrapping_offset`).
+                            unsafe {
+                                _mm512_maskz_loadu_ps(
+                                    mask,
+                                    row.as_ptr().wrapping_offset(offsets[k]),
+                                )
+                            }
+                        });
+                        // Tile i's four values: the even and odd positions
+                        // of the group's values from 2i, and from 2i + 2.
+                        *x = b_t([
+                            _mm512_permutex2var_ps(p0, even, p1),
+                            _mm512_permutex2var_ps(p0, odd, p1),
+                            _mm512_permutex2var_ps(q0, even, q1),
+                            _mm512_permutex2var_ps(q0, odd, q1),
+                        ]);
+                    }
+                }
+                // Along y, then z, into `v`.
+                for kx in 0..4 {
+                    let xy: [[__m512; 4]; 4] = core::array::from_fn(|a| {
+                        b_t([x[a][0][kx], x[a][1][kx], x[a][2][kx], x[a][3][kx]])
+                    });
+                    for ky in 0..4 {
+                        let t = b_t([xy[0][ky], xy[1][ky], xy[2][ky], xy[3][ky]]);
+                        for (kz, &t) in t.iter().enumerate() {
+                            let position = kz * 16 + ky * 4 + kx;
+                            let lanes_at = position * position_stride(cin)
+                                + ci * TILES
+                                + run.lane
+                                + 16 * group;
+                            let dst = &mut v[lanes_at..][..count];
+                            // SAFETY: the mask writes the `count` values
+                            // of `dst`.
+                            unsafe { _mm512_mask_storeu_ps(dst.as_mut_ptr(), lanes(count), t) };
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Transforms the products of `run`'s tiles (`m`: `[64][padded][TILES]`,
+    /// `padded` being `Cout` rounded up to [`BLOCK`]) back into output tiles (`Aᵀ M A` along every axis),
+    /// adds the bias, and stores them in `out` (`[Cout, D, H, W]`), added to
+    /// what it holds where `accumulate`.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `out` holds `Cout * D * H * W` values, of
+    /// which no other thread touches depth slices `2 run.tz` and
+    /// `2 run.tz + 1`.
+    // The loops walk one axis of tiles indexed on three.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn transform_output(
+        (m, padded): (&[f32], usize),
+        [d, h, w]: [usize; 3],
+        bias: &[f32],
+        run: Run,
+        (out, accumulate): (SharedOut<'_>, bool),
+    ) {
+        // Lanes of two 16-tile vectors (outputs x = 2i and 2i + 1),
+        // interleaved into positions along the row.
+        let low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        let high = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+        let n = run.tx1 - run.tx0;
+        for (co, &bias) in bias.iter().enumerate() {
+            let bias = _mm512_set1_ps(bias);
+            for group in 0..n.div_ceil(16) {
+                let count = (n - 16 * group).min(16);
+                let m: [__m512; POSITIONS] = core::array::from_fn(|t| {
+                    let lane = t * position_stride(padded) + co * TILES + run.lane + 16 * group;
+                    load_lanes(&m[lane..], count)
+                });
+                // Along x: `r[kz][ky][ox]`.
+                let r: [[[__m512; 2]; 4]; 4] = core::array::from_fn(|kz| {
+                    core::array::from_fn(|ky| {
+                        let t = kz * 16 + ky * 4;
+                        a_t([m[t], m[t + 1], m[t + 2], m[t + 3]])
+                    })
+                });
+                // Along y: `s[kz][oy][ox]`.
+                let s: [[[__m512; 2]; 2]; 4] = core::array::from_fn(|kz| {
+                    let r = &r[kz];
+                    let [x0, x1] = [0, 1].map(|ox| a_t([r[0][ox], r[1][ox], r[2][ox], r[3][ox]]));
+                    [[x0[0], x1[0]], [x0[1], x1[1]]]
+                });
+                for oy in 0..2 {
+                    // Along z: `z[ox][oz]`.
+                    let z = [0, 1]
+                        .map(|ox| a_t([s[0][oy][ox], s[1][oy][ox], s[2][oy][ox], s[3][oy][ox]]));
+                    for oz in 0..2 {
+                        let (even, odd) =
+                            (_mm512_add_ps(z[0][oz], bias), _mm512_add_ps(z[1][oz], bias));
+                        let (zi, yi) = (2 * run.tz + oz, 2 * run.ty + oy);
+                        let start = ((co * d + zi) * h + yi) * w + 2 * (run.tx0 + 16 * group);
+                        // SAFETY: row (co, zi, yi) lies inside `out` (zi <
+                        // D, yi < H as the sides are even; the run's x <
+                        // W), and only this thread writes depth slice zi.
+                        let row = unsafe { out.slice(start, 2 * count) };
+                        for (half, index) in [low, high].into_iter().enumerate() {
+                            let mask = lanes((2 * count).saturating_sub(16 * half));
+                            if mask == 0 {
+                                continue;
+                            }
+                            let dst = row[16 * half..].as_mut_ptr();
+                            let mut value = _mm512_permutex2var_ps(even, index, odd);
+                            // SAFETY: the mask touches the row's values
+                            // from 16 half on, inside `row`.
+                            unsafe {
+                                if accumulate {
+                                    value = _mm512_add_ps(value, _mm512_maskz_loadu_ps(mask, dst));
+                                }
+                                _mm512_mask_storeu_ps(dst, mask, value);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `m[t] = u[t] · v[t]` for the 64 positions: `u` `[64][blocks][Cin][BLOCK]`,
+    /// `v` `[64][Cin][TILES]`, `m` `[64][blocks * BLOCK][TILES]` (positions
+    /// `position_stride(rows)` apart).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn products(u: &[f32], v: &[f32], m: &mut [f32], cin: usize, blocks: usize) {
+        for t in 0..POSITIONS {
+            let v = &v[t * position_stride(cin)..][..cin * TILES];
+            for block in 0..blocks {
+                let u = &u[(t * blocks + block) * cin * BLOCK..][..cin * BLOCK];
+                let mut acc = [[_mm512_setzero_ps(); 2]; BLOCK];
+                for (weights, tiles) in u.chunks_exact(BLOCK).zip(v.chunks_exact(TILES)) {
+                    // SAFETY: `tiles` holds 32 values.
+                    let x = unsafe {
+                        [
+                            _mm512_loadu_ps(tiles.as_ptr()),
+                            _mm512_loadu_ps(tiles[16..].as_ptr()),
+                        ]
+                    };
+                    for (acc, &weight) in acc.iter_mut().zip(weights) {
+                        let weight = _mm512_set1_ps(weight);
+                        acc[0] = _mm512_fmadd_ps(weight, x[0], acc[0]);
+                        acc[1] = _mm512_fmadd_ps(weight, x[1], acc[1]);
+                    }
+                }
+                for (o, acc) in acc.iter().enumerate() {
+                    let row = t * position_stride(blocks * BLOCK) + (block * BLOCK + o) * TILES;
+                    let row = &mut m[row..][..TILES];
+                    // SAFETY: `row` holds 32 values.
+                    unsafe {
+                        _mm512_storeu_ps(row.as_mut_ptr(), acc[0]);
+                        _mm512_storeu_ps(row[16..].as_mut_ptr(), acc[1]);
+                    }
+                }
+            }
+        }
+    }
+}
