@@ -1,4 +1,7 @@
-//! A direct 3x3x3 convolution for tract, where the CPU has AVX-512.
+//! The engine's own 3x3x3 convolution for tract, where the CPU has
+//! AVX-512: Winograd's F(2x2x2, 3x3x3) (`winograd.rs`) for convolutions
+//! with [`WINOGRAD_CHANNELS`] or more channels each way on volumes with
+//! even sides, a direct kernel (below) for the others.
 //!
 //! tract runs a 3-D convolution as a matrix product over a lazily gathered
 //! im2col (issue 20): 12-30 % of this machine's multiply-add peak on the
@@ -11,7 +14,7 @@
 //! tract's matrix product runs as fast; tract keeps every other
 //! convolution.
 //!
-//! For each output row and register block the kernel accumulates
+//! For each output row and register block the direct kernel accumulates
 //! [`BLOCK`] output channels (or the one channel of a one-output
 //! convolution) by 16, 32 or up to 128 positions in registers over every
 //! input channel and the 27 taps: per tap, one 16-value load of the input
@@ -50,7 +53,10 @@ pub(crate) const BLOCK: usize = 8;
 /// matrix product has long dot products to work with: there, taking rows
 /// of 16 as well measured the same as leaving them to tract (full-size
 /// decoder 16.9 against 17.1 s, encoder 5.9 against 6.0 s;
-/// `docs/benchmarks.md`).
+/// `docs/benchmarks.md`). Nor does Winograd's form pay there: the
+/// full-size encoder took 2.94 against 3.07 s with it on the deep levels
+/// (within the noise), for 470 MB more memory (their transformed weights)
+/// and seconds more planning.
 pub(crate) const MIN_WIDTH: usize = 32;
 
 /// Fewest input and output channels for which the convolution runs by

@@ -20,6 +20,26 @@ pub(crate) fn for_each(n: usize, f: impl Fn(usize) + Send + Sync) {
     }
 }
 
+/// Calls `f(state, i)` for every `i` in `0..n`, in parallel where the model
+/// has a pool, with a `state` made by `init` and reused over the items one
+/// thread takes in turn (scratch buffers, allocated a few times rather than
+/// once per item).
+pub(crate) fn for_each_with<S>(
+    n: usize,
+    init: impl Fn() -> S + Send + Sync,
+    f: impl Fn(&mut S, usize) + Send + Sync,
+) {
+    match current_tract_executor() {
+        Executor::MultiThread(pool) => {
+            pool.install(|| (0..n).into_par_iter().for_each_init(init, f))
+        }
+        _ => {
+            let mut state = init();
+            (0..n).for_each(|i| f(&mut state, i));
+        }
+    }
+}
+
 /// Calls `f(i, input plane i, output plane i)` for the planes of `input`
 /// (`input_plane` values each) and `out` (`out_plane` values each), in
 /// parallel where the model has a pool. Planes past the shorter of the two

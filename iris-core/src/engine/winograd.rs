@@ -74,11 +74,13 @@ impl Winograd {
     pub(crate) fn new(kernel: &[f32], [cin, cout]: [usize; 2]) -> Self {
         let blocks = cout.div_ceil(BLOCK);
         let mut weights = vec![0.0; POSITIONS * blocks * cin * BLOCK];
-        for co in 0..cout {
-            for ci in 0..cin {
+        // In the order of `weights` within each position, so that the 64
+        // positions are 64 streams of consecutive writes.
+        for (block, ci) in (0..blocks).flat_map(|b| (0..cin).map(move |ci| (b, ci))) {
+            for co in block * BLOCK..(block * BLOCK + BLOCK).min(cout) {
                 let u = transform_kernel(&kernel[(co * cin + ci) * 27..][..27]);
                 for (t, &u) in u.iter().enumerate() {
-                    weights[((t * blocks + co / BLOCK) * cin + ci) * BLOCK + co % BLOCK] = u as f32;
+                    weights[((t * blocks + block) * cin + ci) * BLOCK + co % BLOCK] = u as f32;
                 }
             }
         }
@@ -132,10 +134,13 @@ impl Winograd {
         let (ty_n, tx_n) = (h / 2, w / 2);
         let padded = self.output_channels.div_ceil(BLOCK) * BLOCK;
         let out = SharedOut::new(out);
-        let pair = |tz: usize| {
-            let mut v = vec![0.0f32; POSITIONS * position_stride(cin)];
-            let mut m = vec![0.0f32; POSITIONS * position_stride(padded)];
-            let mut runs = Vec::new();
+        // Scratch for one thread: transformed inputs, products, runs.
+        let scratch = || {
+            let v = vec![0.0f32; POSITIONS * position_stride(cin)];
+            let m = vec![0.0f32; POSITIONS * position_stride(padded)];
+            (v, m, Vec::new())
+        };
+        let pair = |(v, m, runs): &mut (Vec<f32>, Vec<f32>, Vec<Run>), tz: usize| {
             for start in (0..ty_n * tx_n).step_by(TILES) {
                 // The block's tiles, one run per tile row.
                 runs.clear();
@@ -158,21 +163,22 @@ impl Winograd {
                 // `Cout * D * H * W` values and this depth pair writes
                 // only its own two depth slices of it.
                 unsafe {
-                    for &run in &runs {
-                        transform_input(input, [d, h, w], cin, run, &mut v);
+                    for &run in runs.iter() {
+                        transform_input(input, [d, h, w], cin, run, v);
                     }
-                    products(&self.weights, &v, &mut m, cin, padded / BLOCK);
-                    for &run in &runs {
-                        transform_output((&m, padded), [d, h, w], bias, run, (out, accumulate));
+                    products(&self.weights, v, m, cin, padded / BLOCK);
+                    for &run in runs.iter() {
+                        transform_output((m, padded), [d, h, w], bias, run, (out, accumulate));
                     }
                 }
             }
         };
-        parallel::for_each(d / 2, pair);
+        parallel::for_each_with(d / 2, scratch, pair);
     }
 }
 
-/// `U = G g G^T` along the three axes of one 3x3x3 kernel, in f64.
+/// `U = G g Gᵀ` along the three axes of one 3x3x3 kernel (`[z][y][x]`),
+/// in f64, one axis at a time.
 fn transform_kernel(g: &[f32]) -> [f64; POSITIONS] {
     const G: [[f64; 3]; 4] = [
         [1.0, 0.0, 0.0],
@@ -180,15 +186,22 @@ fn transform_kernel(g: &[f32]) -> [f64; POSITIONS] {
         [0.5, -0.5, 0.5],
         [0.0, 0.0, 1.0],
     ];
+    let along = |v: [f64; 3]| G.map(|row| row[0] * v[0] + row[1] * v[1] + row[2] * v[2]);
+    // Along x: `[3 z][3 y][4 kx]`; along y: `[3 z][4 ky][4 kx]`.
+    let x: [[[f64; 4]; 3]; 3] = core::array::from_fn(|z| {
+        core::array::from_fn(|y| along(core::array::from_fn(|x| f64::from(g[z * 9 + y * 3 + x]))))
+    });
+    let xy: [[[f64; 4]; 4]; 3] = core::array::from_fn(|z| {
+        let columns: [[f64; 4]; 4] =
+            core::array::from_fn(|kx| along([x[z][0][kx], x[z][1][kx], x[z][2][kx]]));
+        core::array::from_fn(|ky| core::array::from_fn(|kx| columns[kx][ky]))
+    });
     let mut u = [0.0; POSITIONS];
-    for (t, u) in u.iter_mut().enumerate() {
-        let (kz, ky, kx) = (t / 16, t / 4 % 4, t % 4);
-        *u = (0..27)
-            .map(|tap| {
-                let (dz, dy, dx) = (tap / 9, tap / 3 % 3, tap % 3);
-                G[kz][dz] * G[ky][dy] * G[kx][dx] * f64::from(g[tap])
-            })
-            .sum();
+    for (ky, kx) in (0..4).flat_map(|ky| (0..4).map(move |kx| (ky, kx))) {
+        let column = along([xy[0][ky][kx], xy[1][ky][kx], xy[2][ky][kx]]);
+        for (kz, &value) in column.iter().enumerate() {
+            u[kz * 16 + ky * 4 + kx] = value;
+        }
     }
     u
 }
