@@ -113,27 +113,26 @@ impl Winograd {
         assert_eq!(input.len(), cin * d * h * w, "input size");
         assert_eq!(out.len(), cout * d * h * w, "output size");
         assert_eq!(bias.len(), cout, "bias size");
-        #[cfg(target_arch = "x86_64")]
-        self.run_avx512(input, bias, [d, h, w], out, accumulate);
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("the convolution's own kernels run only where `conv3d::available()`");
+        #[cfg(target_arch = "x86_64")]
+        self.run_tiles(input, bias, [d, h, w], (SharedOut::new(out), accumulate));
     }
 
-    /// [`Winograd::run`], once its sizes are checked.
+    /// [`Winograd::run`] once its sizes are checked: the depth pairs in
+    /// parallel, each thread with its own scratch.
     #[cfg(target_arch = "x86_64")]
-    fn run_avx512(
+    fn run_tiles(
         &self,
         input: &[f32],
         bias: &[f32],
         [d, h, w]: [usize; 3],
-        out: &mut [f32],
-        accumulate: bool,
+        (out, accumulate): (SharedOut<'_>, bool),
     ) {
         use avx512::{products, transform_input, transform_output};
         let cin = self.input_channels;
         let (ty_n, tx_n) = (h / 2, w / 2);
         let padded = self.output_channels.div_ceil(BLOCK) * BLOCK;
-        let out = SharedOut::new(out);
         // Scratch for one thread: transformed inputs, products, runs.
         let scratch = || {
             let v = vec![0.0f32; POSITIONS * position_stride(cin)];
