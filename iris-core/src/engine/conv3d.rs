@@ -96,18 +96,15 @@ pub(crate) fn replacement(
     }
 }
 
-/// The direct form of `node` fused with the `Add` that is its one
-/// successor, where [`replacement`] serves `node` and the sum's other term
-/// is an f32 tensor of the convolution's shape: the op (taking the
-/// convolution's input and that term), the `Add` node it stands for, and
-/// the term.
-pub(crate) fn fuse_residual<'m>(
+/// The `Add` node that is the one successor of convolution `node` and adds
+/// to it an f32 term of its own shape, with that term: a convolution
+/// [`replacement`] serves there can take the sum's place
+/// ([`DirectConv3d::adding_residual`], inputs: the convolution's input and
+/// the term).
+pub(crate) fn residual_sum<'m>(
     model: &'m TypedModel,
     node: &TypedNode,
-) -> TractResult<Option<(DirectConv3d, &'m TypedNode, OutletId)>> {
-    let Some(op) = replacement(model, node)? else {
-        return Ok(None);
-    };
+) -> TractResult<Option<(&'m TypedNode, OutletId)>> {
     let [next] = node.outputs[0].successors.as_slice() else {
         return Ok(None);
     };
@@ -127,11 +124,7 @@ pub(crate) fn fuse_residual<'m>(
     {
         return Ok(None);
     }
-    let op = DirectConv3d {
-        residual: true,
-        ..op
-    };
-    Ok(Some((op, add, residual)))
+    Ok(Some((add, residual)))
 }
 
 /// A 3x3x3 convolution with padding 1, computed directly (see the module
@@ -230,6 +223,15 @@ impl DirectConv3d {
             bias,
             [cin, cout],
         )))
+    }
+
+    /// The same convolution adding its second input to its output (see
+    /// [`residual_sum`]).
+    pub(crate) fn adding_residual(self) -> Self {
+        DirectConv3d {
+            residual: true,
+            ..self
+        }
     }
 
     /// The op for `kernel` (`[Cout, Cin, 3, 3, 3]`) and `bias` (`[Cout]`).
@@ -735,10 +737,7 @@ mod tests {
         let voxels: usize = shape[2..].iter().product();
         let kernel = values(cin * cin * 27, 7);
         let bias = values(cin, 8);
-        let op = DirectConv3d {
-            residual: true,
-            ..DirectConv3d::new(&kernel, bias.clone(), [cin, cin])
-        };
+        let op = DirectConv3d::new(&kernel, bias.clone(), [cin, cin]).adding_residual();
         let x = values(cin * voxels, 9);
         let r = values(cin * voxels, 10);
         let conv = reference(&x, &kernel, &bias, [cin, cin], [2, 3, 40]);

@@ -400,17 +400,17 @@ pub(crate) fn values<'a>(graph: &Graph, value: &'a TValue) -> Result<&'a [f32]> 
 fn substitute_own_ops(model: &mut TypedModel) -> TractResult<()> {
     for id in model.eval_order()? {
         let node = model.node(id);
-        if let Some((op, sum, residual)) = super::conv3d::fuse_residual(model, node)? {
-            let (inputs, last) = ([node.inputs[0], residual], (sum.id, sum.name.clone()));
-            fuse(model, last, &inputs, op)?;
-            continue;
-        }
         if let Some((op, relu)) = super::instance_norm::fuse_relu(model, node)? {
             let (inputs, last) = (node.inputs.clone(), (relu.id, relu.name.clone()));
             fuse(model, last, &inputs, op)?;
             continue;
         }
         let op: Box<dyn TypedOp> = if let Some(op) = super::conv3d::replacement(model, node)? {
+            if let Some((sum, residual)) = super::conv3d::residual_sum(model, node)? {
+                let (inputs, last) = ([node.inputs[0], residual], (sum.id, sum.name.clone()));
+                fuse(model, last, &inputs, op.adding_residual())?;
+                continue;
+            }
             Box::new(op)
         } else if let Some(op) = super::upsample::replacement(model, node)? {
             Box::new(op)
