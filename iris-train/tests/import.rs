@@ -36,9 +36,8 @@ const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/mass"
 const TOLERANCE: f32 = 1e-4;
 /// Gradients, likewise.
 const GRADIENT_TOLERANCE: f32 = 1e-3;
-/// The fixture's window and class count (`scripts/mass_reference.py`).
+/// The fixture's window (`scripts/mass_reference.py`).
 const WINDOW: [usize; 3] = [32, 48, 32];
-const CLASSES: usize = 2;
 
 /// The fixtures, gunzipped into a temporary folder.
 struct Fixture {
@@ -267,17 +266,24 @@ fn the_exported_graphs_compute_what_the_reference_code_computes_in_tract() {
     let model = Model::load(&out).expect("the engine loads the folder");
     assert_eq!(*model.fingerprint(), fingerprint);
     assert_eq!(model.manifest().classes_per_forward, None);
+    assert_engine_matches(&model, &reference, WINDOW);
+}
+
+/// Runs the engine on the reference code's windows (`window` voxels) and
+/// checks its task stages and logits against the reference's, within
+/// [`TOLERANCE`].
+fn assert_engine_matches(model: &Model, reference: &Reference, [d, h, w]: [usize; 3]) {
     let window = |key: &str| reference.values(key);
     let image = window("reference_image");
     let features = model
-        .encode_window(ArrayView3::from_shape(WINDOW, &image).expect("shape"))
+        .encode_window(ArrayView3::from_shape((d, h, w), &image).expect("shape"))
         .expect("encodes");
     let masks = window("reference_masks");
-    let [d, h, w] = WINDOW;
+    let classes = masks.len() / (d * h * w);
     let stages = model
         .encode_masks(
             &features,
-            ArrayView4::from_shape((CLASSES, d, h, w), &masks).expect("shape"),
+            ArrayView4::from_shape((classes, d, h, w), &masks).expect("shape"),
         )
         .expect("encodes the masks");
     for (i, stage) in stages.iter().enumerate() {
@@ -291,10 +297,10 @@ fn the_exported_graphs_compute_what_the_reference_code_computes_in_tract() {
     }
     let query = window("query_image");
     let query_features = model
-        .encode_window(ArrayView3::from_shape(WINDOW, &query).expect("shape"))
+        .encode_window(ArrayView3::from_shape((d, h, w), &query).expect("shape"))
         .expect("encodes");
     let logits = model
-        .decode_window(&query_features, &core_task(&model, &stages))
+        .decode_window(&query_features, &core_task(model, &stages))
         .expect("decodes");
     let found: Vec<f32> = logits.iter().copied().collect();
     assert_close(
@@ -625,7 +631,9 @@ fn one_training_step_matches_the_reference_code() {
 /// --test import -- --ignored` checks its keys, shapes and parameter count;
 /// with `IRIS_MASS_REFERENCE` pointing at the `reference.pth` that
 /// `scripts/mass_reference.py --checkpoint mass_base.pth` records, also one
-/// 128³ window against the reference code.
+/// 128³ window against the reference code, in burn and in the engine (the
+/// exported graphs, with the engine's own convolutions at the released
+/// size).
 #[test]
 #[ignore = "needs IRIS_MASS_CHECKPOINT=path/to/mass_base.pth"]
 fn the_released_checkpoint_imports_and_matches_the_reference_code() {
@@ -669,4 +677,8 @@ fn the_released_checkpoint_imports_and_matches_the_reference_code() {
         &reference.values("ema.logits"),
         TOLERANCE,
     );
+    let out = TempDir::new("import-released");
+    export::export_imported(&imported, "mass-base", out.path()).expect("exports");
+    let engine = Model::load(out.path()).expect("the engine loads the folder");
+    assert_engine_matches(&engine, &reference, imported.config.patch_size);
 }
