@@ -284,8 +284,11 @@ impl DirectConv3d {
         #[cfg(target_arch = "x86_64")]
         let kernel = avx512::kernel(self.block, vectors);
         let out = SharedOut::new(out);
-        let slice = |z: usize| {
-            let mut rows = Rows::new(self.input_channels, w, 16 * vectors);
+        // One `Rows` per thread, reused from slice to slice: a slot's key
+        // names the input row it holds, so a row left by another slice is
+        // either the one wanted or copied over.
+        let rows = || Rows::new(self.input_channels, w, 16 * vectors);
+        let slice = |rows: &mut Rows, z: usize| {
             for y in 0..h {
                 rows.gather(input, [z, y], [d, h, w]);
                 for block in 0..blocks {
@@ -298,7 +301,7 @@ impl DirectConv3d {
                     unsafe {
                         kernel(
                             self,
-                            &rows,
+                            rows,
                             [z, y, block],
                             [d, h, w],
                             (out.ptr(), accumulate),
@@ -307,7 +310,7 @@ impl DirectConv3d {
                 }
             }
         };
-        super::parallel::for_each(d, slice);
+        super::parallel::for_each_with(d, rows, slice);
     }
 }
 

@@ -11,15 +11,6 @@ use core::marker::PhantomData;
 use rayon::prelude::*;
 use tract_linalg::multithread::{Executor, current_tract_executor};
 
-/// Calls `f(i)` for every `i` in `0..n`, in parallel where the model has a
-/// pool.
-pub(crate) fn for_each(n: usize, f: impl Fn(usize) + Send + Sync) {
-    match current_tract_executor() {
-        Executor::MultiThread(pool) => pool.install(|| (0..n).into_par_iter().for_each(f)),
-        _ => (0..n).for_each(f),
-    }
-}
-
 /// Calls `f(state, i)` for every `i` in `0..n`, in parallel where the model
 /// has a pool, with a `state` made by `init` and reused over the items one
 /// thread takes in turn (scratch buffers, allocated a few times rather than
