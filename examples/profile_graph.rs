@@ -9,9 +9,9 @@
 //!
 //! The graph's inputs are given in order as shapes (`1x16x8x8x8`; `K`
 //! stands for `--classes`, default 1) and filled with a fixed pattern in
-//! `[0, 1)`; tract optimises the plan (tract alone: without the engine's
-//! direct convolution of `engine/conv3d.rs`, so its convolutions show as
-//! tract runs them). After one warm-up
+//! `[0, 1)`; the plan is optimised as the engine plans it, its own ops
+//! included (`iris_core::engine::optimise`; with `IRIS_DIRECT_CONV=0`,
+//! tract's convolutions stand where the engine's would). After one warm-up
 //! run, `--runs` runs (default 5) are timed node by node on a pool of
 //! `--threads` threads (default 1, as many as tract's matrix products may
 //! use). It prints the mean seconds per run of each operator type and of the
@@ -82,11 +82,11 @@ fn parse_args() -> Result<Args, Box<dyn Error>> {
 
 fn main() -> Result<(), Box<dyn Error>> {
     let args = parse_args()?;
-    let mut model = tract_onnx::onnx().model_for_path(&args.graph)?;
+    let mut model = iris_core::engine::reader().model_for_path(&args.graph)?;
     for (ix, shape) in args.shapes.iter().enumerate() {
         model.set_input_fact(ix, f32::fact(shape).into())?;
     }
-    let plan = SimplePlan::new(model.into_optimized()?)?;
+    let plan = SimplePlan::new(iris_core::engine::optimise(model.into_typed()?)?)?;
     let inputs = args
         .shapes
         .iter()

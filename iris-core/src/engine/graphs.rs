@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tract_linalg::multithread::Executor;
+use tract_onnx::Onnx;
 use tract_onnx::prelude::{
     Datum, Framework, InferenceFact, InferenceModel, InferenceModelExt, RunOptions, TValue, TVec,
     Tensor, TypedModel, TypedRunnableModel,
@@ -128,8 +129,7 @@ impl Graph {
             reason,
         };
         let tract = |what: &str, e: &dyn Display| fail(format!("{what}: {e:#}"));
-        let mut onnx = tract_onnx::onnx();
-        super::instance_norm::register(&mut onnx);
+        let onnx = reader();
         let model = match source {
             Source::File(path) if !path.is_file() => {
                 return Err(fail("the graph file is missing".into()));
@@ -252,12 +252,10 @@ impl Graph {
                 )
                 .map_err(|e| fail(&e))?;
         }
-        let mut typed = model
+        let typed = model
             .into_typed()
-            .and_then(TypedModel::into_decluttered)
+            .and_then(optimise)
             .map_err(|e| fail(&e))?;
-        substitute_own_ops(&mut typed).map_err(|e| fail(&e))?;
-        let typed = typed.into_optimized().map_err(|e| fail(&e))?;
         for (port, &slot) in self.outputs.iter().zip(&self.output_slots) {
             let fact = typed.output_fact(slot).map_err(|e| fail(&e))?;
             let want = port.shape(classes);
@@ -388,6 +386,27 @@ pub(crate) fn values<'a>(graph: &Graph, value: &'a TValue) -> Result<&'a [f32]> 
             path: graph.path.clone(),
             reason: format!("an output is not an f32 tensor: {e:#}"),
         })
+}
+
+/// tract's ONNX reader with the engine's own ops registered: what
+/// [`Graph::load`] reads graphs with (tools that profile the engine's plans
+/// read with it too).
+pub fn reader() -> Onnx {
+    let mut onnx = tract_onnx::onnx();
+    super::instance_norm::register(&mut onnx);
+    onnx
+}
+
+/// Optimises `model` (typed, every shape known) as the engine plans it:
+/// decluttered, the engine's own ops substituted, then tract's
+/// optimisations.
+///
+/// # Errors
+/// Where tract cannot declutter or optimise the graph.
+pub fn optimise(model: TypedModel) -> TractResult<TypedModel> {
+    let mut typed = model.into_decluttered()?;
+    substitute_own_ops(&mut typed)?;
+    typed.into_optimized()
 }
 
 /// Puts the engine's own ops in place of the tract ops they serve, before

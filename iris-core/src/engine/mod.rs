@@ -51,7 +51,7 @@ use ndarray::{Array3, Array4, ArrayView3, ArrayView4, Axis};
 use tract_linalg::multithread::Executor;
 use tract_onnx::prelude::{TValue, TVec};
 
-pub use graphs::MAX_PLANS;
+pub use graphs::{MAX_PLANS, optimise, reader};
 pub use loading::{ModelBuffers, ModelOptions};
 pub use manifest::{
     FORMAT, FORMAT_VERSION, GraphFiles, LEVELS, MANIFEST_FILE, MAX_PATCH, Manifest, ManifestFile,
