@@ -35,6 +35,7 @@ mod eval;
 mod failure;
 mod input;
 mod inspect;
+mod memory;
 mod output;
 mod pool;
 mod preview;
@@ -92,6 +93,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    memory::keep_freed_memory();
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Encode(args) => encode::run(args, cli.quiet),
