@@ -195,6 +195,24 @@ public:
         return Model(out);
     }
 
+    /// Loads with the model's own pool of `threads` threads (0: one per
+    /// core), on which all of its work runs.
+    static Model load(const std::string &dir, std::uint32_t threads) {
+        IrisModelOptions options;
+        check(iris_model_options_default(&options), "iris_model_options_default");
+        options.threads = threads;
+        IrisModel *out = nullptr;
+        check(iris_model_load_with(dir.c_str(), &options, &out), "iris_model_load_with");
+        return Model(out);
+    }
+
+    /// Threads of the model's pool.
+    std::uint32_t threads() const {
+        std::uint32_t out = 0;
+        check(iris_model_threads(handle_.get(), &out), "iris_model_threads");
+        return out;
+    }
+
     /// Encodes `labels` (non-zero values of `label_map`) from a reference.
     Task encode(const IrisVolumeView &image, const IrisVolumeView &label_map,
                 const std::vector<std::uint16_t> &labels,

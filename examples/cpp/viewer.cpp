@@ -1,9 +1,10 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //
-// viewer: what an image viewer does with libiris. One model is loaded once;
-// a task is encoded from a reference; then several volumes are segmented at
-// the same time, one std::thread each, all sharing that model, printing per
-// volume the time and label counts. The program then segments every volume
+// viewer: what an image viewer does with libiris. One model is loaded once,
+// with a pool of threads that leaves one core to the interface; a task is
+// encoded from a reference; then several volumes are segmented at the same
+// time, one std::thread each, all sharing that model, printing per volume
+// the time and label counts. The program then segments every volume
 // again, one after another, and checks that each concurrent result equals
 // the sequential one (libiris models are thread-safe and deterministic).
 //
@@ -58,7 +59,11 @@ int main(int argc, char **argv) {
     }
     try {
         iris::check_abi();
-        const iris::Model model = iris::Model::load(argv[1]);
+        // A viewer leaves a core to its interface: the model's pool (every
+        // segmentation of every thread below runs on it) takes the others.
+        const unsigned cores = std::thread::hardware_concurrency();
+        const iris::Model model = iris::Model::load(argv[1], cores > 1 ? cores - 1 : 1);
+        std::printf("model: %u thread(s) for %u core(s)\n", model.threads(), cores);
         const iris::Volume reference = iris::Volume::read_nifti(argv[2], false);
         const iris::Volume reference_labels = iris::Volume::read_nifti(argv[3], true);
         const auto label = static_cast<std::uint16_t>(std::strtoul(argv[4], nullptr, 10));
