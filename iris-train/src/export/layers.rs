@@ -371,6 +371,7 @@ fn attention(
     mha: &MultiHeadAttention,
     query: &str,
     context: &str,
+    keys: Keys,
 ) -> Value {
     if mha.quiet_softmax {
         return Err(Error::Export {
@@ -387,16 +388,91 @@ fn attention(
         Ok::<_, Error>(transpose(g, &y, perm))
     };
     let q = heads_of(g, "query", &mha.query, query, &[0, 2, 1, 3])?;
-    let k = heads_of(g, "key", &mha.key, context, &[0, 2, 3, 1])?;
-    let v = heads_of(g, "value", &mha.value, context, &[0, 2, 1, 3])?;
-    let scores = g.op("MatMul", &[&q, &k], vec![]);
-    let scale = g.scalar((mha.d_k as f32).sqrt());
-    let scores = g.op("Div", &[&scores, &scale], vec![]);
-    let weights = g.op("Softmax", &[&scores], vec![attr_int("axis", 3)]);
-    let out = g.op("MatMul", &[&weights, &v], vec![]);
+    let out = match keys {
+        Keys::Projected => {
+            let k = heads_of(g, "key", &mha.key, context, &[0, 2, 3, 1])?;
+            let v = heads_of(g, "value", &mha.value, context, &[0, 2, 1, 3])?;
+            let scores = g.op("MatMul", &[&q, &k], vec![]);
+            let scale = g.scalar((mha.d_k as f32).sqrt());
+            let scores = g.op("Div", &[&scores, &scale], vec![]);
+            let weights = g.op("Softmax", &[&scores], vec![attr_int("axis", 3)]);
+            g.op("MatMul", &[&weights, &v], vec![])
+        }
+        Keys::Folded => folded_attention(g, name, mha, &q, context)?,
+    };
     let out = transpose(g, &out, &[0, 2, 1, 3]);
     let out = reshape(g, &out, &[0, 0, int(mha.d_model)]);
+    let out = match (keys, &mha.value.bias) {
+        (Keys::Folded, Some(bias)) => {
+            let bias = g.weight(&format!("{name}.value.bias"), bias.val())?;
+            add(g, &out, &bias)
+        }
+        _ => out,
+    };
     linear(g, &format!("{name}.output"), &mha.output, &out)
+}
+
+/// How [`attention`] meets its context.
+#[derive(Clone, Copy)]
+pub(crate) enum Keys {
+    /// Every context token projected to a key and a value (the textbook
+    /// form, and burn's).
+    Projected,
+    /// The projections moved to the queries' side, for few queries against
+    /// many context tokens (a class's `T + 1` tokens against a level's
+    /// voxels in the task encoder); see [`folded_attention`].
+    Folded,
+}
+
+/// The heads' attention outputs `[N, heads, Q, d_k]`, before the value
+/// bias, with the key and value projections folded into the queries' side.
+/// Per head, with `X` the context `[T, C]`, `W` the projections' columns of
+/// the head and `b` their biases:
+///
+/// - `q (X Wk + bk)ᵀ / √d_k = (q Wkᵀ / √d_k) Xᵀ` plus `q bkᵀ / √d_k`, the
+///   same for every token of a query's row, which the softmax cancels;
+/// - `softmax(..) (X Wv + bv) = (softmax(..) X) Wv + bv`, since each row of
+///   the softmax sums to one (the caller adds `bv` after the heads merge).
+///
+/// Equal in exact arithmetic; the products then cost `2 Q C T` per head
+/// instead of `2 C d_k T` for the projections, fewer where `Q < d_k`, and
+/// no keys or values of every token are stored.
+fn folded_attention(
+    g: &mut Graph,
+    name: &str,
+    mha: &MultiHeadAttention,
+    q: &str,
+    context: &str,
+) -> Value {
+    let (heads, dk) = (mha.n_heads, mha.d_k);
+    let [c, _] = mha.key.weight.dims();
+    // `[C, heads * d_k]` to `[heads, d_k, C]` (keys) and `[heads, C, d_k]`
+    // (values): views of the parameters only, then copies (an arithmetic
+    // op on them could write into the model's own tensors).
+    let key = mha
+        .key
+        .weight
+        .val()
+        .reshape([c, heads, dk])
+        .permute([1, 2, 0]);
+    let key = g.weight(&format!("{name}.key.weight"), key)?;
+    let value = mha
+        .value
+        .weight
+        .val()
+        .reshape([c, heads, dk])
+        .permute([1, 0, 2]);
+    let value = g.weight(&format!("{name}.value.weight"), value)?;
+    let context_rows = unsqueeze(g, context, &[1]);
+    let context_columns = transpose(g, context, &[0, 2, 1]);
+    let context_columns = unsqueeze(g, &context_columns, &[1]);
+    let scale = g.scalar((dk as f32).sqrt());
+    let q = g.op("Div", &[q, &scale], vec![]);
+    let q = g.op("MatMul", &[&q, &key], vec![]);
+    let scores = g.op("MatMul", &[&q, &context_columns], vec![]);
+    let weights = g.op("Softmax", &[&scores], vec![attr_int("axis", 3)]);
+    let read = g.op("MatMul", &[&weights, &context_rows], vec![]);
+    Ok(g.op("MatMul", &[&read, &value], vec![]))
 }
 
 /// A [`FeedForward`] unit: `x + Mlp(LayerNorm(x))`.
@@ -415,18 +491,19 @@ pub(crate) fn self_attention(g: &mut Graph, name: &str, unit: &SelfAttention, x:
         &unit.attention,
         &normed,
         &normed,
+        Keys::Projected,
     )?;
     Ok(add(g, &y, x))
 }
 
 /// A [`CrossAttention`] unit: `x + Attention(LayerNorm(x),
-/// LayerNorm'(context))`.
+/// LayerNorm'(context))`, the attention in the form `keys` names.
 pub(crate) fn cross_attention(
     g: &mut Graph,
     name: &str,
     unit: &CrossAttention,
-    x: &str,
-    context: &str,
+    [x, context]: [&str; 2],
+    keys: Keys,
 ) -> Value {
     let query = default_layer_norm(g, &format!("{name}.norm_query"), &unit.norm_query, x)?;
     let context = default_layer_norm(
@@ -441,6 +518,7 @@ pub(crate) fn cross_attention(
         &unit.attention,
         &query,
         &context,
+        keys,
     )?;
     Ok(add(g, &y, x))
 }

@@ -289,8 +289,11 @@ fn write_folder(
             reason: "must not be empty".into(),
         });
     }
-    let graphs = OnnxGraphs::new(model, config)?;
+    // The fingerprint first: it reads every parameter in the module's order,
+    // so the weights burn draws lazily (a fresh model's) are drawn in that
+    // order whatever the graphs read first.
     let fingerprint = model_fingerprint(model, config);
+    let graphs = OnnxGraphs::new(model, config)?;
     let failed = |path: &Path, e: &dyn std::fmt::Display| Error::Export {
         what: path.display().to_string(),
         reason: e.to_string(),

@@ -4,7 +4,7 @@
 
 use super::graph::{Dim, Graph, attr_int, int};
 use super::layers::{
-    add, basic_block, block_stack, conv, cross_attention, default_layer_norm, feed_forward,
+    Keys, add, basic_block, block_stack, conv, cross_attention, default_layer_norm, feed_forward,
     foreground_mean, max_pool_2x, mlp, norm_relu_conv, pixel_shuffle, pixel_unshuffle, reshape,
     reshape_after, self_attention, shape_of, shape_with, transpose, unsqueeze, upsample_2x,
 };
@@ -248,12 +248,13 @@ fn query_block(
         &block.feed_forward_1,
         &x,
     )?;
+    // T + 1 queries against a level's voxels: the folded form.
     let x = cross_attention(
         g,
         &format!("{name}.cross_attention"),
         &block.cross_attention,
-        &x,
-        context,
+        [&x, context],
+        Keys::Folded,
     )?;
     let x = feed_forward(
         g,
@@ -355,12 +356,13 @@ fn fusion_layer(
     let mut tokens = reshape(g, tokens, &[0, -1, c]);
     for (i, block) in layer.blocks.iter().enumerate() {
         let name = format!("{name}.blocks.{i}");
+        // K (T + 1) queries, as many as the classes: the textbook form.
         tokens = cross_attention(
             g,
             &format!("{name}.tokens_read_image"),
             &block.tokens_read_image,
-            &tokens,
-            &image,
+            [&tokens, &image],
+            Keys::Projected,
         )?;
         tokens = feed_forward(
             g,
@@ -372,8 +374,8 @@ fn fusion_layer(
             g,
             &format!("{name}.image_read_tokens"),
             &block.image_read_tokens,
-            &image,
-            &tokens,
+            [&image, &tokens],
+            Keys::Projected,
         )?;
         image = feed_forward(
             g,
