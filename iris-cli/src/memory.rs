@@ -8,8 +8,8 @@
 //! and free space of more than twice that threshold at the top of the heap
 //! is trimmed. So every run touches fresh pages and pays one page fault
 //! (and one page clearing) per 4 KiB. Measured with the small model on this
-//! project's 2-core VM: an encoder window took 62-65 ms with glibc's
-//! defaults and 44-49 ms with the settings below (`docs/benchmarks.md`).
+//! project's 2-core VM: an encoder window took 59-65 ms with glibc's
+//! defaults and 44-50 ms with the settings below (`docs/benchmarks.md`).
 //!
 //! The `iris` process is this crate's own, so it keeps freed memory for
 //! reuse: blocks up to 32 MiB (glibc's largest threshold) come from the

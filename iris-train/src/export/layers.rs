@@ -445,24 +445,17 @@ fn folded_attention(
     context: &str,
 ) -> Value {
     let (heads, dk) = (mha.n_heads, mha.d_k);
-    let [c, _] = mha.key.weight.dims();
     // `[C, heads * d_k]` to `[heads, d_k, C]` (keys) and `[heads, C, d_k]`
-    // (values): views of the parameters only, then copies (an arithmetic
-    // op on them could write into the model's own tensors).
-    let key = mha
-        .key
-        .weight
-        .val()
-        .reshape([c, heads, dk])
-        .permute([1, 2, 0]);
-    let key = g.weight(&format!("{name}.key.weight"), key)?;
-    let value = mha
-        .value
-        .weight
-        .val()
-        .reshape([c, heads, dk])
-        .permute([1, 0, 2]);
-    let value = g.weight(&format!("{name}.value.weight"), value)?;
+    // (values).
+    let per_head = |layer: &Linear, axes: [usize; 3]| {
+        let [c, _] = layer.weight.dims();
+        layer.weight.val().reshape([c, heads, dk]).permute(axes)
+    };
+    let key = g.weight(&format!("{name}.key.weight"), per_head(&mha.key, [1, 2, 0]))?;
+    let value = g.weight(
+        &format!("{name}.value.weight"),
+        per_head(&mha.value, [1, 0, 2]),
+    )?;
     let context_rows = unsqueeze(g, context, &[1]);
     let context_columns = transpose(g, context, &[0, 2, 1]);
     let context_columns = unsqueeze(g, &context_columns, &[1]);
