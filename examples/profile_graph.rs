@@ -15,7 +15,7 @@
 //! run, `--runs` runs (default 5) are timed node by node on a pool of
 //! `--threads` threads (default 1, as many as tract's matrix products may
 //! use). It prints the mean seconds per run of each operator type and of the
-//! slowest nodes, with their output shapes.
+//! `--slowest` nodes (default 12), with their output shapes.
 
 use std::collections::HashMap;
 use std::error::Error;
@@ -25,14 +25,13 @@ use tract_linalg::multithread::{Executor, multithread_tract_scope};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::plan::{SimplePlan, SimpleState, eval};
 
-/// Nodes listed one by one after the per-operator totals.
-const SLOWEST: usize = 12;
-
 struct Args {
     graph: String,
     shapes: Vec<Vec<usize>>,
     threads: usize,
     runs: usize,
+    /// Nodes listed one by one after the per-operator totals.
+    slowest: usize,
 }
 
 fn number(flag: &str, value: Option<String>) -> Result<usize, Box<dyn Error>> {
@@ -44,18 +43,21 @@ fn number(flag: &str, value: Option<String>) -> Result<usize, Box<dyn Error>> {
 
 fn parse_args() -> Result<Args, Box<dyn Error>> {
     let mut args = std::env::args().skip(1);
-    let (mut positional, mut classes, mut threads, mut runs) = (Vec::new(), 1, 1, 5);
+    let (mut positional, mut classes, mut threads, mut runs, mut slowest) =
+        (Vec::new(), 1, 1, 5, 12);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--classes" => classes = number(&arg, args.next())?,
             "--threads" => threads = number(&arg, args.next())?.max(1),
             "--runs" => runs = number(&arg, args.next())?.max(1),
+            "--slowest" => slowest = number(&arg, args.next())?,
             _ => positional.push(arg),
         }
     }
     let Some((graph, shapes)) = positional.split_first() else {
         return Err("usage: profile_graph GRAPH.onnx SHAPE... [--classes K] \
-                    [--threads N] [--runs N] (a shape: 1x16x8x8x8, K = --classes)"
+                    [--threads N] [--runs N] [--slowest N] (a shape: 1x16x8x8x8, \
+                    K = --classes)"
             .into());
     };
     let shapes = shapes
@@ -77,6 +79,7 @@ fn parse_args() -> Result<Args, Box<dyn Error>> {
         shapes,
         threads,
         runs,
+        slowest,
     })
 }
 
@@ -149,7 +152,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     let mut nodes: Vec<_> = by_node.into_values().collect();
     nodes.sort_by(|a, b| b.0.total_cmp(&a.0));
     println!("slowest nodes:");
-    for (seconds, label) in nodes.iter().take(SLOWEST) {
+    for (seconds, label) in nodes.iter().take(args.slowest) {
         println!("{:>9.4} s  {label}", seconds / runs);
     }
     Ok(())
