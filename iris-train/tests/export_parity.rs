@@ -309,14 +309,16 @@ fn every_parameter_is_exported_once() {
             .sum()
     };
     assert_eq!(parameters(&graphs.encoder), model.encoder.num_params());
-    // But the keys' biases of the task encoder's cross-attention (one per
-    // query block of each stage, as wide as the stage): its folded form
-    // leaves them out, as the softmax cancels them.
-    let key_biases = config.attention_blocks * config.task_channels().iter().sum::<usize>();
-    assert!(key_biases > 0, "the task encoder's keys have biases");
+    // But the task encoder's cross-attentions (one per query block of each
+    // stage, as wide as the stage) in their folded form: the softmax
+    // cancels the keys' biases, and the context norm's scale and shift are
+    // folded into the key and value weights and the value bias. Three
+    // vectors of the stage's width each leave.
+    let folded_away = 3 * config.attention_blocks * config.task_channels().iter().sum::<usize>();
+    assert!(folded_away > 0, "the task encoder has cross-attentions");
     assert_eq!(
         parameters(&graphs.task_encoder),
-        model.task_encoder.num_params() - key_biases
+        model.task_encoder.num_params() - folded_away
     );
     assert_eq!(
         parameters(&graphs.decoder),

@@ -298,8 +298,14 @@ pub(crate) fn foreground_mean(
     let weights = transpose(g, &weights, &[0, 1, 4, 3, 2]);
     let weights = reshape(g, &weights, &[0, 0, d * h * w]);
     let features = reshape(g, features, &[0, int(channels), d * h * w]);
-    let features = transpose(g, &features, &[0, 2, 1]);
-    let sums = g.op("MatMul", &[&weights, &features], vec![]);
+    // The features as they lie, channels first: tract reads them in place
+    // for an `Einsum`, where a `MatMul` would need them transposed (a copy
+    // of every voxel).
+    let sums = g.op(
+        "Einsum",
+        &[&weights, &features],
+        vec![attr_string("equation", "nkt,nct->nkc")],
+    );
 
     let axes = g.ints("axes", &[2, 3, 4]);
     let counts = g.op("ReduceSum", &[masks, &axes], vec![attr_int("keepdims", 0)]);
@@ -362,15 +368,42 @@ pub(crate) fn mlp(g: &mut Graph, name: &str, mlp: &Mlp, x: &str) -> Value {
     linear(g, &format!("{name}.fc2"), &mlp.fc2, &y)
 }
 
-/// burn's multi-head attention of `query` tokens `[N, L, C]` over
-/// `context` tokens `[N, M, C]`: per-head scaled dot products, softmax
-/// over the context, output projection.
+/// What a [`cross_attention`] unit reads.
+#[derive(Clone, Copy)]
+pub(crate) enum Context<'a> {
+    /// Context tokens `[N, M, C]`, layer-normed by the unit, then each
+    /// projected to a key and a value: the textbook form, and burn's.
+    Tokens(&'a str),
+    /// A level's voxels `[N, C, T]`, channels first, already normalised by
+    /// [`channel_norm`] (no scale or shift yet), for few queries against
+    /// many voxels (a class's `T + 1` tokens in the task encoder). The
+    /// unit's context norm and the key and value projections move to the
+    /// queries' side; see [`folded_attention`].
+    NormalisedVoxels(&'a str),
+}
+
+/// How [`attention`] meets its context.
+#[derive(Clone, Copy)]
+enum Keys<'a> {
+    /// Normed context tokens `[N, M, C]`, each projected to a key and a
+    /// value.
+    Projected(&'a str),
+    /// Normalised voxels (see [`Context::NormalisedVoxels`]) and the norm
+    /// whose scale and shift [`folded_attention`] folds into the weights.
+    Folded {
+        voxels: &'a str,
+        norm: &'a LayerNorm,
+    },
+}
+
+/// burn's multi-head attention of `query` tokens `[N, L, C]` over a
+/// context met as `keys` says: per-head scaled dot products, softmax over
+/// the context, output projection.
 fn attention(
     g: &mut Graph,
     name: &str,
     mha: &MultiHeadAttention,
     query: &str,
-    context: &str,
     keys: Keys,
 ) -> Value {
     if mha.quiet_softmax {
@@ -388,84 +421,136 @@ fn attention(
         Ok::<_, Error>(transpose(g, &y, perm))
     };
     let q = heads_of(g, "query", &mha.query, query, &[0, 2, 1, 3])?;
-    let out = match keys {
-        Keys::Projected => {
+    let (out, value_bias) = match keys {
+        Keys::Projected(context) => {
             let k = heads_of(g, "key", &mha.key, context, &[0, 2, 3, 1])?;
             let v = heads_of(g, "value", &mha.value, context, &[0, 2, 1, 3])?;
             let scores = g.op("MatMul", &[&q, &k], vec![]);
             let scale = g.scalar((mha.d_k as f32).sqrt());
             let scores = g.op("Div", &[&scores, &scale], vec![]);
             let weights = g.op("Softmax", &[&scores], vec![attr_int("axis", 3)]);
-            g.op("MatMul", &[&weights, &v], vec![])
+            (g.op("MatMul", &[&weights, &v], vec![]), None)
         }
-        Keys::Folded => folded_attention(g, name, mha, &q, context)?,
+        Keys::Folded { voxels, norm } => {
+            let out = folded_attention(g, name, mha, norm, &q, voxels)?;
+            (out, folded_value_bias(mha, norm))
+        }
     };
     let out = transpose(g, &out, &[0, 2, 1, 3]);
     let out = reshape(g, &out, &[0, 0, int(mha.d_model)]);
-    let out = match (keys, &mha.value.bias) {
-        (Keys::Folded, Some(bias)) => {
-            let bias = g.weight(&format!("{name}.value.bias"), bias.val())?;
+    let out = match value_bias {
+        Some(bias) => {
+            let bias = g.weight(&format!("{name}.folded_value.bias"), bias)?;
             add(g, &out, &bias)
         }
-        _ => out,
+        None => out,
     };
     linear(g, &format!("{name}.output"), &mha.output, &out)
 }
 
-/// How [`attention`] meets its context.
-#[derive(Clone, Copy)]
-pub(crate) enum Keys {
-    /// Every context token projected to a key and a value (the textbook
-    /// form, and burn's).
-    Projected,
-    /// The projections moved to the queries' side, for few queries against
-    /// many context tokens (a class's `T + 1` tokens against a level's
-    /// voxels in the task encoder); see [`folded_attention`].
-    Folded,
+/// `x` `[N, C, T]` normalised over its channels at each voxel, with burn's
+/// default layer-norm epsilon and without scale or shift: the part of a
+/// layer norm of the voxels' tokens that every cross-attention of a task
+/// stage shares (each folds its own scale and shift into its weights, see
+/// [`Context::NormalisedVoxels`]). Channels first, as the convolutions
+/// leave them: no transposition of the level's voxels.
+pub(crate) fn channel_norm(g: &mut Graph, x: &str) -> String {
+    let mean_over_channels = |g: &mut Graph, x: &str| {
+        g.op(
+            "ReduceMean",
+            &[x],
+            vec![attr_ints("axes", &[1]), attr_int("keepdims", 1)],
+        )
+    };
+    let mean = mean_over_channels(g, x);
+    let centred = g.op("Sub", &[x, &mean], vec![]);
+    let squares = g.op("Mul", &[&centred, &centred], vec![]);
+    let variance = mean_over_channels(g, &squares);
+    let epsilon = g.scalar(default_layer_norm_epsilon() as f32);
+    let variance = add(g, &variance, &epsilon);
+    let deviation = g.op("Sqrt", &[&variance], vec![]);
+    g.op("Div", &[&centred, &deviation], vec![])
 }
 
-/// The heads' attention outputs `[N, heads, Q, d_k]`, before the value
-/// bias, with the key and value projections folded into the queries' side.
-/// Per head, with `X` the context `[T, C]`, `W` the projections' columns of
-/// the head and `b` their biases:
+/// The heads' attention outputs `[N, heads, Q, d_k]` of the queries `q`
+/// over `voxels` (see [`Context::NormalisedVoxels`]), before the value
+/// bias ([`folded_value_bias`]). Per head, with `X̂` the normalised voxels
+/// `[T, C]`, `γ` and `β` the context norm's scale and shift, `W` the
+/// projections' columns of the head and `b` their biases, the context
+/// tokens are `X̂ diag(γ) + β` and:
 ///
-/// - `q (X Wk + bk)ᵀ / √d_k = (q Wkᵀ / √d_k) Xᵀ` plus `q bkᵀ / √d_k`, the
-///   same for every token of a query's row, which the softmax cancels;
-/// - `softmax(..) (X Wv + bv) = (softmax(..) X) Wv + bv`, since each row of
-///   the softmax sums to one (the caller adds `bv` after the heads merge).
+/// - the scores `q ((X̂ diag(γ) + β) Wk + bk)ᵀ / √d_k` are
+///   `(q (diag(γ) Wk)ᵀ / √d_k) X̂ᵀ` plus a term that is the same for every
+///   voxel of a query's row, which the softmax cancels;
+/// - `softmax(..) ((X̂ diag(γ) + β) Wv + bv)` is
+///   `(softmax(..) X̂) diag(γ) Wv + β Wv + bv`, since each row of the
+///   softmax sums to one.
 ///
-/// Equal in exact arithmetic; the products then cost `2 Q C T` per head
-/// instead of `2 C d_k T` for the projections, fewer where `Q < d_k`, and
-/// no keys or values of every token are stored.
+/// Equal in exact arithmetic. The products then cost `2 Q C T` per head
+/// instead of `2 C d_k T` for the projections, fewer where `Q < d_k`; the
+/// heads' queries are stacked into one product, so the voxels are read
+/// once per product, in the layout the convolutions left them; no keys,
+/// values or normed copies of every voxel are stored.
 fn folded_attention(
     g: &mut Graph,
     name: &str,
     mha: &MultiHeadAttention,
+    norm: &LayerNorm,
     q: &str,
-    context: &str,
+    voxels: &str,
 ) -> Value {
     let (heads, dk) = (mha.n_heads, mha.d_k);
-    // `[C, heads * d_k]` to `[heads, d_k, C]` (keys) and `[heads, C, d_k]`
-    // (values).
+    // `diag(γ) W` as `[C, heads * d_k]`, viewed `[heads, d_k, C]` (keys)
+    // or `[heads, C, d_k]` (values).
     let per_head = |layer: &Linear, axes: [usize; 3]| {
         let [c, _] = layer.weight.dims();
-        layer.weight.val().reshape([c, heads, dk]).permute(axes)
+        let gamma = norm.gamma.val().reshape([c, 1]);
+        (layer.weight.val() * gamma)
+            .reshape([c, heads, dk])
+            .permute(axes)
     };
-    let key = g.weight(&format!("{name}.key.weight"), per_head(&mha.key, [1, 2, 0]))?;
+    let [c, _] = mha.key.weight.dims();
+    let key = g.weight(
+        &format!("{name}.folded_key.weight"),
+        per_head(&mha.key, [1, 2, 0]),
+    )?;
     let value = g.weight(
-        &format!("{name}.value.weight"),
+        &format!("{name}.folded_value.weight"),
         per_head(&mha.value, [1, 0, 2]),
     )?;
-    let context_rows = unsqueeze(g, context, &[1]);
-    let context_columns = transpose(g, context, &[0, 2, 1]);
-    let context_columns = unsqueeze(g, &context_columns, &[1]);
     let scale = g.scalar((dk as f32).sqrt());
     let q = g.op("Div", &[q, &scale], vec![]);
     let q = g.op("MatMul", &[&q, &key], vec![]);
-    let scores = g.op("MatMul", &[&q, &context_columns], vec![]);
-    let weights = g.op("Softmax", &[&scores], vec![attr_int("axis", 3)]);
-    let read = g.op("MatMul", &[&weights, &context_rows], vec![]);
+    // All heads' queries in one product: `[N, heads * Q, C]`.
+    let q = reshape(g, &q, &[0, -1, int(c)]);
+    let scores = g.op("MatMul", &[&q, voxels], vec![]);
+    let weights = g.op("Softmax", &[&scores], vec![attr_int("axis", 2)]);
+    // `weights · voxelsᵀ` without transposing the voxels (see
+    // `foreground_mean`).
+    let read = g.op(
+        "Einsum",
+        &[&weights, voxels],
+        vec![attr_string("equation", "nqt,nct->nqc")],
+    );
+    let read = reshape(g, &read, &[0, int(heads), -1, int(c)]);
     Ok(g.op("MatMul", &[&read, &value], vec![]))
+}
+
+/// `β Wv + bv`, the value bias of [`folded_attention`] (absent where the
+/// norm has no shift and the projection no bias).
+fn folded_value_bias(mha: &MultiHeadAttention, norm: &LayerNorm) -> Option<Tensor<1>> {
+    let shift = norm.beta.as_ref().map(|beta| {
+        let [c, width] = mha.value.weight.dims();
+        beta.val()
+            .reshape([1, c])
+            .matmul(mha.value.weight.val())
+            .reshape([width])
+    });
+    let bias = mha.value.bias.as_ref().map(|bias| bias.val());
+    match (shift, bias) {
+        (Some(shift), Some(bias)) => Some(shift + bias),
+        (shift, bias) => shift.or(bias),
+    }
 }
 
 /// A [`FeedForward`] unit: `x + Mlp(LayerNorm(x))`.
@@ -483,34 +568,35 @@ pub(crate) fn self_attention(g: &mut Graph, name: &str, unit: &SelfAttention, x:
         &format!("{name}.attention"),
         &unit.attention,
         &normed,
-        &normed,
-        Keys::Projected,
+        Keys::Projected(&normed),
     )?;
     Ok(add(g, &y, x))
 }
 
 /// A [`CrossAttention`] unit: `x + Attention(LayerNorm(x),
-/// LayerNorm'(context))`, the attention in the form `keys` names.
+/// LayerNorm'(context))`, the context in the form `context` names.
 pub(crate) fn cross_attention(
     g: &mut Graph,
     name: &str,
     unit: &CrossAttention,
-    [x, context]: [&str; 2],
-    keys: Keys,
+    x: &str,
+    context: Context,
 ) -> Value {
     let query = default_layer_norm(g, &format!("{name}.norm_query"), &unit.norm_query, x)?;
-    let context = default_layer_norm(
-        g,
-        &format!("{name}.norm_context"),
-        &unit.norm_context,
-        context,
-    )?;
+    let norm = &unit.norm_context;
+    let normed;
+    let keys = match context {
+        Context::Tokens(tokens) => {
+            normed = default_layer_norm(g, &format!("{name}.norm_context"), norm, tokens)?;
+            Keys::Projected(&normed)
+        }
+        Context::NormalisedVoxels(voxels) => Keys::Folded { voxels, norm },
+    };
     let y = attention(
         g,
         &format!("{name}.attention"),
         &unit.attention,
         &query,
-        &context,
         keys,
     )?;
     Ok(add(g, &y, x))

@@ -4,9 +4,10 @@
 
 use super::graph::{Dim, Graph, attr_int, int};
 use super::layers::{
-    Keys, add, basic_block, block_stack, conv, cross_attention, default_layer_norm, feed_forward,
-    foreground_mean, max_pool_2x, mlp, norm_relu_conv, pixel_shuffle, pixel_unshuffle, reshape,
-    reshape_after, self_attention, shape_of, shape_with, transpose, unsqueeze, upsample_2x,
+    Context, add, basic_block, block_stack, channel_norm, conv, cross_attention,
+    default_layer_norm, feed_forward, foreground_mean, max_pool_2x, mlp, norm_relu_conv,
+    pixel_shuffle, pixel_unshuffle, reshape, reshape_after, self_attention, shape_of, shape_with,
+    transpose, unsqueeze, upsample_2x,
 };
 use crate::Error;
 use crate::model::decoder::FusionLayer;
@@ -186,8 +187,10 @@ fn task_stage(
     let merged = reshape_after(g, &merged, batch_classes, &[cc, voxels]);
     let residual = reshape(g, features, &[0, 1, cc, voxels]);
     let context = add(g, &merged, &residual);
-    let context = transpose(g, &context, &[0, 1, 3, 2]);
-    let context = reshape(g, &context, &[-1, voxels, cc]);
+    let context = reshape(g, &context, &[-1, cc, voxels]);
+    // Normalised once for all the stage's cross-attentions (each folds its
+    // own scale and shift into its weights).
+    let context = channel_norm(g, &context);
 
     // Query tokens: T learnable queries, then the foreground token.
     let [t, _] = stage.queries.dims();
@@ -227,7 +230,8 @@ fn task_stage(
     Ok(reshape_after(g, &tokens, batch_classes, &[int(t + 1), cc]))
 }
 
-/// A [`TaskQueryBlock`]: self-attention, cross-attention to `context`,
+/// A [`TaskQueryBlock`]: self-attention, cross-attention to `context` (the
+/// stage's normalised voxels `[N, C, T]`, see [`channel_norm`]),
 /// self-attention, each followed by a feed-forward unit.
 fn query_block(
     g: &mut Graph,
@@ -253,8 +257,8 @@ fn query_block(
         g,
         &format!("{name}.cross_attention"),
         &block.cross_attention,
-        [&x, context],
-        Keys::Folded,
+        &x,
+        Context::NormalisedVoxels(context),
     )?;
     let x = feed_forward(
         g,
@@ -361,8 +365,8 @@ fn fusion_layer(
             g,
             &format!("{name}.tokens_read_image"),
             &block.tokens_read_image,
-            [&tokens, &image],
-            Keys::Projected,
+            &tokens,
+            Context::Tokens(&image),
         )?;
         tokens = feed_forward(
             g,
@@ -374,8 +378,8 @@ fn fusion_layer(
             g,
             &format!("{name}.image_read_tokens"),
             &block.image_read_tokens,
-            [&image, &tokens],
-            Keys::Projected,
+            &image,
+            Context::Tokens(&tokens),
         )?;
         image = feed_forward(
             g,
