@@ -47,17 +47,18 @@ use super::winograd::Winograd;
 
 /// Output channels one register block computes.
 pub(crate) const BLOCK: usize = 8;
-/// Narrowest row the direct kernel takes from batch-1 convolutions with
-/// several output channels. The narrower rows are the deep levels (16^3 and
-/// 8^3 in the full-size model, 256-768 input channels), where tract's
-/// matrix product has long dot products to work with: there, taking rows
-/// of 16 as well measured the same as leaving them to tract (full-size
-/// decoder 16.9 against 17.1 s, encoder 5.9 against 6.0 s;
-/// `docs/benchmarks.md`). Nor does Winograd's form pay there: the
-/// full-size encoder took 2.94 against 3.07 s with it on the deep levels
-/// (within the noise), for 470 MB more memory (their transformed weights)
-/// and seconds more planning.
-pub(crate) const MIN_WIDTH: usize = 32;
+/// Narrowest row the engine's kernels take from batch-1 convolutions with
+/// several output channels: the 8^3 level of the full-size model (256-512
+/// input channels) stays with tract's matrix product, where it has long dot
+/// products to work with and Winograd's tiles are few (the full-size encoder
+/// took 3.02-3.11 s with it there against 2.94-3.01 s without, for 250 MiB
+/// more). The 16^3 level is the engine's since session 18: by Winograd's
+/// form the full-size encoder took 2.95-3.00 s against 3.38-3.50 s and the
+/// decoder 8.30-8.92 s against 9.15-10.76 s (its 768-channel convolutions
+/// 0.10-0.12 s against 0.39-0.40 s each), for 200 MiB more peak memory
+/// (their transformed weights); the small model's decoder 122-141 ms
+/// against 147-160 ms (`docs/benchmarks.md`).
+pub(crate) const MIN_WIDTH: usize = 16;
 
 /// Fewest input and output channels for which the convolution runs by
 /// Winograd's algorithm (`winograd.rs`). Its transforms cost per channel
