@@ -13,10 +13,10 @@ when the session is created, so this is only the first execution) and the
 median of `--runs` runs. The task encoder is timed two ways: one run with all
 K masks (the graph folds classes into its batch), and K one-class runs, which
 is how the engine runs it in tract. `--graphs` times only some of the three
-(the encoder still runs once, untimed, for the features the others read),
-as a name filter after `--` does for the criterion bench. Ends with the process's peak resident
-memory (`ru_maxrss`). Needs numpy and onnxruntime (scripts/test.sh installs
-them); not run by CI.
+(the encoder still runs once, untimed, for the features the others read), as
+a name filter after `--` does for the criterion bench. Ends with the
+process's peak resident memory (`ru_maxrss`). Needs numpy and onnxruntime
+(scripts/test.sh installs them); not run by CI.
 """
 
 import argparse

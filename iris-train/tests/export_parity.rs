@@ -4,12 +4,13 @@
 //! forward pass within 1e-4 on random weights and inputs.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use burn::module::{ModuleMapper, Param};
 use burn::prelude::*;
 use burn::tensor::Distribution;
+use iris_test_support::TempDir;
 use iris_train::bank::MemoryBank;
 use iris_train::data::ClassKey;
 use iris_train::export::{self, OnnxGraphs};
@@ -326,13 +327,6 @@ fn every_parameter_is_exported_once() {
     );
 }
 
-/// A fresh folder under the system temp dir.
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("iris-export-{name}-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    dir
-}
-
 fn read_manifest(dir: &Path) -> serde_json::Value {
     let text = fs::read_to_string(dir.join(export::MANIFEST_FILE)).expect("manifest");
     serde_json::from_str(&text).expect("manifest is JSON")
@@ -342,7 +336,8 @@ fn read_manifest(dir: &Path) -> serde_json::Value {
 fn manifest_round_trips_and_bank_is_written() {
     let config = IrisConfig::tiny();
     let case = case(config.clone(), 14, 2);
-    let dir = temp_dir("manifest");
+    let scratch = TempDir::new("export-manifest");
+    let dir = scratch.join("out");
 
     // With a bank that has entries.
     let mut bank = MemoryBank::new(&config, 0.9).expect("bank");
@@ -411,7 +406,6 @@ fn manifest_round_trips_and_bank_is_written() {
             "task_encoder.onnx"
         ]
     );
-    fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -425,10 +419,18 @@ fn export_refuses_a_config_that_does_not_fit_the_weights() {
         message.contains("task_encoder.stages.0.queries") && message.contains("[10, 32]"),
         "{message}"
     );
-    let error = export::export(&model, &IrisConfig::tiny(), " ", &temp_dir("name"), None, 1)
-        .expect_err("empty name");
+    let scratch = TempDir::new("export-refused");
+    let error = export::export(
+        &model,
+        &IrisConfig::tiny(),
+        " ",
+        &scratch.join("name"),
+        None,
+        1,
+    )
+    .expect_err("empty name");
     assert!(error.to_string().contains("model name"), "{error}");
-    let dir = temp_dir("no-classes");
+    let dir = scratch.join("no-classes");
     let error = export::export(&model, &IrisConfig::tiny(), "iris", &dir, None, 0)
         .expect_err("no classes per run");
     assert!(error.to_string().contains("classes_per_forward"), "{error}");
@@ -483,7 +485,8 @@ fn onnxruntime_agrees_and_onnx_checker_passes() {
     }
     let config = IrisConfig::tiny();
     let case = case(config.clone(), 15, 2);
-    let dir = temp_dir("onnxruntime");
+    let scratch = TempDir::new("export-onnxruntime");
+    let dir = scratch.join("out");
     export::export(&case.model, &config, "iris-parity", &dir, None, 1).expect("export");
     let data = dir.join("parity");
     fs::create_dir_all(&data).expect("dir");
@@ -529,5 +532,4 @@ fn onnxruntime_agrees_and_onnx_checker_passes() {
     println!("{}", String::from_utf8_lossy(&output.stdout));
     eprintln!("{}", String::from_utf8_lossy(&output.stderr));
     assert!(output.status.success(), "onnx_parity.py failed");
-    fs::remove_dir_all(&dir).ok();
 }

@@ -3,8 +3,6 @@
 //! maths on the model's own embeddings, and its `.irisemb` file is bound to
 //! the model's fingerprint.
 
-use std::path::PathBuf;
-
 use burn::module::{Module, ModuleMapper, Param};
 use burn::prelude::*;
 use iris_core::embedding::{ModelFingerprint, Provenance};
@@ -19,7 +17,7 @@ use iris_train::training::{
 };
 use ndarray::{Array3, Array4};
 
-use iris_test_support::data_dir;
+use iris_test_support::{TempDir, data_dir};
 
 const SIDE: usize = 32;
 
@@ -28,13 +26,6 @@ const SIDE: usize = 32;
 /// shipped (iris-tiny 0a781c79, 100 000 steps, the last 20 000 from a
 /// restarted schedule and episode seed 2).
 const OLD_CONFIG: &str = include_str!("fixtures/config-before-run-settings.json");
-
-/// A fresh folder under the system temp dir, removed first if present.
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("iris-train-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
 
 /// SplitMix64 stream for the synthetic episodes.
 struct Stream(u64);
@@ -219,7 +210,8 @@ fn resume_continues_exactly() {
         );
     }
 
-    let out = temp_dir("resume");
+    let scratch = TempDir::new("train-resume");
+    let out = scratch.join("out");
     let mut first = Trainer::with_model(cfg(), initial).expect("config");
     for _ in 0..N {
         first.train_with(&|seed| Ok(episode(seed))).expect("step");
@@ -239,7 +231,6 @@ fn resume_continues_exactly() {
     let key = ClassKey::new("synthetic", 1);
     assert_eq!(resumed.bank().entry(&key), straight.bank().entry(&key));
     assert_eq!(resumed.bank().table(), straight.bank().table());
-    std::fs::remove_dir_all(&out).ok();
 }
 
 #[test]
@@ -265,7 +256,8 @@ fn reseeded_run_draws_a_new_episode_stream_and_keeps_it() {
     assert_eq!((run.config().seed, run.config().episode_seed), (5, Some(7)));
 
     // Saved with the checkpoint: a resumed run keeps drawing from 7.
-    let out = temp_dir("reseed");
+    let scratch = TempDir::new("train-reseed");
+    let out = scratch.join("out");
     run.save_checkpoint(&out).expect("checkpoint");
     let mut resumed = Trainer::resume(&out, &device()).expect("resume");
     assert_eq!(resumed.config().episode_stream_seed(), 7);
@@ -279,7 +271,6 @@ fn reseeded_run_draws_a_new_episode_stream_and_keeps_it() {
     std::fs::write(&path, json.to_string()).expect("write");
     let old = TrainingConfig::load(&path).expect("old config");
     assert_eq!((old.episode_seed, old.episode_stream_seed()), (None, 5));
-    std::fs::remove_dir_all(&out).ok();
 
     // Reseeding changes nothing but the stream: a run seeded 5 and
     // reseeded to 7 at step 0 trains exactly as one seeded 7.
@@ -332,7 +323,8 @@ fn learning_rate_warms_up_decays_and_restarts() {
     assert!(close(restarted.learning_rate(102), 1e-5));
     // Saved with the checkpoint, so a resumed run keeps the new schedule;
     // configs written before the field existed read as never restarted.
-    let out = temp_dir("restart");
+    let scratch = TempDir::new("train-restart");
+    let out = scratch.join("out");
     trainer.save_checkpoint(&out).expect("checkpoint");
     let resumed = Trainer::resume(&out, &device()).expect("resume");
     assert_eq!(resumed.config().schedule_start, Some(2));
@@ -350,7 +342,6 @@ fn learning_rate_warms_up_decays_and_restarts() {
         close(old.learning_rate(2), 5e-4 * 3.0 / 10.0),
         "warm-up again"
     );
-    std::fs::remove_dir_all(&out).ok();
 }
 
 /// Adds `delta` to the first value of the first float parameter.
@@ -392,11 +383,11 @@ fn fingerprint_tracks_the_weights_and_survives_save_and_load() {
         model_fingerprint(model, &config.model.clone().with_head_dim(16))
     );
 
-    let out = temp_dir("fingerprint");
+    let scratch = TempDir::new("train-fingerprint");
+    let out = scratch.join("out");
     trainer.save_checkpoint(&out).expect("checkpoint");
     let resumed = Trainer::resume(&out, &device()).expect("resume");
     assert_eq!(resumed.fingerprint(), fingerprint);
-    std::fs::remove_dir_all(&out).ok();
 }
 
 /// The tiny model's task embedding of `episode`'s reference.
@@ -494,7 +485,8 @@ fn bank_file_reads_back_and_refuses_another_model() {
     bank.observe(&a.classes, &reference_embedding(&model, &a))
         .expect("observe");
 
-    let out = temp_dir("bank");
+    let scratch = TempDir::new("train-bank");
+    let out = scratch.join("out");
     std::fs::create_dir_all(&out).expect("temp dir");
     let path = out.join("memory_bank.irisemb");
     let ours = model_fingerprint(&model, &config);
@@ -539,7 +531,6 @@ fn bank_file_reads_back_and_refuses_another_model() {
         ),
         Err(iris_core::Error::ModelMismatch { .. })
     ));
-    std::fs::remove_dir_all(&out).ok();
 }
 
 #[test]
@@ -555,7 +546,8 @@ fn run_settings_round_trip_through_config_json() {
         .with_curriculum_steps(Some(7));
     let model = IrisConfig::tiny().init(&device().autodiff()).expect("tiny");
     let trainer = Trainer::with_model(config.clone(), model).expect("valid");
-    let out = temp_dir("settings");
+    let scratch = TempDir::new("train-settings");
+    let out = scratch.join("out");
     trainer.save_checkpoint(&out).expect("checkpoint");
     let text = std::fs::read_to_string(out.join("checkpoint/config.json")).expect("config");
     // Pretty JSON, fields in declaration order: the settings added last.
@@ -571,7 +563,6 @@ fn run_settings_round_trip_through_config_json() {
             steps: 7
         }
     );
-    std::fs::remove_dir_all(&out).ok();
 }
 
 #[test]
@@ -667,7 +658,8 @@ fn a_resumed_run_refuses_settings_given_again_with_other_values() {
 
 #[test]
 fn a_run_without_its_training_data_writes_nothing() {
-    let out = temp_dir("run-no-data");
+    let scratch = TempDir::new("train-run-no-data");
+    let out = scratch.join("out");
     let mut trainer = Trainer::new(config(1), &device()).expect("tiny");
     let options = RunOptions {
         steps: 1,
@@ -707,7 +699,8 @@ fn a_run_on_the_training_data_reports_each_step() {
     let config = TrainingConfig::new(model, 2)
         .with_regions(Vec::new())
         .with_whole_brain_zooms(Vec::new());
-    let out = temp_dir("run-data");
+    let scratch = TempDir::new("train-run-data");
+    let out = scratch.join("out");
     let options = RunOptions {
         steps: 2,
         time_limit: None,
@@ -775,7 +768,6 @@ fn a_run_on_the_training_data_reports_each_step() {
         (summary.step, summary.timed_out, summary.last),
         (2, true, None)
     );
-    std::fs::remove_dir_all(&out).ok();
 }
 
 #[cfg(feature = "cli")]
@@ -791,7 +783,8 @@ fn command_line_exit_codes_and_messages() {
             String::from_utf8_lossy(&output.stderr).into_owned(),
         )
     };
-    let out = temp_dir("cli");
+    let scratch = TempDir::new("train-cli");
+    let out = scratch.join("out");
     let out_arg = out.to_str().expect("utf-8 temp path");
     let missing = out.join("no-data");
     let (code, stderr) = run(&[
@@ -997,7 +990,6 @@ fn command_line_exit_codes_and_messages() {
         Some(3),
         "a refused export leaves the folder alone"
     );
-    std::fs::remove_dir_all(&out).ok();
 }
 
 #[test]
