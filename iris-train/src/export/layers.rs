@@ -500,16 +500,15 @@ fn folded_attention(
     voxels: &str,
 ) -> Value {
     let (heads, dk) = (mha.n_heads, mha.d_k);
+    let [c, _] = mha.key.weight.dims();
     // `diag(γ) W` as `[C, heads * d_k]`, viewed `[heads, d_k, C]` (keys)
     // or `[heads, C, d_k]` (values).
     let per_head = |layer: &Linear, axes: [usize; 3]| {
-        let [c, _] = layer.weight.dims();
         let gamma = norm.gamma.val().reshape([c, 1]);
         (layer.weight.val() * gamma)
             .reshape([c, heads, dk])
             .permute(axes)
     };
-    let [c, _] = mha.key.weight.dims();
     let key = g.weight(
         &format!("{name}.folded_key.weight"),
         per_head(&mha.key, [1, 2, 0]),
