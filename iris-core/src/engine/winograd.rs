@@ -393,27 +393,35 @@ mod avx512 {
             let bias = _mm512_set1_ps(bias);
             for group in 0..n.div_ceil(16) {
                 let count = (n - 16 * group).min(16);
-                let m: [__m512; POSITIONS] = core::array::from_fn(|t| {
-                    let lane = t * position_stride(padded) + co * TILES + run.lane + 16 * group;
-                    load_lanes(&m[lane..], count)
-                });
-                // Along x: `r[kz][ky][ox]`.
-                let r: [[[__m512; 2]; 4]; 4] = core::array::from_fn(|kz| {
-                    core::array::from_fn(|ky| {
-                        let t = kz * 16 + ky * 4;
-                        a_t([m[t], m[t + 1], m[t + 2], m[t + 3]])
-                    })
-                });
-                // Along y: `s[kz][oy][ox]`.
-                let s: [[[__m512; 2]; 2]; 4] = core::array::from_fn(|kz| {
-                    let r = &r[kz];
-                    let [x0, x1] = [0, 1].map(|ox| a_t([r[0][ox], r[1][ox], r[2][ox], r[3][ox]]));
-                    [[x0[0], x1[0]], [x0[1], x1[1]]]
-                });
+                // Along x, then y, one depth of the tile at a time:
+                // `s[kz][oy][ox]`. Plain loops: a closure (`from_fn`,
+                // `map`) would be called, not inlined, from generic code
+                // built without AVX-512, its vectors passed through memory.
+                let mut s = [[[_mm512_setzero_ps(); 2]; 2]; 4];
+                for (kz, plane) in s.iter_mut().enumerate() {
+                    let mut r = [[_mm512_setzero_ps(); 2]; 4];
+                    for (ky, r) in r.iter_mut().enumerate() {
+                        let mut row = [_mm512_setzero_ps(); 4];
+                        for (kx, value) in row.iter_mut().enumerate() {
+                            let t = kz * 16 + ky * 4 + kx;
+                            let lane =
+                                t * position_stride(padded) + co * TILES + run.lane + 16 * group;
+                            *value = load_lanes(&m[lane..], count);
+                        }
+                        *r = a_t(row);
+                    }
+                    for ox in 0..2 {
+                        let [y0, y1] = a_t([r[0][ox], r[1][ox], r[2][ox], r[3][ox]]);
+                        plane[0][ox] = y0;
+                        plane[1][ox] = y1;
+                    }
+                }
                 for oy in 0..2 {
                     // Along z: `z[ox][oz]`.
-                    let z = [0, 1]
-                        .map(|ox| a_t([s[0][oy][ox], s[1][oy][ox], s[2][oy][ox], s[3][oy][ox]]));
+                    let z = [
+                        a_t([s[0][oy][0], s[1][oy][0], s[2][oy][0], s[3][oy][0]]),
+                        a_t([s[0][oy][1], s[1][oy][1], s[2][oy][1], s[3][oy][1]]),
+                    ];
                     for oz in 0..2 {
                         let (even, odd) =
                             (_mm512_add_ps(z[0][oz], bias), _mm512_add_ps(z[1][oz], bias));
