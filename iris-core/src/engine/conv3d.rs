@@ -573,7 +573,9 @@ impl EvalOp for DirectConv3d {
                 // otherwise.
                 residual.into_tensor()
             }
-            None => Tensor::zero::<f32>(&shape)?,
+            // SAFETY: without a residual, `run_batch` writes every output
+            // (both kernels store each value once, none read first).
+            None => unsafe { super::parallel::unwritten(&shape)? },
         };
         let values = input.try_as_plain_ram()?.as_slice::<f32>()?;
         {

@@ -414,8 +414,10 @@ pub fn optimise(model: TypedModel) -> TractResult<TypedModel> {
 /// runs it), fused with the residual sum that follows it; the instance
 /// norm fused with the ReLU that follows it (the norm is read as the
 /// engine's own op already, see `instance_norm::register`); and the
-/// trilinear upsampling. The convolution and the upsampling take the
-/// node's first input only; the others are constants folded into them.
+/// trilinear upsampling, fused with the concatenation that joins it to the
+/// skip features. The convolution and the upsampling take the node's first
+/// input only (and the fused sum's or concatenation's other input); the
+/// others are constants folded into them.
 fn substitute_own_ops(model: &mut TypedModel) -> TractResult<()> {
     for id in model.eval_order()? {
         let node = model.node(id);
@@ -432,6 +434,11 @@ fn substitute_own_ops(model: &mut TypedModel) -> TractResult<()> {
             }
             Box::new(op)
         } else if let Some(op) = super::upsample::replacement(model, node)? {
+            if let Some((concat, skip)) = super::upsample::joining_concat(model, node)? {
+                let (inputs, last) = ([skip, node.inputs[0]], (concat.id, concat.name.clone()));
+                fuse(model, last, &inputs, op.after_skip())?;
+                continue;
+            }
             Box::new(op)
         } else {
             continue;

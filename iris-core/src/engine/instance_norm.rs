@@ -186,11 +186,16 @@ impl EvalOp for InstanceNorm {
         } else {
             let values = x.try_as_plain_ram()?;
             let values = values.as_slice::<f32>()?;
-            let mut out = vec![0.0f32; values.len()];
-            super::parallel::for_each_plane((values, plane), (&mut out, plane), |i, x, y| {
-                norm(i).apply(x, y)
-            });
-            tract_ndarray::Array::from_shape_vec(x.shape(), out)?.into_tensor()
+            // SAFETY: every plane of the output is written whole by `apply`.
+            let mut out = unsafe { super::parallel::unwritten(x.shape())? };
+            {
+                let mut view = out.try_as_plain_ram_mut()?;
+                let y = view.as_slice_mut::<f32>()?;
+                super::parallel::for_each_plane((values, plane), (y, plane), |i, x, y| {
+                    norm(i).apply(x, y)
+                });
+            }
+            out
         };
         Ok(tvec!(out.into_tvalue()))
     }

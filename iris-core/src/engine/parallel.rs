@@ -10,6 +10,21 @@ use core::marker::PhantomData;
 
 use rayon::prelude::*;
 use tract_linalg::multithread::{Executor, current_tract_executor};
+use tract_onnx::prelude::{Tensor, TractResult};
+
+/// An f32 tensor of `shape` for an op's output, its values not yet set, so
+/// that the threads that write them are the ones that fault its pages in.
+/// `Tensor::zero` fills it on the calling thread first (a fresh 268 MB
+/// output took 150-200 ms to fill here, nearly all page faults), and a
+/// `Vec` handed to tract through `ndarray` is copied into a tensor of
+/// tract's own, the output made twice.
+///
+/// # Safety
+/// The caller writes every value before the tensor is read.
+pub(crate) unsafe fn unwritten(shape: &[usize]) -> TractResult<Tensor> {
+    // SAFETY: f32 has no invalid values; the caller writes them all.
+    unsafe { Tensor::uninitialized::<f32>(shape) }
+}
 
 /// Calls `f(state, i)` for every `i` in `0..n`, in parallel where the model
 /// has a pool, with a `state` made by `init` and reused over the items one

@@ -650,11 +650,13 @@ fn the_shipped_model_runs_the_engines_own_ops() {
             assert!(count(graph, "IrisDirectConv3x3x3+Add") > 0);
         }
     }
-    // The decoder doubles its size once per level above the deepest.
+    // The decoder doubles its size once per level above the deepest, each
+    // time written after the level's skip features.
     assert_eq!(
-        count(&model.decoder, "IrisUpsample3d"),
+        count(&model.decoder, "IrisUpsample3d+Concat"),
         manifest::LEVELS - 1
     );
+    assert_eq!(count(&model.decoder, "IrisUpsample3d"), 0);
     assert_eq!(count(&model.decoder, "Resize"), 0);
 }
 
