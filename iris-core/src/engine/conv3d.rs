@@ -97,6 +97,65 @@ pub(crate) fn replacement(
     }
 }
 
+/// Another convolution that reads the input of convolution `node`, with
+/// the op that runs both: where the CPU runs the kernels and both take
+/// Winograd's form on that input, [`DirectConv3d`] with two outputs
+/// (`node`'s channels, then the other's) transforms the input they share
+/// once. The pre-activation blocks that change their channel count
+/// convolve one normed input twice, for the block and for its shortcut: at
+/// the decoder's 128^3 level a 96-channel input whose transform costs
+/// about half of each convolution. The shortcut's sum with the block's
+/// last convolution is then fused into that one ([`residual_sum`]). The
+/// op's one input is `node`'s first.
+pub(crate) fn sibling<'m>(
+    model: &'m TypedModel,
+    node: &TypedNode,
+) -> TractResult<Option<(&'m TypedNode, DirectConv3d)>> {
+    let winograd = |node: &TypedNode| -> TractResult<Option<Served>> {
+        let conv = match node.op_as::<Conv>() {
+            Some(conv) if available() => conv,
+            _ => return Ok(None),
+        };
+        let Some(served) = served(model, node, conv)? else {
+            return Ok(None);
+        };
+        let [cin, cout] = served.channels;
+        let serves = cin >= WINOGRAD_CHANNELS
+            && cout >= WINOGRAD_CHANNELS
+            && Winograd::serves(served.volume);
+        Ok(serves.then_some(served))
+    };
+    let Some(first) = winograd(node)? else {
+        return Ok(None);
+    };
+    for reader in model.outlet_successors(node.inputs[0]) {
+        let other = model.node(reader.node);
+        if other.id == node.id || reader.slot != 0 {
+            continue;
+        }
+        if let Some(second) = winograd(other)? {
+            let [cin, split] = first.channels;
+            let channels = [cin, split + second.channels[1]];
+            let (first_kernel, second_kernel) = (
+                first.kernel.try_as_plain_ram()?,
+                second.kernel.try_as_plain_ram()?,
+            );
+            let kernel = [
+                first_kernel.as_slice::<f32>()?,
+                second_kernel.as_slice::<f32>()?,
+            ]
+            .concat();
+            let bias = [first.bias, second.bias].concat();
+            let op = DirectConv3d {
+                split: Some(split),
+                ..DirectConv3d::new(&kernel, bias, channels)
+            };
+            return Ok(Some((other, op)));
+        }
+    }
+    Ok(None)
+}
+
 /// The `Add` node that is the one successor of convolution `node` and adds
 /// to it an f32 term of its own shape, with that term: a convolution
 /// [`replacement`] serves there can take the sum's place
@@ -128,15 +187,96 @@ pub(crate) fn residual_sum<'m>(
     Ok(Some((add, residual)))
 }
 
+/// What the engine's kernels take from a convolution they serve.
+struct Served {
+    /// `[Cout, Cin, 3, 3, 3]` f32, the graph's constant.
+    kernel: Arc<Tensor>,
+    /// `[Cout]`.
+    bias: Vec<f32>,
+    /// `[Cin, Cout]`.
+    channels: [usize; 2],
+    /// The input's `[D, H, W]`.
+    volume: [usize; 3],
+}
+
+/// The weights of `conv` (node `node` of `model`) where the engine's kernels
+/// serve it: 3x3x3, stride and dilation 1, zero padding 1, one group, f32,
+/// constant weights, every shape known (see the module docs).
+fn served(model: &TypedModel, node: &TypedNode, conv: &Conv) -> TractResult<Option<Served>> {
+    let spec = &conv.pool_spec;
+    let unit = |v: &Option<TVec<usize>>| v.as_ref().is_none_or(|v| v.iter().all(|&s| s == 1));
+    let padded_by_one = match &spec.padding {
+        PaddingSpec::Explicit(before, after) => {
+            before.iter().chain(after).all(|&p| p == 1) && before.len() == 3
+        }
+        _ => false,
+    };
+    if conv.q_params.is_some()
+        || conv.group != 1
+        || conv.kernel_fmt != KernelFormat::OIHW
+        || spec.data_format != DataFormat::NCHW
+        || spec.kernel_shape.as_slice() != [3, 3, 3]
+        || !unit(&spec.strides)
+        || !unit(&spec.dilations)
+        || !padded_by_one
+        || node.inputs.len() != 3
+    {
+        return Ok(None);
+    }
+    let (cin, cout) = (spec.input_channels, spec.output_channels);
+    let input = model.outlet_fact(node.inputs[0])?;
+    let shape = input.shape.as_concrete();
+    let Some(&[n, c, d, h, w]) = shape else {
+        return Ok(None);
+    };
+    // Narrow rows stay with tract, except where tract is slowest: one
+    // output channel (a matrix product with one row) and batches
+    // (eager im2col).
+    let narrow = w < MIN_WIDTH && n == 1 && cout > 1;
+    if input.datum_type != f32::datum_type() || c != cin || narrow {
+        return Ok(None);
+    }
+    let constant = |ix: usize| -> TractResult<Option<Arc<Tensor>>> {
+        let fact = model.outlet_fact(node.inputs[ix])?;
+        Ok(fact
+            .konst
+            .clone()
+            .filter(|t| t.datum_type() == f32::datum_type()))
+    };
+    let (Some(kernel), Some(bias)) = (constant(1)?, constant(2)?) else {
+        return Ok(None);
+    };
+    if kernel.shape() != [cout, cin, 3, 3, 3] {
+        return Ok(None);
+    }
+    let bias = bias.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+    let bias = match bias.len() {
+        1 => vec![bias[0]; cout],
+        n if n == cout => bias,
+        _ => return Ok(None),
+    };
+    Ok(Some(Served {
+        kernel,
+        bias,
+        channels: [cin, cout],
+        volume: [d, h, w],
+    }))
+}
+
 /// A 3x3x3 convolution with padding 1, computed directly (see the module
 /// docs). Input `[N, Cin, D, H, W]`, output `[N, Cout, D, H, W]`; with
-/// `residual`, a second input of the output's shape is added to the output.
+/// `residual`, a second input of the output's shape is added to the output;
+/// with `split`, two convolutions of one input ([`sibling`]).
 #[derive(Debug, Clone)]
 pub(crate) struct DirectConv3d {
     input_channels: usize,
     output_channels: usize,
     /// Whether the op adds its second input to its output.
     residual: bool,
+    /// For two convolutions of one input: the first one's output channels.
+    /// The op then has two outputs, `[N, split, D, H, W]` and the other
+    /// channels, and runs by Winograd's form only.
+    split: Option<usize>,
     /// Output channels per register block: [`BLOCK`], or 1 for a
     /// convolution with one output channel.
     block: usize,
@@ -157,6 +297,7 @@ impl PartialEq for DirectConv3d {
         Arc::ptr_eq(&self.weights, &other.weights)
             && Arc::ptr_eq(&self.bias, &other.bias)
             && self.residual == other.residual
+            && self.split == other.split
     }
 }
 
@@ -166,63 +307,15 @@ impl DirectConv3d {
     /// The direct form of `conv` (node `node` of `model`), or `None` when
     /// the kernel does not serve it.
     fn for_conv(model: &TypedModel, node: &TypedNode, conv: &Conv) -> TractResult<Option<Self>> {
-        let spec = &conv.pool_spec;
-        let unit = |v: &Option<TVec<usize>>| v.as_ref().is_none_or(|v| v.iter().all(|&s| s == 1));
-        let padded_by_one = match &spec.padding {
-            PaddingSpec::Explicit(before, after) => {
-                before.iter().chain(after).all(|&p| p == 1) && before.len() == 3
-            }
-            _ => false,
-        };
-        if conv.q_params.is_some()
-            || conv.group != 1
-            || conv.kernel_fmt != KernelFormat::OIHW
-            || spec.data_format != DataFormat::NCHW
-            || spec.kernel_shape.as_slice() != [3, 3, 3]
-            || !unit(&spec.strides)
-            || !unit(&spec.dilations)
-            || !padded_by_one
-            || node.inputs.len() != 3
-        {
-            return Ok(None);
-        }
-        let (cin, cout) = (spec.input_channels, spec.output_channels);
-        let input = model.outlet_fact(node.inputs[0])?;
-        let shape = input.shape.as_concrete();
-        let Some(&[n, c, _, _, w]) = shape else {
+        let Some(served) = served(model, node, conv)? else {
             return Ok(None);
         };
-        // Narrow rows stay with tract, except where tract is slowest: one
-        // output channel (a matrix product with one row) and batches
-        // (eager im2col).
-        let narrow = w < MIN_WIDTH && n == 1 && cout > 1;
-        if input.datum_type != f32::datum_type() || c != cin || narrow {
-            return Ok(None);
-        }
-        let constant = |ix: usize| -> TractResult<Option<Arc<Tensor>>> {
-            let fact = model.outlet_fact(node.inputs[ix])?;
-            Ok(fact
-                .konst
-                .clone()
-                .filter(|t| t.datum_type() == f32::datum_type()))
-        };
-        let (Some(kernel), Some(bias)) = (constant(1)?, constant(2)?) else {
-            return Ok(None);
-        };
-        if kernel.shape() != [cout, cin, 3, 3, 3] {
-            return Ok(None);
-        }
-        let bias = bias.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
-        let bias = match bias.len() {
-            1 => vec![bias[0]; cout],
-            n if n == cout => bias,
-            _ => return Ok(None),
-        };
-        let kernel = kernel.try_as_plain_ram()?;
+        let kernel = served.kernel.try_as_plain_ram()?;
+        let kernel = kernel.as_slice::<f32>()?;
         Ok(Some(DirectConv3d::new(
-            kernel.as_slice::<f32>()?,
-            bias,
-            [cin, cout],
+            kernel,
+            served.bias,
+            served.channels,
         )))
     }
 
@@ -242,6 +335,7 @@ impl DirectConv3d {
             input_channels: cin,
             output_channels: cout,
             residual: false,
+            split: None,
             block,
             weights: Arc::new(pack(kernel, [cin, cout], block)),
             bias: Arc::new(bias),
@@ -270,7 +364,7 @@ impl DirectConv3d {
         if let Some(winograd) = &self.winograd
             && Winograd::serves([d, h, w])
         {
-            winograd.run(input, &self.bias, [d, h, w], out, accumulate);
+            winograd.run(input, &self.bias, [d, h, w], [out, &mut []], accumulate);
             return;
         }
         let blocks = self.output_channels.div_ceil(self.block);
@@ -510,9 +604,10 @@ mod avx512 {
 
 impl Op for DirectConv3d {
     fn name(&self) -> StaticName {
-        match self.residual {
-            false => "IrisDirectConv3x3x3".into(),
-            true => "IrisDirectConv3x3x3+Add".into(),
+        match (self.residual, self.split) {
+            (true, _) => "IrisDirectConv3x3x3+Add".into(),
+            (false, Some(_)) => "IrisDirectConv3x3x3 Pair".into(),
+            (false, None) => "IrisDirectConv3x3x3".into(),
         }
     }
 
@@ -521,9 +616,13 @@ impl Op for DirectConv3d {
             Some(_) => "Winograd F(2x2x2, 3x3x3) on even sides",
             None => "direct",
         };
+        let outputs = match self.split {
+            Some(split) => format!("{split} + {}", self.output_channels - split),
+            None => self.output_channels.to_string(),
+        };
         Ok(vec![format!(
-            "{} -> {} channels, {algorithm}",
-            self.input_channels, self.output_channels
+            "{} -> {outputs} channels, {algorithm}",
+            self.input_channels
         )])
     }
 
@@ -559,6 +658,9 @@ impl EvalOp for DirectConv3d {
             "direct convolution: {c} input channels, expected {}",
             self.input_channels
         );
+        if let Some(split) = self.split {
+            return self.eval_pair(values_of(input)?, [n, d, h, w], split);
+        }
         let shape = [n, self.output_channels, d, h, w];
         let accumulate = residual.is_some();
         let mut out = match residual {
@@ -577,20 +679,75 @@ impl EvalOp for DirectConv3d {
             // (both kernels store each value once, none read first).
             None => unsafe { super::parallel::unwritten(&shape)? },
         };
-        let values = input.try_as_plain_ram()?.as_slice::<f32>()?;
         {
             let mut view = out.try_as_plain_ram_mut()?;
-            self.run_batch(values, [d, h, w], view.as_slice_mut::<f32>()?, accumulate);
+            let out = view.as_slice_mut::<f32>()?;
+            self.run_batch(values_of(input)?, [d, h, w], out, accumulate);
         }
         Ok(tvec!(out.into_tvalue()))
     }
 }
 
+/// The f32 values of `input`.
+fn values_of(input: &TValue) -> TractResult<&[f32]> {
+    input.try_as_plain_ram()?.as_slice::<f32>()
+}
+
+impl DirectConv3d {
+    /// Two convolutions of one input (`split`: the first one's output
+    /// channels), the samples one after the other, into two outputs.
+    fn eval_pair(
+        &self,
+        input: &[f32],
+        [n, d, h, w]: [usize; 4],
+        split: usize,
+    ) -> TractResult<TVec<TValue>> {
+        let winograd = self
+            .winograd
+            .as_ref()
+            .filter(|_| Winograd::serves([d, h, w]))
+            .context("two convolutions of one input need Winograd's form")?;
+        let voxels = d * h * w;
+        let channels = [split, self.output_channels - split];
+        // SAFETY: Winograd's form writes every output value of every
+        // sample (its tiles cover the volume, whose sides are even).
+        let mut first = unsafe { super::parallel::unwritten(&[n, channels[0], d, h, w])? };
+        // SAFETY: as above.
+        let mut second = unsafe { super::parallel::unwritten(&[n, channels[1], d, h, w])? };
+        {
+            let (mut firsts, mut seconds) = (
+                first.try_as_plain_ram_mut()?,
+                second.try_as_plain_ram_mut()?,
+            );
+            let firsts = firsts
+                .as_slice_mut::<f32>()?
+                .chunks_exact_mut(channels[0] * voxels);
+            let seconds = seconds
+                .as_slice_mut::<f32>()?
+                .chunks_exact_mut(channels[1] * voxels);
+            let samples = input.chunks_exact(self.input_channels * voxels);
+            for ((sample, first), second) in samples.zip(firsts).zip(seconds) {
+                winograd.run(sample, &self.bias, [d, h, w], [first, second], false);
+            }
+        }
+        Ok(tvec!(first.into_tvalue(), second.into_tvalue()))
+    }
+}
+
 impl TypedOp for DirectConv3d {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let mut shape = inputs[0].shape.clone();
-        shape.set(1, self.output_channels.to_dim());
-        Ok(tvec!(f32::fact(shape)))
+        let with_channels = |channels: usize| {
+            let mut shape = inputs[0].shape.clone();
+            shape.set(1, channels.to_dim());
+            f32::fact(shape)
+        };
+        Ok(match self.split {
+            Some(split) => tvec!(
+                with_channels(split),
+                with_channels(self.output_channels - split)
+            ),
+            None => tvec!(with_channels(self.output_channels)),
+        })
     }
 
     as_op!();
@@ -783,6 +940,52 @@ mod tests {
             if keep_residual {
                 let kept = out[1].try_as_plain_ram().expect("plain");
                 assert_eq!(kept.as_slice::<f32>().expect("f32"), r.as_slice());
+            }
+        }
+    }
+
+    #[test]
+    fn a_pair_computes_both_convolutions_of_its_input() {
+        if !available() {
+            std::println!("skipped: this CPU has no AVX-512F, the direct kernel is not used");
+            return;
+        }
+        // Two samples; 16 and 20 output channels, so that a register block
+        // of the products holds channels of both outputs.
+        let (n, cin, couts, volume) = (2usize, 16usize, [16usize, 20], [4usize, 2, 34]);
+        let voxels: usize = volume.iter().product();
+        let input = values(n * cin * voxels, 40);
+        let kernels = couts.map(|c| values(c * cin * 27, 41 + c as u64));
+        let biases = couts.map(|c| values(c, 42 + c as u64));
+        let op = DirectConv3d {
+            split: Some(couts[0]),
+            ..DirectConv3d::new(
+                &kernels.concat(),
+                biases.concat(),
+                [cin, couts[0] + couts[1]],
+            )
+        };
+        let mut model = TypedModel::default();
+        let shape = [n, cin, volume[0], volume[1], volume[2]];
+        let x = model.add_source("x", f32::fact(shape)).expect("source");
+        let outputs = model.wire_node("pair", op, &[x]).expect("wires");
+        model.select_output_outlets(&outputs).expect("outputs");
+        let plan = model.into_runnable().expect("plans");
+        let tensor = Tensor::from_shape(&shape, &input).expect("tensor");
+        let got = plan.run(tvec!(tensor.into_tvalue())).expect("runs");
+        assert_eq!(got.len(), 2);
+        for (k, got) in got.iter().enumerate() {
+            assert_eq!(got.shape(), [n, couts[k], volume[0], volume[1], volume[2]]);
+            let got = got.try_as_plain_ram().expect("plain");
+            let got = got.as_slice::<f32>().expect("f32");
+            let want = input.chunks_exact(cin * voxels).flat_map(|sample| {
+                reference(sample, &kernels[k], &biases[k], [cin, couts[k]], volume)
+            });
+            for (j, (&got, want)) in got.iter().zip(want).enumerate() {
+                assert!(
+                    (f64::from(got) - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                    "output {k}, value {j}: {got} vs {want}"
+                );
             }
         }
     }

@@ -15,7 +15,7 @@
 use std::prelude::rust_2024::*;
 use std::{format, vec};
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -415,15 +415,31 @@ pub fn optimise(model: TypedModel) -> TractResult<TypedModel> {
 /// norm fused with the ReLU that follows it (the norm is read as the
 /// engine's own op already, see `instance_norm::register`); and the
 /// trilinear upsampling, fused with the concatenation that joins it to the
-/// skip features. The convolution and the upsampling take the node's first
+/// skip features. Two convolutions of one input run as one op where
+/// Winograd's form serves both (`conv3d::sibling`). The convolution and the upsampling take the node's first
 /// input only (and the fused sum's or concatenation's other input); the
 /// others are constants folded into them.
 fn substitute_own_ops(model: &mut TypedModel) -> TractResult<()> {
+    // Convolutions already run as the second of a pair.
+    let mut paired = HashSet::new();
     for id in model.eval_order()? {
+        if paired.contains(&id) {
+            continue;
+        }
         let node = model.node(id);
         if let Some((op, relu)) = super::instance_norm::fuse_relu(model, node)? {
             let (inputs, last) = (node.inputs.clone(), (relu.id, relu.name.clone()));
             fuse(model, last, &inputs, op)?;
+            continue;
+        }
+        if let Some((other, op)) = super::conv3d::sibling(model, node)? {
+            paired.insert(other.id);
+            let mut patch = TypedModelPatch::default();
+            let input = patch.tap_model(model, node.inputs[0])?;
+            let outputs = patch.wire_node(&node.name, op, &[input])?;
+            patch.shunt_outside(model, OutletId::new(node.id, 0), outputs[0])?;
+            patch.shunt_outside(model, OutletId::new(other.id, 0), outputs[1])?;
+            patch.apply(model)?;
             continue;
         }
         let op: Box<dyn TypedOp> = if let Some(op) = super::conv3d::replacement(model, node)? {

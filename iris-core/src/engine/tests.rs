@@ -633,7 +633,10 @@ fn the_shipped_model_runs_the_engines_own_ops() {
         // Where the kernel runs, every 3x3x3 convolution is direct: those
         // on rows of at least MIN_WIDTH, and the task encoder's
         // one-output merges at every width.
-        let direct = count(graph, "IrisDirectConv3x3x3") + count(graph, "IrisDirectConv3x3x3+Add");
+        let direct = ["", "+Add", " Pair"]
+            .map(|form| count(graph, &format!("IrisDirectConv3x3x3{form}")))
+            .iter()
+            .sum::<usize>();
         if conv3d::available() {
             assert!(direct >= 2, "{direct} direct convolutions");
         } else {
@@ -660,11 +663,14 @@ fn the_shipped_model_runs_the_engines_own_ops() {
     assert_eq!(count(&model.decoder, "Resize"), 0);
 }
 
-/// A pre-activation residual block as ONNX: `y = x + conv(relu(norm(
+/// A pre-activation residual block as ONNX: `y = r + conv(relu(norm(
 /// conv(relu(norm(x))))))`, 3x3x3 convolutions with `channels` channels
 /// each way, over `[1, channels, 4, 4, 32]` (rows wide enough for the
-/// engine's convolution).
-fn residual_block(channels: usize) -> Vec<u8> {
+/// engine's convolution). The residual `r` is `x`, or with `shortcut` a
+/// convolution of the block's first normed input (as where the released
+/// network's blocks change their channel count: its norms have no affine
+/// parameters, so the shortcut's and the block's are one).
+fn residual_block(channels: usize, shortcut: bool) -> Vec<u8> {
     use super::testing::{D, OnnxGraph, int, ints};
     let mut seed = 0x2545_f491_4f6c_dd1d_u64 ^ channels as u64;
     let mut draw = |n: usize, scale: f32| -> Vec<f32> {
@@ -680,12 +686,16 @@ fn residual_block(channels: usize) -> Vec<u8> {
     let dims = [1, channels, 4, 4, 32].map(D::N);
     let mut g = OnnxGraph::default();
     let x = g.input("x", &dims);
-    let mut h = x.clone();
-    for _ in 0..2 {
-        let scale = g.constant(&draw(channels, 1.0), &[channels]);
-        let bias = g.constant(&draw(channels, 0.5), &[channels]);
-        let norm = g.op("InstanceNormalization", &[&h, &scale, &bias], vec![]);
-        let relu = g.op("Relu", &[&norm], vec![]);
+    let mut unit = |g: &mut OnnxGraph, h: &str, normalise: bool| {
+        let h = match normalise {
+            true => {
+                let scale = g.constant(&draw(channels, 1.0), &[channels]);
+                let bias = g.constant(&draw(channels, 0.5), &[channels]);
+                let norm = g.op("InstanceNormalization", &[h, &scale, &bias], vec![]);
+                g.op("Relu", &[&norm], vec![])
+            }
+            false => h.to_string(),
+        };
         let bound = 1.0 / ((27 * channels) as f32).sqrt();
         let kernel = g.constant(
             &draw(channels * channels * 27, bound),
@@ -697,9 +707,15 @@ fn residual_block(channels: usize) -> Vec<u8> {
             ints("pads", &[1; 6]),
             int("group", 1),
         ];
-        h = g.op("Conv", &[&relu, &kernel, &conv_bias], attrs);
-    }
-    let y = g.op("Add", &[&h, &x], vec![]);
+        (h.clone(), g.op("Conv", &[&h, &kernel, &conv_bias], attrs))
+    };
+    let (normed, h) = unit(&mut g, &x, true);
+    let residual = match shortcut {
+        true => unit(&mut g, &normed, false).1,
+        false => x.clone(),
+    };
+    let (_, h) = unit(&mut g, &h, true);
+    let y = g.op("Add", &[&h, &residual], vec![]);
     g.output(&y, "y", &dims);
     g.into_bytes()
 }
@@ -709,9 +725,15 @@ fn the_engines_own_ops_compute_what_tract_computes_on_a_residual_block() {
     use tract_onnx::prelude::{
         Framework, InferenceModelExt, IntoRunnable, IntoTValue, Tensor, tvec,
     };
-    // 8 channels: the direct kernel; 16: Winograd's.
-    for (channels, algorithm) in [(8, "direct"), (16, "Winograd")] {
-        let bytes = residual_block(channels);
+    // 8 channels: the direct kernel; 16: Winograd's, which also runs the
+    // shortcut and the block's first convolution as one op.
+    let cases = [
+        (8, "direct", false),
+        (16, "Winograd", false),
+        (16, "Winograd", true),
+    ];
+    for (channels, algorithm, shortcut) in cases {
+        let bytes = residual_block(channels, shortcut);
         let shape = [1, channels, 4, 4, 32];
         let x: Vec<f32> = (0..shape.iter().product::<usize>())
             .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 3.0 + 0.25)
@@ -740,7 +762,9 @@ fn the_engines_own_ops_compute_what_tract_computes_on_a_residual_block() {
             let nodes = plan.model().nodes();
             let named = |name: &str| nodes.iter().filter(|n| n.op().name() == name).count();
             assert_eq!(named("IrisInstanceNorm+Relu"), 2);
-            assert_eq!(named("IrisDirectConv3x3x3"), 1);
+            let (pairs, alone) = if shortcut { (1, 0) } else { (0, 1) };
+            assert_eq!(named("IrisDirectConv3x3x3 Pair"), pairs);
+            assert_eq!(named("IrisDirectConv3x3x3"), alone);
             assert_eq!(named("IrisDirectConv3x3x3+Add"), 1);
             for node in nodes
                 .iter()

@@ -58,6 +58,16 @@ pub(crate) struct Winograd {
     weights: Vec<f32>,
 }
 
+/// Where a convolution's output channels go: channels `0..split` to the
+/// first buffer (`[split, D, H, W]`), the others to the second, added to
+/// what they hold where `accumulate`.
+#[derive(Clone, Copy)]
+struct Outputs<'a> {
+    buffers: [SharedOut<'a>; 2],
+    split: usize,
+    accumulate: bool,
+}
+
 /// One run of tiles of a block: output tile row `ty` of the depth pair,
 /// tiles `tx0..tx1` along W, lanes `lane..` of the block.
 #[derive(Clone, Copy)]
@@ -97,38 +107,41 @@ impl Winograd {
     }
 
     /// The convolution of one sample, `input` (`[Cin, D, H, W]`, C order),
-    /// plus `bias` (`[Cout]`), into `out` (`[Cout, D, H, W]`), added to what
-    /// `out` holds where `accumulate`. The sides must be even
-    /// ([`Winograd::serves`]); the CPU must have AVX-512F.
+    /// plus `bias` (`[Cout]`), into `first` then `second` (`[C, D, H, W]`
+    /// each, the output channels in order: `second` holds those past
+    /// `first`'s, and is empty for one output), added to what they hold
+    /// where `accumulate`. The sides must be even ([`Winograd::serves`]);
+    /// the CPU must have AVX-512F.
     pub(crate) fn run(
         &self,
         input: &[f32],
         bias: &[f32],
         [d, h, w]: [usize; 3],
-        out: &mut [f32],
+        [first, second]: [&mut [f32]; 2],
         accumulate: bool,
     ) {
         assert!(Winograd::serves([d, h, w]), "odd sides {:?}", [d, h, w]);
-        let (cin, cout) = (self.input_channels, self.output_channels);
-        assert_eq!(input.len(), cin * d * h * w, "input size");
-        assert_eq!(out.len(), cout * d * h * w, "output size");
+        let (cin, cout, voxels) = (self.input_channels, self.output_channels, d * h * w);
+        assert_eq!(input.len(), cin * voxels, "input size");
+        assert_eq!(first.len() + second.len(), cout * voxels, "output size");
+        assert_eq!(first.len() % voxels, 0, "first output size");
         assert_eq!(bias.len(), cout, "bias size");
+        let split = first.len() / voxels;
+        let outputs = Outputs {
+            buffers: [SharedOut::new(first), SharedOut::new(second)],
+            split,
+            accumulate,
+        };
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("the convolution's own kernels run only where `conv3d::available()`");
         #[cfg(target_arch = "x86_64")]
-        self.run_tiles(input, bias, [d, h, w], (SharedOut::new(out), accumulate));
+        self.run_tiles(input, bias, [d, h, w], outputs);
     }
 
     /// [`Winograd::run`] once its sizes are checked: the depth pairs in
     /// parallel, each thread with its own scratch.
     #[cfg(target_arch = "x86_64")]
-    fn run_tiles(
-        &self,
-        input: &[f32],
-        bias: &[f32],
-        [d, h, w]: [usize; 3],
-        (out, accumulate): (SharedOut<'_>, bool),
-    ) {
+    fn run_tiles(&self, input: &[f32], bias: &[f32], [d, h, w]: [usize; 3], outputs: Outputs<'_>) {
         use avx512::{products, transform_input, transform_output};
         let cin = self.input_channels;
         let (ty_n, tx_n) = (h / 2, w / 2);
@@ -158,16 +171,16 @@ impl Winograd {
                     tile += tx1 - tx0;
                 }
                 // SAFETY: `run`'s callers hold AVX-512F (the op is made
-                // only where `conv3d::available()`); `out` holds
+                // only where `conv3d::available()`); the outputs hold
                 // `Cout * D * H * W` values and this depth pair writes
-                // only its own two depth slices of it.
+                // only its own two depth slices of them.
                 unsafe {
                     for &run in runs.iter() {
                         transform_input(input, [d, h, w], cin, run, v);
                     }
                     products(&self.weights, v, m, cin, padded / BLOCK);
                     for &run in runs.iter() {
-                        transform_output((m, padded), [d, h, w], bias, run, (out, accumulate));
+                        transform_output((m, padded), [d, h, w], bias, run, outputs);
                     }
                 }
             }
@@ -209,8 +222,8 @@ fn transform_kernel(g: &[f32]) -> [f64; POSITIONS] {
 mod avx512 {
     use std::arch::x86_64::*;
 
+    use super::Outputs;
     use super::{BLOCK, POSITIONS, PREFETCH, Run, TILES, position_stride};
-    use crate::engine::parallel::SharedOut;
 
     /// A mask of lanes `0..n` (at most 16).
     fn lanes(n: usize) -> __mmask16 {
@@ -366,14 +379,14 @@ mod avx512 {
     }
 
     /// Transforms the products of `run`'s tiles (`m`: `[64][padded][TILES]`,
-    /// `padded` being `Cout` rounded up to [`BLOCK`]) back into output tiles (`Aᵀ M A` along every axis),
-    /// adds the bias, and stores them in `out` (`[Cout, D, H, W]`), added to
-    /// what it holds where `accumulate`.
+    /// `padded` being `Cout` rounded up to [`BLOCK`]) back into output
+    /// tiles (`Aᵀ M A` along every axis), adds the bias, and stores them in
+    /// `outputs`.
     ///
     /// # Safety
-    /// The CPU has AVX-512F; `out` holds `Cout * D * H * W` values, of
-    /// which no other thread touches depth slices `2 run.tz` and
-    /// `2 run.tz + 1`.
+    /// The CPU has AVX-512F; the outputs hold `Cout * D * H * W` values
+    /// (split as `outputs.split` says), of which no other thread touches
+    /// depth slices `2 run.tz` and `2 run.tz + 1`.
     // The loops walk one axis of tiles indexed on three.
     #[allow(clippy::needless_range_loop)]
     #[target_feature(enable = "avx512f")]
@@ -382,15 +395,20 @@ mod avx512 {
         [d, h, w]: [usize; 3],
         bias: &[f32],
         run: Run,
-        (out, accumulate): (SharedOut<'_>, bool),
+        outputs: Outputs<'_>,
     ) {
         // Lanes of two 16-tile vectors (outputs x = 2i and 2i + 1),
         // interleaved into positions along the row.
         let low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
         let high = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
         let n = run.tx1 - run.tx0;
+        let accumulate = outputs.accumulate;
         for (co, &bias) in bias.iter().enumerate() {
             let bias = _mm512_set1_ps(bias);
+            let (out, channel) = match co.checked_sub(outputs.split) {
+                None => (outputs.buffers[0], co),
+                Some(channel) => (outputs.buffers[1], channel),
+            };
             for group in 0..n.div_ceil(16) {
                 let count = (n - 16 * group).min(16);
                 // Along x, then y, one depth of the tile at a time:
@@ -426,8 +444,8 @@ mod avx512 {
                         let (even, odd) =
                             (_mm512_add_ps(z[0][oz], bias), _mm512_add_ps(z[1][oz], bias));
                         let (zi, yi) = (2 * run.tz + oz, 2 * run.ty + oy);
-                        let start = ((co * d + zi) * h + yi) * w + 2 * (run.tx0 + 16 * group);
-                        // SAFETY: row (co, zi, yi) lies inside `out` (zi <
+                        let start = ((channel * d + zi) * h + yi) * w + 2 * (run.tx0 + 16 * group);
+                        // SAFETY: row (channel, zi, yi) lies inside `out` (zi <
                         // D, yi < H as the sides are even; the run's x <
                         // W), and only this thread writes depth slice zi.
                         let row = unsafe { out.slice(start, 2 * count) };
