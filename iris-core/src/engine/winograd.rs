@@ -222,8 +222,7 @@ fn transform_kernel(g: &[f32]) -> [f64; POSITIONS] {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::Outputs;
-    use super::{BLOCK, POSITIONS, PREFETCH, Run, TILES, position_stride};
+    use super::{BLOCK, Outputs, POSITIONS, PREFETCH, Run, TILES, position_stride};
 
     /// A mask of lanes `0..n` (at most 16).
     fn lanes(n: usize) -> __mmask16 {
