@@ -416,9 +416,10 @@ pub fn optimise(model: TypedModel) -> TractResult<TypedModel> {
 /// engine's own op already, see `instance_norm::register`); and the
 /// trilinear upsampling, fused with the concatenation that joins it to the
 /// skip features. Two convolutions of one input run as one op where
-/// Winograd's form serves both (`conv3d::sibling`). The convolution and the upsampling take the node's first
-/// input only (and the fused sum's or concatenation's other input); the
-/// others are constants folded into them.
+/// Winograd's form serves both (`conv3d::sibling`). The convolution and the
+/// upsampling take the node's first input only (and the fused sum's or
+/// concatenation's other input); the others are constants folded into
+/// them.
 fn substitute_own_ops(model: &mut TypedModel) -> TractResult<()> {
     // Convolutions already run as the second of a pair.
     let mut paired = HashSet::new();
