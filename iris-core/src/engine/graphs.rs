@@ -403,10 +403,25 @@ pub fn reader() -> Onnx {
 ///
 /// # Errors
 /// Where tract cannot declutter or optimise the graph.
-pub fn optimise(model: TypedModel) -> TractResult<TypedModel> {
+pub fn optimise(mut model: TypedModel) -> TractResult<TypedModel> {
+    substitute_pointwise(&mut model)?;
     let mut typed = model.into_decluttered()?;
     substitute_own_ops(&mut typed)?;
     typed.into_optimized()
+}
+
+/// Puts the engine's 1x1x1 convolution in place of those it serves, before
+/// tract declutters them into matrix products (see `pointwise`).
+fn substitute_pointwise(model: &mut TypedModel) -> TractResult<()> {
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        if let Some(op) = super::pointwise::replacement(model, node)? {
+            let inputs = [node.inputs[0], node.inputs[2]];
+            let patch = TypedModelPatch::replace_single_op(model, node, &inputs, op)?;
+            patch.apply(model)?;
+        }
+    }
+    Ok(())
 }
 
 /// Puts the engine's own ops in place of the tract ops they serve, before
@@ -419,7 +434,9 @@ pub fn optimise(model: TypedModel) -> TractResult<TypedModel> {
 /// Winograd's form serves both (`conv3d::sibling`). The convolution and the
 /// upsampling take the node's first input only (and the fused sum's or
 /// concatenation's other input); the others are constants folded into
-/// them.
+/// them. A norm over the channels of channels-first voxels (tract's sum,
+/// scaling, subtraction and `RmsNorm`) becomes one op (`channel_norm`),
+/// and a run of axis moves one copy (`permute`).
 fn substitute_own_ops(model: &mut TypedModel) -> TractResult<()> {
     // Convolutions already run as the second of a pair.
     let mut paired = HashSet::new();
@@ -430,6 +447,15 @@ fn substitute_own_ops(model: &mut TypedModel) -> TractResult<()> {
         let node = model.node(id);
         if let Some((op, relu)) = super::instance_norm::fuse_relu(model, node)? {
             let (inputs, last) = (node.inputs.clone(), (relu.id, relu.name.clone()));
+            fuse(model, last, &inputs, op)?;
+            continue;
+        }
+        if let Some((op, x)) = super::channel_norm::replacement(model, node)? {
+            fuse(model, (node.id, node.name.clone()), &[x], op)?;
+            continue;
+        }
+        if let Some((op, last)) = super::permute::chain(model, node)? {
+            let (inputs, last) = (node.inputs.clone(), (last.id, last.name.clone()));
             fuse(model, last, &inputs, op)?;
             continue;
         }

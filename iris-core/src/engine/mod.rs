@@ -35,12 +35,15 @@
 use std::prelude::rust_2024::*;
 use std::{format, vec};
 
+mod channel_norm;
 mod conv3d;
 mod graphs;
 mod instance_norm;
 mod loading;
 mod manifest;
 mod parallel;
+mod permute;
+mod pointwise;
 mod retrieval;
 mod upsample;
 mod winograd;

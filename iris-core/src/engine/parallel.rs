@@ -116,6 +116,11 @@ impl<'a> SharedOut<'a> {
         }
     }
 
+    /// The number of values in the buffer.
+    pub(crate) fn len(self) -> usize {
+        self.len
+    }
+
     /// The start of the buffer.
     pub(crate) fn ptr(self) -> *mut f32 {
         self.start

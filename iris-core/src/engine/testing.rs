@@ -128,7 +128,7 @@ impl OnnxGraph {
     }
 
     /// An int64 initializer (1-D).
-    fn int64s(&mut self, values: &[i64]) -> String {
+    pub(crate) fn int64s(&mut self, values: &[i64]) -> String {
         let name = self.fresh("ints");
         self.graph.initializer.push(TensorProto {
             dims: vec![values.len() as i64],

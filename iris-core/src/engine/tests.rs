@@ -661,6 +661,15 @@ fn the_shipped_model_runs_the_engines_own_ops() {
     );
     assert_eq!(count(&model.decoder, "IrisUpsample3d"), 0);
     assert_eq!(count(&model.decoder, "Resize"), 0);
+    // Each task stage normalises its context over the channels once, and
+    // shuffles and unshuffles its features in one copy each.
+    let stages = model.manifest.stages.len();
+    assert_eq!(count(&model.task_encoder, "IrisChannelNorm"), stages);
+    assert_eq!(count(&model.task_encoder, "IrisPermute"), 2 * stages);
+    // Its 1x1x1 convolutions widen and narrow each level's features.
+    let pointwise = if conv3d::available() { 2 * stages } else { 0 };
+    assert_eq!(count(&model.task_encoder, "IrisPointwiseConv"), pointwise);
+    assert!(count(&model.decoder, "IrisChannelNorm") > 0);
 }
 
 /// A pre-activation residual block as ONNX: `y = r + conv(relu(norm(
@@ -720,11 +729,65 @@ fn residual_block(channels: usize, shortcut: bool) -> Vec<u8> {
     g.into_bytes()
 }
 
-#[test]
-fn the_engines_own_ops_compute_what_tract_computes_on_a_residual_block() {
+/// The graph in `bytes` (input `x` of `shape`, output `y` of `out`)
+/// planned by the engine and by tract alone and run on one input: the
+/// engine's plan's ops (name and info), and the largest difference of the
+/// two outputs relative to tract's largest value.
+fn engine_against_tract(
+    bytes: &[u8],
+    shape: &[usize],
+    out: &[usize],
+) -> (Vec<(String, String)>, f32) {
     use tract_onnx::prelude::{
         Framework, InferenceModelExt, IntoRunnable, IntoTValue, Tensor, tvec,
     };
+    let x: Vec<f32> = (0..shape.iter().product::<usize>())
+        .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 3.0 + 0.25)
+        .collect();
+    let input = || Tensor::from_shape(shape, &x).expect("tensor").into_tvalue();
+    let tract = tract_onnx::onnx()
+        .model_for_read(&mut &bytes[..])
+        .and_then(|m| m.into_optimized())
+        .and_then(|m| m.into_runnable())
+        .expect("tract plans the graph");
+    let want = tract.run(tvec!(input())).expect("tract runs");
+    let port = |name: &str, shape: &[usize]| {
+        graphs::Port::new(name, shape.iter().map(|&n| graphs::Dim::Fixed(n)).collect())
+    };
+    let source = graphs::Source::Bytes {
+        name: "test-graph.onnx".into(),
+        bytes,
+    };
+    let graph =
+        graphs::Graph::load(source, &[port("x", shape)], vec![port("y", out)]).expect("loads");
+    let executor = graphs::executor(2).expect("threads");
+    let plan = graph.plan(1, &executor).expect("plans");
+    let ops = plan
+        .model()
+        .nodes()
+        .iter()
+        .map(|n| {
+            let info = n.op().info().expect("info").join(" ");
+            (n.op().name().to_string(), info)
+        })
+        .collect();
+    let got = graph.run(&plan, tvec!(input())).expect("the engine runs");
+    let (got, want) = (
+        graphs::values(&graph, &got[0]).expect("f32"),
+        graphs::values(&graph, &want[0]).expect("f32"),
+    );
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+    let diff = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    (ops, diff / scale)
+}
+
+#[test]
+fn the_engines_own_ops_compute_what_tract_computes_on_a_residual_block() {
     // 8 channels: the direct kernel; 16: Winograd's, which also runs the
     // shortcut and the block's first convolution as one op.
     let cases = [
@@ -735,60 +798,75 @@ fn the_engines_own_ops_compute_what_tract_computes_on_a_residual_block() {
     for (channels, algorithm, shortcut) in cases {
         let bytes = residual_block(channels, shortcut);
         let shape = [1, channels, 4, 4, 32];
-        let x: Vec<f32> = (0..shape.iter().product::<usize>())
-            .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 3.0 + 0.25)
-            .collect();
-        let input = || {
-            Tensor::from_shape(&shape, &x)
-                .expect("tensor")
-                .into_tvalue()
-        };
-        let tract = tract_onnx::onnx()
-            .model_for_read(&mut &bytes[..])
-            .and_then(|m| m.into_optimized())
-            .and_then(|m| m.into_runnable())
-            .expect("tract plans the block");
-        let want = tract.run(tvec!(input())).expect("tract runs");
-        let port = |name: &str| graphs::Port::new(name, shape.map(graphs::Dim::Fixed).to_vec());
-        let source = graphs::Source::Bytes {
-            name: "residual-block.onnx".into(),
-            bytes: &bytes,
-        };
-        let graph = graphs::Graph::load(source, &[port("x")], vec![port("y")]).expect("loads");
-        let executor = graphs::executor(2).expect("threads");
-        let plan = graph.plan(1, &executor).expect("plans");
+        let (ops, diff) = engine_against_tract(&bytes, &shape, &shape);
+        assert!(diff < 1e-5, "{channels} channels: relative max diff {diff}");
         if conv3d::available() {
             // The block runs the fused ops, with the expected kernel.
-            let nodes = plan.model().nodes();
-            let named = |name: &str| nodes.iter().filter(|n| n.op().name() == name).count();
+            let named = |name: &str| ops.iter().filter(|(n, _)| n == name).count();
             assert_eq!(named("IrisInstanceNorm+Relu"), 2);
             let (pairs, alone) = if shortcut { (1, 0) } else { (0, 1) };
             assert_eq!(named("IrisDirectConv3x3x3 Pair"), pairs);
             assert_eq!(named("IrisDirectConv3x3x3"), alone);
             assert_eq!(named("IrisDirectConv3x3x3+Add"), 1);
-            for node in nodes
-                .iter()
-                .filter(|n| n.op().name().starts_with("IrisDirectConv"))
-            {
-                let info = node.op().info().expect("info").join(" ");
+            for (_, info) in ops.iter().filter(|(n, _)| n.starts_with("IrisDirectConv")) {
                 assert!(info.contains(algorithm), "{channels} channels: {info}");
             }
         }
-        let got = graph.run(&plan, tvec!(input())).expect("the engine runs");
-        let (got, want) = (
-            graphs::values(&graph, &got[0]).expect("f32"),
-            graphs::values(&graph, &want[0]).expect("f32"),
-        );
-        assert_eq!(got.len(), want.len());
-        let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-        let diff = got
-            .iter()
-            .zip(want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
-        assert!(
-            diff / scale < 1e-5,
-            "{channels} channels: max diff {diff} x {scale}"
-        );
     }
+}
+
+/// The task encoder's context ops as the exporter writes them: `x` `[1, 4,
+/// 4, 4, 4]` convolved 1x1x1 to 8 channels (with bias), its voxels'
+/// channels normalised (`ReduceMean`, `Sub`, `Mul`, `ReduceMean`, `Add`,
+/// `Sqrt`, `Div` over axis 1 of `[1, 8, 64]`), then shuffled by 2 to one
+/// channel of `[8, 8, 8]` (an 8-D `Transpose`).
+fn context_ops() -> Vec<u8> {
+    use super::testing::{D, OnnxGraph, int, ints};
+    let mut g = OnnxGraph::default();
+    let x = g.input("x", &[1, 4, 4, 4, 4].map(D::N));
+    let kernel: Vec<f32> = (0..32).map(|i| (i * 13 % 17) as f32 / 8.0 - 1.0).collect();
+    let kernel = g.constant(&kernel, &[8, 4, 1, 1, 1]);
+    let bias = g.constant(&[0.5, -0.25, 0.0, 1.0, -1.0, 0.125, 0.75, -0.5], &[8]);
+    let attrs = vec![ints("kernel_shape", &[1, 1, 1]), int("group", 1)];
+    let x = g.op("Conv", &[&x, &kernel, &bias], attrs);
+    let flat = g.int64s(&[1, 8, 64]);
+    let x = g.op("Reshape", &[&x, &flat], vec![]);
+    let mean_over_channels = |g: &mut OnnxGraph, x: &str| {
+        g.op(
+            "ReduceMean",
+            &[x],
+            vec![ints("axes", &[1]), int("keepdims", 1)],
+        )
+    };
+    let mean = mean_over_channels(&mut g, &x);
+    let centred = g.op("Sub", &[&x, &mean], vec![]);
+    let squares = g.op("Mul", &[&centred, &centred], vec![]);
+    let variance = mean_over_channels(&mut g, &squares);
+    let epsilon = g.constant(&[1e-5], &[]);
+    let variance = g.op("Add", &[&variance, &epsilon], vec![]);
+    let deviation = g.op("Sqrt", &[&variance], vec![]);
+    let normed = g.op("Div", &[&centred, &deviation], vec![]);
+    let split = g.int64s(&[1, 1, 2, 2, 2, 4, 4, 4]);
+    let split = g.op("Reshape", &[&normed, &split], vec![]);
+    let perm = ints("perm", &[0, 1, 5, 2, 6, 3, 7, 4]);
+    let moved = g.op("Transpose", &[&split], vec![perm]);
+    let joined = g.int64s(&[1, 1, 8, 8, 8]);
+    let y = g.op("Reshape", &[&moved, &joined], vec![]);
+    g.output(&y, "y", &[1, 1, 8, 8, 8].map(D::N));
+    g.into_bytes()
+}
+
+#[test]
+fn the_task_encoders_context_ops_compute_what_tract_computes() {
+    let bytes = context_ops();
+    let (ops, diff) = engine_against_tract(&bytes, &[1, 4, 4, 4, 4], &[1, 1, 8, 8, 8]);
+    assert!(diff < 1e-5, "relative max diff {diff}");
+    let named = |name: &str| ops.iter().filter(|(n, _)| n == name).count();
+    let pointwise = usize::from(conv3d::available());
+    assert_eq!(named("IrisPointwiseConv"), pointwise, "{ops:?}");
+    // tract's four passes (sum, scaling, subtraction, `RmsNorm`) are one
+    // op; its three `MoveAxis` copies one.
+    assert_eq!(named("IrisChannelNorm"), 1, "{ops:?}");
+    assert_eq!(named("RmsNorm") + named("MoveAxis"), 0, "{ops:?}");
+    assert_eq!(named("IrisPermute"), 1, "{ops:?}");
 }
