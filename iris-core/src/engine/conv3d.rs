@@ -72,9 +72,12 @@ pub(crate) const WINOGRAD_CHANNELS: usize = 16;
 /// `IRIS_DIRECT_CONV=0` turns it off (for comparisons with tract's own
 /// convolution) when a model's graphs are planned.
 pub(crate) fn available() -> bool {
-    if std::env::var_os("IRIS_DIRECT_CONV").is_some_and(|v| v == "0") {
-        return false;
-    }
+    std::env::var_os("IRIS_DIRECT_CONV").is_none_or(|v| v != "0") && has_avx512()
+}
+
+/// Whether this CPU is x86-64 with AVX-512F, which the engine's kernels
+/// need.
+pub(crate) fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")

@@ -26,7 +26,7 @@ use tract_onnx::prelude::{
     Datum, Framework, InferenceFact, InferenceModel, InferenceModelExt, RunOptions, TValue, TVec,
     Tensor, TypedModel, TypedRunnableModel,
 };
-use tract_onnx::tract_core::internal::{OutletId, TractResult, TypedModelPatch, TypedOp};
+use tract_onnx::tract_core::internal::{InletId, OutletId, TractResult, TypedModelPatch, TypedOp};
 use tract_onnx::tract_hir::infer::Factoid;
 
 use crate::error::{Error, Result};
@@ -450,6 +450,10 @@ fn substitute_own_ops(model: &mut TypedModel) -> TractResult<()> {
             fuse(model, last, &inputs, op)?;
             continue;
         }
+        if let Some((op, inputs)) = super::attention::replacement(model, node)? {
+            fuse(model, (node.id, node.name.clone()), &inputs, op)?;
+            continue;
+        }
         if let Some((op, x)) = super::channel_norm::replacement(model, node)? {
             fuse(model, (node.id, node.name.clone()), &[x], op)?;
             continue;
@@ -490,6 +494,14 @@ fn substitute_own_ops(model: &mut TypedModel) -> TractResult<()> {
         patch.apply(model)?;
     }
     Ok(())
+}
+
+/// The one node input that reads `outlet`, where it has exactly one reader.
+pub(crate) fn only_reader(model: &TypedModel, outlet: OutletId) -> Option<InletId> {
+    match model.outlet_successors(outlet) {
+        [next] => Some(*next),
+        _ => None,
+    }
 }
 
 /// Has `op`, on `inputs`, stand for the output of node `last` (its id and

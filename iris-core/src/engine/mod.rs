@@ -35,6 +35,7 @@
 use std::prelude::rust_2024::*;
 use std::{format, vec};
 
+mod attention;
 mod channel_norm;
 mod conv3d;
 mod graphs;

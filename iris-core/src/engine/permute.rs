@@ -28,10 +28,9 @@ fn moves(node: &TypedNode) -> Option<(usize, usize)> {
 
 /// The node of `outlet`'s one reader, where it has one and reads it first.
 fn only_reader(model: &TypedModel, outlet: OutletId) -> Option<&TypedNode> {
-    match model.outlet_successors(outlet) {
-        [next] if next.slot == 0 => Some(model.node(next.node)),
-        _ => None,
-    }
+    super::graphs::only_reader(model, outlet)
+        .filter(|next| next.slot == 0)
+        .map(|next| model.node(next.node))
 }
 
 /// [`Permute`] for the run of two or more `MoveAxis` nodes of an f32

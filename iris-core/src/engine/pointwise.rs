@@ -104,10 +104,7 @@ pub(crate) fn replacement(
 /// computes it, so it is not a constant before tract declutters).
 #[derive(Debug, Clone)]
 pub(crate) struct PointwiseConv {
-    input_channels: usize,
-    output_channels: usize,
-    /// `[Cout / BLOCK (rounded up)][Cin][BLOCK]`, zero past `Cout`.
-    weights: Arc<Vec<f32>>,
+    weights: Arc<PackedRows>,
 }
 
 /// Two ops are the same when they share their packed weights (tract
@@ -123,29 +120,66 @@ impl Eq for PointwiseConv {}
 impl PointwiseConv {
     /// The op for `kernel` (`[Cout, Cin]`, C order).
     fn new(kernel: &[f32], [cin, cout]: [usize; 2]) -> Self {
-        let blocks = cout.div_ceil(BLOCK);
-        let mut weights = vec![0.0; blocks * cin * BLOCK];
-        for (o, row) in kernel.chunks_exact(cin).enumerate() {
-            let (block, lane) = (o / BLOCK, o % BLOCK);
-            for (i, &w) in row.iter().enumerate() {
-                weights[(block * cin + i) * BLOCK + lane] = w;
+        PointwiseConv {
+            weights: Arc::new(PackedRows::new(kernel, [cout, cin])),
+        }
+    }
+}
+
+/// A matrix `[rows, columns]` packed for [`PackedRows::times`]: `[rows /
+/// BLOCK (rounded up)][columns][BLOCK]`, zero past the last row.
+#[derive(Debug)]
+pub(crate) struct PackedRows {
+    rows: usize,
+    columns: usize,
+    values: Vec<f32>,
+}
+
+impl PackedRows {
+    /// Packs `matrix` (`[rows, columns]`, C order).
+    pub(crate) fn new(matrix: &[f32], [rows, columns]: [usize; 2]) -> Self {
+        let mut values = vec![0.0; rows.div_ceil(BLOCK) * columns * BLOCK];
+        for (r, row) in matrix.chunks_exact(columns).take(rows).enumerate() {
+            let (block, lane) = (r / BLOCK, r % BLOCK);
+            for (c, &value) in row.iter().enumerate() {
+                values[(block * columns + c) * BLOCK + lane] = value;
             }
         }
-        PointwiseConv {
-            input_channels: cin,
-            output_channels: cout,
-            weights: Arc::new(weights),
+        PackedRows {
+            rows,
+            columns,
+            values,
         }
     }
 
-    /// The convolution of one sample, `input` (`[Cin, V]`) into `out`
-    /// (`[Cout, V]`), with `bias` `[Cout / BLOCK (rounded up) * BLOCK]`.
-    fn run(&self, input: &[f32], bias: &[f32], voxels: usize, out: SharedOut<'_>) {
-        let (cin, cout) = (self.input_channels, self.output_channels);
+    /// `out[r, v] = bias[r] + Σ_c self[r, c] input[c, v]` (no bias where
+    /// `None`) for `input` `[columns, voxels]` and `out` `[rows, voxels]`,
+    /// C order.
+    ///
+    /// # Errors
+    /// Where the CPU lacks AVX-512F (the engine's ops that call this are
+    /// made only where it has it) or a slice is shorter than its shape.
+    pub(crate) fn times(
+        &self,
+        input: &[f32],
+        bias: Option<&[f32]>,
+        voxels: usize,
+        out: SharedOut<'_>,
+    ) -> TractResult<()> {
+        let (cin, cout) = (self.columns, self.rows);
+        ensure!(super::conv3d::has_avx512(), "the products need AVX-512F");
+        ensure!(
+            input.len() >= cin * voxels
+                && out.len() >= cout * voxels
+                && bias.is_none_or(|b| b.len() >= cout),
+            "products: [{cout}, {cin}] by [{cin}, {voxels}] with {} inputs, {} outputs",
+            input.len(),
+            out.len()
+        );
         let tiles = voxels.div_ceil(TILE);
         let blocks = cout.div_ceil(BLOCK);
         if tiles == 0 || blocks == 0 {
-            return;
+            return Ok(());
         }
         // Runs of tiles per item, as many as the panel holds; then the
         // blocks of output channels split where the runs are too few.
@@ -170,9 +204,9 @@ impl PointwiseConv {
             }
             let block_range = part * blocks_per_part..blocks.min((part + 1) * blocks_per_part);
             for block in block_range {
-                let weights = &self.weights[block * cin * BLOCK..][..cin * BLOCK];
-                let bias = &bias[block * BLOCK..][..BLOCK];
+                let weights = &self.values[block * cin * BLOCK..][..cin * BLOCK];
                 let rows = BLOCK.min(cout - block * BLOCK);
+                let bias = bias.map(|b| &b[block * BLOCK..][..rows]);
                 for (t, tile) in panel.chunks_exact(cin * TILE).enumerate() {
                     let v0 = (first + t) * TILE;
                     let target = Target {
@@ -182,16 +216,17 @@ impl PointwiseConv {
                         stride: voxels,
                         count: TILE.min(voxels - v0),
                     };
-                    // SAFETY: `replacement` makes the op only where
-                    // the CPU has AVX-512F; the items write disjoint
-                    // (output channel, voxel) ranges.
+                    // SAFETY: the CPU has AVX-512F (checked above); the
+                    // items write disjoint (row, voxel) ranges, inside
+                    // `out` (checked above).
                     #[cfg(target_arch = "x86_64")]
                     unsafe {
-                        avx512::block(weights, bias, tile, target)
+                        avx512::block(weights, bias.unwrap_or(&[]), tile, target)
                     };
                 }
             }
         });
+        Ok(())
     }
 }
 
@@ -218,7 +253,8 @@ mod avx512 {
     }
 
     /// `BLOCK` output channels of one tile: `bias + weights · tile`, with
-    /// `weights` `[Cin][BLOCK]` and `tile` `[Cin][TILE]`.
+    /// `weights` `[Cin][BLOCK]`, `tile` `[Cin][TILE]` and `bias` the
+    /// block's rows' (zero past its end).
     ///
     /// # Safety
     /// The CPU has AVX-512F; no other thread touches the target's values.
@@ -269,8 +305,8 @@ impl Op for PointwiseConv {
     fn info(&self) -> TractResult<Vec<String>> {
         Ok(vec![std::format!(
             "{} -> {} channels",
-            self.input_channels,
-            self.output_channels
+            self.weights.columns,
+            self.weights.rows
         )])
     }
 
@@ -287,9 +323,14 @@ impl EvalOp for PointwiseConv {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let (x, bias) = args_2!(inputs);
         let shape = x.shape();
-        let (cin, cout) = (self.input_channels, self.output_channels);
+        let (cin, cout) = (self.weights.columns, self.weights.rows);
+        ensure!(
+            x.datum_type() == f32::datum_type() && shape.len() == 5 && shape[1] == cin,
+            "pointwise convolution: input {:?} {shape:?}, expected f32 [N, {cin}, D, H, W]",
+            x.datum_type()
+        );
         let bias = bias.try_as_plain_ram()?;
-        let mut bias = match bias.as_slice::<f32>()? {
+        let bias = match bias.as_slice::<f32>()? {
             &[b] => vec![b; cout],
             b if b.len() == cout => b.to_vec(),
             b => bail!(
@@ -297,17 +338,11 @@ impl EvalOp for PointwiseConv {
                 b.len()
             ),
         };
-        bias.resize(cout.div_ceil(BLOCK) * BLOCK, 0.0);
-        ensure!(
-            x.datum_type() == f32::datum_type() && shape.len() == 5 && shape[1] == cin,
-            "pointwise convolution: input {:?} {shape:?}, expected f32 [N, {cin}, D, H, W]",
-            x.datum_type()
-        );
         let voxels: usize = shape[2..].iter().product();
         let values = x.try_as_plain_ram()?;
         let values = values.as_slice::<f32>()?;
         let out_shape = [shape[0], cout, shape[2], shape[3], shape[4]];
-        // SAFETY: `run` writes every value of every sample.
+        // SAFETY: `times` writes every value of every sample.
         let mut out = unsafe { super::parallel::unwritten(&out_shape)? };
         {
             let mut view = out.try_as_plain_ram_mut()?;
@@ -317,7 +352,8 @@ impl EvalOp for PointwiseConv {
                     .chunks_exact(cin * voxels)
                     .zip(y.chunks_exact_mut(cout * voxels))
                 {
-                    self.run(x, &bias, voxels, SharedOut::new(y));
+                    self.weights
+                        .times(x, Some(&bias), voxels, SharedOut::new(y))?;
                 }
             }
         }
@@ -328,7 +364,7 @@ impl EvalOp for PointwiseConv {
 impl TypedOp for PointwiseConv {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let mut shape = inputs[0].shape.clone();
-        shape.set(1, self.output_channels.into());
+        shape.set(1, self.weights.rows.into());
         Ok(tvec!(f32::fact(shape)))
     }
 
@@ -341,7 +377,7 @@ mod tests {
 
     #[test]
     fn every_block_and_tail_equals_the_definition() {
-        if !super::super::conv3d::available() {
+        if !super::super::conv3d::has_avx512() {
             return;
         }
         // Output channels under, at and past a block; voxels under a
@@ -354,11 +390,12 @@ mod tests {
                     .collect()
             };
             let (kernel, bias, x) = (draw(cout * cin, 1), draw(cout, 2), draw(cin * voxels, 3));
-            let op = PointwiseConv::new(&kernel, [cin, cout]);
-            let mut padded = bias.clone();
-            padded.resize(cout.div_ceil(BLOCK) * BLOCK, 0.0);
+            let weights = PackedRows::new(&kernel, [cout, cin]);
             let mut out = vec![f32::NAN; cout * voxels];
-            op.run(&x, &padded, voxels, SharedOut::new(&mut out));
+            let out_buffer = SharedOut::new(&mut out);
+            weights
+                .times(&x, Some(&bias), voxels, out_buffer)
+                .expect("multiplies");
             for o in 0..cout {
                 for v in 0..voxels {
                     let want = f64::from(bias[o])

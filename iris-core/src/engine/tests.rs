@@ -666,9 +666,14 @@ fn the_shipped_model_runs_the_engines_own_ops() {
     let stages = model.manifest.stages.len();
     assert_eq!(count(&model.task_encoder, "IrisChannelNorm"), stages);
     assert_eq!(count(&model.task_encoder, "IrisPermute"), 2 * stages);
-    // Its 1x1x1 convolutions widen and narrow each level's features.
-    let pointwise = if conv3d::available() { 2 * stages } else { 0 };
-    assert_eq!(count(&model.task_encoder, "IrisPointwiseConv"), pointwise);
+    // Its 1x1x1 convolutions widen and narrow each level's features, and
+    // each of its query blocks reads the level's voxels in one op.
+    let kernels = usize::from(conv3d::available());
+    let pointwise = count(&model.task_encoder, "IrisPointwiseConv");
+    assert_eq!(pointwise, kernels * 2 * stages);
+    let blocks = 2;
+    let attention = count(&model.task_encoder, "IrisVoxelAttention");
+    assert_eq!(attention, kernels * blocks * stages);
     assert!(count(&model.decoder, "IrisChannelNorm") > 0);
 }
 
@@ -869,4 +874,67 @@ fn the_task_encoders_context_ops_compute_what_tract_computes() {
     assert_eq!(named("IrisChannelNorm"), 1, "{ops:?}");
     assert_eq!(named("RmsNorm") + named("MoveAxis"), 0, "{ops:?}");
     assert_eq!(named("IrisPermute"), 1, "{ops:?}");
+}
+
+#[test]
+fn the_shipped_graphs_compute_in_the_engines_ops_what_tract_computes() {
+    use tract_onnx::prelude::{
+        Datum, Framework, InferenceFact, InferenceModelExt, IntoRunnable, IntoTValue, TValue, TVec,
+        Tensor,
+    };
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/iris-tiny");
+    let model = Model::load(&dir).expect("models/iris-tiny loads");
+    for graph in [&model.encoder, &model.task_encoder, &model.decoder] {
+        // Values in [-1, 1]; masks of zeros and ones.
+        let inputs: TVec<TValue> = graph
+            .inputs()
+            .iter()
+            .enumerate()
+            .map(|(i, port)| {
+                let shape = port.shape(1);
+                let values: Vec<f32> = (0..shape.iter().product::<usize>())
+                    .map(|j| match port.name.as_str() {
+                        "masks" => f32::from(u8::from((j * 7 + i) % 5 < 2)),
+                        _ => ((j * 7919 + i * 31) % 1013) as f32 / 506.5 - 1.0,
+                    })
+                    .collect();
+                Tensor::from_shape(&shape, &values)
+                    .expect("tensor")
+                    .into_tvalue()
+            })
+            .collect();
+        let mut tract = tract_onnx::onnx()
+            .model_for_path(graph.path())
+            .expect("tract reads the graph");
+        for (i, input) in inputs.iter().enumerate() {
+            let fact = InferenceFact::dt_shape(f32::datum_type(), input.shape());
+            tract.set_input_fact(i, fact).expect("input fact");
+        }
+        let want = tract
+            .into_optimized()
+            .and_then(|m| m.into_runnable())
+            .and_then(|plan| plan.run(inputs.clone()))
+            .expect("tract runs the graph");
+        let plan = graph.plan(1, &model.executor).expect("the engine plans");
+        let got = plan.run(inputs).expect("the engine runs");
+        assert_eq!(got.len(), want.len());
+        for (k, (got, want)) in got.iter().zip(&want).enumerate() {
+            let (got, want) = (
+                graphs::values(graph, got).expect("f32"),
+                graphs::values(graph, want).expect("f32"),
+            );
+            assert_eq!(got.len(), want.len());
+            let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+            let diff = got
+                .iter()
+                .zip(want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(
+                diff / scale < 1e-4,
+                "{}: output {k} differs by {diff} x {scale}",
+                graph.path().display()
+            );
+        }
+    }
 }
