@@ -140,27 +140,11 @@ impl EvalOp for ChannelNorm {
             channels: shape[self.axis],
             voxels: shape[self.axis + 1..].iter().product(),
         };
-        let out = if x.is_exclusive() {
-            // No other node reads `x`: normalise it where it is.
-            let mut x = x.into_tensor();
-            {
-                let mut view = x.try_as_plain_ram_mut()?;
-                let values = view.as_slice_mut::<f32>()?;
-                self.normalise(None, SharedOut::new(values), layout);
-            }
-            x
-        } else {
-            let values = x.try_as_plain_ram()?;
-            let values = values.as_slice::<f32>()?;
-            // SAFETY: `normalise` writes every value of the output.
-            let mut out = unsafe { super::parallel::unwritten(x.shape())? };
-            {
-                let mut view = out.try_as_plain_ram_mut()?;
-                let y = view.as_slice_mut::<f32>()?;
-                self.normalise(Some(values), SharedOut::new(y), layout);
-            }
-            out
-        };
+        let normalise =
+            |x: Option<&[f32]>, y: &mut [f32]| self.normalise(x, SharedOut::new(y), layout);
+        // SAFETY: with an input, `normalise` writes every value of the
+        // output.
+        let out = unsafe { super::parallel::in_place_or_new(x, normalise)? };
         Ok(tvec!(out.into_tvalue()))
     }
 }

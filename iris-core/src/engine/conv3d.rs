@@ -190,6 +190,32 @@ pub(crate) fn residual_sum<'m>(
     Ok(Some((add, residual)))
 }
 
+/// Whether `conv` (node `node`) has the form the engine's convolutions
+/// take: a `side`³ kernel zero-padded by `side / 2` on every side, stride
+/// and dilation 1, one group, weights `[Cout, Cin, ...]` over `[N, C, ...]`
+/// data, not quantised, and three inputs (data, weights, bias).
+pub(crate) fn is_plain(conv: &Conv, node: &TypedNode, side: usize) -> bool {
+    let spec = &conv.pool_spec;
+    let unit = |v: &Option<TVec<usize>>| v.as_ref().is_none_or(|v| v.iter().all(|&s| s == 1));
+    let pad = side / 2;
+    let padded = match &spec.padding {
+        PaddingSpec::Valid => pad == 0,
+        PaddingSpec::Explicit(before, after) => {
+            before.len() == 3 && before.iter().chain(after).all(|&p| p == pad)
+        }
+        _ => false,
+    };
+    conv.q_params.is_none()
+        && conv.group == 1
+        && conv.kernel_fmt == KernelFormat::OIHW
+        && spec.data_format == DataFormat::NCHW
+        && spec.kernel_shape.as_slice() == [side; 3]
+        && unit(&spec.strides)
+        && unit(&spec.dilations)
+        && padded
+        && node.inputs.len() == 3
+}
+
 /// What the engine's kernels take from a convolution they serve.
 struct Served {
     /// `[Cout, Cin, 3, 3, 3]` f32, the graph's constant.
@@ -206,26 +232,10 @@ struct Served {
 /// serve it: 3x3x3, stride and dilation 1, zero padding 1, one group, f32,
 /// constant weights, every shape known (see the module docs).
 fn served(model: &TypedModel, node: &TypedNode, conv: &Conv) -> TractResult<Option<Served>> {
-    let spec = &conv.pool_spec;
-    let unit = |v: &Option<TVec<usize>>| v.as_ref().is_none_or(|v| v.iter().all(|&s| s == 1));
-    let padded_by_one = match &spec.padding {
-        PaddingSpec::Explicit(before, after) => {
-            before.iter().chain(after).all(|&p| p == 1) && before.len() == 3
-        }
-        _ => false,
-    };
-    if conv.q_params.is_some()
-        || conv.group != 1
-        || conv.kernel_fmt != KernelFormat::OIHW
-        || spec.data_format != DataFormat::NCHW
-        || spec.kernel_shape.as_slice() != [3, 3, 3]
-        || !unit(&spec.strides)
-        || !unit(&spec.dilations)
-        || !padded_by_one
-        || node.inputs.len() != 3
-    {
+    if !is_plain(conv, node, 3) {
         return Ok(None);
     }
+    let spec = &conv.pool_spec;
     let (cin, cout) = (spec.input_channels, spec.output_channels);
     let input = model.outlet_fact(node.inputs[0])?;
     let shape = input.shape.as_concrete();

@@ -172,31 +172,17 @@ impl EvalOp for InstanceNorm {
             bias: bias[i % channels],
             relu: self.relu,
         };
-        let out = if x.is_exclusive() {
-            // No other node reads `x`: normalise it where it is.
-            let mut x = x.into_tensor();
-            {
-                let mut view = x.try_as_plain_ram_mut()?;
-                let values = view.as_slice_mut::<f32>()?;
-                super::parallel::for_each_plane_mut((values, plane), |i, y| {
-                    norm(i).apply_in_place(y)
-                });
+        let normalise = |x: Option<&[f32]>, y: &mut [f32]| match x {
+            None => {
+                super::parallel::for_each_plane_mut((y, plane), |i, y| norm(i).apply_in_place(y))
             }
-            x
-        } else {
-            let values = x.try_as_plain_ram()?;
-            let values = values.as_slice::<f32>()?;
-            // SAFETY: every plane of the output is written whole by `apply`.
-            let mut out = unsafe { super::parallel::unwritten(x.shape())? };
-            {
-                let mut view = out.try_as_plain_ram_mut()?;
-                let y = view.as_slice_mut::<f32>()?;
-                super::parallel::for_each_plane((values, plane), (y, plane), |i, x, y| {
-                    norm(i).apply(x, y)
-                });
-            }
-            out
+            Some(x) => super::parallel::for_each_plane((x, plane), (y, plane), |i, x, y| {
+                norm(i).apply(x, y)
+            }),
         };
+        // SAFETY: with an input, every plane of the output is written whole
+        // by `apply`.
+        let out = unsafe { super::parallel::in_place_or_new(x, normalise)? };
         Ok(tvec!(out.into_tvalue()))
     }
 }

@@ -10,7 +10,7 @@ use core::marker::PhantomData;
 
 use rayon::prelude::*;
 use tract_linalg::multithread::{Executor, current_tract_executor};
-use tract_onnx::prelude::{Tensor, TractResult};
+use tract_onnx::prelude::{IntoTensor, TValue, Tensor, TractResult};
 
 /// An f32 tensor of `shape` for an op's output, its values not yet set, so
 /// that the threads that write them are the ones that fault its pages in.
@@ -24,6 +24,35 @@ use tract_onnx::prelude::{Tensor, TractResult};
 pub(crate) unsafe fn unwritten(shape: &[usize]) -> TractResult<Tensor> {
     // SAFETY: f32 has no invalid values; the caller writes them all.
     unsafe { Tensor::uninitialized::<f32>(shape) }
+}
+
+/// The output of an op that maps its f32 input `x` to a tensor of the
+/// same shape: `x`'s own tensor where no other node still reads it (`f`
+/// gets `None` and the values to change in place), else a new one (`f`
+/// gets `x`'s values and the output's, unwritten, see [`unwritten`]).
+///
+/// # Safety
+/// Given an input, `f` writes every value of the output.
+pub(crate) unsafe fn in_place_or_new(
+    x: TValue,
+    f: impl FnOnce(Option<&[f32]>, &mut [f32]),
+) -> TractResult<Tensor> {
+    if x.is_exclusive() {
+        let mut x = x.into_tensor();
+        {
+            let mut view = x.try_as_plain_ram_mut()?;
+            f(None, view.as_slice_mut::<f32>()?);
+        }
+        return Ok(x);
+    }
+    let values = x.try_as_plain_ram()?;
+    // SAFETY: `f` writes every value (the caller's promise).
+    let mut out = unsafe { unwritten(x.shape())? };
+    {
+        let mut view = out.try_as_plain_ram_mut()?;
+        f(Some(values.as_slice::<f32>()?), view.as_slice_mut::<f32>()?);
+    }
+    Ok(out)
 }
 
 /// Calls `f(state, i)` for every `i` in `0..n`, in parallel where the model

@@ -21,9 +21,7 @@ use std::sync::Arc;
 use std::vec;
 
 use tract_onnx::tract_core::internal::*;
-use tract_onnx::tract_core::ops::cnn::PaddingSpec;
-use tract_onnx::tract_core::ops::cnn::conv::{Conv, KernelFormat};
-use tract_onnx::tract_core::ops::nn::DataFormat;
+use tract_onnx::tract_core::ops::cnn::conv::Conv;
 
 use super::parallel::SharedOut;
 
@@ -41,8 +39,8 @@ const ITEMS: usize = 8;
 
 /// [`PointwiseConv`] for `node` where it is a convolution the op serves and
 /// the CPU has AVX-512: 1x1x1, stride 1, no padding, one group, f32 with
-/// constant weights and bias, every shape known. Its one input is the
-/// node's first.
+/// constant weights, every shape known. Its inputs are the node's first
+/// and third (the data and the bias).
 pub(crate) fn replacement(
     model: &TypedModel,
     node: &TypedNode,
@@ -50,28 +48,10 @@ pub(crate) fn replacement(
     let Some(conv) = node.op_as::<Conv>() else {
         return Ok(None);
     };
-    if !super::conv3d::available() {
+    if !super::conv3d::available() || !super::conv3d::is_plain(conv, node, 1) {
         return Ok(None);
     }
     let spec = &conv.pool_spec;
-    let unit = |v: &Option<TVec<usize>>| v.as_ref().is_none_or(|v| v.iter().all(|&s| s == 1));
-    let unpadded = match &spec.padding {
-        PaddingSpec::Valid => true,
-        PaddingSpec::Explicit(before, after) => before.iter().chain(after).all(|&p| p == 0),
-        _ => false,
-    };
-    if conv.q_params.is_some()
-        || conv.group != 1
-        || conv.kernel_fmt != KernelFormat::OIHW
-        || spec.data_format != DataFormat::NCHW
-        || spec.kernel_shape.as_slice() != [1, 1, 1]
-        || !unit(&spec.strides)
-        || !unit(&spec.dilations)
-        || !unpadded
-        || node.inputs.len() != 3
-    {
-        return Ok(None);
-    }
     let (cin, cout) = (spec.input_channels, spec.output_channels);
     let input = model.outlet_fact(node.inputs[0])?;
     let concrete = input.shape.as_concrete();
