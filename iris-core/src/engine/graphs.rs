@@ -99,6 +99,19 @@ pub(crate) struct Graph {
     /// For each expected output, its position among the graph's outputs.
     output_slots: Vec<usize>,
     plans: Mutex<Plans>,
+    /// The one-class plan cut around one input, once asked for.
+    split: Mutex<Option<Arc<SplitPlan>>>,
+}
+
+/// A one-class plan cut around one input that varies between runs sharing
+/// the others (see `split`).
+pub(crate) struct SplitPlan {
+    /// From the other inputs, the values every run needs.
+    pub shared: Arc<TypedRunnableModel>,
+    /// From those values and the input, the graph's outputs.
+    pub varying: Arc<TypedRunnableModel>,
+    /// The input's position among the graph's inputs.
+    input: usize,
 }
 
 #[derive(Default)]
@@ -198,6 +211,7 @@ impl Graph {
             outputs,
             output_slots,
             plans: Mutex::new(Plans::default()),
+            split: Mutex::new(None),
         })
     }
 
@@ -238,7 +252,47 @@ impl Graph {
         ks
     }
 
+    /// The plan for one class cut around input `name` (see `split`): the
+    /// part that does not read it runs once for any number of its values.
+    /// Built on first use.
+    ///
+    /// # Errors
+    /// [`Error::Model`] if the graph has no input `name` or cannot be
+    /// planned.
+    pub fn split_plan(&self, name: &str, executor: &Executor) -> Result<Arc<SplitPlan>> {
+        let mut split = self.split.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(plan) = split.as_ref().filter(|p| self.inputs[p.input].name == name) {
+            return Ok(Arc::clone(plan));
+        }
+        let fail = |e: &dyn Display| Error::Model {
+            path: self.path.clone(),
+            reason: format!("cannot plan the graph cut around input `{name}`: {e:#}"),
+        };
+        let input = self
+            .inputs
+            .iter()
+            .position(|p| p.name == name)
+            .ok_or_else(|| fail(&"no such input"))?;
+        let (shared, varying) =
+            super::split::split(&self.typed(1)?, input).map_err(|e| fail(&e))?;
+        let plan = Arc::new(SplitPlan {
+            shared: runnable(shared, executor).map_err(|e| fail(&e))?,
+            varying: runnable(varying, executor).map_err(|e| fail(&e))?,
+            input,
+        });
+        *split = Some(Arc::clone(&plan));
+        Ok(plan)
+    }
+
     fn build(&self, classes: usize, executor: &Executor) -> Result<Arc<TypedRunnableModel>> {
+        runnable(self.typed(classes)?, executor).map_err(|e| Error::Model {
+            path: self.path.clone(),
+            reason: format!("cannot plan the graph for {classes} class(es): {e:#}"),
+        })
+    }
+
+    /// The graph optimised for `classes` classes, its outputs checked.
+    fn typed(&self, classes: usize) -> Result<TypedModel> {
         let fail = |e: &dyn Display| Error::Model {
             path: self.path.clone(),
             reason: format!("cannot plan the graph for {classes} class(es): {e:#}"),
@@ -271,23 +325,14 @@ impl Graph {
                 });
             }
         }
-        let options = RunOptions {
-            executor: Some(executor.clone()),
-            ..RunOptions::default()
-        };
-        typed
-            .into_runnable_with_options(&options)
-            .map_err(|e| fail(&e))
+        Ok(typed)
     }
 
     /// Runs `plan` (from [`Graph::plan`]) on `inputs`, given in the order of
     /// [`Graph::inputs`]; returns the outputs in the order given to
     /// [`Graph::load`].
     pub fn run(&self, plan: &Arc<TypedRunnableModel>, inputs: TVec<TValue>) -> Result<Vec<TValue>> {
-        let outputs = plan.run(inputs).map_err(|e| Error::Model {
-            path: self.path.clone(),
-            reason: format!("running the graph failed: {e:#}"),
-        })?;
+        let outputs = plan.run(inputs).map_err(|e| self.failed(&e))?;
         Ok(self
             .output_slots
             .iter()
@@ -295,10 +340,54 @@ impl Graph {
             .collect())
     }
 
+    /// Runs the shared part of `plan` (from [`Graph::split_plan`]) on
+    /// `inputs`, all the graph's in the order of [`Graph::inputs`] (the cut
+    /// one is not read); returns what [`Graph::run_varying`] takes.
+    pub fn run_shared(&self, plan: &SplitPlan, mut inputs: TVec<TValue>) -> Result<TVec<TValue>> {
+        if plan.input < inputs.len() {
+            inputs.remove(plan.input);
+        }
+        plan.shared.run(inputs).map_err(|e| self.failed(&e))
+    }
+
+    /// Runs the rest of `plan` on the values of [`Graph::run_shared`] and
+    /// one value of the cut input; returns the outputs as [`Graph::run`].
+    pub fn run_varying(
+        &self,
+        plan: &SplitPlan,
+        shared: &TVec<TValue>,
+        value: TValue,
+    ) -> Result<Vec<TValue>> {
+        let mut inputs = shared.clone();
+        inputs.push(value);
+        let outputs = plan.varying.run(inputs).map_err(|e| self.failed(&e))?;
+        Ok(self
+            .output_slots
+            .iter()
+            .map(|&slot| outputs[slot].clone())
+            .collect())
+    }
+
+    fn failed(&self, e: &dyn Display) -> Error {
+        Error::Model {
+            path: self.path.clone(),
+            reason: format!("running the graph failed: {e:#}"),
+        }
+    }
+
     /// The file the graph was read from.
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// `model` planned to run its matrix products on `executor`'s pool.
+fn runnable(model: TypedModel, executor: &Executor) -> TractResult<Arc<TypedRunnableModel>> {
+    let options = RunOptions {
+        executor: Some(executor.clone()),
+        ..RunOptions::default()
+    };
+    model.into_runnable_with_options(&options)
 }
 
 /// Checks what the file declares for an input against `port`: element type

@@ -46,6 +46,7 @@ mod parallel;
 mod permute;
 mod pointwise;
 mod retrieval;
+mod split;
 mod upsample;
 mod winograd;
 
@@ -163,7 +164,6 @@ impl core::fmt::Debug for Model {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Model")
             .field("manifest", &self.manifest)
-            .field("task_encoder_plans", &self.task_encoder.planned())
             .field("decoder_plans", &self.decoder.planned())
             .finish_non_exhaustive()
     }
@@ -364,11 +364,13 @@ impl Model {
     ///
     /// The graph encodes every class on its own (classes are folded into
     /// the batch), so the classes are run one at a time through the plan
-    /// for one class. A plan for `K` classes gives the same results but
-    /// took longer: with tract's convolutions 20 times longer than `K`
+    /// for one class; for several, that plan is cut around the masks, and
+    /// what does not read them (each level's widened and shuffled features,
+    /// the queries' norms) runs once for all. A plan for `K` classes gives the same results
+    /// but took longer: with tract's convolutions 20 times longer than `K`
     /// one-class runs (its eager im2col at a batch above 1), and with the
     /// engine's own ops 1.7 times longer at 128^3 (3 classes: 1.84 s
-    /// against 3 x 0.36 s), as the classes share little work (see
+    /// against 3 x 0.36 s), as the classes share little other work (see
     /// `docs/pipeline.md`).
     ///
     /// # Errors
@@ -390,7 +392,24 @@ impl Model {
                 found: vec![k, d, h, w],
             });
         }
-        let plan = self.task_encoder.plan(1, &self.executor)?;
+        let tensor = |mask: ArrayView3<'_, f32>| {
+            let mask = mask.as_standard_layout();
+            graphs::tensor(&[1, 1, d, h, w], mask.as_slice().unwrap_or_default())
+        };
+        // Several classes: what does not read the masks (each level's
+        // widened and shuffled features, the queries' norms) runs once for
+        // all of them, the first class's mask completing the graph's
+        // inputs, unread. One class: the whole plan, which keeps fewer
+        // tensors alive and ran 140 against 168 ms at the full size.
+        let first = tensor(masks.index_axis(Axis(0), 0))?;
+        let inputs = self.feed(&self.task_encoder, &features.levels, &[], Some(first))?;
+        let (plan, shared) = if k > 1 {
+            let plan = self.task_encoder.split_plan("masks", &self.executor)?;
+            let shared = self.task_encoder.run_shared(&plan, inputs.clone())?;
+            (Some(plan), shared)
+        } else {
+            (None, TVec::new())
+        };
         let mut stages: Vec<Vec<f32>> = self
             .manifest
             .stages
@@ -398,10 +417,16 @@ impl Model {
             .map(|s| Vec::with_capacity(k * s.tokens as usize * s.channels as usize))
             .collect();
         for mask in masks.outer_iter() {
-            let mask = mask.as_standard_layout();
-            let mask = graphs::tensor(&[1, 1, d, h, w], mask.as_slice().unwrap_or_default())?;
-            let inputs = self.feed(&self.task_encoder, &features.levels, &[], Some(mask))?;
-            for (stage, value) in stages.iter_mut().zip(self.task_encoder.run(&plan, inputs)?) {
+            let outputs = match &plan {
+                Some(plan) => self
+                    .task_encoder
+                    .run_varying(plan, &shared, tensor(mask)?)?,
+                None => {
+                    let whole = self.task_encoder.plan(1, &self.executor)?;
+                    self.task_encoder.run(&whole, inputs.clone())?
+                }
+            };
+            for (stage, value) in stages.iter_mut().zip(outputs) {
                 stage.extend_from_slice(graphs::values(&self.task_encoder, &value)?);
             }
         }

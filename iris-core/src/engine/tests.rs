@@ -161,7 +161,9 @@ fn encode_task_runs_the_graphs_on_the_reference_crop() {
             }
         }
     }
-    // Classes go through the task encoder one at a time: one plan.
+    // Classes go through the task encoder one at a time: one class through
+    // the one-class plan, two through it cut around the masks; no plan for
+    // another class count.
     assert_eq!(model.task_encoder.planned(), [1]);
 }
 
@@ -937,4 +939,63 @@ fn the_shipped_graphs_compute_in_the_engines_ops_what_tract_computes() {
             );
         }
     }
+}
+
+#[test]
+fn the_task_encoder_runs_what_the_masks_do_not_change_once() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/iris-tiny");
+    let model = Model::load(&dir).expect("models/iris-tiny loads");
+    let [d, h, w] = model.manifest.patch_size;
+    let window = Array3::from_shape_fn((d, h, w), |(z, y, x)| {
+        ((z * 31 + y * 7 + x * 3) % 97) as f32 / 48.5 - 1.0
+    });
+    let features = model.encode_window(window.view()).expect("encodes");
+    let masks = ndarray::Array4::from_shape_fn((3, d, h, w), |(k, z, y, x)| {
+        f32::from(u8::from((z + 2 * y + 3 * x + 5 * k) % 7 < 2 + k))
+    });
+    let got = model
+        .encode_masks(&features, masks.view())
+        .expect("encodes the masks");
+    // The whole one-class plan, once per class.
+    let plan = model.task_encoder.plan(1, &model.executor).expect("plans");
+    for (k, mask) in masks.outer_iter().enumerate() {
+        let mask = mask.as_standard_layout();
+        let mask = graphs::tensor(&[1, 1, d, h, w], mask.as_slice().expect("standard"));
+        let inputs = model
+            .feed(
+                &model.task_encoder,
+                &features.levels,
+                &[],
+                Some(mask.expect("tensor")),
+            )
+            .expect("inputs");
+        let outputs = model.task_encoder.run(&plan, inputs).expect("runs");
+        for (stage, value) in got.iter().zip(&outputs) {
+            let want = graphs::values(&model.task_encoder, value).expect("f32");
+            let got = stage.index_axis(Axis(0), k);
+            let got = got.as_slice().expect("standard");
+            assert_eq!(got.len(), want.len());
+            for (a, b) in got.iter().zip(want) {
+                assert!(
+                    (a - b).abs() <= 1e-6 * (1.0 + b.abs()),
+                    "class {k}: {a} vs {b}"
+                );
+            }
+        }
+    }
+    // The cut put every level's widening of the features in the shared part.
+    let split = model
+        .task_encoder
+        .split_plan("masks", &model.executor)
+        .expect("plans");
+    let ops = |plan: &tract_onnx::prelude::TypedRunnableModel, name: &str| {
+        let nodes = plan.model().nodes();
+        nodes.iter().filter(|n| n.op().name() == name).count()
+    };
+    let stages = model.manifest.stages.len();
+    if conv3d::available() {
+        assert_eq!(ops(&split.shared, "IrisPointwiseConv"), stages);
+        assert_eq!(ops(&split.varying, "IrisPointwiseConv"), stages);
+    }
+    assert_eq!(ops(&split.shared, "IrisVoxelAttention"), 0);
 }
