@@ -10,7 +10,7 @@
 //! packs again: at the full size's 32^3 level (`X` 128 x 32768, 44 rows)
 //! about 20 ms per attention, 42 of the one-class task encoder's 150-180 ms
 //! for that level's two (issue 20). [`VoxelAttention`] computes the scores
-//! with the engine's products (`pointwise::PackedRows`), normalises them
+//! with the engine's products (`products::PackedRows`), normalises them
 //! with tract's own softmax, and sums the voxels weighted by them in
 //! one pass over `X`, runs of voxels in parallel, each into partial sums of
 //! its own that are added at the end. [`replacement`] finds the pattern.
@@ -24,7 +24,7 @@ use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
 
 use super::parallel::SharedOut;
-use super::pointwise::PackedRows;
+use super::products::PackedRows;
 
 /// Voxels per vector of the weighted sum.
 const LANES: usize = 16;

@@ -45,6 +45,7 @@ mod manifest;
 mod parallel;
 mod permute;
 mod pointwise;
+mod products;
 mod retrieval;
 mod split;
 mod upsample;

@@ -30,10 +30,11 @@ use std::vec;
 
 use super::parallel::{self, SharedOut};
 
-/// Tiles one block transforms and multiplies: two vectors of 16.
-const TILES: usize = 32;
+/// Tiles one block transforms and multiplies: the columns of the
+/// products' register block, two vectors of 16.
+const TILES: usize = super::products::TILE;
 /// Output channels per register block of the products.
-const BLOCK: usize = 8;
+const BLOCK: usize = super::products::BLOCK;
 /// Input channels ahead of the one being transformed whose rows are
 /// prefetched.
 const PREFETCH: usize = 2;
@@ -222,6 +223,7 @@ fn transform_kernel(g: &[f32]) -> [f64; POSITIONS] {
 mod avx512 {
     use std::arch::x86_64::*;
 
+    use super::super::products::avx512::accumulate;
     use super::{BLOCK, Outputs, POSITIONS, PREFETCH, Run, TILES, position_stride};
 
     /// A mask of lanes `0..n` (at most 16).
@@ -482,21 +484,7 @@ mod avx512 {
             let v = &v[t * position_stride(cin)..][..cin * TILES];
             for block in 0..blocks {
                 let u = &u[(t * blocks + block) * cin * BLOCK..][..cin * BLOCK];
-                let mut acc = [[_mm512_setzero_ps(); 2]; BLOCK];
-                for (weights, tiles) in u.chunks_exact(BLOCK).zip(v.chunks_exact(TILES)) {
-                    // SAFETY: `tiles` holds 32 values.
-                    let x = unsafe {
-                        [
-                            _mm512_loadu_ps(tiles.as_ptr()),
-                            _mm512_loadu_ps(tiles[16..].as_ptr()),
-                        ]
-                    };
-                    for (acc, &weight) in acc.iter_mut().zip(weights) {
-                        let weight = _mm512_set1_ps(weight);
-                        acc[0] = _mm512_fmadd_ps(weight, x[0], acc[0]);
-                        acc[1] = _mm512_fmadd_ps(weight, x[1], acc[1]);
-                    }
-                }
+                let acc = accumulate([[_mm512_setzero_ps(); 2]; BLOCK], u, v);
                 for (o, acc) in acc.iter().enumerate() {
                     let row = t * position_stride(blocks * BLOCK) + (block * BLOCK + o) * TILES;
                     let row = &mut m[row..][..TILES];
