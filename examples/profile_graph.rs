@@ -11,7 +11,8 @@
 //! stands for `--classes`, default 1) and filled with a fixed pattern in
 //! `[0, 1)`; the plan is optimised as the engine plans it, its own ops
 //! included (`iris_core::engine::optimise`; with `IRIS_DIRECT_CONV=0`,
-//! tract's convolutions stand where the engine's would). After one warm-up
+//! tract's ops stand where the engine's AVX-512 kernels would: its
+//! convolutions and the task encoder's attention). After one warm-up
 //! run, `--runs` runs (default 5) are timed node by node on a pool of
 //! `--threads` threads (default 1, as many as tract's matrix products may
 //! use). It prints the mean seconds per run of each operator type and of the
