@@ -210,7 +210,7 @@ pub struct NiftiInfo {
 /// [`Error::Io`] when the file cannot be opened or read, [`Error::Nifti`]
 /// (naming the file) for anything wrong with its contents,
 /// [`Error::TooLarge`] (before reading the voxels) for more than
-/// [`MAX_VOXELS`](crate::volume::MAX_VOXELS) voxels or a volume that would
+/// [`MAX_VOXELS`] voxels or a volume that would
 /// take more than the default memory budget (4 GiB, raw bytes and decoded
 /// volume together).
 pub fn read_image(path: impl AsRef<Path>) -> Result<(Image, NiftiInfo)> {
@@ -258,7 +258,7 @@ pub fn read_labels_with(path: impl AsRef<Path>, limits: &Limits) -> Result<(Labe
 
 /// Parses a whole single-file NIfTI-1 (`.nii` bytes, gzip-compressed or not)
 /// from memory, as [`read_image`] does. Never panics, whatever the bytes:
-/// sizes are checked against [`MAX_VOXELS`](crate::volume::MAX_VOXELS), the
+/// sizes are checked against [`MAX_VOXELS`], the
 /// default memory budget and the bytes present before anything large is
 /// allocated.
 ///

@@ -12,7 +12,7 @@
 //!   the engine runs with the GIL released (`Python::detach`), so other
 //!   Python threads run meanwhile and may call the same `Model`.
 //! - Every `iris_core::Error` becomes an instance of the matching class of
-//!   `iris._errors` with the error's own message ([`errors`]).
+//!   `iris._errors` with the error's own message (the `errors` module).
 #![deny(missing_docs)]
 
 mod convert;

@@ -478,7 +478,7 @@ pub(crate) fn values<'a>(graph: &Graph, value: &'a TValue) -> Result<&'a [f32]> 
 }
 
 /// tract's ONNX reader with the engine's own ops registered: what
-/// [`Graph::load`] reads graphs with (tools that profile the engine's plans
+/// `Graph::load` reads graphs with (tools that profile the engine's plans
 /// read with it too).
 pub fn reader() -> Onnx {
     let mut onnx = tract_onnx::onnx();

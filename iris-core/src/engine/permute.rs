@@ -102,6 +102,11 @@ impl Permute {
 
     /// Copies `input` (of `shape`) into `out` transposed.
     fn copy(&self, input: &[f32], shape: &[usize], out: SharedOut<'_>) {
+        // tract folds empty tensors into constants; an empty input would
+        // have rows of no values, which the division below cannot take.
+        if input.is_empty() {
+            return;
+        }
         let walk = self.walk(shape);
         let Some(&(row, step)) = walk.last() else {
             // One value, or none.

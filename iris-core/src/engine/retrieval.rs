@@ -41,7 +41,8 @@ pub struct PoolReference {
     pub descriptor: Option<Vec<f32>>,
 }
 
-/// How references are chosen (see the [module docs](self)).
+/// How references are chosen: by each class's task embedding (object
+/// level) or by a descriptor of the whole image (image level).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum RetrievalLevel {
     /// Per class, by the similarity of the class embeddings.
@@ -200,8 +201,8 @@ impl Model {
         })
     }
 
-    /// Segments `query` with references retrieved from `pool` (see the
-    /// [module docs](self)): for each of `classes` (label values; empty:
+    /// Segments `query` with references retrieved from `pool` (see
+    /// [`RetrievalLevel`]): for each of `classes` (label values; empty:
     /// every class of the initial reference), the average of the `top_k`
     /// most similar references that have it.
     ///

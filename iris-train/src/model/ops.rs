@@ -7,7 +7,7 @@
 //! runs and differentiates on every burn backend. Max pooling and the
 //! instance norm also have a fast path on burn's `flex` CPU backend: one
 //! pass over the data forward and one or two backward, with a hand-written
-//! backward pass ([`FlexUnary`]), instead of a chain of generic tensor
+//! backward pass (`FlexUnary`), instead of a chain of generic tensor
 //! operations each allocating and autodiff-tracking a full-size tensor.
 //!
 //! Trilinear interpolation is separable: upsampling a volume is applying a
