@@ -50,19 +50,19 @@ pub(crate) fn replacement(
     let Some(x) = binary::<Sub>(sub).and_then(|[x, mean]| {
         let mean = model.node(mean.node);
         let [a, b] = binary::<Mul>(mean)?;
-        // The scaling by `1 / n`, on either side of the product.
-        let (sum, scale) = if constant(model, b) == Some(1.0 / shape[norm.axis] as f32) {
-            (a, b)
-        } else {
-            (b, a)
+        // The sum, scaled by `1 / n` on either side of the product.
+        let inverse = Some(1.0 / shape[norm.axis] as f32);
+        let sum = match (constant(model, a), constant(model, b)) {
+            (_, scale) if scale == inverse => a,
+            (scale, _) if scale == inverse => b,
+            _ => return None,
         };
-        let sum_node = model.node(sum.node);
-        let sums_x = sum_node
+        let sum = model.node(sum.node);
+        let sums_x = sum
             .op_as::<Reduce>()
             .is_some_and(|r| r.reducer == Reducer::Sum && r.axes.as_slice() == [norm.axis])
-            && sum_node.inputs.as_slice() == [x];
-        let scales = constant(model, scale) == Some(1.0 / shape[norm.axis] as f32);
-        (sums_x && scales).then_some(x)
+            && sum.inputs.as_slice() == [x];
+        sums_x.then_some(x)
     }) else {
         return Ok(None);
     };

@@ -367,12 +367,12 @@ impl Model {
     /// the batch), so the classes are run one at a time through the plan
     /// for one class; for several, that plan is cut around the masks, and
     /// what does not read them (each level's widened and shuffled features,
-    /// the queries' norms) runs once for all. A plan for `K` classes gives the same results
-    /// but took longer: with tract's convolutions 20 times longer than `K`
-    /// one-class runs (its eager im2col at a batch above 1), and with the
-    /// engine's own ops 1.7 times longer at 128^3 (3 classes: 1.84 s
-    /// against 3 x 0.36 s), as the classes share little other work (see
-    /// `docs/pipeline.md`).
+    /// the queries' norms) runs once for all. A plan for `K` classes gives
+    /// the same results but took longer: with tract's convolutions 20 times
+    /// longer than `K` one-class runs (its eager im2col at a batch above
+    /// 1), and with the engine's own ops 1.7 times longer at 128^3 (3
+    /// classes: 1.84 s against 3 x 0.36 s), as the classes share little
+    /// other work (see `docs/pipeline.md`).
     ///
     /// # Errors
     /// [`Error::ShapeMismatch`] for masks not of the patch shape;
