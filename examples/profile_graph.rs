@@ -17,6 +17,11 @@
 //! `--threads` threads (default 1, as many as tract's matrix products may
 //! use). It prints the mean seconds per run of each operator type and of the
 //! `--slowest` nodes (default 12), with their output shapes.
+//!
+//! With `--per-class`, the plan is cut around its last input
+//! (`iris_core::engine::split`, the task encoder's masks) and only the
+//! part that reads it is timed, on the other part's outputs: what each
+//! further class of a reference costs.
 
 use std::collections::HashMap;
 use std::error::Error;
@@ -33,6 +38,8 @@ struct Args {
     runs: usize,
     /// Nodes listed one by one after the per-operator totals.
     slowest: usize,
+    /// Time only the part of the plan that reads the last input.
+    per_class: bool,
 }
 
 fn number(flag: &str, value: Option<String>) -> Result<usize, Box<dyn Error>> {
@@ -46,8 +53,10 @@ fn parse_args() -> Result<Args, Box<dyn Error>> {
     let mut args = std::env::args().skip(1);
     let (mut positional, mut classes, mut threads, mut runs, mut slowest) =
         (Vec::new(), 1, 1, 5, 12);
+    let mut per_class = false;
     while let Some(arg) = args.next() {
         match arg.as_str() {
+            "--per-class" => per_class = true,
             "--classes" => classes = number(&arg, args.next())?,
             "--threads" => threads = number(&arg, args.next())?.max(1),
             "--runs" => runs = number(&arg, args.next())?.max(1),
@@ -57,7 +66,7 @@ fn parse_args() -> Result<Args, Box<dyn Error>> {
     }
     let Some((graph, shapes)) = positional.split_first() else {
         return Err("usage: profile_graph GRAPH.onnx SHAPE... [--classes K] \
-                    [--threads N] [--runs N] [--slowest N] (a shape: 1x16x8x8x8, \
+                    [--threads N] [--runs N] [--slowest N] [--per-class] (a shape: 1x16x8x8x8, \
                     K = --classes)"
             .into());
     };
@@ -81,6 +90,7 @@ fn parse_args() -> Result<Args, Box<dyn Error>> {
         threads,
         runs,
         slowest,
+        per_class,
     })
 }
 
@@ -90,8 +100,8 @@ fn main() -> Result<(), Box<dyn Error>> {
     for (ix, shape) in args.shapes.iter().enumerate() {
         model.set_input_fact(ix, f32::fact(shape).into())?;
     }
-    let plan = SimplePlan::new(iris_core::engine::optimise(model.into_typed()?)?)?;
-    let inputs = args
+    let model = iris_core::engine::optimise(model.into_typed()?)?;
+    let mut inputs = args
         .shapes
         .iter()
         .map(|shape| {
@@ -103,11 +113,26 @@ fn main() -> Result<(), Box<dyn Error>> {
             )
         })
         .collect::<Result<TVec<TValue>, Box<dyn Error>>>()?;
+    let executor = Executor::multithread(args.threads);
+    let plan = if args.per_class {
+        let last = inputs
+            .len()
+            .checked_sub(1)
+            .ok_or("the graph has no input")?;
+        let (first, second) = iris_core::engine::split(&model, last)?;
+        let varying = inputs.pop().ok_or("the graph has no input")?;
+        let first = SimplePlan::new(first)?;
+        inputs = multithread_tract_scope(executor.clone(), || first.run(inputs))?;
+        inputs.push(varying);
+        SimplePlan::new(second)?
+    } else {
+        SimplePlan::new(model)?
+    };
 
     let mut by_op: HashMap<String, (f64, usize)> = HashMap::new();
     let mut by_node: HashMap<usize, (f64, String)> = HashMap::new();
     let mut total = 0.0;
-    multithread_tract_scope(Executor::multithread(args.threads), || {
+    multithread_tract_scope(executor, || {
         let mut state = SimpleState::new(&plan)?;
         state.run(inputs.clone())?;
         for _ in 0..args.runs {

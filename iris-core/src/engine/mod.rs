@@ -68,6 +68,7 @@ pub use crate::pipeline::{
     Limits, Progress, ReferenceInput, SegmentOptions, Segmentation, prepare_reference,
 };
 pub use retrieval::{ClassChoice, PoolReference, Retrieval, RetrievalLevel, RetrieveOptions};
+pub use split::split;
 
 use crate::embedding::{
     ClassEmbedding, MAX_CLASSES, ModelFingerprint, Preprocessing, Provenance, TaskEmbedding,

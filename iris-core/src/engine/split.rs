@@ -23,9 +23,31 @@ use tract_onnx::tract_core::internal::*;
 /// then `input`, and computes the model's outputs (in their order).
 /// Constants the second part reads are its own.
 ///
+/// ```
+/// use iris_core::engine::split;
+/// use tract_onnx::prelude::*;
+/// use tract_onnx::tract_core::ops::math;
+///
+/// // (a + 1) * b cut around b: the first part computes a + 1 once, the
+/// // second reads it, then b.
+/// let mut whole = TypedModel::default();
+/// let a = whole.add_source("a", f32::fact([2]))?;
+/// let b = whole.add_source("b", f32::fact([2]))?;
+/// let one = whole.add_const("one", tensor1(&[1f32; 2]))?;
+/// let c = whole.wire_node("c", math::add(), &[a, one])?[0];
+/// let d = whole.wire_node("d", math::mul(), &[c, b])?[0];
+/// whole.select_output_outlets(&[d])?;
+/// let (first, second) = split(&whole, 1)?;
+/// let mut shared = first.into_runnable()?.run(tvec!(tensor1(&[1f32, 2.0]).into()))?;
+/// shared.push(tensor1(&[3f32, 4.0]).into());
+/// let out = second.into_runnable()?.run(shared)?;
+/// assert_eq!(out[0].try_as_plain_ram()?.as_slice::<f32>()?, [6.0, 12.0]);
+/// # Ok::<(), TractError>(())
+/// ```
+///
 /// # Errors
 /// Where `input` is not an input of `model`, or tract cannot wire a node.
-pub(crate) fn split(model: &TypedModel, input: usize) -> TractResult<(TypedModel, TypedModel)> {
+pub fn split(model: &TypedModel, input: usize) -> TractResult<(TypedModel, TypedModel)> {
     let inputs = model.input_outlets()?.to_vec();
     let Some(&varying) = inputs.get(input) else {
         bail!("the model has {} inputs, no input {input}", inputs.len());

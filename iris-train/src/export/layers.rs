@@ -9,6 +9,8 @@
 use burn::nn::attention::MultiHeadAttention;
 use burn::nn::conv::Conv3d;
 use burn::nn::{InstanceNorm, LayerNorm, LayerNormConfig, Linear, PaddingConfig3d};
+use std::ops::Range;
+
 use burn::prelude::*;
 
 use super::graph::{Graph, attr_float, attr_int, attr_ints, attr_string, int};
@@ -132,16 +134,27 @@ fn burn_conv(g: &mut Graph, name: &str, module: &Conv3d, x: &str) -> Value {
     )
 }
 
-/// Instance normalisation over each channel's voxels (affine or not).
+/// Instance normalisation over each channel's voxels (affine or not), of
+/// the norm's `channels` (all of them but where a unit is exported one
+/// input channel at a time, see [`norm_relu_conv_channel`]).
 ///
 /// # Shapes
-/// - `x`: `[N, C, D, H, W]`, output the same
-fn instance_norm(g: &mut Graph, name: &str, norm: &InstanceNorm, x: &str) -> Value {
-    let c = norm.num_channels;
+/// - `x`: `[N, channels.len(), D, H, W]`, output the same
+fn instance_norm(
+    g: &mut Graph,
+    name: &str,
+    norm: &InstanceNorm,
+    channels: Range<usize>,
+    x: &str,
+) -> Value {
+    let c = channels.len();
     let (scale, bias) = match (&norm.gamma, &norm.beta) {
         (Some(gamma), Some(beta)) if norm.affine => (
-            g.weight(&format!("{name}.gamma"), gamma.val())?,
-            g.weight(&format!("{name}.beta"), beta.val())?,
+            g.weight(
+                &format!("{name}.gamma"),
+                gamma.val().slice([channels.clone()]),
+            )?,
+            g.weight(&format!("{name}.beta"), beta.val().slice([channels]))?,
         ),
         _ => (
             g.constant(&format!("{name}.ones"), &[c], &vec![1.0; c]),
@@ -157,7 +170,7 @@ fn instance_norm(g: &mut Graph, name: &str, norm: &InstanceNorm, x: &str) -> Val
 
 /// InstanceNorm, ReLU, then `conv` (the pre-activation unit).
 fn norm_relu(g: &mut Graph, name: &str, norm: &InstanceNorm, x: &str) -> Value {
-    let normed = instance_norm(g, name, norm, x)?;
+    let normed = instance_norm(g, name, norm, 0..norm.num_channels, x)?;
     Ok(g.op("Relu", &[&normed], vec![]))
 }
 
@@ -177,6 +190,39 @@ pub(crate) fn norm_relu_conv(
 ) -> Value {
     let x = norm_relu(g, &format!("{name}_norm"), norm, x)?;
     burn_conv(g, name, module, &x)
+}
+
+/// The part of [`norm_relu_conv`] that reads input channel `channel`:
+/// each of InstanceNorm, ReLU and the convolution's products acts on one
+/// input channel, so the unit's output is the sum of these parts over its
+/// input channels (the convolution's bias added once: where `bias`).
+///
+/// # Shapes
+/// - `x`: `[N, 1, D, H, W]`, the input's channel `channel`; output
+///   `[N, C_out, D, H, W]`
+pub(crate) fn norm_relu_conv_channel(
+    g: &mut Graph,
+    name: &str,
+    norm: &InstanceNorm,
+    (module, channel, bias): (&Conv3d, usize, bool),
+    x: &str,
+) -> Value {
+    let channels = channel..channel + 1;
+    let normed = instance_norm(
+        g,
+        &format!("{name}_norm.{channel}"),
+        norm,
+        channels.clone(),
+        x,
+    )?;
+    let x = g.op("Relu", &[&normed], vec![]);
+    let [out, _, kd, kh, kw] = module.weight.dims();
+    let weight = module
+        .weight
+        .val()
+        .slice([0..out, channels, 0..kd, 0..kh, 0..kw]);
+    let bias = module.bias.as_ref().filter(|_| bias).map(|b| b.val());
+    conv(g, &format!("{name}.{channel}"), weight, bias, &x)
 }
 
 /// A [`BasicBlock`]: `conv2(conv1(x)) + shortcut(x)`.

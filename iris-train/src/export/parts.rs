@@ -6,8 +6,8 @@ use super::graph::{Dim, Graph, attr_int, int};
 use super::layers::{
     Context, add, basic_block, block_stack, channel_norm, conv, cross_attention,
     default_layer_norm, feed_forward, foreground_mean, max_pool_2x, mlp, norm_relu_conv,
-    pixel_shuffle, pixel_unshuffle, reshape, reshape_after, self_attention, shape_of, shape_with,
-    transpose, unsqueeze, upsample_2x,
+    norm_relu_conv_channel, pixel_shuffle, pixel_unshuffle, reshape, reshape_after, self_attention,
+    shape_of, shape_with, transpose, unsqueeze, upsample_2x,
 };
 use crate::Error;
 use crate::model::decoder::FusionLayer;
@@ -147,8 +147,11 @@ fn task_stage(
     let cc = int(c);
     let foreground = foreground_mean(g, name, features, c, masks, low, sizes.patch);
 
-    // Context tokens: the shuffled features (shared by all classes) next
-    // to each mask, `[B * K, 2, D, H, W]`.
+    // Context tokens: the merge unit reads the shuffled features (shared by
+    // all classes) and each mask, `[B * K, 2, D, H, W]` in the model. As the
+    // sum of its two input channels' parts, the features' part (with the
+    // bias and the position) is computed once; each class convolves only
+    // its mask.
     let shared = norm_relu_conv(
         g,
         &format!("{name}.expand"),
@@ -157,25 +160,31 @@ fn task_stage(
         features,
     )?;
     let shared = pixel_shuffle(g, &shared, 1, low, s);
-    let shared = unsqueeze(g, &shared, &[2]);
-    let per_class = unsqueeze(g, masks, &[2]);
-    let per_class_shape = g.op("Shape", &[&per_class], vec![]);
-    let shared = g.op("Expand", &[&shared, &per_class_shape], vec![]);
-    let merged = g.op("Concat", &[&shared, &per_class], vec![attr_int("axis", 2)]);
-    let merged = reshape(g, &merged, &[-1, 2, int(dd), int(hh), int(ww)]);
-    let merged = norm_relu_conv(
+    let merge = format!("{name}.merge");
+    let shared = norm_relu_conv_channel(
         g,
-        &format!("{name}.merge"),
+        &merge,
         &stage.merge_norm,
-        &stage.merge,
-        &merged,
+        (&stage.merge, 0, true),
+        &shared,
     )?;
     let position = stage
         .position
         .val()
         .slice([0..1, 0..1, 0..dd, 0..hh, 0..ww]);
     let position = g.weight(&format!("{name}.position"), position)?;
-    let merged = add(g, &merged, &position);
+    let shared = add(g, &shared, &position);
+    let per_class = reshape(g, masks, &[-1, 1, int(dd), int(hh), int(ww)]);
+    let per_class = norm_relu_conv_channel(
+        g,
+        &merge,
+        &stage.merge_norm,
+        (&stage.merge, 1, false),
+        &per_class,
+    )?;
+    let per_class = reshape_after(g, &per_class, batch_classes, &[int(dd), int(hh), int(ww)]);
+    let merged = add(g, &per_class, &shared);
+    let merged = reshape(g, &merged, &[-1, 1, int(dd), int(hh), int(ww)]);
     let merged = pixel_unshuffle(g, &merged, 1, low, s);
     let merged = norm_relu_conv(
         g,
