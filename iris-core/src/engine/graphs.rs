@@ -525,7 +525,9 @@ fn substitute_pointwise(model: &mut TypedModel) -> TractResult<()> {
 /// concatenation's other input); the others are constants folded into
 /// them. A norm over the channels of channels-first voxels (tract's sum,
 /// scaling, subtraction and `RmsNorm`) becomes one op (`channel_norm`),
-/// and a run of axis moves one copy (`permute`).
+/// and a run of axis moves one copy (`permute`); the classifier head's
+/// product of computed rows and the voxels, the engine's products
+/// (`pointwise`).
 fn substitute_own_ops(model: &mut TypedModel) -> TractResult<()> {
     // Convolutions already run as the second of a pair.
     let mut paired = HashSet::new();
@@ -540,6 +542,11 @@ fn substitute_own_ops(model: &mut TypedModel) -> TractResult<()> {
             continue;
         }
         if let Some((op, inputs)) = super::attention::replacement(model, node)? {
+            fuse(model, (node.id, node.name.clone()), &inputs, op)?;
+            continue;
+        }
+        if let Some(op) = super::pointwise::computed_replacement(model, node)? {
+            let inputs = node.inputs.clone();
             fuse(model, (node.id, node.name.clone()), &inputs, op)?;
             continue;
         }

@@ -677,6 +677,8 @@ fn the_shipped_model_runs_the_engines_own_ops() {
     let attention = count(&model.task_encoder, "IrisVoxelAttention");
     assert_eq!(attention, kernels * blocks * stages);
     assert!(count(&model.decoder, "IrisChannelNorm") > 0);
+    // The classifier head's product of per-class rows and voxels.
+    assert_eq!(count(&model.decoder, "IrisComputedPointwise"), kernels);
 }
 
 /// A pre-activation residual block as ONNX: `y = r + conv(relu(norm(
@@ -876,6 +878,52 @@ fn the_task_encoders_context_ops_compute_what_tract_computes() {
     assert_eq!(named("IrisChannelNorm"), 1, "{ops:?}");
     assert_eq!(named("RmsNorm") + named("MoveAxis"), 0, "{ops:?}");
     assert_eq!(named("IrisPermute"), 1, "{ops:?}");
+}
+
+/// The decoder's classifier head as the exporter writes it, over `x` `[1,
+/// 6, 4, 4, 8]`: per-class rows computed from the input (here the channels'
+/// means through a linear layer, scaled by a constant per class, `[1, K,
+/// 6]`), then `MatMul` with
+/// the voxels `[1, 6, 128]`, reshaped to `[1, K, 4, 4, 8]`.
+fn classifier_head(classes: usize) -> Vec<u8> {
+    use super::testing::{D, OnnxGraph, int, ints};
+    let mut g = OnnxGraph::default();
+    let x = g.input("x", &[1, 6, 4, 4, 8].map(D::N));
+    let means = g.op(
+        "ReduceMean",
+        &[&x],
+        vec![ints("axes", &[2, 3, 4]), int("keepdims", 0)],
+    );
+    let mixing: Vec<f32> = (0..36).map(|i| (i % 5) as f32 - 1.5).collect();
+    let mixing = g.constant(&mixing, &[6, 6]);
+    let means = g.op("MatMul", &[&means, &mixing], vec![]);
+    let axes = g.int64s(&[1]);
+    let means = g.op("Unsqueeze", &[&means, &axes], vec![]);
+    let scales: Vec<f32> = (0..classes * 6).map(|i| (i % 7) as f32 - 2.5).collect();
+    let scales = g.constant(&scales, &[classes, 6]);
+    let rows = g.op("Mul", &[&means, &scales], vec![]);
+    let flat = g.int64s(&[0, 6, 128]);
+    let voxels = g.op("Reshape", &[&x, &flat], vec![]);
+    let logits = g.op("MatMul", &[&rows, &voxels], vec![]);
+    let shape = g.int64s(&[0, -1, 4, 4, 8]);
+    let y = g.op("Reshape", &[&logits, &shape], vec![]);
+    g.output(&y, "y", &[1, classes, 4, 4, 8].map(D::N));
+    g.into_bytes()
+}
+
+#[test]
+fn the_classifier_heads_product_computes_what_tract_computes() {
+    // One class (tract's sum drops the rows' axis), a few, and more than a
+    // register block of rows.
+    for classes in [1, 3, 11] {
+        let bytes = classifier_head(classes);
+        let out = [1, classes, 4, 4, 8];
+        let (ops, diff) = engine_against_tract(&bytes, &[1, 6, 4, 4, 8], &out);
+        assert!(diff < 1e-5, "{classes} classes: relative max diff {diff}");
+        let named = |name: &str| ops.iter().filter(|(n, _)| n == name).count();
+        let kernels = usize::from(conv3d::available());
+        assert_eq!(named("IrisComputedPointwise"), kernels, "{ops:?}");
+    }
 }
 
 #[test]
