@@ -527,7 +527,7 @@ fn substitute_pointwise(model: &mut TypedModel) -> TractResult<()> {
 /// scaling, subtraction and `RmsNorm`) becomes one op (`channel_norm`),
 /// and a run of axis moves one copy (`permute`); the classifier head's
 /// product of computed rows and the voxels, the engine's products
-/// (`pointwise`).
+/// (`pointwise`); and the encoder's 2x2x2 max pooling (`max_pool`).
 fn substitute_own_ops(model: &mut TypedModel) -> TractResult<()> {
     // Convolutions already run as the second of a pair.
     let mut paired = HashSet::new();
@@ -575,6 +575,8 @@ fn substitute_own_ops(model: &mut TypedModel) -> TractResult<()> {
                 fuse(model, last, &inputs, op.adding_residual())?;
                 continue;
             }
+            Box::new(op)
+        } else if let Some(op) = super::max_pool::replacement(model, node)? {
             Box::new(op)
         } else if let Some(op) = super::upsample::replacement(model, node)? {
             if let Some((concat, skip)) = super::upsample::joining_concat(model, node)? {

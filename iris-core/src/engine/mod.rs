@@ -42,6 +42,7 @@ mod graphs;
 mod instance_norm;
 mod loading;
 mod manifest;
+mod max_pool;
 mod parallel;
 mod permute;
 mod pointwise;

@@ -663,6 +663,10 @@ fn the_shipped_model_runs_the_engines_own_ops() {
     );
     assert_eq!(count(&model.decoder, "IrisUpsample3d"), 0);
     assert_eq!(count(&model.decoder, "Resize"), 0);
+    // The encoder halves its features' size as often, by the engine's
+    // pooling.
+    assert_eq!(count(&model.encoder, "IrisMaxPool2x"), manifest::LEVELS - 1);
+    assert_eq!(count(&model.encoder, "OptMaxPool"), 0);
     // Each task stage normalises its context over the channels once, and
     // shuffles and unshuffles its features in one copy each.
     let stages = model.manifest.stages.len();
