@@ -2,10 +2,11 @@
 //!
 //! The task encoder runs once per class of a reference, and each run
 //! recomputed what does not depend on the class's mask: every level's
-//! widening of the reference features to `s³` channels and its pixel
-//! shuffle (the context path's first half), the packing of the features
-//! for the foreground mean, and the learned queries' norms. At the full
-//! size that part took 38 ms (`profile_graph`); the rest 115 ms per class.
+//! widening of the reference features to `s³` channels, its pixel shuffle
+//! and the features' part of the merge unit (the context path's first
+//! half), the packing of the features for the foreground mean, and the
+//! learned queries' norms. At the full size that part takes about 50 ms,
+//! the rest 94-99 ms per class (`profile_graph --per-class`).
 //! [`split`] cuts a planned graph into the part that does not read one
 //! input, run once, and the part that does, run per value of that input
 //! on the first part's outputs (issue 20). The engine cuts the task encoder
