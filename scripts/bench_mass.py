@@ -21,35 +21,11 @@ memory (`ru_maxrss`, Python, torch and the weights included). Versions as
 import argparse
 import os
 import resource
-import statistics
 import sys
-import time
 
 import torch
 
-
-def timed(run, runs):
-    """Seconds of the first call, the median of `runs` more, and the last output."""
-    start = time.perf_counter()
-    out = run()
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        out = run()
-        times.append(time.perf_counter() - start)
-    return first, statistics.median(times) if times else float("nan"), out
-
-
-def balls(k, patch):
-    """One binary ball per class (radius patch/4), as scripts/bench_onnxruntime.py draws them."""
-    d, h, w = patch
-    z, y, x = torch.meshgrid(torch.arange(d), torch.arange(h), torch.arange(w), indexing="ij")
-    r2 = (min(patch) / 4.0) ** 2
-    masks = torch.zeros((1, k, d, h, w))
-    for c in range(k):
-        masks[0, c] = (((z - (d // 2 + c % 3)) ** 2 + (y - h // 2) ** 2 + (x - w // 2) ** 2) <= r2).float()
-    return masks
+from bench_common import balls, timed
 
 
 def main():
@@ -74,7 +50,7 @@ def main():
     del checkpoint, weights
     patch = config["evaluation"]["window_size"]
     image = torch.empty((1, 1, *patch)).uniform_(-1.7, 1.7, generator=torch.Generator().manual_seed(0))
-    masks = balls(args.classes, patch)
+    masks = torch.from_numpy(balls(args.classes, patch))
     print(f"torch {torch.__version__}, CPU, {args.threads} thread(s); window {patch}, "
           f"K = {args.classes}; first run and median of {args.runs} more")
     with torch.no_grad():

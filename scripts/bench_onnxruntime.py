@@ -23,12 +23,13 @@ import argparse
 import json
 import pathlib
 import resource
-import statistics
 import sys
 import time
 
 import numpy as np
 import onnxruntime as ort
+
+from bench_common import balls, timed
 
 
 GRAPHS = ("encoder", "task_encoder", "decoder")
@@ -43,30 +44,6 @@ def session(path, threads):
     start = time.perf_counter()
     sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return sess, time.perf_counter() - start
-
-
-def timed(run, runs):
-    """Seconds of the first call, the median of `runs` more, and the last output."""
-    start = time.perf_counter()
-    out = run()
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        out = run()
-        times.append(time.perf_counter() - start)
-    return first, statistics.median(times), out
-
-
-def balls(k, patch):
-    """One binary ball per class (radius patch/4), centres moved per class, [1, K, D, H, W]."""
-    d, h, w = patch
-    z, y, x = np.meshgrid(np.arange(d), np.arange(h), np.arange(w), indexing="ij")
-    r2 = (min(patch) / 4.0) ** 2
-    masks = np.zeros((1, k, d, h, w), np.float32)
-    for c in range(k):
-        masks[0, c] = ((z - (d // 2 + c % 3)) ** 2 + (y - h // 2) ** 2 + (x - w // 2) ** 2) <= r2
-    return masks
 
 
 def main():
