@@ -333,11 +333,7 @@ impl Graph {
     /// [`Graph::load`].
     pub fn run(&self, plan: &Arc<TypedRunnableModel>, inputs: TVec<TValue>) -> Result<Vec<TValue>> {
         let outputs = plan.run(inputs).map_err(|e| self.failed(&e))?;
-        Ok(self
-            .output_slots
-            .iter()
-            .map(|&slot| outputs[slot].clone())
-            .collect())
+        Ok(self.expected(&outputs))
     }
 
     /// Runs the shared part of `plan` (from [`Graph::split_plan`]) on
@@ -361,11 +357,16 @@ impl Graph {
         let mut inputs = shared.clone();
         inputs.push(value);
         let outputs = plan.varying.run(inputs).map_err(|e| self.failed(&e))?;
-        Ok(self
-            .output_slots
+        Ok(self.expected(&outputs))
+    }
+
+    /// The expected outputs among a plan's `outputs`, in the order given to
+    /// [`Graph::load`].
+    fn expected(&self, outputs: &[TValue]) -> Vec<TValue> {
+        self.output_slots
             .iter()
             .map(|&slot| outputs[slot].clone())
-            .collect())
+            .collect()
     }
 
     fn failed(&self, e: &dyn Display) -> Error {

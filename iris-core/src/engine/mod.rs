@@ -368,8 +368,9 @@ impl Model {
     /// The graph encodes every class on its own (classes are folded into
     /// the batch), so the classes are run one at a time through the plan
     /// for one class; for several, that plan is cut around the masks, and
-    /// what does not read them (each level's widened and shuffled features,
-    /// the queries' norms) runs once for all. A plan for `K` classes gives
+    /// what does not read them (each level's widened and shuffled features
+    /// and their part of the merge unit, the queries' norms) runs once for
+    /// all. A plan for `K` classes gives
     /// the same results but took longer: with tract's convolutions 20 times
     /// longer than `K` one-class runs (its eager im2col at a batch above
     /// 1), and with the engine's own ops 1.7 times longer at 128^3 (3
@@ -400,10 +401,11 @@ impl Model {
             graphs::tensor(&[1, 1, d, h, w], mask.as_slice().unwrap_or_default())
         };
         // Several classes: what does not read the masks (each level's
-        // widened and shuffled features, the queries' norms) runs once for
-        // all of them, the first class's mask completing the graph's
-        // inputs, unread. One class: the whole plan, which keeps fewer
-        // tensors alive and ran 140 against 168 ms at the full size.
+        // widened and shuffled features and their part of the merge unit,
+        // the queries' norms) runs once for all of them, the first class's
+        // mask completing the graph's inputs, unread. One class: the whole
+        // plan, which keeps fewer tensors alive and ran 140 against 168 ms
+        // at the full size.
         let first = tensor(masks.index_axis(Axis(0), 0))?;
         let inputs = self.feed(&self.task_encoder, &features.levels, &[], Some(first))?;
         let (plan, shared) = if k > 1 {

@@ -9,9 +9,8 @@
 use burn::nn::attention::MultiHeadAttention;
 use burn::nn::conv::Conv3d;
 use burn::nn::{InstanceNorm, LayerNorm, LayerNormConfig, Linear, PaddingConfig3d};
-use std::ops::Range;
-
 use burn::prelude::*;
+use std::ops::Range;
 
 use super::graph::{Graph, attr_float, attr_int, attr_ints, attr_string, int};
 use crate::Error;
@@ -110,6 +109,18 @@ pub(crate) fn conv(
 /// A burn [`Conv3d`] (the task encoder's convolutions, with bias), which
 /// must be the stride-1 "same" convolution [`conv`] writes.
 fn burn_conv(g: &mut Graph, name: &str, module: &Conv3d, x: &str) -> Value {
+    check_same(name, module)?;
+    conv(
+        g,
+        name,
+        module.weight.val(),
+        module.bias.as_ref().map(|b| b.val()),
+        x,
+    )
+}
+
+/// Whether `module` is a stride-1 "same" convolution, as [`conv`] writes.
+fn check_same(name: &str, module: &Conv3d) -> Result<(), Error> {
     let same = module.kernel_size.map(|k| k / 2);
     let padded = match module.padding {
         PaddingConfig3d::Same => true,
@@ -125,13 +136,7 @@ fn burn_conv(g: &mut Graph, name: &str, module: &Conv3d, x: &str) -> Value {
             ),
         });
     }
-    conv(
-        g,
-        name,
-        module.weight.val(),
-        module.bias.as_ref().map(|b| b.val()),
-        x,
-    )
+    Ok(())
 }
 
 /// Instance normalisation over each channel's voxels (affine or not), of
@@ -168,15 +173,23 @@ fn instance_norm(
     ))
 }
 
-/// InstanceNorm, ReLU, then `conv` (the pre-activation unit).
-fn norm_relu(g: &mut Graph, name: &str, norm: &InstanceNorm, x: &str) -> Value {
-    let normed = instance_norm(g, name, norm, 0..norm.num_channels, x)?;
+/// InstanceNorm of the norm's `channels` (see [`instance_norm`]), then
+/// ReLU.
+fn norm_relu(
+    g: &mut Graph,
+    name: &str,
+    norm: &InstanceNorm,
+    channels: Range<usize>,
+    x: &str,
+) -> Value {
+    let normed = instance_norm(g, name, norm, channels, x)?;
     Ok(g.op("Relu", &[&normed], vec![]))
 }
 
 /// A [`PreActConv`]: InstanceNorm, ReLU, 3x3x3 convolution.
 fn pre_act_conv(g: &mut Graph, name: &str, unit: &PreActConv, x: &str) -> Value {
-    let x = norm_relu(g, &format!("{name}.norm"), &unit.norm, x)?;
+    let norm = &unit.norm;
+    let x = norm_relu(g, &format!("{name}.norm"), norm, 0..norm.num_channels, x)?;
     conv(g, &format!("{name}.conv"), unit.conv.weight.val(), None, &x)
 }
 
@@ -188,7 +201,7 @@ pub(crate) fn norm_relu_conv(
     module: &Conv3d,
     x: &str,
 ) -> Value {
-    let x = norm_relu(g, &format!("{name}_norm"), norm, x)?;
+    let x = norm_relu(g, &format!("{name}_norm"), norm, 0..norm.num_channels, x)?;
     burn_conv(g, name, module, &x)
 }
 
@@ -207,15 +220,15 @@ pub(crate) fn norm_relu_conv_channel(
     (module, channel, bias): (&Conv3d, usize, bool),
     x: &str,
 ) -> Value {
+    check_same(name, module)?;
     let channels = channel..channel + 1;
-    let normed = instance_norm(
+    let x = norm_relu(
         g,
         &format!("{name}_norm.{channel}"),
         norm,
         channels.clone(),
         x,
     )?;
-    let x = g.op("Relu", &[&normed], vec![]);
     let [out, _, kd, kh, kw] = module.weight.dims();
     let weight = module
         .weight
