@@ -47,18 +47,17 @@ const HUGE_PAGES_FROM: usize = 32 << 20;
 /// and the decoder 5.23-5.47 s against 5.78-5.92 s, for the same peak
 /// memory (issue 20). Where the advice is refused (huge pages off, another
 /// system) nothing changes; `IRIS_HUGE_PAGES=0` turns it off (for
-/// comparisons).
+/// comparisons; read once per process).
 fn advise_huge_pages(values: &mut [f32]) {
     let bytes = core::mem::size_of_val(values);
-    if bytes < HUGE_PAGES_FROM || std::env::var_os("IRIS_HUGE_PAGES").is_some_and(|v| v == "0") {
+    if bytes < HUGE_PAGES_FROM {
         return;
     }
     #[cfg(target_os = "linux")]
-    {
-        const PAGE: usize = 4096;
+    if let Some(page) = advice_page_size() {
         let start = values.as_mut_ptr() as usize;
-        let first = start.next_multiple_of(PAGE);
-        let end = (start + bytes) / PAGE * PAGE;
+        let first = start.next_multiple_of(page);
+        let end = (start + bytes) / page * page;
         // SAFETY: the page-aligned range lies inside `values`, which this
         // function borrows mutably; the advice changes how its pages are
         // backed, not what they hold.
@@ -66,6 +65,21 @@ fn advise_huge_pages(values: &mut [f32]) {
             libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_HUGEPAGE);
         }
     }
+}
+
+/// The system's page size, once per process; `None` where
+/// `IRIS_HUGE_PAGES=0` turns the advice off.
+#[cfg(target_os = "linux")]
+fn advice_page_size() -> Option<usize> {
+    static PAGE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *PAGE.get_or_init(|| {
+        if std::env::var_os("IRIS_HUGE_PAGES").is_some_and(|v| v == "0") {
+            return None;
+        }
+        // SAFETY: `sysconf` only reads a system constant.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        usize::try_from(page).ok().filter(|&p| p > 0)
+    })
 }
 
 /// The output of an op that maps its f32 input `x` to a tensor of the
