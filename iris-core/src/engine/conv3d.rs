@@ -316,6 +316,18 @@ impl PartialEq for DirectConv3d {
 
 impl Eq for DirectConv3d {}
 
+/// What a convolution's output is added to.
+#[derive(Clone, Copy)]
+enum Addend<'a> {
+    /// Nothing: the output is written, not read.
+    Nothing,
+    /// What the output holds (a residual in the output's own memory).
+    Output,
+    /// Other values of the output's size (a residual another node still
+    /// reads), so that it is not copied first.
+    Other(&'a [f32]),
+}
+
 impl DirectConv3d {
     /// The direct form of `conv` (node `node` of `model`), or `None` when
     /// the kernel does not serve it.
@@ -359,26 +371,42 @@ impl DirectConv3d {
 
     /// The convolution of the samples of `input` (`[N, Cin, D, H, W]`, C
     /// order), one after the other, into `out` (`[N, Cout, D, H, W]`),
-    /// added to what `out` holds where `accumulate`.
-    fn run_batch(&self, input: &[f32], [d, h, w]: [usize; 3], out: &mut [f32], accumulate: bool) {
-        let voxels = d * h * w;
-        for (sample, out) in input
+    /// plus `addend`.
+    fn run_batch(&self, input: &[f32], [d, h, w]: [usize; 3], out: &mut [f32], addend: Addend) {
+        let (voxels, size) = (d * h * w, self.output_channels * d * h * w);
+        for (i, (sample, out)) in input
             .chunks_exact(self.input_channels * voxels)
-            .zip(out.chunks_exact_mut(self.output_channels * voxels))
+            .zip(out.chunks_exact_mut(size))
+            .enumerate()
         {
-            self.run(sample, [d, h, w], out, accumulate);
+            let addend = match addend {
+                Addend::Other(all) => Addend::Other(&all[i * size..][..size]),
+                same => same,
+            };
+            self.run(sample, [d, h, w], out, addend);
         }
     }
 
     /// The convolution of one sample, `input` (`[Cin, D, H, W]`, C order),
-    /// into `out` (`[Cout, D, H, W]`), added to what `out` holds where
-    /// `accumulate`.
-    fn run(&self, input: &[f32], [d, h, w]: [usize; 3], out: &mut [f32], accumulate: bool) {
+    /// into `out` (`[Cout, D, H, W]`), plus `addend`.
+    fn run(&self, input: &[f32], [d, h, w]: [usize; 3], out: &mut [f32], addend: Addend) {
         if let Some(winograd) = &self.winograd
             && Winograd::serves([d, h, w])
         {
+            let accumulate = match addend {
+                Addend::Nothing => false,
+                Addend::Output => true,
+                Addend::Other(values) => {
+                    out.copy_from_slice(values);
+                    true
+                }
+            };
             winograd.run(input, &self.bias, [d, h, w], [out, &mut []], accumulate);
             return;
+        }
+        assert_eq!(out.len(), self.output_channels * d * h * w, "output size");
+        if let Addend::Other(values) = addend {
+            assert_eq!(values.len(), out.len(), "addend size");
         }
         let blocks = self.output_channels.div_ceil(self.block);
         // Vectors of 16 outputs per register block: enough for the row (one
@@ -397,6 +425,11 @@ impl DirectConv3d {
         // either the one wanted or copied over.
         let rows = || Rows::new(self.input_channels, w, 16 * vectors);
         let slice = |rows: &mut Rows, z: usize| {
+            let addend = match addend {
+                Addend::Nothing => core::ptr::null(),
+                Addend::Output => out.ptr().cast_const(),
+                Addend::Other(values) => values.as_ptr(),
+            };
             for y in 0..h {
                 rows.gather(input, [z, y], [d, h, w]);
                 for block in 0..blocks {
@@ -404,16 +437,11 @@ impl DirectConv3d {
                     // (`replacement` gives it only then); `rows` holds the
                     // input rows of (z, y), padded for the kernel's span;
                     // each (z, y, block) writes its own outputs, inside
-                    // `out`.
+                    // `out`, and reads the addend's values at the same
+                    // places (null or of `out`'s size, asserted above).
                     #[cfg(target_arch = "x86_64")]
                     unsafe {
-                        kernel(
-                            self,
-                            rows,
-                            [z, y, block],
-                            [d, h, w],
-                            (out.ptr(), accumulate),
-                        )
+                        kernel(self, rows, [z, y, block], [d, h, w], (out.ptr(), addend))
                     };
                 }
             }
@@ -510,7 +538,7 @@ mod avx512 {
 
     /// One output row for one block of output channels (see [`row_block`]).
     pub(super) type RowBlock =
-        unsafe fn(&DirectConv3d, &Rows, [usize; 3], [usize; 3], (*mut f32, bool));
+        unsafe fn(&DirectConv3d, &Rows, [usize; 3], [usize; 3], (*mut f32, *const f32));
 
     /// The kernel for register blocks of `block` output channels (8 or 1)
     /// by `vectors` vectors of 16 outputs (1 or 2 with 8 channels; 1, 2, 4
@@ -527,14 +555,14 @@ mod avx512 {
     }
 
     /// Output row `y` of depth slice `z` for output channels
-    /// `block * OUT ..`, written into `out` (`[Cout, D, H, W]`), or added
-    /// to what it holds where `accumulate`, in register blocks of `OUT`
-    /// channels by `16 * VECTORS` positions.
+    /// `block * OUT ..`, written into `out` (`[Cout, D, H, W]`) plus the
+    /// values at the same places of `addend` where it is not null, in
+    /// register blocks of `OUT` channels by `16 * VECTORS` positions.
     ///
     /// # Safety
     /// The CPU has AVX-512F; `OUT` is the op's block; `z < D`, `y < H`;
-    /// `block` is a block of the op's output channels; `out` holds
-    /// `Cout * D * H * W` values. (`rows`, the input rows of (z, y) from
+    /// `block` is a block of the op's output channels; `out`, and `addend`
+    /// unless null, hold `Cout * D * H * W` values. (`rows`, the input rows of (z, y) from
     /// [`Rows::gather`], is read through bounds-checked slices.)
     #[target_feature(enable = "avx512f")]
     unsafe fn row_block<const OUT: usize, const VECTORS: usize>(
@@ -542,7 +570,7 @@ mod avx512 {
         rows: &Rows,
         [z, y, block]: [usize; 3],
         [d, h, w]: [usize; 3],
-        (out, accumulate): (*mut f32, bool),
+        (out, addend): (*mut f32, *const f32),
     ) {
         let span = 16 * VECTORS;
         let cin = op.input_channels;
@@ -590,18 +618,19 @@ mod avx512 {
                     if mask == 0 {
                         continue;
                     }
-                    // SAFETY: the row `(co, z, y)` of `out` holds `w`
-                    // values; this vector starts at its position
-                    // `x0 + 16 v < w` (the mask is not empty), and the mask
-                    // stores only the positions below `w`.
+                    // SAFETY: the row `(co, z, y)` of `out` (and of
+                    // `addend`) holds `w` values; this vector starts at its
+                    // position `x0 + 16 v < w` (the mask is not empty), and
+                    // the mask loads and stores only the positions below
+                    // `w`.
                     unsafe {
-                        let dst = out.add(((co * d + z) * h + y) * w + x0 + 16 * v);
-                        let sum = if accumulate {
-                            _mm512_add_ps(acc, _mm512_maskz_loadu_ps(mask, dst))
-                        } else {
+                        let at = ((co * d + z) * h + y) * w + x0 + 16 * v;
+                        let sum = if addend.is_null() {
                             acc
+                        } else {
+                            _mm512_add_ps(acc, _mm512_maskz_loadu_ps(mask, addend.add(at)))
                         };
-                        _mm512_mask_storeu_ps(dst, mask, sum);
+                        _mm512_mask_storeu_ps(out.add(at), mask, sum);
                     }
                 }
             }
@@ -675,28 +704,43 @@ impl EvalOp for DirectConv3d {
             return self.eval_pair(values_of(input)?, [n, d, h, w], split);
         }
         let shape = [n, self.output_channels, d, h, w];
-        let accumulate = residual.is_some();
-        let mut out = match residual {
-            Some(residual) => {
-                ensure!(
-                    residual.shape() == shape && residual.datum_type() == f32::datum_type(),
-                    "direct convolution: residual {:?} {:?}, expected f32 {shape:?}",
-                    residual.datum_type(),
-                    residual.shape()
-                );
-                // Its own tensor where the residual is exclusive, a copy
-                // otherwise.
-                residual.into_tensor()
-            }
-            // SAFETY: without a residual, `run_batch` writes every output
-            // (both kernels store each value once, none read first).
-            None => unsafe { super::parallel::unwritten(&shape)? },
-        };
-        {
-            let mut view = out.try_as_plain_ram_mut()?;
-            let out = view.as_slice_mut::<f32>()?;
-            self.run_batch(values_of(input)?, [d, h, w], out, accumulate);
+        if let Some(residual) = &residual {
+            ensure!(
+                residual.shape() == shape && residual.datum_type() == f32::datum_type(),
+                "direct convolution: residual {:?} {:?}, expected f32 {shape:?}",
+                residual.datum_type(),
+                residual.shape()
+            );
         }
+        let out = match residual {
+            // The sum goes into the residual's own tensor where no other
+            // node reads it.
+            Some(residual) if residual.is_exclusive() => {
+                let mut out = residual.into_tensor();
+                {
+                    let mut view = out.try_as_plain_ram_mut()?;
+                    let out = view.as_slice_mut::<f32>()?;
+                    self.run_batch(values_of(input)?, [d, h, w], out, Addend::Output);
+                }
+                out
+            }
+            residual => {
+                // SAFETY: `run_batch` writes every output (both kernels
+                // store each value once, and read none they have not
+                // written).
+                let mut out = unsafe { super::parallel::unwritten(&shape)? };
+                {
+                    let mut view = out.try_as_plain_ram_mut()?;
+                    let out = view.as_slice_mut::<f32>()?;
+                    let addend = match &residual {
+                        Some(residual) => Addend::Other(values_of(residual)?),
+                        None => Addend::Nothing,
+                    };
+                    self.run_batch(values_of(input)?, [d, h, w], out, addend);
+                }
+                out
+            }
+        };
         Ok(tvec!(out.into_tvalue()))
     }
 }
@@ -877,25 +921,26 @@ mod tests {
                 winograd_cases += 1;
                 ops.push(("winograd", op));
             }
-            // Into a fresh output, and added to a residual.
+            // Into a fresh output, added to a residual in the output's
+            // memory, and added to one read from elsewhere.
             let residual = values(expected.len(), 3 * i as u64 + 3);
-            for ((kernel, op), accumulate) in ops.iter().cartesian_product([false, true]) {
-                let mut out = match accumulate {
-                    false => vec![f32::NAN; expected.len()],
-                    true => residual.clone(),
+            for ((kernel, op), form) in ops.iter().cartesian_product(0..3) {
+                let (mut out, addend) = match form {
+                    0 => (vec![f32::NAN; expected.len()], Addend::Nothing),
+                    1 => (residual.clone(), Addend::Output),
+                    _ => (vec![f32::NAN; expected.len()], Addend::Other(&residual)),
                 };
-                op.run_batch(&input, shape, &mut out, accumulate);
+                op.run_batch(&input, shape, &mut out, addend);
                 for (j, (&got, &want)) in out.iter().zip(&expected).enumerate() {
                     let want = want
-                        + if accumulate {
-                            f64::from(residual[j])
-                        } else {
-                            0.0
+                        + match form {
+                            0 => 0.0,
+                            _ => f64::from(residual[j]),
                         };
                     assert!(
                         (f64::from(got) - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                        "case {i} ({n} x {cin} -> {cout}, {shape:?}, {kernel}, accumulate \
-                         {accumulate}), value {j}: {got} vs {want}"
+                        "case {i} ({n} x {cin} -> {cout}, {shape:?}, {kernel}, form \
+                         {form}), value {j}: {got} vs {want}"
                     );
                 }
             }
