@@ -23,6 +23,7 @@ use tract_onnx::tract_core::ops::change_axes::AxisOp;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
 
+use super::graphs::producer_for;
 use super::parallel::SharedOut;
 use super::products::PackedRows;
 
@@ -43,13 +44,6 @@ fn einsum(node: &TypedNode, equation: &str) -> Option<[OutletId; 2]> {
     }
 }
 
-/// The node of `outlet`, where node `reader` is its one reader.
-fn only_for(model: &TypedModel, outlet: OutletId, reader: usize) -> Option<&TypedNode> {
-    super::graphs::only_reader(model, outlet)
-        .filter(|next| next.node == reader)
-        .map(|_| model.node(outlet.node))
-}
-
 /// [`VoxelAttention`] for `node` where it is the weighted sum of a folded
 /// attention as tract declutters it: `EinSum qt,nct->qc` of a `Softmax`
 /// over the last axis of `[R, T]` scores and of the voxels `X` (`[1, C,
@@ -67,7 +61,7 @@ pub(crate) fn replacement(
         return Ok(None);
     };
     let found = || -> Option<OutletId> {
-        let softmax = only_for(model, weights, node.id)?;
+        let softmax = producer_for(model, weights, node.id)?;
         let op = softmax.op_as::<Softmax>()?;
         if op.axes.as_slice() != [1]
             || op.kind != SoftmaxKind::Softmax
@@ -75,9 +69,9 @@ pub(crate) fn replacement(
         {
             return None;
         }
-        let mut scores = only_for(model, softmax.inputs[0], softmax.id)?;
+        let mut scores = producer_for(model, softmax.inputs[0], softmax.id)?;
         if let Some(AxisOp::Reshape(..)) = scores.op_as::<AxisOp>() {
-            scores = only_for(model, scores.inputs[0], scores.id)?;
+            scores = producer_for(model, scores.inputs[0], scores.id)?;
         }
         let [queries, x] =
             einsum(scores, "mk,akn->mn").or_else(|| einsum(scores, "bmk,akn->bmn"))?;

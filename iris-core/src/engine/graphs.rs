@@ -26,7 +26,9 @@ use tract_onnx::prelude::{
     Datum, Framework, InferenceFact, InferenceModel, InferenceModelExt, RunOptions, TValue, TVec,
     Tensor, TypedModel, TypedRunnableModel,
 };
-use tract_onnx::tract_core::internal::{InletId, OutletId, TractResult, TypedModelPatch, TypedOp};
+use tract_onnx::tract_core::internal::{
+    InletId, OutletId, TractResult, TypedModelPatch, TypedNode, TypedOp,
+};
 use tract_onnx::tract_hir::infer::Factoid;
 
 use crate::error::{Error, Result};
@@ -528,7 +530,11 @@ fn substitute_pointwise(model: &mut TypedModel) -> TractResult<()> {
 /// scaling, subtraction and `RmsNorm`) becomes one op (`channel_norm`),
 /// and a run of axis moves one copy (`permute`); the classifier head's
 /// product of computed rows and the voxels, the engine's products
-/// (`pointwise`); and the encoder's 2x2x2 max pooling (`max_pool`).
+/// (`pointwise`); the task encoder's unshuffle, norm and 1x1x1 convolution,
+/// one op that reads the merged volume (`unshuffle`); products of many
+/// rows by a small constant matrix (`row_product`: the masks' pooling for
+/// the foreground mean); and the encoder's 2x2x2 max pooling
+/// (`max_pool`).
 fn substitute_own_ops(model: &mut TypedModel) -> TractResult<()> {
     // Convolutions already run as the second of a pair.
     let mut paired = HashSet::new();
@@ -544,6 +550,14 @@ fn substitute_own_ops(model: &mut TypedModel) -> TractResult<()> {
         }
         if let Some((op, inputs)) = super::attention::replacement(model, node)? {
             fuse(model, (node.id, node.name.clone()), &inputs, op)?;
+            continue;
+        }
+        if let Some((op, inputs)) = super::unshuffle::replacement(model, node)? {
+            fuse(model, (node.id, node.name.clone()), &inputs, op)?;
+            continue;
+        }
+        if let Some((op, x)) = super::row_product::replacement(model, node)? {
+            fuse(model, (node.id, node.name.clone()), &[x], op)?;
             continue;
         }
         if let Some(op) = super::pointwise::computed_replacement(model, node)? {
@@ -601,6 +615,18 @@ pub(crate) fn only_reader(model: &TypedModel, outlet: OutletId) -> Option<InletI
         [next] => Some(*next),
         _ => None,
     }
+}
+
+/// The node that computes `outlet`, where node `reader` is the outlet's
+/// one reader (the ops the engine fuses read each other's outputs alone).
+pub(crate) fn producer_for(
+    model: &TypedModel,
+    outlet: OutletId,
+    reader: usize,
+) -> Option<&TypedNode> {
+    only_reader(model, outlet)
+        .filter(|next| next.node == reader)
+        .map(|_| model.node(outlet.node))
 }
 
 /// Has `op`, on `inputs`, stand for the output of node `last` (its id and

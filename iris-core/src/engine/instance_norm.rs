@@ -198,12 +198,71 @@ impl TypedOp for InstanceNorm {
 /// Floats summed in f32 lanes before the lanes go into the f64 total.
 const RUN: usize = 1024;
 
+impl InstanceNorm {
+    /// The norm of a plane of channel `c`'s, with that channel's `scale`
+    /// and `bias` (the op's second and third inputs).
+    pub(crate) fn plane(&self, scale: f32, bias: f32) -> Plane {
+        Plane {
+            epsilon: self.epsilon,
+            scale,
+            bias,
+            relu: self.relu,
+        }
+    }
+
+    /// The norm with `epsilon`, followed by a ReLU.
+    #[cfg(test)]
+    pub(crate) fn with_relu(epsilon: f32) -> Self {
+        InstanceNorm {
+            epsilon,
+            relu: true,
+        }
+    }
+
+    /// Whether a ReLU follows the norm in the op ([`fuse_relu`]).
+    pub(crate) fn has_relu(&self) -> bool {
+        self.relu
+    }
+}
+
 /// The norm of one plane, with its channel's scale and bias.
-struct Plane {
+pub(crate) struct Plane {
     epsilon: f32,
     scale: f32,
     bias: f32,
     relu: bool,
+}
+
+/// The map [`Plane`] applies to each value of its plane, its statistics
+/// taken.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Affine {
+    mean: f64,
+    factor: f64,
+    bias: f64,
+    relu: bool,
+}
+
+impl Affine {
+    /// The map in f32 for vector kernels: `((x - hi) - lo) * factor +
+    /// bias`, with `hi + lo` the mean (so that `x - hi` keeps the digits
+    /// where the mean is large against the spread), then `max(y, 0)` where
+    /// the norm has a ReLU (`floor` is `0` then, `-inf` otherwise). Values
+    /// `[hi, lo, factor, bias, floor]`; the result differs from
+    /// [`Affine::apply`]'s by rounding only.
+    pub(crate) fn single(self) -> [f32; 5] {
+        let hi = self.mean as f32;
+        let lo = (self.mean - f64::from(hi)) as f32;
+        let floor = if self.relu { 0.0 } else { f32::NEG_INFINITY };
+        [hi, lo, self.factor as f32, self.bias as f32, floor]
+    }
+
+    /// The normalised value of `x`.
+    #[inline]
+    pub(crate) fn apply(self, x: f32) -> f32 {
+        let y = ((f64::from(x) - self.mean) * self.factor + self.bias) as f32;
+        if self.relu { y.max(0.0) } else { y }
+    }
 }
 
 impl Plane {
@@ -212,7 +271,7 @@ impl Plane {
     fn apply(&self, x: &[f32], y: &mut [f32]) {
         let f = self.affine(x);
         for (y, &x) in y.iter_mut().zip(x) {
-            *y = f(x);
+            *y = f.apply(x);
         }
     }
 
@@ -220,12 +279,13 @@ impl Plane {
     fn apply_in_place(&self, x: &mut [f32]) {
         let f = self.affine(x);
         for x in x.iter_mut() {
-            *x = f(*x);
+            *x = f.apply(*x);
         }
     }
 
-    /// The map from a value of `x` to its normalised value.
-    fn affine(&self, x: &[f32]) -> impl Fn(f32) -> f32 + use<> {
+    /// The map from a value of `x`, the plane's values, to its normalised
+    /// value.
+    pub(crate) fn affine(&self, x: &[f32]) -> Affine {
         let n = x.len() as f64;
         // Summed around the first value, so that the f32 lanes add small
         // numbers where the mean is large against the spread.
@@ -233,13 +293,18 @@ impl Plane {
         let mean = f64::from(pivot) + sum(x, |v| v - pivot) / n;
         let centre = mean as f32;
         let variance = sum(x, |v| (v - centre) * (v - centre)) / n;
+        self.with_moments(mean, variance)
+    }
+
+    /// The map for a plane of `mean` and (biased) `variance`.
+    pub(crate) fn with_moments(&self, mean: f64, variance: f64) -> Affine {
         // In f64, so that the mean keeps its digits where it is large
         // against the spread (the pass is memory-bound either way).
-        let factor = f64::from(self.scale) / (variance + f64::from(self.epsilon)).sqrt();
-        let (bias, relu) = (f64::from(self.bias), self.relu);
-        move |x| {
-            let y = ((f64::from(x) - mean) * factor + bias) as f32;
-            if relu { y.max(0.0) } else { y }
+        Affine {
+            mean,
+            factor: f64::from(self.scale) / (variance + f64::from(self.epsilon)).sqrt(),
+            bias: f64::from(self.bias),
+            relu: self.relu,
         }
     }
 }

@@ -48,7 +48,9 @@ mod permute;
 mod pointwise;
 mod products;
 mod retrieval;
+mod row_product;
 mod split;
+mod unshuffle;
 mod upsample;
 mod winograd;
 

@@ -7,6 +7,7 @@
 //! model and no others.
 
 use core::marker::PhantomData;
+use std::prelude::rust_2024::*;
 
 use rayon::prelude::*;
 use tract_linalg::multithread::{Executor, current_tract_executor};
@@ -131,6 +132,25 @@ pub(crate) fn for_each_with<S>(
     }
 }
 
+/// `[f(state, 0), f(state, 1), .., f(state, n - 1)]`, computed in parallel
+/// where the model has a pool, with a `state` made by `init` and reused as
+/// in [`for_each_with`].
+pub(crate) fn map_with<S, T: Send>(
+    n: usize,
+    init: impl Fn() -> S + Send + Sync,
+    f: impl Fn(&mut S, usize) -> T + Send + Sync,
+) -> Vec<T> {
+    match current_tract_executor() {
+        Executor::MultiThread(pool) => {
+            pool.install(|| (0..n).into_par_iter().map_init(init, f).collect())
+        }
+        _ => {
+            let mut state = init();
+            (0..n).map(|i| f(&mut state, i)).collect()
+        }
+    }
+}
+
 /// Calls `f(i, input plane i, output plane i)` for the planes of `input`
 /// (`input_plane` values each) and `out` (`out_plane` values each), in
 /// parallel where the model has a pool. Planes past the shorter of the two
@@ -226,7 +246,6 @@ impl<'a> SharedOut<'a> {
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
-    use std::prelude::rust_2024::*;
 
     /// The `VmFlags` of the mapping of this process that holds `address`.
     fn flags_of_mapping_at(address: usize) -> Option<String> {

@@ -74,6 +74,11 @@ pub(crate) struct Permute {
 }
 
 impl Permute {
+    /// The input axis of each output axis.
+    pub(crate) fn axes(&self) -> &[usize] {
+        &self.axes
+    }
+
     /// The output's axes as `(size, stride in the input)`, outermost
     /// first, without axes of size one and with neighbours that are
     /// neighbours in the input too merged into one.

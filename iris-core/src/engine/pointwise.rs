@@ -135,18 +135,31 @@ impl EvalOp for PointwiseConv {
             "pointwise convolution: input {:?} {shape:?}, expected f32 [N, {cin}, D, H, W]",
             x.datum_type()
         );
-        let bias = bias.try_as_plain_ram()?;
-        let bias = match bias.as_slice::<f32>()? {
-            &[b] => vec![b; cout],
-            b if b.len() == cout => b.to_vec(),
-            b => bail!(
-                "pointwise convolution: {} biases for {cout} channels",
-                b.len()
-            ),
-        };
+        let bias = biases(&bias, cout)?;
         Ok(tvec!(
             per_sample(&self.weights, &x, Some(&bias))?.into_tvalue()
         ))
+    }
+}
+
+/// The `cout` biases of a 1x1x1 convolution from its bias input: `[Cout]`,
+/// or one value for all.
+pub(crate) fn biases(bias: &TValue, cout: usize) -> TractResult<Vec<f32>> {
+    let bias = bias.try_as_plain_ram()?;
+    Ok(match bias.as_slice::<f32>()? {
+        &[b] => vec![b; cout],
+        b if b.len() == cout => b.to_vec(),
+        b => bail!(
+            "pointwise convolution: {} biases for {cout} channels",
+            b.len()
+        ),
+    })
+}
+
+impl PointwiseConv {
+    /// The op's weights, `[Cout, Cin]` packed.
+    pub(crate) fn weights(&self) -> &Arc<PackedRows> {
+        &self.weights
     }
 }
 

@@ -70,14 +70,43 @@ impl PackedRows {
         voxels: usize,
         out: SharedOut<'_>,
     ) -> TractResult<()> {
+        let cin = self.columns;
+        ensure!(
+            input.len() >= cin * voxels,
+            "products: [{}, {cin}] by [{cin}, {voxels}] with {} inputs",
+            self.rows,
+            input.len()
+        );
+        let copy = |v0: usize, count: usize, tile: &mut [f32]| {
+            for (i, row) in tile.chunks_exact_mut(TILE).enumerate() {
+                row[..count].copy_from_slice(&input[i * voxels + v0..][..count]);
+            }
+        };
+        self.times_with(copy, bias, voxels, out)
+    }
+
+    /// [`PackedRows::times`] on an input that `fill` makes tile by tile:
+    /// `fill(v0, count, tile)` writes `input[c, v0 + t]` into `tile[c *
+    /// TILE + t]` for every column `c` and `t < count` (`count` at most
+    /// [`TILE`]; the rest of the tile is zero and stays so). An op whose
+    /// input is a transform of a tensor (a transposition, a norm) runs
+    /// the transform here, on tiles in the core's cache, rather than over
+    /// the whole tensor first.
+    ///
+    /// # Errors
+    /// As [`PackedRows::times`].
+    pub(crate) fn times_with(
+        &self,
+        fill: impl Fn(usize, usize, &mut [f32]) + Sync,
+        bias: Option<&[f32]>,
+        voxels: usize,
+        out: SharedOut<'_>,
+    ) -> TractResult<()> {
         let (cin, cout) = (self.columns, self.rows);
         ensure!(super::conv3d::has_avx512(), "the products need AVX-512F");
         ensure!(
-            input.len() >= cin * voxels
-                && out.len() >= cout * voxels
-                && bias.is_none_or(|b| b.len() >= cout),
-            "products: [{cout}, {cin}] by [{cin}, {voxels}] with {} inputs, {} outputs",
-            input.len(),
+            out.len() >= cout * voxels && bias.is_none_or(|b| b.len() >= cout),
+            "products: [{cout}, {cin}] by [{cin}, {voxels}] with {} outputs",
             out.len()
         );
         let tiles = voxels.div_ceil(TILE);
@@ -101,10 +130,7 @@ impl PackedRows {
             panel.resize((last - first) * cin * TILE, 0.0);
             for (t, tile) in panel.chunks_exact_mut(cin * TILE).enumerate() {
                 let v0 = (first + t) * TILE;
-                let count = TILE.min(voxels - v0);
-                for (i, row) in tile.chunks_exact_mut(TILE).enumerate() {
-                    row[..count].copy_from_slice(&input[i * voxels + v0..][..count]);
-                }
+                fill(v0, TILE.min(voxels - v0), tile);
             }
             let block_range = part * blocks_per_part..blocks.min((part + 1) * blocks_per_part);
             for block in block_range {

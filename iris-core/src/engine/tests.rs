@@ -668,15 +668,25 @@ fn the_shipped_model_runs_the_engines_own_ops() {
     assert_eq!(count(&model.encoder, "IrisMaxPool2x"), manifest::LEVELS - 1);
     assert_eq!(count(&model.encoder, "OptMaxPool"), 0);
     // Each task stage normalises its context over the channels once, and
-    // shuffles and unshuffles its features in one copy each.
+    // shuffles and unshuffles its features in one copy each; where the
+    // engine's products run, the unshuffle is read by the squeeze that
+    // follows it, without a copy.
     let stages = model.manifest.stages.len();
+    let kernels = usize::from(conv3d::available());
     assert_eq!(count(&model.task_encoder, "IrisChannelNorm"), stages);
-    assert_eq!(count(&model.task_encoder, "IrisPermute"), 2 * stages);
+    assert_eq!(
+        count(&model.task_encoder, "IrisPermute"),
+        (2 - kernels) * stages
+    );
     // Its 1x1x1 convolutions widen and narrow each level's features, and
     // each of its query blocks reads the level's voxels in one op.
-    let kernels = usize::from(conv3d::available());
     let pointwise = count(&model.task_encoder, "IrisPointwiseConv");
-    assert_eq!(pointwise, kernels * 2 * stages);
+    assert_eq!(pointwise, kernels * stages);
+    let squeezes = count(&model.task_encoder, "IrisUnshuffleSqueeze");
+    assert_eq!(squeezes, kernels * stages);
+    // The foreground mean pools the masks' rows onto each level's grid.
+    let pooled = count(&model.task_encoder, "IrisRowProduct");
+    assert_eq!(pooled, kernels * stages);
     let blocks = 2;
     let attention = count(&model.task_encoder, "IrisVoxelAttention");
     assert_eq!(attention, kernels * blocks * stages);
@@ -1035,7 +1045,8 @@ fn the_task_encoder_runs_what_the_masks_do_not_change_once() {
             }
         }
     }
-    // The cut put every level's widening of the features in the shared part.
+    // The cut put every level's widening of the features in the shared
+    // part, and their narrowing after the masks' merge in the varying one.
     let split = model
         .task_encoder
         .split_plan("masks", &model.executor)
@@ -1047,7 +1058,8 @@ fn the_task_encoder_runs_what_the_masks_do_not_change_once() {
     let stages = model.manifest.stages.len();
     if conv3d::available() {
         assert_eq!(ops(&split.shared, "IrisPointwiseConv"), stages);
-        assert_eq!(ops(&split.varying, "IrisPointwiseConv"), stages);
+        assert_eq!(ops(&split.varying, "IrisPointwiseConv"), 0);
+        assert_eq!(ops(&split.varying, "IrisUnshuffleSqueeze"), stages);
     }
     assert_eq!(ops(&split.shared, "IrisVoxelAttention"), 0);
 }
