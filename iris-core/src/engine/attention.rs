@@ -242,24 +242,26 @@ mod avx512 {
                     &weights[(r0 + i).min(r - 1) * t + voxels.start..][..len]
                 });
                 let mut acc = [[_mm512_setzero_ps(); SIDE]; SIDE];
-                for v in (0..len).step_by(LANES) {
-                    let mask = ((1u32 << (len - v).min(LANES)) - 1) as __mmask16;
+                let step = |acc: &mut [[__m512; SIDE]; SIDE], v: usize, mask: __mmask16| {
                     let load = |values: &[f32]| {
-                        // SAFETY: the mask keeps the load inside `values`.
-                        unsafe { _mm512_maskz_loadu_ps(mask, values[v..].as_ptr()) }
+                        // SAFETY: `v < len`; the mask keeps the load inside
+                        // `values` (all 16 lanes where `v + 16 <= len`).
+                        unsafe { _mm512_maskz_loadu_ps(mask, values.as_ptr().add(v)) }
                     };
-                    let xs = [
-                        load(channels[0]),
-                        load(channels[1]),
-                        load(channels[2]),
-                        load(channels[3]),
-                    ];
+                    let xs = channels.map(load);
                     for (acc, row) in acc.iter_mut().zip(rows) {
                         let w = load(row);
                         for (acc, &x) in acc.iter_mut().zip(&xs) {
                             *acc = _mm512_fmadd_ps(w, x, *acc);
                         }
                     }
+                };
+                let whole = len / LANES * LANES;
+                for v in (0..whole).step_by(LANES) {
+                    step(&mut acc, v, 0xffff);
+                }
+                if whole < len {
+                    step(&mut acc, whole, ((1u32 << (len - whole)) - 1) as __mmask16);
                 }
                 for (i, acc) in acc.iter().enumerate().take(r - r0) {
                     for (j, &acc) in acc.iter().enumerate().take(c - c0) {
