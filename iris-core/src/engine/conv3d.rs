@@ -408,22 +408,11 @@ impl DirectConv3d {
         if let Addend::Other(values) = addend {
             assert_eq!(values.len(), out.len(), "addend size");
         }
-        let blocks = self.output_channels.div_ceil(self.block);
-        // Vectors of 16 outputs per register block: enough for the row (one
-        // on rows of up to 16, two on wider ones) with eight output
-        // channels, up to eight with one.
-        let vectors = match self.block {
-            1 => w.div_ceil(16).next_power_of_two().min(8),
-            _ if w <= 16 => 1,
-            _ => 2,
-        };
-        #[cfg(target_arch = "x86_64")]
-        let kernel = avx512::kernel(self.block, vectors);
         let out = SharedOut::new(out);
         // One `Rows` per thread, reused from slice to slice: a slot's key
         // names the input row it holds, so a row left by another slice is
         // either the one wanted or copied over.
-        let rows = || Rows::new(self.input_channels, w, 16 * vectors);
+        let rows = || self.rows(w);
         let slice = |rows: &mut Rows, z: usize| {
             let addend = match addend {
                 Addend::Nothing => core::ptr::null(),
@@ -431,22 +420,75 @@ impl DirectConv3d {
                 Addend::Other(values) => values.as_ptr(),
             };
             for y in 0..h {
-                rows.gather(input, [z, y], [d, h, w]);
-                for block in 0..blocks {
-                    // SAFETY: `available()` held when the op was made
-                    // (`replacement` gives it only then); `rows` holds the
-                    // input rows of (z, y), padded for the kernel's span;
-                    // each (z, y, block) writes its own outputs, inside
-                    // `out`, and reads the addend's values at the same
-                    // places (null or of `out`'s size, asserted above).
-                    #[cfg(target_arch = "x86_64")]
-                    unsafe {
-                        kernel(self, rows, [z, y, block], [d, h, w], (out.ptr(), addend))
-                    };
-                }
+                rows.gather(input, [z, y], [d, h, w], None);
+                // SAFETY: `rows` holds the input rows of (z, y); `out` and
+                // the addend (null or of `out`'s size, asserted above) hold
+                // the output's values, and only this (z, y) writes its row.
+                unsafe { self.row(rows, [z, y], [d, h, w], (out, addend)) };
             }
         };
         super::parallel::for_each_with(d, rows, slice);
+    }
+
+    /// Vectors of 16 outputs per register block on rows of `w`: enough for
+    /// the row (one on rows of up to 16, two on wider ones) with eight
+    /// output channels, up to eight with one.
+    fn vectors(&self, w: usize) -> usize {
+        match self.block {
+            1 => w.div_ceil(16).next_power_of_two().min(8),
+            _ if w <= 16 => 1,
+            _ => 2,
+        }
+    }
+
+    /// Scratch rows for the direct kernel on rows of `w`.
+    pub(crate) fn rows(&self, w: usize) -> Rows {
+        Rows::new(self.input_channels, w, 16 * self.vectors(w))
+    }
+
+    /// Output row (z, y) of every output channel by the direct kernel, from
+    /// `rows` (gathered for (z, y)), into `out` (`[Cout, D, H, W]`) plus
+    /// the values at the same places of `addend` unless it is null.
+    ///
+    /// # Safety
+    /// `rows` holds the input rows of (z, y) ([`Rows::gather`], made by
+    /// [`DirectConv3d::rows`] for this width); `out`, and `addend` unless
+    /// null, hold `Cout * D * H * W` values, and no other thread touches
+    /// row (z, y) of `out`.
+    pub(crate) unsafe fn row(
+        &self,
+        rows: &Rows,
+        [z, y]: [usize; 2],
+        [d, h, w]: [usize; 3],
+        (out, addend): (SharedOut<'_>, *const f32),
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        let kernel = avx512::kernel(self.block, self.vectors(w));
+        for block in 0..self.output_channels.div_ceil(self.block) {
+            // SAFETY: `available()` held when the op was made (`replacement`
+            // gives it only then); the rest is the caller's promise.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                kernel(self, rows, [z, y, block], [d, h, w], (out.ptr(), addend))
+            };
+        }
+    }
+
+    /// The direct convolution of one channel to one with `kernel` (27
+    /// taps) and `bias`.
+    #[cfg(test)]
+    pub(crate) fn one_channel(kernel: &[f32], bias: f32) -> Self {
+        DirectConv3d::new(kernel, vec![bias], [1, 1])
+    }
+
+    /// Whether the op is a direct convolution of one channel to one that
+    /// adds a residual (the task encoder's merges, [`super::merge`]).
+    pub(crate) fn is_one_channel_with_residual(&self) -> bool {
+        self.input_channels == 1
+            && self.output_channels == 1
+            && self.residual
+            && self.split.is_none()
+            && self.winograd.is_none()
     }
 }
 
@@ -460,7 +502,7 @@ impl DirectConv3d {
 /// the nearest cache. Each depth plane keeps its last three rows (a ring
 /// indexed by `y % 3`), so moving to the next output row copies one new
 /// row per plane and channel.
-struct Rows {
+pub(crate) struct Rows {
     /// `[Cin][3 planes][3 ring slots][stride]`; value `x` of a row is at
     /// `1 + x`, and the padding around it stays zero.
     values: Vec<f32>,
@@ -491,8 +533,16 @@ impl Rows {
     }
 
     /// Makes the rows output row (z, y) reads from `input` (`[Cin, D, H,
-    /// W]`) ready, copying those not held yet.
-    fn gather(&mut self, input: &[f32], [z, y]: [usize; 2], [d, h, w]: [usize; 3]) {
+    /// W]`) ready, copying those not held yet; with `norms`, each
+    /// channel's values as its norm maps them (`instance_norm::Affine::
+    /// single`), the padding left zero.
+    pub(crate) fn gather(
+        &mut self,
+        input: &[f32],
+        [z, y]: [usize; 2],
+        [d, h, w]: [usize; 3],
+        norms: Option<&[[f32; 5]]>,
+    ) {
         self.count = 0;
         for (dz, dy) in (0..9).map(|t| (t / 3, t % 3)) {
             if !(1..=d).contains(&(z + dz)) || !(1..=h).contains(&(y + dy)) {
@@ -505,11 +555,24 @@ impl Rows {
             if self.held[slot] != zi * h + yi + 1 {
                 self.held[slot] = zi * h + yi + 1;
                 let start = (zi * h + yi) * w;
-                for (channel, rows) in input
+                for (c, (channel, rows)) in input
                     .chunks_exact(d * h * w)
                     .zip(self.values.chunks_exact_mut(9 * self.stride))
+                    .enumerate()
                 {
-                    rows[slot * self.stride + 1..][..w].copy_from_slice(&channel[start..start + w]);
+                    let (from, to) = (
+                        &channel[start..start + w],
+                        &mut rows[slot * self.stride + 1..][..w],
+                    );
+                    match norms {
+                        None => to.copy_from_slice(from),
+                        Some(norms) => {
+                            let [hi, lo, factor, bias, floor] = norms[c];
+                            for (to, &x) in to.iter_mut().zip(from) {
+                                *to = (((x - hi) - lo) * factor + bias).max(floor);
+                            }
+                        }
+                    }
                 }
             }
         }

@@ -499,7 +499,30 @@ pub fn optimise(mut model: TypedModel) -> TractResult<TypedModel> {
     substitute_pointwise(&mut model)?;
     let mut typed = model.into_decluttered()?;
     substitute_own_ops(&mut typed)?;
+    fuse_normed_merges(&mut typed)?;
     typed.into_optimized()
+}
+
+/// Puts one op (`merge`) in place of a norm with its ReLU and the direct
+/// one-channel convolutions that read it, once the convolutions are the
+/// engine's.
+fn fuse_normed_merges(model: &mut TypedModel) -> TractResult<()> {
+    for id in model.eval_order()? {
+        let Some(super::merge::Found { op, inputs, convs }) =
+            super::merge::replacement(model, model.node(id))?
+        else {
+            continue;
+        };
+        let name = model.node(id).name.clone();
+        let mut patch = TypedModelPatch::default();
+        let taps = patch.taps(model, &inputs)?;
+        let outputs = patch.wire_node(name, op, &taps)?;
+        for (conv, output) in convs.into_iter().zip(outputs) {
+            patch.shunt_outside(model, OutletId::new(conv, 0), output)?;
+        }
+        patch.apply(model)?;
+    }
+    Ok(())
 }
 
 /// Puts the engine's 1x1x1 convolution in place of those it serves, before

@@ -43,6 +43,7 @@ mod instance_norm;
 mod loading;
 mod manifest;
 mod max_pool;
+mod merge;
 mod parallel;
 mod permute;
 mod pointwise;

@@ -634,17 +634,27 @@ fn the_shipped_model_runs_the_engines_own_ops() {
         assert_eq!(count(graph, "InstanceNorm"), 0);
         // Where the kernel runs, every 3x3x3 convolution is direct: those
         // on rows of at least MIN_WIDTH, and the task encoder's
-        // one-output merges at every width.
+        // one-output merges at every width (with the mask's norm, one op
+        // for the levels).
         let direct = ["", "+Add", " Pair"]
             .map(|form| count(graph, &format!("IrisDirectConv3x3x3{form}")))
             .iter()
-            .sum::<usize>();
+            .sum::<usize>()
+            + 2 * count(graph, "IrisNormedMerges");
         if conv3d::available() {
             assert!(direct >= 2, "{direct} direct convolutions");
         } else {
             assert_eq!(direct, 0);
         }
     }
+    // The task encoder's merge units, split by input channel: the mask's
+    // parts (one norm, every level's convolution) are one op; each level's
+    // features' part (its own norm and convolution) stays two.
+    let kernels = usize::from(conv3d::available());
+    let stages = model.manifest.stages.len();
+    assert_eq!(count(&model.task_encoder, "IrisNormedMerges"), kernels);
+    let merges = count(&model.task_encoder, "IrisDirectConv3x3x3+Add");
+    assert_eq!(merges, kernels * stages);
     // In the image encoder and the decoder, every norm is followed by a
     // ReLU, and each is fused with it; residual blocks end in a direct
     // convolution that adds the block's input.
@@ -671,8 +681,6 @@ fn the_shipped_model_runs_the_engines_own_ops() {
     // shuffles and unshuffles its features in one copy each; where the
     // engine's products run, the unshuffle is read by the squeeze that
     // follows it, without a copy.
-    let stages = model.manifest.stages.len();
-    let kernels = usize::from(conv3d::available());
     assert_eq!(count(&model.task_encoder, "IrisChannelNorm"), stages);
     assert_eq!(
         count(&model.task_encoder, "IrisPermute"),
