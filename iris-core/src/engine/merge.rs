@@ -6,13 +6,13 @@
 //! input channel, session 21); the norm has no parameters, so the levels
 //! share it. As the engine's separate ops the norm read the mask three
 //! times and wrote it normalised, and each level's convolution read that
-//! again: about 104 MB of memory traffic a class at
-//! the full size, 12-14 ms (issue 20). [`NormedMerges`] takes the mask's
-//! statistics, then for each output row gathers the mask's rows
-//! normalised as it copies them for the direct kernel
-//! ([`DirectConv3d::rows`]) and runs every level's convolution on them,
-//! each adding its own part: the normalised mask is never written.
-//! [`replacement`] finds a norm with its ReLU whose readers are all such
+//! again: about 104 MB of memory traffic a class at the full size,
+//! 12.0-13.6 ms (issue 20). [`NormedMerges`] takes the mask's statistics,
+//! then for each output row gathers the mask's rows normalised as it
+//! copies them for the direct kernel ([`DirectConv3d::rows`]) and runs
+//! every level's convolution on them, each adding its own part: the
+//! normalised mask is never written (7.9-10.4 ms). [`replacement`] finds a
+//! norm with its ReLU whose readers, two or more, are all such
 //! convolutions.
 
 use std::prelude::rust_2024::*;
