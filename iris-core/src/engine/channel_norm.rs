@@ -52,7 +52,8 @@ pub(crate) fn replacement(
         let [a, b] = binary::<Mul>(mean)?;
         // The sum, scaled by `1 / n` on either side of the product.
         let inverse = Some(1.0 / shape[norm.axis] as f32);
-        let sum = match (constant(model, a), constant(model, b)) {
+        let constant = |outlet| super::graphs::constant_f32(model, outlet);
+        let sum = match (constant(a), constant(b)) {
             (_, scale) if scale == inverse => a,
             (scale, _) if scale == inverse => b,
             _ => return None,
@@ -79,16 +80,6 @@ fn binary<Op: BinMiniOp>(node: &TypedNode) -> Option<[OutletId; 2]> {
     let op = node.op_as::<TypedBinOp>()?;
     match node.inputs.as_slice() {
         &[a, b] if op.0.is::<Op>() => Some([a, b]),
-        _ => None,
-    }
-}
-
-/// The value of `outlet` where it is a constant holding one f32.
-fn constant(model: &TypedModel, outlet: OutletId) -> Option<f32> {
-    let konst = model.outlet_fact(outlet).ok()?.konst.as_ref()?;
-    let view = konst.try_as_plain_ram().ok()?;
-    match view.as_slice::<f32>().ok()? {
-        &[value] => Some(value),
         _ => None,
     }
 }

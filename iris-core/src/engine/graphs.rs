@@ -640,6 +640,21 @@ pub(crate) fn only_reader(model: &TypedModel, outlet: OutletId) -> Option<InletI
     }
 }
 
+/// The values of `outlet` where it is an f32 constant.
+pub(crate) fn constant_f32s(model: &TypedModel, outlet: OutletId) -> Option<Vec<f32>> {
+    let konst = model.outlet_fact(outlet).ok()?.konst.as_ref()?;
+    let view = konst.try_as_plain_ram().ok()?;
+    Some(view.as_slice::<f32>().ok()?.to_vec())
+}
+
+/// The value of `outlet` where it is an f32 constant holding one value.
+pub(crate) fn constant_f32(model: &TypedModel, outlet: OutletId) -> Option<f32> {
+    match constant_f32s(model, outlet)?.as_slice() {
+        &[value] => Some(value),
+        _ => None,
+    }
+}
+
 /// The node that computes `outlet`, where node `reader` is the outlet's
 /// one reader (the ops the engine fuses read each other's outputs alone).
 pub(crate) fn producer_for(

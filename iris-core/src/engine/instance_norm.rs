@@ -61,18 +61,7 @@ pub(crate) fn fuse_relu<'m>(
     if norm.relu || !is_max || next.inputs.len() != 2 || next.inputs[0] != node.id.into() {
         return Ok(None);
     }
-    let zero = model
-        .outlet_fact(next.inputs[1])?
-        .konst
-        .as_ref()
-        .and_then(|k| {
-            k.try_as_plain_ram()
-                .ok()?
-                .as_slice::<f32>()
-                .ok()
-                .map(<[f32]>::to_vec)
-        })
-        .is_some_and(|k| k.len() == 1 && k[0] == 0.0);
+    let zero = super::graphs::constant_f32(model, next.inputs[1]) == Some(0.0);
     let same_shape = model.outlet_fact(next.inputs[0])?.shape
         == model.outlet_fact(OutletId::new(next.id, 0))?.shape;
     if !zero || !same_shape {

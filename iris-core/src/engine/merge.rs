@@ -22,18 +22,9 @@ use std::{format, vec};
 use tract_onnx::tract_core::internal::*;
 
 use super::conv3d::DirectConv3d;
+use super::graphs::constant_f32;
 use super::instance_norm::InstanceNorm;
 use super::parallel::SharedOut;
-
-/// The f32 value of the one-value constant at `outlet`.
-fn scalar(model: &TypedModel, outlet: OutletId) -> Option<f32> {
-    let konst = model.outlet_fact(outlet).ok()?.konst.clone()?;
-    let values = konst.try_as_plain_ram().ok()?;
-    match values.as_slice::<f32>().ok()? {
-        &[v] => Some(v),
-        _ => None,
-    }
-}
 
 /// What [`replacement`] finds.
 pub(crate) struct Found {
@@ -56,8 +47,10 @@ pub(crate) fn replacement(model: &TypedModel, node: &TypedNode) -> TractResult<O
     let input = model.outlet_fact(node.inputs[0])?;
     let one_channel = matches!(input.shape.as_concrete(), Some(&[_, 1, _, _, _]))
         && input.datum_type == f32::datum_type();
-    let (Some(scale), Some(bias)) = (scalar(model, node.inputs[1]), scalar(model, node.inputs[2]))
-    else {
+    let (Some(scale), Some(bias)) = (
+        constant_f32(model, node.inputs[1]),
+        constant_f32(model, node.inputs[2]),
+    ) else {
         return Ok(None);
     };
     // With one reader, the norm runs in place and the op would only move

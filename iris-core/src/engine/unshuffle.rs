@@ -23,7 +23,7 @@ use std::{format, vec};
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::change_axes::AxisOp;
 
-use super::graphs::producer_for;
+use super::graphs::{constant_f32s, producer_for};
 use super::instance_norm::InstanceNorm;
 use super::parallel::SharedOut;
 use super::permute::Permute;
@@ -32,13 +32,6 @@ use super::products::{PackedRows, TILE};
 
 /// Lanes of the statistics' sums (one AVX-512 vector of f32).
 const LANES: usize = 16;
-
-/// The f32 values of the constant at `outlet`.
-fn constant(model: &TypedModel, outlet: OutletId) -> Option<Vec<f32>> {
-    let konst = model.outlet_fact(outlet).ok()?.konst.clone()?;
-    let values = konst.try_as_plain_ram().ok()?;
-    Some(values.as_slice::<f32>().ok()?.to_vec())
-}
 
 /// [`UnshuffleSqueeze`] for `node` where it is a [`PointwiseConv`] of an
 /// instance norm with its ReLU (constant scales and biases) of the pixel
@@ -57,8 +50,8 @@ pub(crate) fn replacement(
         let norm_node = producer_for(model, node.inputs[0], node.id)?;
         let norm = norm_node.op_as::<InstanceNorm>()?;
         let (scale, bias) = (
-            constant(model, norm_node.inputs[1])?,
-            constant(model, norm_node.inputs[2])?,
+            constant_f32s(model, norm_node.inputs[1])?,
+            constant_f32s(model, norm_node.inputs[2])?,
         );
         // Reshapes between the transposition and the norm.
         let mut before = producer_for(model, norm_node.inputs[0], norm_node.id)?;
