@@ -21,7 +21,11 @@
 //! With `--per-class`, the plan is cut around its last input
 //! (`iris_core::engine::split`, the task encoder's masks) and only the
 //! part that reads it is timed, on the other part's outputs: what each
-//! further class of a reference costs.
+//! further class of a reference costs. With `--batched`, the plan is cut
+//! as the engine runs the task encoder for `--classes` classes
+//! (`iris_core::engine::per_class` and `batched`) and only the part run
+//! for all the classes at once is timed, on each class's voxel part's
+//! values (one class's, repeated).
 
 use std::collections::HashMap;
 use std::error::Error;
@@ -33,13 +37,37 @@ use tract_onnx::tract_core::plan::{SimplePlan, SimpleState, eval};
 
 struct Args {
     graph: String,
-    shapes: Vec<Vec<usize>>,
+    /// The inputs' shapes, `K` standing for the class count.
+    shapes: Vec<String>,
+    classes: usize,
     threads: usize,
     runs: usize,
     /// Nodes listed one by one after the per-operator totals.
     slowest: usize,
     /// Time only the part of the plan that reads the last input.
     per_class: bool,
+    /// Time only the part of the plan run for all the classes at once.
+    batched: bool,
+}
+
+impl Args {
+    /// The inputs' shapes for `classes` classes.
+    fn shapes(&self, classes: usize) -> Result<Vec<Vec<usize>>, String> {
+        self.shapes
+            .iter()
+            .map(|shape| {
+                shape
+                    .split('x')
+                    .map(|d| match d {
+                        "K" => Ok(classes),
+                        _ => d
+                            .parse()
+                            .map_err(|e| format!("shape {shape:?}: {d:?}: {e}")),
+                    })
+                    .collect()
+            })
+            .collect()
+    }
 }
 
 fn number(flag: &str, value: Option<String>) -> Result<usize, Box<dyn Error>> {
@@ -53,10 +81,11 @@ fn parse_args() -> Result<Args, Box<dyn Error>> {
     let mut args = std::env::args().skip(1);
     let (mut positional, mut classes, mut threads, mut runs, mut slowest) =
         (Vec::new(), 1, 1, 5, 12);
-    let mut per_class = false;
+    let (mut per_class, mut batched) = (false, false);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--per-class" => per_class = true,
+            "--batched" => batched = true,
             "--classes" => classes = number(&arg, args.next())?,
             "--threads" => threads = number(&arg, args.next())?.max(1),
             "--runs" => runs = number(&arg, args.next())?.max(1),
@@ -66,53 +95,79 @@ fn parse_args() -> Result<Args, Box<dyn Error>> {
     }
     let Some((graph, shapes)) = positional.split_first() else {
         return Err("usage: profile_graph GRAPH.onnx SHAPE... [--classes K] \
-                    [--threads N] [--runs N] [--slowest N] [--per-class] (a shape: 1x16x8x8x8, \
+                    [--threads N] [--runs N] [--slowest N] [--per-class | --batched] (a shape: 1x16x8x8x8, \
                     K = --classes)"
             .into());
     };
-    let shapes = shapes
-        .iter()
-        .map(|shape| {
-            shape
-                .split('x')
-                .map(|d| match d {
-                    "K" => Ok(classes),
-                    _ => d
-                        .parse()
-                        .map_err(|e| format!("shape {shape:?}: {d:?}: {e}")),
-                })
-                .collect::<Result<Vec<usize>, String>>()
-        })
-        .collect::<Result<_, _>>()?;
     Ok(Args {
         graph: graph.clone(),
-        shapes,
+        shapes: shapes.to_vec(),
+        classes,
         threads,
         runs,
         slowest,
         per_class,
+        batched,
     })
+}
+
+/// The graph planned as the engine plans it, for these input shapes.
+fn planned(graph: &str, shapes: &[Vec<usize>]) -> Result<TypedModel, Box<dyn Error>> {
+    let mut model = iris_core::engine::reader().model_for_path(graph)?;
+    for (ix, shape) in shapes.iter().enumerate() {
+        model.set_input_fact(ix, f32::fact(shape).into())?;
+    }
+    Ok(iris_core::engine::optimise(model.into_typed()?)?)
+}
+
+/// A tensor of `shape` filled with a fixed pattern in `[0, 1)`.
+fn pattern(shape: &[usize]) -> Result<TValue, Box<dyn Error>> {
+    let len = shape.iter().product();
+    let values = (0..len).map(|i| ((i * 7919) % 1000) as f32 / 1000.0);
+    Ok(tract_ndarray::ArrayD::from_shape_vec(shape, values.collect())?.into_tvalue())
+}
+
+/// The part of the plan for `args.classes` classes run for all of them at
+/// once, and its inputs: the other part's values and each class's voxel
+/// part's, stacked (one class's, repeated).
+fn batched_part(
+    args: &Args,
+    model: &TypedModel,
+    mut inputs: TVec<TValue>,
+) -> Result<(TypedModel, TVec<TValue>), Box<dyn Error>> {
+    use iris_core::engine::Stacked;
+    let last = inputs
+        .len()
+        .checked_sub(1)
+        .ok_or("the graph has no input")?;
+    let one_shapes = args.shapes(1)?;
+    let one = planned(&args.graph, &one_shapes)?;
+    let cut = iris_core::engine::per_class(&one, last)?
+        .ok_or("the one-class plan holds no attention over context voxels to cut at")?;
+    let (shared, rest) = iris_core::engine::batched(model, last, &cut.boundary, args.classes)?
+        .ok_or("the plan for several classes does not hold the same context voxels")?;
+    let stacked = inputs.pop().ok_or("the graph has no input")?;
+    let mut each_inputs = SimplePlan::new(cut.shared)?.run(inputs.clone())?;
+    each_inputs.push(pattern(&one_shapes[last])?);
+    let each = SimplePlan::new(cut.each)?.run(each_inputs)?;
+    let mut rest_inputs = SimplePlan::new(shared)?.run(inputs)?;
+    for value in &cut.boundary {
+        match value.from {
+            Stacked::Input => rest_inputs.push(stacked.clone()),
+            Stacked::Each(j) => rest_inputs.extend((0..args.classes).map(|_| each[j].clone())),
+        }
+    }
+    Ok((rest, rest_inputs))
 }
 
 fn main() -> Result<(), Box<dyn Error>> {
     let args = parse_args()?;
-    let mut model = iris_core::engine::reader().model_for_path(&args.graph)?;
-    for (ix, shape) in args.shapes.iter().enumerate() {
-        model.set_input_fact(ix, f32::fact(shape).into())?;
-    }
-    let model = iris_core::engine::optimise(model.into_typed()?)?;
-    let mut inputs = args
-        .shapes
+    let shapes = args.shapes(args.classes)?;
+    let model = planned(&args.graph, &shapes)?;
+    let mut inputs = shapes
         .iter()
-        .map(|shape| {
-            let len = shape.iter().product();
-            let values = (0..len).map(|i| ((i * 7919) % 1000) as f32 / 1000.0);
-            Ok(
-                tract_ndarray::ArrayD::from_shape_vec(shape.as_slice(), values.collect())?
-                    .into_tvalue(),
-            )
-        })
-        .collect::<Result<TVec<TValue>, Box<dyn Error>>>()?;
+        .map(|shape| pattern(shape))
+        .collect::<Result<TVec<TValue>, _>>()?;
     let executor = Executor::multithread(args.threads);
     let plan = if args.per_class {
         let last = inputs
@@ -125,6 +180,12 @@ fn main() -> Result<(), Box<dyn Error>> {
         inputs = multithread_tract_scope(executor.clone(), || first.run(inputs))?;
         inputs.push(varying);
         SimplePlan::new(second)?
+    } else if args.batched {
+        let (rest, rest_inputs) = multithread_tract_scope(executor.clone(), || {
+            batched_part(&args, &model, inputs.clone())
+        })?;
+        inputs = rest_inputs;
+        SimplePlan::new(rest)?
     } else {
         SimplePlan::new(model)?
     };

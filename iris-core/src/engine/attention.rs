@@ -15,8 +15,9 @@
 //! one pass over `X`, runs of voxels in parallel, each into partial sums of
 //! its own that are added at the end. [`replacement`] finds the pattern.
 
+use std::collections::HashMap;
 use std::prelude::rust_2024::*;
-use std::vec;
+use std::{format, vec};
 
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::change_axes::AxisOp;
@@ -44,12 +45,42 @@ fn einsum(node: &TypedNode, equation: &str) -> Option<[OutletId; 2]> {
     }
 }
 
+/// The einsum equations of a folded attention as tract declutters it, for
+/// one class (voxels `[1, C, T]`) or for `N` classes at once (`[1, N, C,
+/// T]`, the task encoder planned for several classes).
+struct Form {
+    /// The weighted sum of the voxels by the softmax's weights.
+    read: &'static str,
+    /// The scores: every head's queries at once, or per head (then a
+    /// reshape that stacks the heads' rows); tract names the axes in
+    /// several ways.
+    scores: &'static [&'static str],
+    /// The softmax's axis, the voxels'.
+    softmax_axis: usize,
+    batched: bool,
+}
+
+const FORMS: [Form; 2] = [
+    Form {
+        read: "qt,nct->qc",
+        scores: &["mk,akn->mn", "bmk,akn->bmn"],
+        softmax_axis: 1,
+        batched: false,
+    },
+    Form {
+        read: "nqt,anct->nqc",
+        scores: &["amk,bakn->amn", "amk,cakn->amn", "abmk,cakn->abmn"],
+        softmax_axis: 2,
+        batched: true,
+    },
+];
+
 /// [`VoxelAttention`] for `node` where it is the weighted sum of a folded
-/// attention as tract declutters it: `EinSum qt,nct->qc` of a `Softmax`
-/// over the last axis of `[R, T]` scores and of the voxels `X` (`[1, C,
-/// T]`), the scores an `EinSum` (`mk,akn->mn`, or per head `bmk,akn->bmn`
-/// then a reshape) of the queries and the same `X`. Returns the op and its
-/// inputs, the queries and `X`; the op stands for `node`'s output.
+/// attention as tract declutters it (one of [`FORMS`]): an `EinSum` of a
+/// `Softmax` over the voxels of the scores and of the voxels `X` (`[1, C,
+/// T]`, or `[1, N, C, T]` for `N` classes), the scores an `EinSum` of the
+/// queries and the same `X` (per head, then a reshape). Returns the op and
+/// its inputs, the queries and `X`; the op stands for `node`'s output.
 pub(crate) fn replacement(
     model: &TypedModel,
     node: &TypedNode,
@@ -57,13 +88,16 @@ pub(crate) fn replacement(
     if !super::conv3d::available() {
         return Ok(None);
     }
-    let Some([weights, voxels]) = einsum(node, "qt,nct->qc") else {
+    let Some((form, [weights, voxels])) = FORMS
+        .iter()
+        .find_map(|form| Some((form, einsum(node, form.read)?)))
+    else {
         return Ok(None);
     };
     let found = || -> Option<OutletId> {
         let softmax = producer_for(model, weights, node.id)?;
         let op = softmax.op_as::<Softmax>()?;
-        if op.axes.as_slice() != [1]
+        if op.axes.as_slice() != [form.softmax_axis]
             || op.kind != SoftmaxKind::Softmax
             || op.quant_output_dt.is_some()
         {
@@ -73,8 +107,10 @@ pub(crate) fn replacement(
         if let Some(AxisOp::Reshape(..)) = scores.op_as::<AxisOp>() {
             scores = producer_for(model, scores.inputs[0], scores.id)?;
         }
-        let [queries, x] =
-            einsum(scores, "mk,akn->mn").or_else(|| einsum(scores, "bmk,akn->bmn"))?;
+        let [queries, x] = form
+            .scores
+            .iter()
+            .find_map(|equation| einsum(scores, equation))?;
         (x == voxels).then_some(queries)
     };
     let Some(queries) = found() else {
@@ -87,23 +123,121 @@ pub(crate) fn replacement(
         x.shape.as_concrete(),
         out.shape.as_concrete(),
     );
-    let (Some(q_shape), Some(&[1, c, t]), Some(&[r, c2])) = shapes else {
+    let (Some(q_shape), Some(x_shape), Some(out_shape)) = shapes else {
         return Ok(None);
+    };
+    // `[1, C, T]` and `[R, C]`, or `[1, N, C, T]` and `[N, R, C]`.
+    let (n, c, t, r) = match (form.batched, x_shape, out_shape) {
+        (false, &[1, c, t], &[r, c2]) if c2 == c => (1, c, t, r),
+        (true, &[1, n, c, t], &[n2, r, c2]) if n2 == n && c2 == c => (n, c, t, r),
+        _ => return Ok(None),
     };
     let fits = q.datum_type == f32::datum_type()
         && x.datum_type == f32::datum_type()
-        && c2 == c
         && q_shape.last() == Some(&c)
-        && q_shape.iter().product::<usize>() == r * c
+        && q_shape.iter().product::<usize>() == n * r * c
         && t > 0;
-    Ok(fits.then_some((VoxelAttention, [queries, voxels])))
+    let op = VoxelAttention {
+        batched: form.batched,
+    };
+    Ok(fits.then_some((op, [queries, voxels])))
+}
+
+/// The voxels (`X`) the [`VoxelAttention`]s of `model` read, each once, in
+/// the order of the plan: the task encoder's context voxels, each class's
+/// own work up to there, the queries' from there (see `split::per_class`).
+pub(crate) fn context_voxels(model: &TypedModel) -> Vec<OutletId> {
+    let mut voxels = Vec::new();
+    for node in model.eval_order().unwrap_or_default() {
+        let node = model.node(node);
+        if node.op_is::<VoxelAttention>()
+            && let Some(&x) = node.inputs.get(1)
+            && !voxels.contains(&x)
+        {
+            voxels.push(x);
+        }
+    }
+    voxels
+}
+
+/// `model` with each of its inputs `stacked` (`[1, N, C, T]`, the voxels
+/// of `N` classes one after the other) replaced by `N` inputs `[1, C, T]`,
+/// one per class, in its place, where batched [`VoxelAttention`]s alone
+/// read them, as their voxels: the classes' voxels, computed one class at
+/// a time, are then read where they lie, not copied into one tensor (22
+/// MB a class at the full size, 2-12 ms to copy). None where another op
+/// reads one of them.
+///
+/// # Errors
+/// Where tract cannot wire a node.
+pub(crate) fn voxels_apart(
+    model: &TypedModel,
+    stacked: &[OutletId],
+) -> TractResult<Option<TypedModel>> {
+    let attention_only = |x: OutletId| {
+        let readers = model.outlet_successors(x);
+        !readers.is_empty()
+            && readers.iter().all(|inlet| {
+                let node = model.node(inlet.node);
+                inlet.slot == 1
+                    && node.inputs.len() == 2
+                    && node.op_as::<VoxelAttention>().is_some_and(|op| op.batched)
+            })
+    };
+    if !stacked.iter().all(|&x| attention_only(x)) {
+        return Ok(None);
+    }
+    let mut out = TypedModel::default();
+    let mut wired: HashMap<OutletId, TVec<OutletId>> = HashMap::new();
+    let inputs = model.input_outlets()?.to_vec();
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let outlet = OutletId::new(id, 0);
+        if inputs.contains(&outlet) {
+            let fact = model.outlet_fact(outlet)?;
+            let sources = match fact.shape.as_concrete() {
+                Some(&[1, n, c, t]) if stacked.contains(&outlet) => (0..n)
+                    .map(|k| out.add_source(format!("{}.{k}", node.name), f32::fact([1, c, t])))
+                    .collect::<TractResult<TVec<_>>>()?,
+                _ if stacked.contains(&outlet) => return Ok(None),
+                _ => tvec!(out.add_source(&node.name, fact.clone())?),
+            };
+            wired.insert(outlet, sources);
+            continue;
+        }
+        let mut wires = TVec::new();
+        for i in &node.inputs {
+            wires.extend(wired[i].iter().copied());
+        }
+        let outputs = out.wire_node(&node.name, node.op.clone(), &wires)?;
+        for (slot, output) in outputs.into_iter().enumerate() {
+            wired.insert(OutletId::new(id, slot), tvec!(output));
+        }
+    }
+    let mut new_inputs = Vec::new();
+    for i in &inputs {
+        new_inputs.extend(wired[i].iter().copied());
+    }
+    out.set_input_outlets(&new_inputs)?;
+    let outputs: Vec<OutletId> = model
+        .output_outlets()?
+        .iter()
+        .map(|o| wired[o][0])
+        .collect();
+    out.select_output_outlets(&outputs)?;
+    Ok(Some(out))
 }
 
 /// `O = softmax(Q X) Xᵀ`, the softmax over the voxels: inputs the queries
 /// `Q` (`[..., C]`, `R` rows in all) and the voxels `X` (`[1, C, T]`),
-/// output `[R, C]`.
+/// output `[R, C]`; batched, each of `N` classes' (`Q` `[N, ..., C]`, `X`
+/// `[1, N, C, T]`, or `N` inputs `[1, C, T]` after the queries, one per
+/// class, so that classes computed apart need not be copied into one
+/// tensor; output `[N, R, C]`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub(crate) struct VoxelAttention;
+pub(crate) struct VoxelAttention {
+    pub batched: bool,
+}
 
 impl Op for VoxelAttention {
     fn name(&self) -> StaticName {
@@ -121,54 +255,114 @@ impl EvalOp for VoxelAttention {
     op_out_of_plan!();
 
     fn eval(&self, ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let (queries, voxels) = args_2!(inputs);
-        let shape = voxels.shape();
-        ensure!(
-            voxels.datum_type() == f32::datum_type() && shape.len() == 3 && shape[0] == 1,
-            "voxel attention: voxels {:?} {shape:?}, expected f32 [1, C, T]",
-            voxels.datum_type()
-        );
-        let (c, t) = (shape[1], shape[2]);
+        let Some((queries, voxels)) = inputs.split_first() else {
+            bail!("voxel attention: no inputs");
+        };
+        // Each class's voxels `[C, T]`: from one tensor `[1, C, T]` (one
+        // class) or `[1, N, C, T]`, or from one tensor `[1, C, T]` per class.
+        let views = voxels
+            .iter()
+            .map(|x| {
+                ensure!(
+                    x.datum_type() == f32::datum_type(),
+                    "voxel attention: voxels of {:?}, expected f32",
+                    x.datum_type()
+                );
+                x.try_as_plain_ram()
+            })
+            .collect::<TractResult<Vec<_>>>()?;
+        let shapes: Vec<&[usize]> = voxels.iter().map(|x| x.shape()).collect();
+        let (c, t, classes): (usize, usize, Vec<&[f32]>) = match (self.batched, shapes.as_slice()) {
+            (false, [[1, c, t]]) => (*c, *t, vec![views[0].as_slice::<f32>()?]),
+            (true, [[1, _, c, t]]) => {
+                let x = views[0].as_slice::<f32>()?;
+                (*c, *t, x.chunks_exact((c * t).max(1)).collect())
+            }
+            (true, [[1, c, t], ..]) if shapes.iter().all(|s| s == &[1, *c, *t]) => {
+                let classes = views
+                    .iter()
+                    .map(|v| v.as_slice::<f32>())
+                    .collect::<TractResult<_>>()?;
+                (*c, *t, classes)
+            }
+            _ => bail!(
+                "voxel attention: voxels {shapes:?}, expected [1, {}C, T]",
+                if self.batched { "N, " } else { "" }
+            ),
+        };
+        let n = classes.len();
         let q = queries.try_as_plain_ram()?;
         let q = q.as_slice::<f32>()?;
         ensure!(
-            c > 0 && t > 0 && q.len() % c == 0,
-            "voxel attention: {} query values for {c} channels and {t} voxels",
+            c > 0 && t > 0 && n > 0 && q.len() % (n * c) == 0,
+            "voxel attention: {} query values for {n} x {c} channels and {t} voxels",
             q.len()
         );
-        let r = q.len() / c;
-        let x = voxels.try_as_plain_ram()?;
-        let x = x.as_slice::<f32>()?;
-        // SAFETY: the products write every score.
-        let mut scores = unsafe { super::parallel::unwritten(&[r, t])? };
-        {
-            let mut view = scores.try_as_plain_ram_mut()?;
-            let scores = view.as_slice_mut::<f32>()?;
-            PackedRows::new(q, [r, c]).times(x, None, t, SharedOut::new(scores))?;
-        }
-        // tract's own softmax, in place: its kernels, rows in parallel.
-        let softmax = Softmax {
-            axes: tvec![1],
-            quant_output_dt: None,
-            kind: SoftmaxKind::Softmax,
+        let r = q.len() / (n * c);
+        let out_shape = if self.batched {
+            vec![n, r, c]
+        } else {
+            vec![r, c]
         };
-        let weights = softmax.eval(ctx, tvec!(scores.into_tvalue()))?.remove(0);
-        let weights = weights.try_as_plain_ram()?;
-        let mut out = Tensor::zero::<f32>(&[r, c])?;
+        let mut out = Tensor::zero::<f32>(&out_shape)?;
         {
             let mut view = out.try_as_plain_ram_mut()?;
-            let weights = weights.as_slice::<f32>()?;
-            weighted_sums(weights, x, [r, c, t], view.as_slice_mut::<f32>()?)?;
+            let out = view.as_slice_mut::<f32>()?;
+            for ((q, x), out) in q
+                .chunks_exact(r * c)
+                .zip(classes)
+                .zip(out.chunks_exact_mut(r * c))
+            {
+                attend(ctx, q, x, [r, c, t], out)?;
+            }
         }
         Ok(tvec!(out.into_tvalue()))
     }
 }
 
+/// One class's `out = softmax(q x) xᵀ` for `q` `[R, C]` and `x` `[C, T]`.
+fn attend(
+    ctx: &EvalContext,
+    q: &[f32],
+    x: &[f32],
+    [r, c, t]: [usize; 3],
+    out: &mut [f32],
+) -> TractResult<()> {
+    // SAFETY: the products write every score.
+    let mut scores = unsafe { super::parallel::unwritten(&[r, t])? };
+    {
+        let mut view = scores.try_as_plain_ram_mut()?;
+        let scores = view.as_slice_mut::<f32>()?;
+        PackedRows::new(q, [r, c]).times(x, None, t, SharedOut::new(scores))?;
+    }
+    // tract's own softmax, in place: its kernels, rows in parallel.
+    let softmax = Softmax {
+        axes: tvec![1],
+        quant_output_dt: None,
+        kind: SoftmaxKind::Softmax,
+    };
+    let weights = softmax.eval(ctx, tvec!(scores.into_tvalue()))?.remove(0);
+    let weights = weights.try_as_plain_ram()?;
+    weighted_sums(weights.as_slice::<f32>()?, x, [r, c, t], out)
+}
+
 impl TypedOp for VoxelAttention {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let (q, x) = (inputs[0], inputs[1]);
-        let c = x.shape[1].to_usize()?;
-        Ok(tvec!(f32::fact([q.shape.volume().to_usize()? / c, c])))
+        let c = x.shape[x.rank() - 2].to_usize()?;
+        let rows = q.shape.volume().to_usize()? / c;
+        Ok(tvec!(match (self.batched, x.rank()) {
+            (false, _) => f32::fact([rows, c]),
+            (true, 4) => {
+                let n = x.shape[1].to_usize()?;
+                f32::fact([n, rows / n, c])
+            }
+            // One input per class.
+            (true, _) => {
+                let n = inputs.len() - 1;
+                f32::fact([n, rows / n, c])
+            }
+        }))
     }
 
     as_op!();
@@ -295,7 +489,8 @@ mod tests {
             let queries = Tensor::from_shape(&[r, c], &q).expect("queries");
             let voxels = Tensor::from_shape(&[1, c, t], &x).expect("voxels");
             let inputs = tvec!(queries.into_tvalue(), voxels.into_tvalue());
-            let got = VoxelAttention.eval(&EvalContext::out_of_plan(), inputs);
+            let op = VoxelAttention { batched: false };
+            let got = op.eval(&EvalContext::out_of_plan(), inputs);
             let got = got.expect("evaluates").remove(0);
             assert_eq!(got.shape(), [r, c]);
             let got = got.try_as_plain_ram().expect("plain");
@@ -325,6 +520,45 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn a_batch_of_classes_is_each_class_on_its_own() {
+        if !super::super::conv3d::has_avx512() {
+            return;
+        }
+        let [n, r, c, t] = [3, 11, 9, 1001];
+        let draw = |len: usize, seed: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| (((i * 7919 + seed) % 1013) as f32 / 1013.0 - 0.5) * 4.0)
+                .collect()
+        };
+        let (q, x) = (draw(n * r * c, 5), draw(n * c * t, 6));
+        let run = |batched: bool, q: &[f32], q_shape: &[usize], x: &[f32], x_shape: &[usize]| {
+            let inputs = tvec!(
+                Tensor::from_shape(q_shape, q)
+                    .expect("queries")
+                    .into_tvalue(),
+                Tensor::from_shape(x_shape, x)
+                    .expect("voxels")
+                    .into_tvalue()
+            );
+            let out = VoxelAttention { batched }
+                .eval(&EvalContext::out_of_plan(), inputs)
+                .expect("evaluates")
+                .remove(0);
+            let shape = out.shape().to_vec();
+            let values = out.try_as_plain_ram().expect("plain");
+            (shape, values.as_slice::<f32>().expect("f32").to_vec())
+        };
+        let (shape, batch) = run(true, &q, &[n, r, c], &x, &[1, n, c, t]);
+        assert_eq!(shape, [n, r, c]);
+        for k in 0..n {
+            let q = &q[k * r * c..][..r * c];
+            let x = &x[k * c * t..][..c * t];
+            let (_, one) = run(false, q, &[r, c], x, &[1, c, t]);
+            assert_eq!(&batch[k * r * c..][..r * c], one.as_slice(), "class {k}");
         }
     }
 }

@@ -17,6 +17,7 @@ use std::{format, vec};
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Display;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -31,10 +32,21 @@ use tract_onnx::tract_core::internal::{
 };
 use tract_onnx::tract_hir::infer::Factoid;
 
+use super::split::{Boundary, Stacked};
 use crate::error::{Error, Result};
 
 /// Most optimised plans kept per graph (one per class count).
 pub const MAX_PLANS: usize = 8;
+
+/// Most classes [`Graph::run_by_class`] runs at once past their voxel
+/// parts: each class's context voxels, 22 MB at the full size, stay alive
+/// until the run's queries have read them.
+pub const CLASSES_PER_RUN: usize = 16;
+
+/// Most plans for several classes at once kept per graph: each holds its
+/// own copy of the queries' blocks' packed weights (a run of classes needs
+/// two class counts at most).
+const MAX_CLASSES_PLANS: usize = 2;
 
 /// One dimension of a graph input or output.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,9 +112,14 @@ pub(crate) struct Graph {
     outputs: Vec<Port>,
     /// For each expected output, its position among the graph's outputs.
     output_slots: Vec<usize>,
-    plans: Mutex<Plans>,
+    plans: Mutex<Plans<Arc<TypedRunnableModel>>>,
     /// The one-class plan cut around one input, once asked for.
     split: Mutex<Option<Arc<SplitPlan>>>,
+    /// The one-class parts of the plans for several classes, once asked
+    /// for (None inside where the graph cannot be cut so).
+    per_class: Mutex<Option<Option<Arc<PerClassPlan>>>>,
+    /// Plans for several classes at once, by class count.
+    batched: Mutex<Plans<Option<Arc<ClassesPlan>>>>,
 }
 
 /// A one-class plan cut around one input that varies between runs sharing
@@ -116,11 +133,70 @@ pub(crate) struct SplitPlan {
     input: usize,
 }
 
-#[derive(Default)]
-struct Plans {
+/// A graph planned for one class cut around the input that holds one value
+/// per class, at its classes' context voxels (see `split::per_class`).
+pub(crate) struct PerClassPlan {
+    /// The input's position among the graph's inputs.
+    input: usize,
+    /// From the other inputs, what `each` reads.
+    pub shared: Arc<TypedRunnableModel>,
+    /// One class's voxel part: from `shared`'s values and the class's value
+    /// of the input, what the rest reads of it.
+    pub each: Arc<TypedRunnableModel>,
+    pub boundary: Vec<Boundary>,
+}
+
+/// A plan for several classes at once: each class through the one-class
+/// voxel part, then the rest for all the classes together (see
+/// `split::batched`).
+pub(crate) struct ClassesPlan {
+    pub per_class: Arc<PerClassPlan>,
+    /// From the inputs but the classes', what `rest` reads.
+    pub shared: Arc<TypedRunnableModel>,
+    /// From `shared`'s values and the boundary's values of the classes,
+    /// the graph's outputs.
+    pub rest: Arc<TypedRunnableModel>,
+}
+
+/// Plans by class count, at most `limit`, the least recently used dropped
+/// first.
+struct Plans<T> {
+    limit: usize,
     clock: u64,
     /// Class count to (last use, plan).
-    by_classes: HashMap<usize, (u64, Arc<TypedRunnableModel>)>,
+    by_classes: HashMap<usize, (u64, T)>,
+}
+
+impl<T: Clone> Plans<T> {
+    fn new(limit: usize) -> Self {
+        Plans {
+            limit,
+            clock: 0,
+            by_classes: HashMap::new(),
+        }
+    }
+
+    /// The plan for `classes`, built (and kept) on first use.
+    fn get_or_build(&mut self, classes: usize, build: impl FnOnce() -> Result<T>) -> Result<T> {
+        self.clock += 1;
+        let now = self.clock;
+        if let Some((used, plan)) = self.by_classes.get_mut(&classes) {
+            *used = now;
+            return Ok(plan.clone());
+        }
+        let plan = build()?;
+        if self.by_classes.len() >= self.limit
+            && let Some(oldest) = self
+                .by_classes
+                .iter()
+                .min_by_key(|(_, (used, _))| *used)
+                .map(|(k, _)| *k)
+        {
+            self.by_classes.remove(&oldest);
+        }
+        self.by_classes.insert(classes, (now, plan.clone()));
+        Ok(plan)
+    }
 }
 
 /// Where a graph's ONNX bytes are.
@@ -212,8 +288,10 @@ impl Graph {
             inputs: ordered,
             outputs,
             output_slots,
-            plans: Mutex::new(Plans::default()),
+            plans: Mutex::new(Plans::new(MAX_PLANS)),
             split: Mutex::new(None),
+            per_class: Mutex::new(None),
+            batched: Mutex::new(Plans::new(MAX_CLASSES_PLANS)),
         })
     }
 
@@ -226,24 +304,7 @@ impl Graph {
     pub fn plan(&self, classes: usize, executor: &Executor) -> Result<Arc<TypedRunnableModel>> {
         // A panic while building a plan cannot leave the map half-written.
         let mut plans = self.plans.lock().unwrap_or_else(PoisonError::into_inner);
-        plans.clock += 1;
-        let now = plans.clock;
-        if let Some((used, plan)) = plans.by_classes.get_mut(&classes) {
-            *used = now;
-            return Ok(Arc::clone(plan));
-        }
-        let plan = self.build(classes, executor)?;
-        if plans.by_classes.len() >= MAX_PLANS
-            && let Some(oldest) = plans
-                .by_classes
-                .iter()
-                .min_by_key(|(_, (used, _))| *used)
-                .map(|(k, _)| *k)
-        {
-            plans.by_classes.remove(&oldest);
-        }
-        plans.by_classes.insert(classes, (now, Arc::clone(&plan)));
-        Ok(plan)
+        plans.get_or_build(classes, || self.build(classes, executor))
     }
 
     /// Class counts with a plan ready, ascending.
@@ -284,6 +345,195 @@ impl Graph {
         });
         *split = Some(Arc::clone(&plan));
         Ok(plan)
+    }
+
+    /// Runs the graph for `classes` classes whose values of the input
+    /// `name` `class_values(range)` gives, stacked on a class axis (`[1, n, ...]`
+    /// for the `n` classes of `range`), beside the other inputs, `inputs`
+    /// in the order of [`Graph::inputs`] (the named one is not read).
+    /// Returns the outputs of runs of classes, in class order: each run's
+    /// in the order given to [`Graph::load`], `[n, ...]` for its `n`.
+    ///
+    /// What does not read the input runs once; each class's voxel part
+    /// (`split::per_class`) runs on its own and the rest for up to
+    /// [`CLASSES_PER_RUN`] classes at once, or, where the graph cannot be
+    /// cut so (no context voxels: the engine's attention is not in the
+    /// plan), the whole part that reads the input runs class by class.
+    ///
+    /// # Errors
+    /// [`Error::Model`] if the graph has no input `name`, cannot be planned
+    /// or fails; what `class_values` returns.
+    pub fn run_by_class(
+        &self,
+        name: &str,
+        mut inputs: TVec<TValue>,
+        classes: usize,
+        class_values: impl Fn(Range<usize>) -> Result<TValue>,
+        executor: &Executor,
+    ) -> Result<Vec<Vec<TValue>>> {
+        let input = self.input_named(name)?;
+        if input < inputs.len() {
+            inputs.remove(input);
+        }
+        // Runs of at most CLASSES_PER_RUN classes, of two sizes at most.
+        let runs = classes.div_ceil(CLASSES_PER_RUN);
+        let (size, longer) = (classes / runs.max(1), classes % runs.max(1));
+        let mut outputs = Vec::with_capacity(runs);
+        let mut first = 0;
+        let mut each_shared = None;
+        let mut split_shared = None;
+        for run in 0..runs {
+            let n = size + usize::from(run < longer);
+            let range = first..first + n;
+            first += n;
+            let plan = match n {
+                1 => None,
+                _ => self.classes_plan(input, n, executor)?,
+            };
+            let Some(plan) = plan else {
+                let split = self.split_plan(name, executor)?;
+                if split_shared.is_none() {
+                    split_shared = Some(self.run_part(&split.shared, inputs.clone())?);
+                }
+                let shared = split_shared.as_ref().unwrap_or(&inputs);
+                outputs.extend(self.run_one_by_one(&split, shared, range, &class_values)?);
+                continue;
+            };
+            if each_shared.is_none() {
+                each_shared = Some(self.run_part(&plan.per_class.shared, inputs.clone())?);
+            }
+            let each_shared = each_shared.as_ref().unwrap_or(&inputs);
+            outputs.push(self.run_classes(&plan, each_shared, &inputs, range, &class_values)?);
+        }
+        Ok(outputs)
+    }
+
+    /// [`Graph::run_by_class`] for the classes `range` class by class
+    /// through `split`, the one-class plan cut around the classes' input,
+    /// its shared values `shared` computed.
+    pub fn run_one_by_one(
+        &self,
+        split: &SplitPlan,
+        shared: &TVec<TValue>,
+        range: Range<usize>,
+        class_values: &impl Fn(Range<usize>) -> Result<TValue>,
+    ) -> Result<Vec<Vec<TValue>>> {
+        range
+            .map(|class| {
+                let mut inputs = shared.clone();
+                inputs.push(class_values(class..class + 1)?);
+                Ok(self.expected(&self.run_part(&split.varying, inputs)?))
+            })
+            .collect()
+    }
+
+    /// [`Graph::run_by_class`] for the classes `range` through `plan`, its
+    /// one-class shared values `each_shared` computed from `inputs` (all
+    /// but the classes').
+    fn run_classes(
+        &self,
+        plan: &ClassesPlan,
+        each_shared: &TVec<TValue>,
+        inputs: &TVec<TValue>,
+        range: Range<usize>,
+        class_values: &impl Fn(Range<usize>) -> Result<TValue>,
+    ) -> Result<Vec<TValue>> {
+        let per_class = &plan.per_class;
+        // Each class's values of the boundary, class by class.
+        let mut each = Vec::with_capacity(range.len());
+        for class in range.clone() {
+            let mut each_inputs = each_shared.clone();
+            each_inputs.push(class_values(class..class + 1)?);
+            each.push(self.run_part(&per_class.each, each_inputs)?);
+        }
+        let mut rest_inputs = self.run_part(&plan.shared, inputs.clone())?;
+        for value in &per_class.boundary {
+            match value.from {
+                Stacked::Input => rest_inputs.push(class_values(range.clone())?),
+                Stacked::Each(j) => rest_inputs.extend(each.iter().map(|o| o[j].clone())),
+            }
+        }
+        drop(each);
+        Ok(self.expected(&self.run_part(&plan.rest, rest_inputs)?))
+    }
+
+    /// The plan for `classes` classes cut around input `input` (see
+    /// [`ClassesPlan`]), built on first use; None where the graph cannot be
+    /// cut so.
+    pub fn classes_plan(
+        &self,
+        input: usize,
+        classes: usize,
+        executor: &Executor,
+    ) -> Result<Option<Arc<ClassesPlan>>> {
+        let fail = |e: &dyn Display| Error::Model {
+            path: self.path.clone(),
+            reason: format!(
+                "cannot plan the graph for {classes} classes by class around input `{}`: {e:#}",
+                self.inputs[input].name
+            ),
+        };
+        let per_class = {
+            let mut slot = self
+                .per_class
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            match slot.as_ref() {
+                Some(plan) if plan.as_ref().is_none_or(|p| p.input == input) => plan.clone(),
+                _ => {
+                    let one = self.typed(1)?;
+                    let parts = super::split::per_class(&one, input).map_err(|e| fail(&e))?;
+                    let plan = match parts {
+                        Some(parts) => Some(Arc::new(PerClassPlan {
+                            input,
+                            shared: runnable(parts.shared, executor).map_err(|e| fail(&e))?,
+                            each: runnable(parts.each, executor).map_err(|e| fail(&e))?,
+                            boundary: parts.boundary,
+                        })),
+                        None => None,
+                    };
+                    *slot = Some(plan.clone());
+                    plan
+                }
+            }
+        };
+        let Some(per_class) = per_class else {
+            return Ok(None);
+        };
+        let mut batched = self.batched.lock().unwrap_or_else(PoisonError::into_inner);
+        batched.get_or_build(classes, || {
+            let many = self.typed(classes)?;
+            let parts = super::split::batched(&many, input, &per_class.boundary, classes)
+                .map_err(|e| fail(&e))?;
+            let Some((shared, rest)) = parts else {
+                return Ok(None);
+            };
+            Ok(Some(Arc::new(ClassesPlan {
+                per_class: Arc::clone(&per_class),
+                shared: runnable(shared, executor).map_err(|e| fail(&e))?,
+                rest: runnable(rest, executor).map_err(|e| fail(&e))?,
+            })))
+        })
+    }
+
+    /// The position of the input `name` among the graph's inputs.
+    fn input_named(&self, name: &str) -> Result<usize> {
+        self.inputs
+            .iter()
+            .position(|p| p.name == name)
+            .ok_or_else(|| Error::Model {
+                path: self.path.clone(),
+                reason: format!("the graph has no input `{name}`"),
+            })
+    }
+
+    /// Runs one part of a cut plan.
+    pub fn run_part(
+        &self,
+        plan: &Arc<TypedRunnableModel>,
+        inputs: TVec<TValue>,
+    ) -> Result<TVec<TValue>> {
+        plan.run(inputs).map_err(|e| self.failed(&e))
     }
 
     fn build(&self, classes: usize, executor: &Executor) -> Result<Arc<TypedRunnableModel>> {
@@ -335,30 +585,6 @@ impl Graph {
     /// [`Graph::load`].
     pub fn run(&self, plan: &Arc<TypedRunnableModel>, inputs: TVec<TValue>) -> Result<Vec<TValue>> {
         let outputs = plan.run(inputs).map_err(|e| self.failed(&e))?;
-        Ok(self.expected(&outputs))
-    }
-
-    /// Runs the shared part of `plan` (from [`Graph::split_plan`]) on
-    /// `inputs`, all the graph's in the order of [`Graph::inputs`] (the cut
-    /// one is not read); returns what [`Graph::run_varying`] takes.
-    pub fn run_shared(&self, plan: &SplitPlan, mut inputs: TVec<TValue>) -> Result<TVec<TValue>> {
-        if plan.input < inputs.len() {
-            inputs.remove(plan.input);
-        }
-        plan.shared.run(inputs).map_err(|e| self.failed(&e))
-    }
-
-    /// Runs the rest of `plan` on the values of [`Graph::run_shared`] and
-    /// one value of the cut input; returns the outputs as [`Graph::run`].
-    pub fn run_varying(
-        &self,
-        plan: &SplitPlan,
-        shared: &TVec<TValue>,
-        value: TValue,
-    ) -> Result<Vec<TValue>> {
-        let mut inputs = shared.clone();
-        inputs.push(value);
-        let outputs = plan.varying.run(inputs).map_err(|e| self.failed(&e))?;
         Ok(self.expected(&outputs))
     }
 

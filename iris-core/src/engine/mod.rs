@@ -55,9 +55,10 @@ mod unshuffle;
 mod upsample;
 mod winograd;
 
+use std::ops::Range;
 use std::sync::Arc;
 
-use ndarray::{Array3, Array4, ArrayView3, ArrayView4, Axis};
+use ndarray::{Array3, Array4, ArrayView3, ArrayView4, Axis, s};
 use tract_linalg::multithread::Executor;
 use tract_onnx::prelude::{TValue, TVec};
 
@@ -72,7 +73,7 @@ pub use crate::pipeline::{
     Limits, Progress, ReferenceInput, SegmentOptions, Segmentation, prepare_reference,
 };
 pub use retrieval::{ClassChoice, PoolReference, Retrieval, RetrievalLevel, RetrieveOptions};
-pub use split::split;
+pub use split::{Boundary, PerClass, Stacked, batched, per_class, split};
 
 use crate::embedding::{
     ClassEmbedding, MAX_CLASSES, ModelFingerprint, Preprocessing, Provenance, TaskEmbedding,
@@ -369,16 +370,14 @@ impl Model {
     /// first: class `k`'s task embedding.
     ///
     /// The graph encodes every class on its own (classes are folded into
-    /// the batch), so the classes are run one at a time through the plan
-    /// for one class; for several, that plan is cut around the masks, and
-    /// what does not read them (each level's widened and shuffled features
-    /// and their part of the merge unit, the queries' norms) runs once for
-    /// all. A plan for `K` classes gives
-    /// the same results but took longer: with tract's convolutions 20 times
-    /// longer than `K` one-class runs (its eager im2col at a batch above
-    /// 1), and with the engine's own ops 1.7 times longer at 128^3 (3
-    /// classes: 1.84 s against 3 x 0.36 s), as the classes share little
-    /// other work (see `docs/pipeline.md`).
+    /// the batch). What does not read the masks (each level's widened and
+    /// shuffled features and their part of the merge unit, the queries'
+    /// norms) runs once for all the classes; each class's context path up
+    /// to its context voxels runs on its own, through the plan for one
+    /// class (a plan for `K` classes ran it 1.7 times longer at 128^3, as
+    /// its tensors outgrow the caches); the rest (the queries' blocks)
+    /// runs for up to 16 classes at once, where the engine's attention is
+    /// in the plan, else class by class (see `docs/pipeline.md`).
     ///
     /// # Errors
     /// [`Error::ShapeMismatch`] for masks not of the patch shape;
@@ -399,24 +398,27 @@ impl Model {
                 found: vec![k, d, h, w],
             });
         }
-        let tensor = |mask: ArrayView3<'_, f32>| {
-            let mask = mask.as_standard_layout();
-            graphs::tensor(&[1, 1, d, h, w], mask.as_slice().unwrap_or_default())
+        // `[1, n, D, H, W]`: the masks of the classes `range`.
+        let tensor = |range: Range<usize>| {
+            let masks = masks.slice(s![range.clone(), .., .., ..]);
+            let masks = masks.as_standard_layout();
+            graphs::tensor(
+                &[1, range.len(), d, h, w],
+                masks.as_slice().unwrap_or_default(),
+            )
         };
-        // Several classes: what does not read the masks (each level's
-        // widened and shuffled features and their part of the merge unit,
-        // the queries' norms) runs once for all of them, the first class's
-        // mask completing the graph's inputs, unread. One class: the whole
-        // plan, which keeps fewer tensors alive and ran 140 against 168 ms
-        // at the full size.
-        let first = tensor(masks.index_axis(Axis(0), 0))?;
+        let first = tensor(0..1)?;
         let inputs = self.feed(&self.task_encoder, &features.levels, &[], Some(first))?;
-        let (plan, shared) = if k > 1 {
-            let plan = self.task_encoder.split_plan("masks", &self.executor)?;
-            let shared = self.task_encoder.run_shared(&plan, inputs.clone())?;
-            (Some(plan), shared)
+        // One class: the whole plan, which keeps fewer tensors alive and
+        // ran 140 against 168 ms at the full size. Several: what does not
+        // read the masks runs once, each class's context path on its own,
+        // the queries' blocks for the classes together.
+        let runs = if k == 1 {
+            let whole = self.task_encoder.plan(1, &self.executor)?;
+            vec![self.task_encoder.run(&whole, inputs)?]
         } else {
-            (None, TVec::new())
+            self.task_encoder
+                .run_by_class("masks", inputs, k, tensor, &self.executor)?
         };
         let mut stages: Vec<Vec<f32>> = self
             .manifest
@@ -424,18 +426,9 @@ impl Model {
             .iter()
             .map(|s| Vec::with_capacity(k * s.tokens as usize * s.channels as usize))
             .collect();
-        for mask in masks.outer_iter() {
-            let outputs = match &plan {
-                Some(plan) => self
-                    .task_encoder
-                    .run_varying(plan, &shared, tensor(mask)?)?,
-                None => {
-                    let whole = self.task_encoder.plan(1, &self.executor)?;
-                    self.task_encoder.run(&whole, inputs.clone())?
-                }
-            };
+        for outputs in &runs {
             for (stage, value) in stages.iter_mut().zip(outputs) {
-                stage.extend_from_slice(graphs::values(&self.task_encoder, &value)?);
+                stage.extend_from_slice(graphs::values(&self.task_encoder, value)?);
             }
         }
         stages

@@ -1020,50 +1020,98 @@ fn the_task_encoder_runs_what_the_masks_do_not_change_once() {
         ((z * 31 + y * 7 + x * 3) % 97) as f32 / 48.5 - 1.0
     });
     let features = model.encode_window(window.view()).expect("encodes");
-    let masks = ndarray::Array4::from_shape_fn((3, d, h, w), |(k, z, y, x)| {
-        f32::from(u8::from((z + 2 * y + 3 * x + 5 * k) % 7 < 2 + k))
+    // More classes than one run takes: runs of 9 and 8.
+    let k = graphs::CLASSES_PER_RUN + 1;
+    let masks = ndarray::Array4::from_shape_fn((k, d, h, w), |(k, z, y, x)| {
+        f32::from(u8::from((z + 2 * y + 3 * x + 5 * k) % 7 < 2 + k % 4))
     });
     let got = model
         .encode_masks(&features, masks.view())
         .expect("encodes the masks");
-    // The whole one-class plan, once per class.
-    let plan = model.task_encoder.plan(1, &model.executor).expect("plans");
-    for (k, mask) in masks.outer_iter().enumerate() {
+    let mask_tensor = |class: usize| {
+        let mask = masks.index_axis(Axis(0), class);
         let mask = mask.as_standard_layout();
-        let mask = graphs::tensor(&[1, 1, d, h, w], mask.as_slice().expect("standard"));
-        let inputs = model
-            .feed(
-                &model.task_encoder,
-                &features.levels,
-                &[],
-                Some(mask.expect("tensor")),
-            )
-            .expect("inputs");
-        let outputs = model.task_encoder.run(&plan, inputs).expect("runs");
-        for (stage, value) in got.iter().zip(&outputs) {
+        graphs::tensor(&[1, 1, d, h, w], mask.as_slice().unwrap_or_default())
+    };
+    // Every stage of class `class` of `got` against `outputs`, one class's:
+    // the queries' products for several classes sum in another order than
+    // for one (f32 rounding, some 1e-7 of the values).
+    let check = |class: usize, outputs: &[tract_onnx::prelude::TValue]| {
+        for (stage, value) in got.iter().zip(outputs) {
             let want = graphs::values(&model.task_encoder, value).expect("f32");
-            let got = stage.index_axis(Axis(0), k);
+            let got = stage.index_axis(Axis(0), class);
             let got = got.as_slice().expect("standard");
             assert_eq!(got.len(), want.len());
+            let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
             for (a, b) in got.iter().zip(want) {
-                assert!(
-                    (a - b).abs() <= 1e-6 * (1.0 + b.abs()),
-                    "class {k}: {a} vs {b}"
-                );
+                assert!((a - b).abs() <= 1e-5 * scale, "class {class}: {a} vs {b}");
             }
         }
+    };
+    // The whole one-class plan, once per class.
+    let plan = model.task_encoder.plan(1, &model.executor).expect("plans");
+    let feed = |mask| {
+        let inputs = model.feed(&model.task_encoder, &features.levels, &[], Some(mask));
+        inputs.expect("inputs")
+    };
+    for class in 0..k {
+        let inputs = feed(mask_tensor(class).expect("tensor"));
+        check(class, &model.task_encoder.run(&plan, inputs).expect("runs"));
     }
-    // The cut put every level's widening of the features in the shared
-    // part, and their narrowing after the masks' merge in the varying one.
+    // Class by class through the one-class plan cut around the masks (where
+    // the engine's attention is not in the plan): the same values.
     let split = model
         .task_encoder
         .split_plan("masks", &model.executor)
         .expect("plans");
-    let ops = |plan: &tract_onnx::prelude::TypedRunnableModel, name: &str| {
+    let input = model.task_encoder.inputs().len() - 1;
+    let mut others = feed(mask_tensor(0).expect("tensor"));
+    others.remove(input);
+    let shared = model
+        .task_encoder
+        .run_part(&split.shared, others)
+        .expect("runs");
+    let class_values = |range: std::ops::Range<usize>| mask_tensor(range.start);
+    let one_by_one = model
+        .task_encoder
+        .run_one_by_one(&split, &shared, 0..k, &class_values)
+        .expect("runs");
+    for (class, outputs) in one_by_one.iter().enumerate() {
+        check(class, outputs);
+    }
+    let ops = |plan: &Arc<tract_onnx::prelude::TypedRunnableModel>, name: &str| {
         let nodes = plan.model().nodes();
         nodes.iter().filter(|n| n.op().name() == name).count()
     };
     let stages = model.manifest.stages.len();
+    // Where the engine's attention is in the plan: every level's widening
+    // of the features in the one-class shared part, their narrowing after
+    // each class's merge in the voxel part, the queries' blocks and their
+    // attention in the part run for all classes at once.
+    let plan = model
+        .task_encoder
+        .classes_plan(input, 3, &model.executor)
+        .expect("plans");
+    match plan {
+        Some(plan) => {
+            let (shared, each) = (&plan.per_class.shared, &plan.per_class.each);
+            assert_eq!(ops(shared, "IrisPointwiseConv"), stages);
+            assert_eq!(ops(each, "IrisPointwiseConv"), 0);
+            assert_eq!(ops(each, "IrisUnshuffleSqueeze"), stages);
+            assert_eq!(ops(each, "IrisVoxelAttention"), 0);
+            assert_eq!(ops(&plan.rest, "IrisUnshuffleSqueeze"), 0);
+            // Each reads the queries and every class's voxels where they lie.
+            let nodes = plan.rest.model().nodes();
+            let attentions = nodes
+                .iter()
+                .filter(|n| n.op().name() == "IrisVoxelAttention" && n.inputs.len() == 1 + 3);
+            assert_eq!(attentions.count(), 2 * stages);
+            // Each level's context voxels, and the masks for their pooling.
+            assert_eq!(plan.per_class.boundary.len(), stages + 1);
+        }
+        None => assert!(!conv3d::available(), "the plan is cut by class"),
+    }
+    // The one-class plan cut around the masks.
     if conv3d::available() {
         assert_eq!(ops(&split.shared, "IrisPointwiseConv"), stages);
         assert_eq!(ops(&split.varying, "IrisPointwiseConv"), 0);
