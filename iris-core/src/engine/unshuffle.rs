@@ -169,10 +169,13 @@ impl UnshuffleSqueeze {
     ///
     /// The `s` channels (a, b, 0..s) of a voxel are `s` neighbours in `x`
     /// and every row of `x` holds `n` such runs, so the sums run along the
-    /// rows, a channel's values in f32 over a row, then in f64; like the
-    /// norm's own, around a pivot (the channel's first value) for the mean
-    /// and around the mean for the variance. The channels of one `a` (the
-    /// rows with `z % s = a`) are one work item.
+    /// rows, a channel's values in f32 over a row, then in f64: in one pass,
+    /// the values' and their squares' around a pivot, the variance their
+    /// difference. The pivot is the mean of the channel's values in one
+    /// row, near the channel's own, so that the difference keeps its digits
+    /// (a variance loses about `(mean - pivot)² / variance` of f32's
+    /// precision). The channels of one `a` (the rows with `z % s = a`) are
+    /// one work item.
     fn affines(&self, x: &[f32], n: usize) -> Vec<[f32; 5]> {
         let s = self.side;
         let side = n * s;
@@ -181,21 +184,25 @@ impl UnshuffleSqueeze {
             s,
             || (),
             |_, a| {
+                // The mean of each channel's values in the first row that
+                // holds them: an outlier there moves it by a `1/n` share.
                 let pivots: Vec<f32> = (0..s * s)
-                    .map(|c| x[(a * side + c / s) * side + c % s])
+                    .map(|c| {
+                        let row = &x[(a * side + c / s) * side..][..side];
+                        let total: f64 =
+                            row[c % s..].iter().step_by(s).map(|&v| f64::from(v)).sum();
+                        (total / n as f64) as f32
+                    })
                     .collect();
-                let means: Vec<f64> = channel_sums(x, [a, n, s], &pivots, |v, p| v - p)
-                    .iter()
-                    .zip(&pivots)
-                    .map(|(&sum, &p)| f64::from(p) + sum / voxels)
-                    .collect();
-                let centres: Vec<f32> = means.iter().map(|&m| m as f32).collect();
-                let squares = channel_sums(x, [a, n, s], &centres, |v, c| (v - c) * (v - c));
+                let (sums, squares) = channel_sums(x, [a, n, s], &pivots);
                 (0..s * s)
                     .map(|c| {
+                        let shift = sums[c] / voxels;
+                        let mean = f64::from(pivots[c]) + shift;
+                        let variance = (squares[c] / voxels - shift * shift).max(0.0);
                         let (scale, bias) = self.norms[a * s * s + c];
                         let plane = self.norm.plane(scale, bias);
-                        plane.with_moments(means[c], squares[c] / voxels).single()
+                        plane.with_moments(mean, variance).single()
                     })
                     .collect::<Vec<_>>()
             },
@@ -204,48 +211,56 @@ impl UnshuffleSqueeze {
     }
 }
 
-/// `Σ f(value, centre of its channel)` over the values of each unshuffled
-/// channel (a, b, e) of one `a`, in the order (b, e), for one sample `x`
-/// (`(n s)³` values) and `centres` (`[s, s]`, by (b, e)): along the rows
-/// with `z % s = a`, where the channels (a, b, 0..s) of each voxel are `s`
-/// neighbours, a row's values in f32 lanes, then in f64. The lanes are
-/// [`LANES`] wide where `s` divides that (channel `e` in lanes `e`, `e +
-/// s`, ..), so that the compiler runs them as one vector.
-fn channel_sums(
-    x: &[f32],
-    [a, n, s]: [usize; 3],
-    centres: &[f32],
-    f: impl Fn(f32, f32) -> f32,
-) -> Vec<f64> {
+/// `Σ (v - p)` and `Σ (v - p)²` over the values `v` of each unshuffled
+/// channel (a, b, e) of one `a`, in the order (b, e), `p` the channel's
+/// pivot, for one sample `x` (`(n s)³` values) and `pivots` (`[s, s]`, by
+/// (b, e)): along the rows with `z % s = a`, where the channels (a, b,
+/// 0..s) of each voxel are `s` neighbours, a row's values in f32 lanes,
+/// then in f64. The lanes are [`LANES`] wide where `s` divides that
+/// (channel `e` in lanes `e`, `e + s`, ..), so that the compiler runs them
+/// as one vector.
+fn channel_sums(x: &[f32], [a, n, s]: [usize; 3], pivots: &[f32]) -> (Vec<f64>, Vec<f64>) {
     let side = n * s;
     let width = if LANES.is_multiple_of(s) { LANES } else { s };
     let mut totals = vec![0.0f64; s * s];
+    let mut square_totals = vec![0.0f64; s * s];
     let mut lanes = vec![0.0f32; width];
+    let mut square_lanes = vec![0.0f32; width];
     let mut repeated = vec![0.0f32; width];
     for (i, y) in (0..n).flat_map(|i| (0..side).map(move |y| (i, y))) {
         let b = y % s;
         let row = &x[((i * s + a) * side + y) * side..][..side];
-        let centres = &centres[b * s..][..s];
-        for (r, &c) in repeated.iter_mut().zip(centres.iter().cycle()) {
-            *r = c;
+        let pivots = &pivots[b * s..][..s];
+        for (r, &p) in repeated.iter_mut().zip(pivots.iter().cycle()) {
+            *r = p;
         }
         lanes.fill(0.0);
+        square_lanes.fill(0.0);
+        let mut add = |run: &[f32]| {
+            for (((lane, square), &v), &p) in lanes
+                .iter_mut()
+                .zip(square_lanes.iter_mut())
+                .zip(run)
+                .zip(&repeated)
+            {
+                let d = v - p;
+                *lane += d;
+                *square += d * d;
+            }
+        };
         let mut runs = row.chunks_exact(width);
         for run in &mut runs {
-            for ((lane, &v), &c) in lanes.iter_mut().zip(run).zip(&repeated) {
-                *lane += f(v, c);
-            }
+            add(run);
         }
         // A row's length is a multiple of `s`, so the rest starts at
         // channel 0 too.
-        for ((lane, &v), &c) in lanes.iter_mut().zip(runs.remainder()).zip(&repeated) {
-            *lane += f(v, c);
-        }
-        for (j, &lane) in lanes.iter().enumerate() {
+        add(runs.remainder());
+        for (j, (&lane, &square)) in lanes.iter().zip(&square_lanes).enumerate() {
             totals[b * s + j % s] += f64::from(lane);
+            square_totals[b * s + j % s] += f64::from(square);
         }
     }
-    totals
+    (totals, square_totals)
 }
 
 impl Op for UnshuffleSqueeze {
@@ -427,7 +442,8 @@ mod tests {
         };
         // Two samples; factors 2, 3, 4 and 8, volumes whose voxels fill one
         // tile, part of one, and more than one; rows shorter and longer
-        // than the sums' lanes (with a rest); output channels past a block.
+        // than the sums' lanes (with a rest); output channels past a block;
+        // values far from zero with an outlier.
         for (samples, n, s, cout) in [
             (2usize, 2usize, 2usize, 3usize),
             (1, 3, 4, 9),
@@ -437,7 +453,15 @@ mod tests {
             (1, 2, 3, 4),
         ] {
             let channels = s * s * s;
-            let x = draw(samples * (n * s).pow(3), n + s);
+            let mut x = draw(samples * (n * s).pow(3), n + s);
+            if n == 5 {
+                // Values far from zero against their spread, the first an
+                // outlier: the statistics keep their digits.
+                for v in &mut x {
+                    *v = 1000.0 + *v / 64.0;
+                }
+                x[0] = 1002.0;
+            }
             let (kernel, bias) = (draw(cout * channels, 1), draw(cout, 2));
             let norms: Vec<(f32, f32)> = draw(channels, 3)
                 .iter()
