@@ -780,8 +780,8 @@ fn substitute_pointwise(model: &mut TypedModel) -> TractResult<()> {
 /// and a run of axis moves one copy (`permute`); the classifier head's
 /// product of computed rows and the voxels, the engine's products
 /// (`pointwise`); the task encoder's unshuffle, norm and 1x1x1 convolution,
-/// one op that reads the merged volume (`unshuffle`); products of many
-/// rows by a small constant matrix (`row_product`: the masks' pooling for
+/// one op that reads the merged volume (`unshuffle`); products of one
+/// axis by a small constant matrix (`row_product`: the masks' pooling for
 /// the foreground mean); and the encoder's 2x2x2 max pooling
 /// (`max_pool`).
 fn substitute_own_ops(model: &mut TypedModel) -> TractResult<()> {
