@@ -726,7 +726,28 @@ pub fn optimise(mut model: TypedModel) -> TractResult<TypedModel> {
     let mut typed = model.into_decluttered()?;
     substitute_own_ops(&mut typed)?;
     fuse_normed_merges(&mut typed)?;
+    fuse_row_products(&mut typed)?;
     typed.into_optimized()
+}
+
+/// Puts one op in place of the row products of one input that fit it side
+/// by side (`row_product::siblings`).
+fn fuse_row_products(model: &mut TypedModel) -> TractResult<()> {
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some((op, products)) = super::row_product::siblings(model, node) else {
+            continue;
+        };
+        let (name, input) = (node.name.clone(), node.inputs[0]);
+        let mut patch = TypedModelPatch::default();
+        let taps = patch.taps(model, &[input])?;
+        let outputs = patch.wire_node(name, op, &taps)?;
+        for (product, output) in products.into_iter().zip(outputs) {
+            patch.shunt_outside(model, OutletId::new(product, 0), output)?;
+        }
+        patch.apply(model)?;
+    }
+    Ok(())
 }
 
 /// Puts one op (`merge`) in place of a norm with its ReLU and the direct

@@ -22,7 +22,10 @@
 //! [`replacement`] takes such `EinSum` nodes: an f32 tensor's axis by a
 //! constant `[K, N]`, the other axes kept in order; the last axis by at
 //! most [`MAX_COLUMNS`] columns for at least [`MIN_ROWS`] rows, or an axis
-//! followed by planes of at least [`MIN_PLANE`] values.
+//! followed by planes of at least [`MIN_PLANE`] values. [`siblings`] runs
+//! the first products of the three levels, which read the same mask, as
+//! one: the mask read once instead of three times (15 classes, full size:
+//! 50 -> 35 ms).
 
 use std::prelude::rust_2024::*;
 use std::sync::Arc;
@@ -37,8 +40,12 @@ use super::parallel::SharedOut;
 /// that, tract's packing costs little (the rows of tokens by weights, for
 /// one; the small model's masks have 1024 rows).
 const MIN_ROWS: usize = 1024;
-/// Most columns the row kernel computes (two vectors of 16 per row).
+/// Most columns the row kernel computes for one product (two vectors of 16
+/// per row).
 const MAX_COLUMNS: usize = 32;
+/// Most columns it computes for products of one input run as one
+/// ([`siblings`]): four vectors, each product's columns in whole vectors.
+const MAX_WIDTH: usize = 64;
 /// Fewest values past the summed axis for the plane kernel: half a vector
 /// (the 8^3 level's second product has planes of 8).
 const MIN_PLANE: usize = 8;
@@ -117,7 +124,12 @@ pub(crate) fn replacement(
     let matrix = matrix.try_as_plain_ram()?;
     let matrix = matrix.as_slice::<f32>()?;
     let kernel = if plane == 1 && last && n <= MAX_COLUMNS && rows >= MIN_ROWS {
-        Kernel::Rows(Arc::new(padded(matrix, [k, n])))
+        let width = n.next_multiple_of(LANES);
+        Kernel::Rows {
+            matrix: Arc::new(padded(matrix, [k, n], width)),
+            columns: vec![n],
+            width,
+        }
     } else if plane >= MIN_PLANE && (in_place || last) {
         Kernel::Planes {
             weights: Arc::new(nonzero_weights(matrix, [k, n])),
@@ -127,22 +139,88 @@ pub(crate) fn replacement(
         return Ok(None);
     };
     let op = RowProduct {
-        shape: out_shape.to_vec(),
+        shapes: vec![out_shape.to_vec()],
         depth: k,
-        columns: n,
         plane,
         kernel,
     };
     Ok(Some((op, x)))
 }
 
-/// `a` (`[K, N]`), each row padded to [`MAX_COLUMNS`] with zeros.
-fn padded(a: &[f32], [k, n]: [usize; 2]) -> Vec<f32> {
-    let mut matrix = vec![0.0; k * MAX_COLUMNS];
-    for (padded, row) in matrix.chunks_exact_mut(MAX_COLUMNS).zip(a.chunks_exact(n)) {
+/// `a` (`[K, N]`), each row padded to `width` values with zeros.
+fn padded(a: &[f32], [k, n]: [usize; 2], width: usize) -> Vec<f32> {
+    let mut matrix = vec![0.0; k * width];
+    for (padded, row) in matrix.chunks_exact_mut(width).zip(a.chunks_exact(n)) {
         padded[..n].copy_from_slice(row);
     }
     matrix
+}
+
+/// One [`RowProduct`] for the row-kernel products of `node`'s input that
+/// fit [`MAX_WIDTH`] columns side by side, `node`'s first, where there
+/// are two or more: the input is read once for all (the masks' pooling
+/// onto the three levels' grids, 8 + 16 + 32 columns of one mask). Returns
+/// the op, with one output per product, and the products' nodes, whose
+/// outputs its outputs stand for, in order.
+pub(crate) fn siblings(model: &TypedModel, node: &TypedNode) -> Option<(RowProduct, Vec<usize>)> {
+    fn rows(node: &TypedNode) -> Option<&RowProduct> {
+        node.op_as::<RowProduct>()
+            .filter(|op| matches!(op.kernel, Kernel::Rows { .. }))
+    }
+    let first = rows(node)?;
+    let &[input] = node.inputs.as_slice() else {
+        return None;
+    };
+    let mut group = vec![(node.id, first)];
+    let mut width = first.width();
+    for reader in model.outlet_successors(input) {
+        let other = model.node(reader.node);
+        if other.id == node.id {
+            continue;
+        }
+        if let Some(op) = rows(other).filter(|op| op.depth == first.depth)
+            && width + op.width() <= MAX_WIDTH
+        {
+            width += op.width();
+            group.push((other.id, op));
+        }
+    }
+    if group.len() < 2 {
+        return None;
+    }
+    let k = first.depth;
+    let mut matrix = vec![0.0f32; k * width];
+    let (mut columns, mut shapes, mut offset) = (Vec::new(), Vec::new(), 0);
+    for (_, op) in &group {
+        let Kernel::Rows {
+            matrix: own,
+            columns: own_columns,
+            width: own_width,
+        } = &op.kernel
+        else {
+            return None;
+        };
+        for (row, own) in matrix
+            .chunks_exact_mut(width)
+            .zip(own.chunks_exact(*own_width))
+        {
+            row[offset..][..*own_width].copy_from_slice(own);
+        }
+        offset += own_width;
+        columns.extend_from_slice(own_columns);
+        shapes.extend(op.shapes.iter().cloned());
+    }
+    let op = RowProduct {
+        shapes,
+        depth: k,
+        plane: 1,
+        kernel: Kernel::Rows {
+            matrix: Arc::new(matrix),
+            columns,
+            width,
+        },
+    };
+    Some((op, group.iter().map(|&(id, _)| id).collect()))
 }
 
 /// For each column of `a` (`[K, N]`), its nonzero values and their rows.
@@ -160,15 +238,15 @@ fn nonzero_weights(a: &[f32], [k, n]: [usize; 2]) -> Vec<Vec<(usize, f32)>> {
 /// `y[.., j, ..] = Σ_k x[.., k, ..] a[k, j]` over one axis `k` of `x`, `a` a
 /// constant `[K, N]`; the output's shape is fixed when the graph is planned
 /// (`x`'s other axes in order, with axes of size one dropped or added, the
-/// columns `j` in `k`'s place or last).
+/// columns `j` in `k`'s place or last). Products of one input by several
+/// matrices over its last axis run as one op with one output each
+/// ([`siblings`]).
 #[derive(Debug, Clone)]
 pub(crate) struct RowProduct {
-    /// The output's shape.
-    shape: Vec<usize>,
+    /// Each output's shape.
+    shapes: Vec<Vec<usize>>,
     /// `K`.
     depth: usize,
-    /// `N`.
-    columns: usize,
     /// Values of `x` past the summed axis, one plane (1: the last axis).
     plane: usize,
     kernel: Kernel,
@@ -177,9 +255,14 @@ pub(crate) struct RowProduct {
 /// How [`RowProduct`] holds `a`, for the kernel that suits its shape.
 #[derive(Debug, Clone)]
 enum Kernel {
-    /// The last axis, few columns, many rows: `a`'s rows padded to
-    /// [`MAX_COLUMNS`].
-    Rows(Arc<Vec<f32>>),
+    /// The last axis, few columns, many rows: each output's matrix, its
+    /// rows padded to whole vectors, side by side in rows of `width`; each
+    /// output's columns.
+    Rows {
+        matrix: Arc<Vec<f32>>,
+        columns: Vec<usize>,
+        width: usize,
+    },
     /// Planes: each column's nonzero weights; the columns last (each
     /// plane's values then `N` apart) or in the summed axis's place.
     Planes {
@@ -188,11 +271,21 @@ enum Kernel {
     },
 }
 
+impl RowProduct {
+    /// Columns of the rows a row kernel computes (0 for planes).
+    fn width(&self) -> usize {
+        match self.kernel {
+            Kernel::Rows { width, .. } => width,
+            Kernel::Planes { .. } => 0,
+        }
+    }
+}
+
 /// Two ops are the same when they share their matrix.
 impl PartialEq for RowProduct {
     fn eq(&self, other: &Self) -> bool {
         match (&self.kernel, &other.kernel) {
-            (Kernel::Rows(a), Kernel::Rows(b)) => Arc::ptr_eq(a, b),
+            (Kernel::Rows { matrix: a, .. }, Kernel::Rows { matrix: b, .. }) => Arc::ptr_eq(a, b),
             (
                 Kernel::Planes { weights: a, last },
                 Kernel::Planes {
@@ -213,15 +306,15 @@ impl Op for RowProduct {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        let kernel = match self.kernel {
-            Kernel::Rows(_) => "rows",
-            Kernel::Planes { last: false, .. } => "planes, columns in place",
-            Kernel::Planes { last: true, .. } => "planes, columns last",
+        let kernel = match &self.kernel {
+            Kernel::Rows { columns, .. } => format!("rows by {columns:?} columns"),
+            Kernel::Planes { weights, last } => format!(
+                "planes by {} columns, {}",
+                weights.len(),
+                if *last { "last" } else { "in place" }
+            ),
         };
-        Ok(vec![format!(
-            "axis of {} by [{}, {}], {kernel}",
-            self.depth, self.depth, self.columns
-        )])
+        Ok(vec![format!("axis of {}, {kernel}", self.depth)])
     }
 
     fn validation(&self) -> Validation {
@@ -236,7 +329,7 @@ impl EvalOp for RowProduct {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let x = args_1!(inputs);
-        let (k, n, plane) = (self.depth, self.columns, self.plane);
+        let (k, plane) = (self.depth, self.plane);
         let slab = k * plane;
         ensure!(
             x.datum_type() == f32::datum_type() && slab > 0 && x.len() % slab == 0,
@@ -249,52 +342,83 @@ impl EvalOp for RowProduct {
             "the row product needs AVX-512F"
         );
         let rows = x.len() / slab;
-        let shape = &self.shape;
-        ensure!(
-            rows * n * plane == shape.iter().product::<usize>(),
-            "row product: output {shape:?} for {rows} x {plane} values"
-        );
-        // SAFETY: every value of the output is written below.
-        let mut out = unsafe { super::parallel::unwritten(shape)? };
+        let columns = match &self.kernel {
+            Kernel::Rows { columns, .. } => columns.clone(),
+            Kernel::Planes { weights, .. } => vec![weights.len()],
+        };
+        for (shape, n) in self.shapes.iter().zip(&columns) {
+            ensure!(
+                rows * n * plane == shape.iter().product::<usize>(),
+                "row product: output {shape:?} for {rows} x {plane} values"
+            );
+        }
+        // SAFETY: every value of every output is written below.
+        let mut outs = self
+            .shapes
+            .iter()
+            .map(|shape| unsafe { super::parallel::unwritten(shape) })
+            .collect::<TractResult<Vec<_>>>()?;
         {
-            let mut view = out.try_as_plain_ram_mut()?;
-            let y = SharedOut::new(view.as_slice_mut::<f32>()?);
+            let mut views = outs
+                .iter_mut()
+                .map(|o| o.try_as_plain_ram_mut())
+                .collect::<TractResult<Vec<_>>>()?;
+            let ys = views
+                .iter_mut()
+                .map(|v| v.as_slice_mut::<f32>().map(SharedOut::new))
+                .collect::<TractResult<Vec<_>>>()?;
             let x = x.try_as_plain_ram()?;
             let x = x.as_slice::<f32>()?;
             match &self.kernel {
-                Kernel::Rows(matrix) => by_rows(x, matrix, [rows, k, n], y),
+                Kernel::Rows { matrix, width, .. } => {
+                    by_rows(x, (matrix, *width), [rows, k], (&columns, &ys));
+                }
                 Kernel::Planes { weights, last } => {
-                    by_planes(x, weights, [rows, k, n, plane], *last, y);
+                    by_planes(x, weights, [rows, k, columns[0], plane], *last, ys[0]);
                 }
             }
         }
-        Ok(tvec!(out.into_tvalue()))
+        Ok(outs.into_iter().map(Tensor::into_tvalue).collect())
     }
 }
 
-/// The row kernel: `y = x a` for `x` `[rows, K]`, `matrix` `a` padded
-/// ([`padded`]), runs of rows in parallel.
-fn by_rows(x: &[f32], matrix: &[f32], [rows, k, n]: [usize; 3], y: SharedOut<'_>) {
+/// The row kernel: `y_o = x a_o` for `x` `[rows, K]` and each output `o`
+/// (`columns[o]` columns), the matrices side by side in rows of `width`,
+/// runs of rows in parallel.
+fn by_rows(
+    x: &[f32],
+    (matrix, width): (&[f32], usize),
+    [rows, k]: [usize; 2],
+    (columns, ys): (&[usize], &[SharedOut<'_>]),
+) {
     super::parallel::for_each_with(
         rows.div_ceil(ROWS),
         || (),
         |_, item| {
             let first = item * ROWS;
             let count = ROWS.min(rows - first);
-            // SAFETY: the items write disjoint runs of rows.
-            let y = unsafe { y.slice(first * n, count * n) };
             let x = &x[first * k..][..count * k];
             #[cfg(target_arch = "x86_64")]
-            let row = match n {
-                0..=LANES => avx512::row::<1>,
-                _ => avx512::row::<2>,
+            let row = match width / LANES {
+                0 | 1 => avx512::row::<1>,
+                2 => avx512::row::<2>,
+                3 => avx512::row::<3>,
+                _ => avx512::row::<4>,
             };
-            for (x, y) in x.chunks_exact(k).zip(y.chunks_exact_mut(n)) {
+            let mut sums = [0.0f32; MAX_WIDTH];
+            for (r, x) in x.chunks_exact(k).enumerate() {
                 // SAFETY: the CPU has AVX-512F (checked by `eval`).
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    row(x, matrix, y)
+                    row(x, matrix, width, &mut sums)
                 };
+                let mut offset = 0;
+                for (&n, y) in columns.iter().zip(ys) {
+                    // SAFETY: the items write disjoint runs of rows.
+                    let y = unsafe { y.slice((first + r) * n, n) };
+                    y.copy_from_slice(&sums[offset..][..n]);
+                    offset += n.next_multiple_of(LANES);
+                }
             }
         },
     );
@@ -341,14 +465,14 @@ fn by_planes(
 
 impl TypedOp for RowProduct {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let values = inputs[0].shape.volume().to_usize()?;
         ensure!(
-            values * self.columns == self.shape.iter().product::<usize>() * self.depth,
-            "row product: input {:?} for output {:?}",
+            inputs[0].shape.volume().to_usize()? % (self.depth * self.plane) == 0,
+            "row product: input {:?}, expected an axis of {} before {} values",
             inputs[0].shape,
-            self.shape
+            self.depth,
+            self.plane
         );
-        Ok(tvec!(f32::fact(&self.shape)))
+        Ok(self.shapes.iter().map(f32::fact).collect())
     }
 
     as_op!();
@@ -366,62 +490,62 @@ mod avx512 {
         }
     }
 
-    use super::{LANES, MAX_COLUMNS};
+    use super::{LANES, MAX_WIDTH};
 
     /// `y[j] = Σ_k x[k] matrix[k, j]` for one row `x`, `matrix` `[K,
-    /// MAX_COLUMNS]`, `y` its first columns (at most `16 * HALVES`); runs
-    /// of 16 zeros in `x` are skipped. The nonzero values go by pairs into
-    /// two sets of sums, so that consecutive multiply-adds do not wait on
-    /// each other.
+    /// width]`, `y` its first `16 * HALVES` columns (`width` at most that);
+    /// runs of 16 zeros in `x` are skipped. The nonzero values go by pairs
+    /// into two sets of sums, so that consecutive multiply-adds do not wait
+    /// on each other.
     ///
     /// # Safety
     /// The CPU has AVX-512F.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn row<const HALVES: usize>(x: &[f32], matrix: &[f32], y: &mut [f32]) {
+    pub(super) unsafe fn row<const HALVES: usize>(
+        x: &[f32],
+        matrix: &[f32],
+        width: usize,
+        y: &mut [f32; MAX_WIDTH],
+    ) {
         let mut sums = [[_mm512_setzero_ps(); HALVES]; 2];
         let add = |sums: &mut [__m512; HALVES], value: f32, row: &[f32]| {
             let value = _mm512_set1_ps(value);
             for (half, sum) in sums.iter_mut().enumerate() {
-                // SAFETY: `row` holds `MAX_COLUMNS` values.
+                // SAFETY: `row` holds `width` values, `16 * HALVES`.
                 let a = unsafe { _mm512_loadu_ps(row[half * LANES..][..LANES].as_ptr()) };
                 *sum = _mm512_fmadd_ps(value, a, *sum);
             }
         };
-        for (values, rows) in x.chunks(LANES).zip(matrix.chunks(LANES * MAX_COLUMNS)) {
+        for (values, rows) in x.chunks(LANES).zip(matrix.chunks(LANES * width)) {
             let mask = ((1u32 << values.len()) - 1) as __mmask16;
             // SAFETY: the mask keeps the load inside `values`.
             let v = unsafe { _mm512_maskz_loadu_ps(mask, values.as_ptr()) };
             let mut nonzero = _mm512_cmpneq_ps_mask(v, _mm512_setzero_ps()) as u32;
             let [first, second] = &mut sums;
             if nonzero == 0xffff {
-                for (pair, rows) in values
-                    .chunks_exact(2)
-                    .zip(rows.chunks_exact(2 * MAX_COLUMNS))
-                {
+                for (pair, rows) in values.chunks_exact(2).zip(rows.chunks_exact(2 * width)) {
                     add(first, pair[0], rows);
-                    add(second, pair[1], &rows[MAX_COLUMNS..]);
+                    add(second, pair[1], &rows[width..]);
                 }
                 continue;
             }
             while nonzero != 0 {
                 let i = nonzero.trailing_zeros() as usize;
                 nonzero &= nonzero - 1;
-                add(first, values[i], &rows[i * MAX_COLUMNS..]);
+                add(first, values[i], &rows[i * width..]);
                 if nonzero == 0 {
                     break;
                 }
                 let i = nonzero.trailing_zeros() as usize;
                 nonzero &= nonzero - 1;
-                add(second, values[i], &rows[i * MAX_COLUMNS..]);
+                add(second, values[i], &rows[i * width..]);
             }
         }
-        let mut out = [0.0f32; MAX_COLUMNS];
         for half in 0..HALVES {
             let sum = _mm512_add_ps(sums[0][half], sums[1][half]);
-            // SAFETY: `out` holds 32 values.
-            unsafe { _mm512_storeu_ps(out[half * LANES..].as_mut_ptr(), sum) };
+            // SAFETY: `y` holds MAX_WIDTH values, at least `16 * HALVES`.
+            unsafe { _mm512_storeu_ps(y[half * LANES..].as_mut_ptr(), sum) };
         }
-        y.copy_from_slice(&out[..y.len()]);
     }
 }
 
@@ -519,6 +643,81 @@ mod tests {
                     "{equation} {shape:?} by {n}: [{r}, {j}, {p}] {value} vs {want}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn products_of_one_input_run_as_one() {
+        if !super::super::conv3d::available() {
+            return;
+        }
+        // Three products of one input's rows (5, 16 and 30 columns: 64
+        // side by side in whole vectors), a fourth that no longer fits.
+        let (rows, k) = (1100, 24);
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([1, rows, k])).expect("x");
+        let mut outputs = Vec::new();
+        for (i, n) in [5usize, 16, 30, 9].into_iter().enumerate() {
+            let a: Vec<f32> = (0..k * n)
+                .map(|j| ((j * 31 + i) % 23) as f32 / 11.0 - 1.0)
+                .collect();
+            let a = Tensor::from_shape(&[k, n], &a).expect("a");
+            let a = model.add_const(format!("a{i}"), a).expect("a");
+            let op = EinSum::new("ark,kn->arn".parse().expect("axes"), f32::datum_type());
+            outputs.push(
+                model
+                    .wire_node(format!("y{i}"), op, &[x, a])
+                    .expect("wires")[0],
+            );
+        }
+        model.select_output_outlets(&outputs).expect("outputs");
+        let mut singles = Vec::new();
+        for i in 0..outputs.len() {
+            let y = model.output_outlets().expect("outputs")[i];
+            let node = model.node(y.node);
+            let (op, _) = replacement(&model, node).expect("looks").expect("serves");
+            let patch = TypedModelPatch::replace_single_op(&model, node, &[x], op.clone());
+            patch.expect("patches").apply(&mut model).expect("applies");
+            singles.push(op);
+        }
+        let model = model.into_compact().expect("compacts");
+        let outputs = model.output_outlets().expect("outputs");
+        let ids: Vec<usize> = outputs.iter().map(|o| o.node).collect();
+        let (fused, nodes) = siblings(&model, model.node(ids[0])).expect("fuses");
+        assert_eq!(nodes, ids[..3]);
+        let values: Vec<f32> = (0..rows * k)
+            .map(|i| {
+                if i % 7 < 3 {
+                    0.0
+                } else {
+                    ((i * 13) % 29) as f32 / 14.0 - 1.0
+                }
+            })
+            .collect();
+        let input = || {
+            tvec!(
+                Tensor::from_shape(&[1, rows, k], &values)
+                    .expect("x")
+                    .into_tvalue()
+            )
+        };
+        let got = fused
+            .eval(&EvalContext::out_of_plan(), input())
+            .expect("runs");
+        assert_eq!(got.len(), 3);
+        for (got, single) in got.iter().zip(&singles) {
+            let want = single
+                .eval(&EvalContext::out_of_plan(), input())
+                .expect("runs");
+            assert_eq!(got.shape(), want[0].shape());
+            let (got, want) = (
+                got.try_as_plain_ram().expect("plain"),
+                want[0].try_as_plain_ram().expect("plain"),
+            );
+            assert_eq!(
+                got.as_slice::<f32>().expect("f32"),
+                want.as_slice::<f32>().expect("f32")
+            );
         }
     }
 

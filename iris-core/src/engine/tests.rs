@@ -693,11 +693,12 @@ fn the_shipped_model_runs_the_engines_own_ops() {
     let squeezes = count(&model.task_encoder, "IrisUnshuffleSqueeze");
     assert_eq!(squeezes, kernels * stages);
     // The foreground mean pools the masks onto each level's grid (8^3,
-    // 4^3, 2^3 here), one axis at a time: the rows of every level, the
-    // planes past the second and third axes where they hold 8 values or
-    // more (the second of 8^3, the third of 8^3 and 4^3).
+    // 4^3, 2^3 here), one axis at a time: the rows of every level in one
+    // op (8 + 4 + 2 columns of one mask), the planes past the second and
+    // third axes where they hold 8 values or more (the second of 8^3, the
+    // third of 8^3 and 4^3).
     let pooled = count(&model.task_encoder, "IrisRowProduct");
-    assert_eq!(pooled, kernels * (stages + 3));
+    assert_eq!(pooled, kernels * (1 + 3));
     let blocks = 2;
     let attention = count(&model.task_encoder, "IrisVoxelAttention");
     assert_eq!(attention, kernels * blocks * stages);
