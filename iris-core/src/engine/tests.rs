@@ -692,6 +692,15 @@ fn the_shipped_model_runs_the_engines_own_ops() {
     assert_eq!(pointwise, kernels * stages);
     let squeezes = count(&model.task_encoder, "IrisUnshuffleSqueeze");
     assert_eq!(squeezes, kernels * stages);
+    // Each squeeze reads its merged volume as it lies (`[1, 1, S, S, S]`),
+    // not a reshape of it that tract would copy.
+    let plan = model.task_encoder.plan(1, &model.executor).expect("plans");
+    for node in plan.model().nodes() {
+        if node.op().name() == "IrisUnshuffleSqueeze" {
+            let fact = plan.model().outlet_fact(node.inputs[0]).expect("fact");
+            assert_eq!(fact.rank(), 5, "{}: input {:?}", node.name, fact.shape);
+        }
+    }
     // The foreground mean pools the masks onto each level's grid (8^3,
     // 4^3, 2^3 here), one axis at a time: the rows of every level in one
     // op (8 + 4 + 2 columns of one mask), the planes past the second and
