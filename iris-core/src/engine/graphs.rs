@@ -392,18 +392,20 @@ impl Graph {
             };
             let Some(plan) = plan else {
                 let split = self.split_plan(name, executor)?;
-                if split_shared.is_none() {
-                    split_shared = Some(self.run_part(&split.shared, inputs.clone())?);
-                }
-                let shared = split_shared.as_ref().unwrap_or(&inputs);
-                outputs.extend(self.run_one_by_one(&split, shared, range, &class_values)?);
+                let shared = match split_shared.take() {
+                    Some(shared) => shared,
+                    None => self.run_part(&split.shared, inputs.clone())?,
+                };
+                outputs.extend(self.run_one_by_one(&split, &shared, range, &class_values)?);
+                split_shared = Some(shared);
                 continue;
             };
-            if each_shared.is_none() {
-                each_shared = Some(self.run_part(&plan.per_class.shared, inputs.clone())?);
-            }
-            let each_shared = each_shared.as_ref().unwrap_or(&inputs);
-            outputs.push(self.run_classes(&plan, each_shared, &inputs, range, &class_values)?);
+            let shared = match each_shared.take() {
+                Some(shared) => shared,
+                None => self.run_part(&plan.per_class.shared, inputs.clone())?,
+            };
+            outputs.push(self.run_classes(&plan, &shared, &inputs, range, &class_values)?);
+            each_shared = Some(shared);
         }
         Ok(outputs)
     }
@@ -453,6 +455,8 @@ impl Graph {
                 Stacked::Each(j) => rest_inputs.extend(each.iter().map(|o| o[j].clone())),
             }
         }
+        // The rest's inputs now hold the only references to the classes'
+        // values, so that each is freed once read.
         drop(each);
         Ok(self.expected(&self.run_part(&plan.rest, rest_inputs)?))
     }
@@ -733,11 +737,17 @@ pub fn optimise(mut model: TypedModel) -> TractResult<TypedModel> {
 /// Puts one op in place of the row products of one input that fit it side
 /// by side (`row_product::siblings`).
 fn fuse_row_products(model: &mut TypedModel) -> TractResult<()> {
+    // Products already in a fused op, left without readers.
+    let mut fused = HashSet::new();
     for id in model.eval_order()? {
         let node = model.node(id);
+        if fused.contains(&id) {
+            continue;
+        }
         let Some((op, products)) = super::row_product::siblings(model, node) else {
             continue;
         };
+        fused.extend(products.iter().copied());
         let (name, input) = (node.name.clone(), node.inputs[0]);
         let mut patch = TypedModelPatch::default();
         let taps = patch.taps(model, &[input])?;

@@ -178,7 +178,12 @@ pub(crate) fn siblings(model: &TypedModel, node: &TypedNode) -> Option<(RowProdu
         if other.id == node.id {
             continue;
         }
+        // Not a product already fused, left without readers.
+        let out = OutletId::new(other.id, 0);
+        let read = !model.outlet_successors(out).is_empty()
+            || model.output_outlets().is_ok_and(|o| o.contains(&out));
         if let Some(op) = rows(other).filter(|op| op.depth == first.depth)
+            && read
             && width + op.width() <= MAX_WIDTH
         {
             width += op.width();
