@@ -749,13 +749,7 @@ fn fuse_row_products(model: &mut TypedModel) -> TractResult<()> {
         };
         fused.extend(products.iter().copied());
         let (name, input) = (node.name.clone(), node.inputs[0]);
-        let mut patch = TypedModelPatch::default();
-        let taps = patch.taps(model, &[input])?;
-        let outputs = patch.wire_node(name, op, &taps)?;
-        for (product, output) in products.into_iter().zip(outputs) {
-            patch.shunt_outside(model, OutletId::new(product, 0), output)?;
-        }
-        patch.apply(model)?;
+        fuse_outputs(model, name, &[input], op, &products)?;
     }
     Ok(())
 }
@@ -771,15 +765,27 @@ fn fuse_normed_merges(model: &mut TypedModel) -> TractResult<()> {
             continue;
         };
         let name = model.node(id).name.clone();
-        let mut patch = TypedModelPatch::default();
-        let taps = patch.taps(model, &inputs)?;
-        let outputs = patch.wire_node(name, op, &taps)?;
-        for (conv, output) in convs.into_iter().zip(outputs) {
-            patch.shunt_outside(model, OutletId::new(conv, 0), output)?;
-        }
-        patch.apply(model)?;
+        fuse_outputs(model, name, &inputs, op, &convs)?;
     }
     Ok(())
+}
+
+/// Has `op`, on `inputs`, stand for the outputs of the nodes `replaced`
+/// (one output each, in order), named `name`.
+fn fuse_outputs(
+    model: &mut TypedModel,
+    name: String,
+    inputs: &[OutletId],
+    op: impl TypedOp,
+    replaced: &[usize],
+) -> TractResult<()> {
+    let mut patch = TypedModelPatch::default();
+    let taps = patch.taps(model, inputs)?;
+    let outputs = patch.wire_node(name, op, &taps)?;
+    for (&node, output) in replaced.iter().zip(outputs) {
+        patch.shunt_outside(model, OutletId::new(node, 0), output)?;
+    }
+    patch.apply(model)
 }
 
 /// Puts the engine's 1x1x1 convolution in place of those it serves, before

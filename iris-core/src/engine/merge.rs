@@ -160,21 +160,8 @@ impl EvalOp for NormedMerges {
             .iter()
             .map(|r| r.as_slice::<f32>())
             .collect::<TractResult<Vec<&[f32]>>>()?;
-        let mut outputs = self
-            .convs
-            .iter()
-            // SAFETY: every row of every output is written below.
-            .map(|_| unsafe { super::parallel::unwritten(shape) })
-            .collect::<TractResult<Vec<Tensor>>>()?;
-        {
-            let mut views = outputs
-                .iter_mut()
-                .map(|o| o.try_as_plain_ram_mut())
-                .collect::<TractResult<Vec<_>>>()?;
-            let mut outs = views
-                .iter_mut()
-                .map(|v| v.as_slice_mut::<f32>())
-                .collect::<TractResult<Vec<&mut [f32]>>>()?;
+        let shapes = self.convs.iter().map(|_| shape);
+        let write = |outs: &mut [&mut [f32]]| {
             let voxels = d * h * w;
             let (scale, bias) = self.scale_bias;
             for (sample, x) in x.chunks_exact(voxels).enumerate() {
@@ -201,8 +188,10 @@ impl EvalOp for NormedMerges {
                 };
                 super::parallel::for_each_with(d, || self.convs[0].rows(w), slice);
             }
-        }
-        Ok(outputs.into_iter().map(Tensor::into_tvalue).collect())
+            Ok(())
+        };
+        // SAFETY: every row of every output is written above.
+        unsafe { super::parallel::written(shapes, write) }
     }
 }
 

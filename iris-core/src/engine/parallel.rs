@@ -11,7 +11,7 @@ use std::prelude::rust_2024::*;
 
 use rayon::prelude::*;
 use tract_linalg::multithread::{Executor, current_tract_executor};
-use tract_onnx::prelude::{IntoTensor, TValue, Tensor, TractResult};
+use tract_onnx::prelude::{IntoTValue, IntoTensor, TValue, TVec, Tensor, TractResult};
 
 /// An f32 tensor of `shape` for an op's output, its values not yet set, so
 /// that the threads that write them are the ones that fault its pages in.
@@ -31,6 +31,35 @@ pub(crate) unsafe fn unwritten(shape: &[usize]) -> TractResult<Tensor> {
         advise_huge_pages(view.as_slice_mut::<f32>()?);
     }
     Ok(tensor)
+}
+
+/// f32 tensors of `shapes`, their values not yet set ([`unwritten`]), that
+/// `write` fills through a slice of each, in order; for ops with several
+/// outputs.
+///
+/// # Safety
+/// `write` writes every value of every slice (or fails).
+pub(crate) unsafe fn written<'s>(
+    shapes: impl IntoIterator<Item = &'s [usize]>,
+    write: impl FnOnce(&mut [&mut [f32]]) -> TractResult<()>,
+) -> TractResult<TVec<TValue>> {
+    let mut tensors = shapes
+        .into_iter()
+        // SAFETY: `write` writes every value (the caller's promise).
+        .map(|shape| unsafe { unwritten(shape) })
+        .collect::<TractResult<Vec<Tensor>>>()?;
+    {
+        let mut views = tensors
+            .iter_mut()
+            .map(|t| t.try_as_plain_ram_mut())
+            .collect::<TractResult<Vec<_>>>()?;
+        let mut slices = views
+            .iter_mut()
+            .map(|v| v.as_slice_mut::<f32>())
+            .collect::<TractResult<Vec<&mut [f32]>>>()?;
+        write(&mut slices)?;
+    }
+    Ok(tensors.into_iter().map(Tensor::into_tvalue).collect())
 }
 
 /// Fewest bytes for which [`unwritten`] asks for huge pages: glibc's largest

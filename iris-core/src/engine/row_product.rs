@@ -357,23 +357,10 @@ impl EvalOp for RowProduct {
                 "row product: output {shape:?} for {rows} x {plane} values"
             );
         }
-        // SAFETY: every value of every output is written below.
-        let mut outs = self
-            .shapes
-            .iter()
-            .map(|shape| unsafe { super::parallel::unwritten(shape) })
-            .collect::<TractResult<Vec<_>>>()?;
-        {
-            let mut views = outs
-                .iter_mut()
-                .map(|o| o.try_as_plain_ram_mut())
-                .collect::<TractResult<Vec<_>>>()?;
-            let ys = views
-                .iter_mut()
-                .map(|v| v.as_slice_mut::<f32>().map(SharedOut::new))
-                .collect::<TractResult<Vec<_>>>()?;
-            let x = x.try_as_plain_ram()?;
-            let x = x.as_slice::<f32>()?;
+        let x = x.try_as_plain_ram()?;
+        let x = x.as_slice::<f32>()?;
+        let write = |outs: &mut [&mut [f32]]| {
+            let ys: Vec<SharedOut> = outs.iter_mut().map(|o| SharedOut::new(o)).collect();
             match &self.kernel {
                 Kernel::Rows { matrix, width, .. } => {
                     by_rows(x, (matrix, *width), [rows, k], (&columns, &ys));
@@ -382,8 +369,10 @@ impl EvalOp for RowProduct {
                     by_planes(x, weights, [rows, k, columns[0], plane], *last, ys[0]);
                 }
             }
-        }
-        Ok(outs.into_iter().map(Tensor::into_tvalue).collect())
+            Ok(())
+        };
+        // SAFETY: the kernels write every value of every output.
+        unsafe { super::parallel::written(self.shapes.iter().map(Vec::as_slice), write) }
     }
 }
 
