@@ -17,6 +17,8 @@
 //! `--threads` threads (default 1, as many as tract's matrix products may
 //! use). It prints the mean seconds per run of each operator type and of the
 //! `--slowest` nodes (default 12), with their output shapes.
+//! `--precision bf16` plans the convolutions' products in bfloat16
+//! (`iris_core::engine::Precision`; f32 by default).
 //!
 //! With `--per-class`, the plan is cut around its last input
 //! (`iris_core::engine::split`, the task encoder's masks) and only the
@@ -35,6 +37,8 @@ use tract_linalg::multithread::{Executor, multithread_tract_scope};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::plan::{SimplePlan, SimpleState, eval};
 
+use iris_core::engine::Precision;
+
 struct Args {
     graph: String,
     /// The inputs' shapes, `K` standing for the class count.
@@ -48,6 +52,7 @@ struct Args {
     per_class: bool,
     /// Time only the part of the plan run for all the classes at once.
     batched: bool,
+    precision: Precision,
 }
 
 impl Args {
@@ -81,7 +86,7 @@ fn parse_args() -> Result<Args, Box<dyn Error>> {
     let mut args = std::env::args().skip(1);
     let (mut positional, mut classes, mut threads, mut runs, mut slowest) =
         (Vec::new(), 1, 1, 5, 12);
-    let (mut per_class, mut batched) = (false, false);
+    let (mut per_class, mut batched, mut precision) = (false, false, Precision::Float32);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--per-class" => per_class = true,
@@ -90,13 +95,14 @@ fn parse_args() -> Result<Args, Box<dyn Error>> {
             "--threads" => threads = number(&arg, args.next())?.max(1),
             "--runs" => runs = number(&arg, args.next())?.max(1),
             "--slowest" => slowest = number(&arg, args.next())?,
+            "--precision" => precision = args.next().unwrap_or_default().parse()?,
             _ => positional.push(arg),
         }
     }
     let Some((graph, shapes)) = positional.split_first() else {
         return Err("usage: profile_graph GRAPH.onnx SHAPE... [--classes K] \
-                    [--threads N] [--runs N] [--slowest N] [--per-class | --batched] (a shape: 1x16x8x8x8, \
-                    K = --classes)"
+                    [--threads N] [--runs N] [--slowest N] [--per-class | --batched] \
+                    [--precision f32|bf16] (a shape: 1x16x8x8x8, K = --classes)"
             .into());
     };
     Ok(Args {
@@ -108,16 +114,21 @@ fn parse_args() -> Result<Args, Box<dyn Error>> {
         slowest,
         per_class,
         batched,
+        precision,
     })
 }
 
 /// The graph planned as the engine plans it, for these input shapes.
-fn planned(graph: &str, shapes: &[Vec<usize>]) -> Result<TypedModel, Box<dyn Error>> {
+fn planned(
+    graph: &str,
+    shapes: &[Vec<usize>],
+    precision: Precision,
+) -> Result<TypedModel, Box<dyn Error>> {
     let mut model = iris_core::engine::reader().model_for_path(graph)?;
     for (ix, shape) in shapes.iter().enumerate() {
         model.set_input_fact(ix, f32::fact(shape).into())?;
     }
-    Ok(iris_core::engine::optimise(model.into_typed()?)?)
+    Ok(iris_core::engine::optimise(model.into_typed()?, precision)?)
 }
 
 /// A tensor of `shape` filled with a fixed pattern in `[0, 1)`.
@@ -141,7 +152,7 @@ fn batched_part(
         .checked_sub(1)
         .ok_or("the graph has no input")?;
     let one_shapes = args.shapes(1)?;
-    let one = planned(&args.graph, &one_shapes)?;
+    let one = planned(&args.graph, &one_shapes, args.precision)?;
     let cut = iris_core::engine::per_class(&one, last)?
         .ok_or("the one-class plan holds no attention over context voxels to cut at")?;
     let (shared, rest) = iris_core::engine::batched(model, last, &cut.boundary, args.classes)?
@@ -163,7 +174,7 @@ fn batched_part(
 fn main() -> Result<(), Box<dyn Error>> {
     let args = parse_args()?;
     let shapes = args.shapes(args.classes)?;
-    let model = planned(&args.graph, &shapes)?;
+    let model = planned(&args.graph, &shapes, args.precision)?;
     let mut inputs = shapes
         .iter()
         .map(|shape| pattern(shape))

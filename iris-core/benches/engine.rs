@@ -23,7 +23,8 @@
 //! criterion's own options after `--` (`--sample-size`, a name filter),
 //! `IRIS_BENCH_SCENARIO_RUNS=3` (runs of the 1x1 and 10x15
 //! scenarios; the median is printed), `IRIS_BENCH_NAIVE_CLASSES=2` (classes
-//! per query of the naive loop, 1 to 15), `IRIS_BENCH_PARTS=window,scenario`.
+//! per query of the naive loop, 1 to 15), `IRIS_BENCH_PARTS=window,scenario`,
+//! `IRIS_BENCH_PRECISION=bf16` (the model's `Precision`, f32 by default).
 //! The first call for each plan builds and optimises it; its time is printed
 //! separately ("plan + first run") and never enters a median.
 //!
@@ -43,7 +44,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, SamplingMode};
 use iris_core::embedding::{ClassEmbedding, Preprocessing, Provenance, TaskEmbedding};
-use iris_core::engine::{EncodeOptions, Model, SegmentOptions, TaskClass};
+use iris_core::engine::{EncodeOptions, Model, ModelOptions, SegmentOptions, TaskClass};
 use iris_core::nifti;
 use iris_core::preprocess::{IntensityPolicy, crop_or_pad};
 use iris_core::volume::{Image, LabelMap};
@@ -137,16 +138,23 @@ fn main() -> BenchResult<()> {
         return Ok(());
     };
     let parts = std::env::var("IRIS_BENCH_PARTS").unwrap_or_else(|_| "window,scenario".into());
-    let (model, load) = timed(|| Model::load(&dir))?;
+    let precision = std::env::var("IRIS_BENCH_PRECISION").unwrap_or_else(|_| "f32".into());
+    let options = ModelOptions {
+        precision: precision.parse()?,
+        ..ModelOptions::default()
+    };
+    let (model, load) = timed(|| Model::load_with(&dir, &options))?;
     let manifest = model.manifest();
     let threads = std::thread::available_parallelism().map_or(1, usize::from);
     println!(
-        "model {:?} ({}): patch {:?}, {} mm, channels {:?}; {threads} thread(s); loaded in {:.2} s",
+        "model {:?} ({}): patch {:?}, {} mm, channels {:?}; {threads} thread(s), {}; \
+         loaded in {:.2} s",
         manifest.name,
         dir.to_string_lossy(),
         manifest.patch_size,
         manifest.spacing_mm,
         manifest.channels,
+        model.precision(),
         load.as_secs_f64()
     );
     let mut memory = PeakMemory { resettable: false };

@@ -42,6 +42,7 @@ use tract_onnx::tract_core::ops::cnn::conv::{Conv, KernelFormat};
 use tract_onnx::tract_core::ops::math::Add;
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
+use super::Precision;
 use super::parallel::SharedOut;
 use super::winograd::Winograd;
 
@@ -89,13 +90,15 @@ pub(crate) fn has_avx512() -> bool {
 }
 
 /// The direct form of `node` where it is a convolution [`DirectConv3d`]
-/// serves and the CPU runs the kernel; its one input is the node's first.
+/// serves and the CPU runs the kernel, its Winograd form's products in
+/// `precision`; its one input is the node's first.
 pub(crate) fn replacement(
     model: &TypedModel,
     node: &TypedNode,
+    precision: Precision,
 ) -> TractResult<Option<DirectConv3d>> {
     match node.op_as::<Conv>() {
-        Some(conv) if available() => DirectConv3d::for_conv(model, node, conv),
+        Some(conv) if available() => DirectConv3d::for_conv(model, node, conv, precision),
         _ => Ok(None),
     }
 }
@@ -109,10 +112,11 @@ pub(crate) fn replacement(
 /// the decoder's 128^3 level a 96-channel input whose transform costs
 /// about half of each convolution. The shortcut's sum with the block's
 /// last convolution is then fused into that one ([`residual_sum`]). The
-/// op's one input is `node`'s first.
+/// op's one input is `node`'s first; its products run in `precision`.
 pub(crate) fn sibling<'m>(
     model: &'m TypedModel,
     node: &TypedNode,
+    precision: Precision,
 ) -> TractResult<Option<(&'m TypedNode, DirectConv3d)>> {
     let winograd = |node: &TypedNode| -> TractResult<Option<Served>> {
         let conv = match node.op_as::<Conv>() {
@@ -151,7 +155,7 @@ pub(crate) fn sibling<'m>(
             let bias = [first.bias, second.bias].concat();
             let op = DirectConv3d {
                 split: Some(split),
-                ..DirectConv3d::new(&kernel, bias, channels)
+                ..DirectConv3d::new(&kernel, bias, channels, precision)
             };
             return Ok(Some((other, op)));
         }
@@ -331,7 +335,12 @@ enum Addend<'a> {
 impl DirectConv3d {
     /// The direct form of `conv` (node `node` of `model`), or `None` when
     /// the kernel does not serve it.
-    fn for_conv(model: &TypedModel, node: &TypedNode, conv: &Conv) -> TractResult<Option<Self>> {
+    fn for_conv(
+        model: &TypedModel,
+        node: &TypedNode,
+        conv: &Conv,
+        precision: Precision,
+    ) -> TractResult<Option<Self>> {
         let Some(served) = served(model, node, conv)? else {
             return Ok(None);
         };
@@ -341,6 +350,7 @@ impl DirectConv3d {
             kernel,
             served.bias,
             served.channels,
+            precision,
         )))
     }
 
@@ -353,8 +363,9 @@ impl DirectConv3d {
         }
     }
 
-    /// The op for `kernel` (`[Cout, Cin, 3, 3, 3]`) and `bias` (`[Cout]`).
-    fn new(kernel: &[f32], bias: Vec<f32>, [cin, cout]: [usize; 2]) -> Self {
+    /// The op for `kernel` (`[Cout, Cin, 3, 3, 3]`) and `bias` (`[Cout]`),
+    /// its Winograd form's products in `precision`.
+    fn new(kernel: &[f32], bias: Vec<f32>, [cin, cout]: [usize; 2], precision: Precision) -> Self {
         let block = if cout == 1 { 1 } else { BLOCK };
         DirectConv3d {
             input_channels: cin,
@@ -365,7 +376,7 @@ impl DirectConv3d {
             weights: Arc::new(pack(kernel, [cin, cout], block)),
             bias: Arc::new(bias),
             winograd: (cin >= WINOGRAD_CHANNELS && cout >= WINOGRAD_CHANNELS)
-                .then(|| Arc::new(Winograd::new(kernel, [cin, cout]))),
+                .then(|| Arc::new(Winograd::new(kernel, [cin, cout], precision))),
         }
     }
 
@@ -478,7 +489,7 @@ impl DirectConv3d {
     /// taps) and `bias`.
     #[cfg(test)]
     pub(crate) fn one_channel(kernel: &[f32], bias: f32) -> Self {
-        DirectConv3d::new(kernel, vec![bias], [1, 1])
+        DirectConv3d::new(kernel, vec![bias], [1, 1], Precision::Float32)
     }
 
     /// Whether the op is a direct convolution of one channel to one that
@@ -717,7 +728,10 @@ impl Op for DirectConv3d {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        let algorithm = match self.winograd {
+        let algorithm = match &self.winograd {
+            Some(w) if w.precision() == Precision::Bfloat16 => {
+                "Winograd F(2x2x2, 3x3x3) on even sides, bf16 products"
+            }
             Some(_) => "Winograd F(2x2x2, 3x3x3) on even sides",
             None => "direct",
         };
@@ -968,7 +982,7 @@ mod tests {
             let input = values(n * cin * voxels, 3 * i as u64);
             let kernel = values(cout * cin * 27, 3 * i as u64 + 1);
             let bias = values(cout, 3 * i as u64 + 2);
-            let op = DirectConv3d::new(&kernel, bias.clone(), [cin, cout]);
+            let op = DirectConv3d::new(&kernel, bias.clone(), [cin, cout], Precision::Float32);
             let expected: Vec<f64> = input
                 .chunks_exact(cin * voxels)
                 .flat_map(|sample| reference(sample, &kernel, &bias, [cin, cout], shape))
@@ -1012,6 +1026,58 @@ mod tests {
     }
 
     #[test]
+    fn bfloat16_products_stay_within_their_rounding() {
+        if Precision::Bfloat16.on_this_cpu() != Precision::Bfloat16 {
+            std::println!("skipped: this CPU has no AVX-512 BF16");
+            return;
+        }
+        // Winograd's cases of the test above: an odd and an even count of
+        // input channels, output channels past a block, a batch of two.
+        let cases: [([usize; 3], [usize; 3]); 4] = [
+            ([1, 16, 16], [2, 4, 64]),
+            ([1, 17, 18], [4, 2, 128]),
+            ([2, 16, 19], [4, 2, 40]),
+            ([1, 20, 16], [2, 6, 34]),
+        ];
+        for (i, ([n, cin, cout], shape)) in cases.into_iter().enumerate() {
+            let voxels: usize = shape.iter().product();
+            let input = values(n * cin * voxels, 5 * i as u64);
+            let kernel = values(cout * cin * 27, 5 * i as u64 + 1);
+            let bias = values(cout, 5 * i as u64 + 2);
+            let op = DirectConv3d::new(&kernel, bias.clone(), [cin, cout], Precision::Bfloat16);
+            let mut out = vec![f32::NAN; n * cout * voxels];
+            op.run_batch(&input, shape, &mut out, Addend::Nothing);
+            // Each output against the exact sum, in units of the sum of its
+            // terms' magnitudes: bfloat16 keeps 8 significant bits (a
+            // relative step of 2^-8 each operand), and Winograd's
+            // transforms add and subtract up to 64 such products a term.
+            let magnitude = |x: &[f32]| x.iter().map(|v| v.abs()).collect::<Vec<_>>();
+            let (abs_input, abs_kernel) = (magnitude(&input), magnitude(&kernel));
+            let mut worst = 0.0f64;
+            for (sample, (x, abs_x)) in input
+                .chunks_exact(cin * voxels)
+                .zip(abs_input.chunks_exact(cin * voxels))
+                .enumerate()
+            {
+                let exact = reference(x, &kernel, &bias, [cin, cout], shape);
+                let scale = reference(abs_x, &abs_kernel, &magnitude(&bias), [cin, cout], shape);
+                let got = &out[sample * cout * voxels..][..cout * voxels];
+                for (j, ((&got, want), scale)) in got.iter().zip(exact).zip(scale).enumerate() {
+                    let error = (f64::from(got) - want).abs() / scale;
+                    assert!(
+                        error <= 2f64.powi(-7),
+                        "case {i} ({cin} -> {cout}, {shape:?}), value {j}: {got} vs {want} \
+                         (terms {scale})"
+                    );
+                    worst = worst.max(error);
+                }
+            }
+            // The products did round: f32 stays near 1e-7 of the scale.
+            assert!(worst > 1e-5, "case {i}: worst error {worst:e}");
+        }
+    }
+
+    #[test]
     fn the_residual_is_added_in_place_only_where_no_other_node_reads_it() {
         if !available() {
             std::println!("skipped: this CPU has no AVX-512F, the direct kernel is not used");
@@ -1021,7 +1087,8 @@ mod tests {
         let voxels: usize = shape[2..].iter().product();
         let kernel = values(cin * cin * 27, 7);
         let bias = values(cin, 8);
-        let op = DirectConv3d::new(&kernel, bias.clone(), [cin, cin]).adding_residual();
+        let op = DirectConv3d::new(&kernel, bias.clone(), [cin, cin], Precision::Float32)
+            .adding_residual();
         let x = values(cin * voxels, 9);
         let r = values(cin * voxels, 10);
         let conv = reference(&x, &kernel, &bias, [cin, cin], [2, 3, 40]);
@@ -1084,6 +1151,7 @@ mod tests {
                 &kernels.concat(),
                 biases.concat(),
                 [cin, couts[0] + couts[1]],
+                Precision::Float32,
             )
         };
         let mut model = TypedModel::default();

@@ -32,6 +32,7 @@ use tract_onnx::tract_core::internal::{
 };
 use tract_onnx::tract_hir::infer::Factoid;
 
+use super::Precision;
 use super::split::{Boundary, Stacked};
 use crate::error::{Error, Result};
 
@@ -112,6 +113,8 @@ pub(crate) struct Graph {
     outputs: Vec<Port>,
     /// For each expected output, its position among the graph's outputs.
     output_slots: Vec<usize>,
+    /// The arithmetic of its plans' convolutions (one this CPU runs).
+    precision: Precision,
     plans: Mutex<Plans<Arc<TypedRunnableModel>>>,
     /// The one-class plan cut around one input, once asked for.
     split: Mutex<Option<Arc<SplitPlan>>>,
@@ -210,8 +213,15 @@ pub(crate) enum Source<'a> {
 impl Graph {
     /// Reads the ONNX graph from `source` and checks that its inputs and
     /// outputs are exactly `inputs` and `outputs` (names; element type f32;
-    /// every fixed dimension that the file declares concretely).
-    pub fn load(source: Source<'_>, inputs: &[Port], outputs: Vec<Port>) -> Result<Graph> {
+    /// every fixed dimension that the file declares concretely). Its plans
+    /// will run in `precision` where this CPU runs it, else in f32
+    /// ([`Precision::on_this_cpu`]).
+    pub fn load(
+        source: Source<'_>,
+        inputs: &[Port],
+        outputs: Vec<Port>,
+        precision: Precision,
+    ) -> Result<Graph> {
         let path = match &source {
             Source::File(path) | Source::Bytes { name: path, .. } => path.clone(),
         };
@@ -288,6 +298,7 @@ impl Graph {
             inputs: ordered,
             outputs,
             output_slots,
+            precision: precision.on_this_cpu(),
             plans: Mutex::new(Plans::new(MAX_PLANS)),
             split: Mutex::new(None),
             per_class: Mutex::new(None),
@@ -298,6 +309,11 @@ impl Graph {
     /// The graph's inputs, in the order [`Graph::run`] takes them.
     pub fn inputs(&self) -> &[Port] {
         &self.inputs
+    }
+
+    /// The arithmetic of its plans' convolutions.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// The optimised plan for `classes` classes, built on first use.
@@ -564,7 +580,7 @@ impl Graph {
         }
         let typed = model
             .into_typed()
-            .and_then(optimise)
+            .and_then(|typed| optimise(typed, self.precision))
             .map_err(|e| fail(&e))?;
         for (port, &slot) in self.outputs.iter().zip(&self.output_slots) {
             let fact = typed.output_fact(slot).map_err(|e| fail(&e))?;
@@ -720,15 +736,16 @@ pub fn reader() -> Onnx {
 }
 
 /// Optimises `model` (typed, every shape known) as the engine plans it:
-/// decluttered, the engine's own ops substituted, then tract's
-/// optimisations.
+/// decluttered, the engine's own ops substituted (their convolutions in
+/// `precision` where this CPU runs it, [`Precision::on_this_cpu`]), then
+/// tract's optimisations.
 ///
 /// # Errors
 /// Where tract cannot declutter or optimise the graph.
-pub fn optimise(mut model: TypedModel) -> TractResult<TypedModel> {
+pub fn optimise(mut model: TypedModel, precision: Precision) -> TractResult<TypedModel> {
     substitute_pointwise(&mut model)?;
     let mut typed = model.into_decluttered()?;
-    substitute_own_ops(&mut typed)?;
+    substitute_own_ops(&mut typed, precision.on_this_cpu())?;
     fuse_normed_merges(&mut typed)?;
     fuse_row_products(&mut typed)?;
     typed.into_optimized()
@@ -821,7 +838,7 @@ fn substitute_pointwise(model: &mut TypedModel) -> TractResult<()> {
 /// axis by a small constant matrix (`row_product`: the masks' pooling for
 /// the foreground mean); and the encoder's 2x2x2 max pooling
 /// (`max_pool`).
-fn substitute_own_ops(model: &mut TypedModel) -> TractResult<()> {
+fn substitute_own_ops(model: &mut TypedModel, precision: Precision) -> TractResult<()> {
     // Convolutions already run as the second of a pair.
     let mut paired = HashSet::new();
     for id in model.eval_order()? {
@@ -860,7 +877,7 @@ fn substitute_own_ops(model: &mut TypedModel) -> TractResult<()> {
             fuse(model, last, &inputs, op)?;
             continue;
         }
-        if let Some((other, op)) = super::conv3d::sibling(model, node)? {
+        if let Some((other, op)) = super::conv3d::sibling(model, node, precision)? {
             paired.insert(other.id);
             let mut patch = TypedModelPatch::default();
             let input = patch.tap_model(model, node.inputs[0])?;
@@ -870,25 +887,26 @@ fn substitute_own_ops(model: &mut TypedModel) -> TractResult<()> {
             patch.apply(model)?;
             continue;
         }
-        let op: Box<dyn TypedOp> = if let Some(op) = super::conv3d::replacement(model, node)? {
-            if let Some((sum, residual)) = super::conv3d::residual_sum(model, node)? {
-                let (inputs, last) = ([node.inputs[0], residual], (sum.id, sum.name.clone()));
-                fuse(model, last, &inputs, op.adding_residual())?;
+        let op: Box<dyn TypedOp> =
+            if let Some(op) = super::conv3d::replacement(model, node, precision)? {
+                if let Some((sum, residual)) = super::conv3d::residual_sum(model, node)? {
+                    let (inputs, last) = ([node.inputs[0], residual], (sum.id, sum.name.clone()));
+                    fuse(model, last, &inputs, op.adding_residual())?;
+                    continue;
+                }
+                Box::new(op)
+            } else if let Some(op) = super::max_pool::replacement(model, node)? {
+                Box::new(op)
+            } else if let Some(op) = super::upsample::replacement(model, node)? {
+                if let Some((concat, skip)) = super::upsample::joining_concat(model, node)? {
+                    let (inputs, last) = ([skip, node.inputs[0]], (concat.id, concat.name.clone()));
+                    fuse(model, last, &inputs, op.after_skip())?;
+                    continue;
+                }
+                Box::new(op)
+            } else {
                 continue;
-            }
-            Box::new(op)
-        } else if let Some(op) = super::max_pool::replacement(model, node)? {
-            Box::new(op)
-        } else if let Some(op) = super::upsample::replacement(model, node)? {
-            if let Some((concat, skip)) = super::upsample::joining_concat(model, node)? {
-                let (inputs, last) = ([skip, node.inputs[0]], (concat.id, concat.name.clone()));
-                fuse(model, last, &inputs, op.after_skip())?;
-                continue;
-            }
-            Box::new(op)
-        } else {
-            continue;
-        };
+            };
         let patch = TypedModelPatch::replace_single_op(model, node, &node.inputs[..1], op)?;
         patch.apply(model)?;
     }

@@ -1,6 +1,6 @@
 //! Where a [`Model`] comes from: a model folder, or the same files as
 //! memory buffers (packed or encrypted resources, devices without a file
-//! system), and the threads it may use.
+//! system), and the threads and precision it runs with.
 
 // This crate is `no_std`; the engine is `std` code.
 use std::prelude::rust_2024::*;
@@ -9,16 +9,17 @@ use std::{format, vec};
 use std::path::{Path, PathBuf};
 
 use super::graphs::{self, Dim, Graph, Port, Source};
-use super::{LEVELS, MANIFEST_FILE, Manifest, Model};
+use super::{LEVELS, MANIFEST_FILE, Manifest, Model, Precision};
 use crate::error::{Error, Result};
 
-/// How a [`Model`] runs. The default uses one thread per core.
+/// How a [`Model`] runs. The default uses one thread per core, in f32.
 ///
 /// ```no_run
 /// use iris_core::engine::{Model, ModelOptions};
 ///
 /// // A viewer that leaves the other cores to its renderer.
-/// let model = Model::load_with("models/iris-tiny", &ModelOptions { threads: 2 })?;
+/// let options = ModelOptions { threads: 2, ..Default::default() };
+/// let model = Model::load_with("models/iris-tiny", &options)?;
 /// assert_eq!(model.threads(), 2);
 /// # Ok::<(), iris_core::Error>(())
 /// ```
@@ -28,6 +29,9 @@ pub struct ModelOptions {
     /// runs (the calling thread waits meanwhile); 0: one per core. Models
     /// do not share pools: two models with 2 threads each use 4.
     pub threads: usize,
+    /// The arithmetic of the convolutions; f32 by default. A precision
+    /// this CPU cannot run falls back to f32 ([`Model::precision`]).
+    pub precision: Precision,
 }
 
 /// The files of a model folder as bytes: `manifest.json`, the three ONNX
@@ -179,13 +183,15 @@ impl Model {
         let image = Port::new("image", vec![Dim::Batch, Dim::Fixed(1), sd, sh, sw]);
 
         let [encoder, task_encoder, decoder] = sources;
-        let encoder = Graph::load(encoder, &[image], levels(0))?;
+        let precision = options.precision;
+        let encoder = Graph::load(encoder, &[image], levels(0), precision)?;
         let mut task_inputs = levels(manifest.first_task_level());
         task_inputs.push(per_class("masks"));
-        let task_encoder = Graph::load(task_encoder, &task_inputs, tasks.clone())?;
+        let task_encoder = Graph::load(task_encoder, &task_inputs, tasks.clone(), precision)?;
         let mut decoder_inputs = levels(0);
         decoder_inputs.extend(tasks);
-        let decoder = Graph::load(decoder, &decoder_inputs, vec![per_class("logits")])?;
+        let logits = vec![per_class("logits")];
+        let decoder = Graph::load(decoder, &decoder_inputs, logits, precision)?;
         Ok(Model {
             manifest,
             encoder,
@@ -199,6 +205,13 @@ impl Model {
     /// Threads of the model's pool (see [`ModelOptions::threads`]).
     pub fn threads(&self) -> usize {
         graphs::threads(&self.executor)
+    }
+
+    /// The arithmetic the model's convolutions run in: the
+    /// [`ModelOptions::precision`] asked for where this CPU runs it, else
+    /// [`Precision::Float32`].
+    pub fn precision(&self) -> Precision {
+        self.encoder.precision()
     }
 }
 

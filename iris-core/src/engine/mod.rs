@@ -47,6 +47,7 @@ mod merge;
 mod parallel;
 mod permute;
 mod pointwise;
+mod precision;
 mod products;
 mod retrieval;
 mod row_product;
@@ -68,6 +69,7 @@ pub use manifest::{
     FORMAT, FORMAT_VERSION, GraphFiles, LEVELS, MANIFEST_FILE, MAX_PATCH, Manifest, ManifestFile,
     StageEntry, WeightsSource,
 };
+pub use precision::Precision;
 // The pipeline's types, where the engine's callers look for them.
 pub use crate::pipeline::{
     Limits, Progress, ReferenceInput, SegmentOptions, Segmentation, prepare_reference,

@@ -459,7 +459,14 @@ fn threads_are_the_callers_to_set() {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     assert_eq!(Model::load(dir.path()).expect("loads").threads(), cores);
     let segment = |threads| {
-        let model = Model::load_with(dir.path(), &ModelOptions { threads }).expect("loads");
+        let model = Model::load_with(
+            dir.path(),
+            &ModelOptions {
+                threads,
+                ..Default::default()
+            },
+        )
+        .expect("loads");
         assert_eq!(model.threads(), threads);
         let task = model
             .encode_task(
@@ -500,7 +507,14 @@ fn models_load_from_memory_buffers() {
         memory_bank: None,
     };
     let from_folder = Model::load(dir.path()).expect("loads");
-    let from_memory = Model::from_buffers(&buffers, &ModelOptions { threads: 1 }).expect("loads");
+    let from_memory = Model::from_buffers(
+        &buffers,
+        &ModelOptions {
+            threads: 1,
+            ..Default::default()
+        },
+    )
+    .expect("loads");
     assert_eq!(from_memory.fingerprint(), from_folder.fingerprint());
     assert_eq!(from_memory.threads(), 1);
     let classes = thalamus_and_caudate();
@@ -774,13 +788,14 @@ fn residual_block(channels: usize, shortcut: bool) -> Vec<u8> {
 }
 
 /// The graph in `bytes` (input `x` of `shape`, output `y` of `out`)
-/// planned by the engine and by tract alone and run on one input: the
-/// engine's plan's ops (name and info), and the largest difference of the
-/// two outputs relative to tract's largest value.
+/// planned by the engine (in `precision`) and by tract alone and run on
+/// one input: the engine's plan's ops (name and info), and the largest
+/// difference of the two outputs relative to tract's largest value.
 fn engine_against_tract(
     bytes: &[u8],
     shape: &[usize],
     out: &[usize],
+    precision: Precision,
 ) -> (Vec<(String, String)>, f32) {
     use tract_onnx::prelude::{
         Framework, InferenceModelExt, IntoRunnable, IntoTValue, Tensor, tvec,
@@ -802,8 +817,8 @@ fn engine_against_tract(
         name: "test-graph.onnx".into(),
         bytes,
     };
-    let graph =
-        graphs::Graph::load(source, &[port("x", shape)], vec![port("y", out)]).expect("loads");
+    let (inputs, outputs) = ([port("x", shape)], vec![port("y", out)]);
+    let graph = graphs::Graph::load(source, &inputs, outputs, precision).expect("loads");
     let executor = graphs::executor(2).expect("threads");
     let plan = graph.plan(1, &executor).expect("plans");
     let ops = plan
@@ -842,8 +857,28 @@ fn the_engines_own_ops_compute_what_tract_computes_on_a_residual_block() {
     for (channels, algorithm, shortcut) in cases {
         let bytes = residual_block(channels, shortcut);
         let shape = [1, channels, 4, 4, 32];
-        let (ops, diff) = engine_against_tract(&bytes, &shape, &shape);
+        let (ops, diff) = engine_against_tract(&bytes, &shape, &shape, Precision::Float32);
         assert!(diff < 1e-5, "{channels} channels: relative max diff {diff}");
+        // bfloat16 products, where the CPU runs them: Winograd's only.
+        let rounded = Precision::Bfloat16.on_this_cpu() == Precision::Bfloat16;
+        let (bf16_ops, bf16_diff) =
+            engine_against_tract(&bytes, &shape, &shape, Precision::Bfloat16);
+        let in_bf16 = bf16_ops
+            .iter()
+            .filter(|(_, info)| info.contains("bf16 products"));
+        match (rounded, algorithm) {
+            (true, "Winograd") => {
+                assert!(in_bf16.count() > 0, "{bf16_ops:?}");
+                assert!(
+                    bf16_diff > 1e-5 && bf16_diff < 1e-2,
+                    "{channels} channels: bf16 {bf16_diff}"
+                );
+            }
+            _ => {
+                assert_eq!(in_bf16.count(), 0, "{bf16_ops:?}");
+                assert!(bf16_diff < 1e-5, "{channels} channels: bf16 {bf16_diff}");
+            }
+        }
         if conv3d::available() {
             // The block runs the fused ops, with the expected kernel.
             let named = |name: &str| ops.iter().filter(|(n, _)| n == name).count();
@@ -903,7 +938,12 @@ fn context_ops() -> Vec<u8> {
 #[test]
 fn the_task_encoders_context_ops_compute_what_tract_computes() {
     let bytes = context_ops();
-    let (ops, diff) = engine_against_tract(&bytes, &[1, 4, 4, 4, 4], &[1, 1, 8, 8, 8]);
+    let (ops, diff) = engine_against_tract(
+        &bytes,
+        &[1, 4, 4, 4, 4],
+        &[1, 1, 8, 8, 8],
+        Precision::Float32,
+    );
     assert!(diff < 1e-5, "relative max diff {diff}");
     let named = |name: &str| ops.iter().filter(|(n, _)| n == name).count();
     let pointwise = usize::from(conv3d::available());
@@ -953,7 +993,7 @@ fn the_classifier_heads_product_computes_what_tract_computes() {
     for classes in [1, 3, 11] {
         let bytes = classifier_head(classes);
         let out = [1, classes, 4, 4, 8];
-        let (ops, diff) = engine_against_tract(&bytes, &[1, 6, 4, 4, 8], &out);
+        let (ops, diff) = engine_against_tract(&bytes, &[1, 6, 4, 4, 8], &out, Precision::Float32);
         assert!(diff < 1e-5, "{classes} classes: relative max diff {diff}");
         let named = |name: &str| ops.iter().filter(|(n, _)| n == name).count();
         let kernels = usize::from(conv3d::available());
@@ -1022,6 +1062,26 @@ fn the_shipped_graphs_compute_in_the_engines_ops_what_tract_computes() {
             );
         }
     }
+}
+
+/// A model runs in the precision asked for where the CPU has it, in f32
+/// elsewhere, and says which (what bfloat16 computes: the residual-block
+/// test above and `conv3d`'s).
+#[test]
+fn a_model_says_which_precision_it_runs() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/iris-tiny");
+    for precision in [Precision::Float32, Precision::Bfloat16] {
+        let options = ModelOptions {
+            precision,
+            ..ModelOptions::default()
+        };
+        let model = Model::load_with(&dir, &options).expect("models/iris-tiny loads");
+        assert_eq!(model.precision(), precision.on_this_cpu());
+    }
+    assert_eq!(
+        Model::load(&dir).expect("loads").precision(),
+        Precision::Float32
+    );
 }
 
 #[test]

@@ -24,10 +24,16 @@
 //! vectors of 16 tiles, the weight broadcast). Every transform entry is 0,
 //! ±1 or ±1/2, so F(2, 3) adds little rounding: results differ from the
 //! direct sum by about 1e-6 relative (the unit test bounds them at 1e-5).
+//!
+//! In [`Precision::Bfloat16`] the products take both operands rounded to
+//! bfloat16, two input channels per 32-bit lane, and sum them in f32 with
+//! AVX-512 BF16's pair dot product (`vdpbf16ps`): twice the multiply-adds
+//! of an f32 FMA per instruction. The transforms stay f32.
 
 use std::prelude::rust_2024::*;
 use std::vec;
 
+use super::Precision;
 use super::parallel::{self, SharedOut};
 
 /// Tiles one block transforms and multiplies: the columns of the
@@ -54,9 +60,28 @@ fn position_stride(rows: usize) -> usize {
 pub(crate) struct Winograd {
     input_channels: usize,
     output_channels: usize,
-    /// `U = G g Gᵀ` of every kernel, as `[64][Cout / BLOCK][Cin][BLOCK]`,
-    /// zero past `Cout`.
-    weights: Vec<f32>,
+    /// `U = G g Gᵀ` of every kernel.
+    weights: Weights,
+}
+
+/// The transformed weights in the products' arithmetic.
+#[derive(Debug)]
+enum Weights {
+    /// `[64][Cout / BLOCK][Cin][BLOCK]`, zero past `Cout`.
+    Float32(Vec<f32>),
+    /// bfloat16, the values of input channels `2p` and `2p + 1` in one
+    /// `u32` (the even one in the low half), as `[64][Cout / BLOCK][Cin /
+    /// 2][BLOCK]`, zero past `Cout` and `Cin`.
+    Bfloat16(Vec<u32>),
+}
+
+/// The bfloat16 nearest to `value` (ties to even), in the low half.
+fn bfloat16(value: f32) -> u32 {
+    let bits = value.to_bits();
+    if value.is_nan() {
+        return (bits >> 16) | 0x40;
+    }
+    (bits + 0x7fff + ((bits >> 16) & 1)) >> 16
 }
 
 /// Where a convolution's output channels go: channels `0..split` to the
@@ -81,8 +106,9 @@ struct Run {
 }
 
 impl Winograd {
-    /// The transformed weights of `kernel` (`[Cout, Cin, 3, 3, 3]`).
-    pub(crate) fn new(kernel: &[f32], [cin, cout]: [usize; 2]) -> Self {
+    /// The transformed weights of `kernel` (`[Cout, Cin, 3, 3, 3]`), for
+    /// products in `precision` where this CPU runs it, else in f32.
+    pub(crate) fn new(kernel: &[f32], [cin, cout]: [usize; 2], precision: Precision) -> Self {
         let blocks = cout.div_ceil(BLOCK);
         let mut weights = vec![0.0; POSITIONS * blocks * cin * BLOCK];
         // In the order of `weights` within each position, so that the 64
@@ -95,10 +121,34 @@ impl Winograd {
                 }
             }
         }
+        let weights = match precision.on_this_cpu() {
+            Precision::Float32 => Weights::Float32(weights),
+            Precision::Bfloat16 => {
+                // Pairs of input channels: `[64][blocks][Cin / 2][BLOCK]`.
+                let pairs = cin.div_ceil(2);
+                let mut packed = vec![0; POSITIONS * blocks * pairs * BLOCK];
+                for (i, pair) in packed.iter_mut().enumerate() {
+                    let (lane, p, tb) = (i % BLOCK, i / BLOCK % pairs, i / BLOCK / pairs);
+                    let value = |ci: usize| {
+                        (ci < cin).then(|| bfloat16(weights[(tb * cin + ci) * BLOCK + lane]))
+                    };
+                    *pair = value(2 * p).unwrap_or(0) | value(2 * p + 1).unwrap_or(0) << 16;
+                }
+                Weights::Bfloat16(packed)
+            }
+        };
         Winograd {
             input_channels: cin,
             output_channels: cout,
             weights,
+        }
+    }
+
+    /// The arithmetic of the products.
+    pub(crate) fn precision(&self) -> Precision {
+        match self.weights {
+            Weights::Float32(_) => Precision::Float32,
+            Weights::Bfloat16(_) => Precision::Bfloat16,
         }
     }
 
@@ -143,17 +193,23 @@ impl Winograd {
     /// parallel, each thread with its own scratch.
     #[cfg(target_arch = "x86_64")]
     fn run_tiles(&self, input: &[f32], bias: &[f32], [d, h, w]: [usize; 3], outputs: Outputs<'_>) {
-        use avx512::{products, transform_input, transform_output};
+        use avx512::{products, products_bf16, transform_input, transform_output};
         let cin = self.input_channels;
         let (ty_n, tx_n) = (h / 2, w / 2);
         let padded = self.output_channels.div_ceil(BLOCK) * BLOCK;
-        // Scratch for one thread: transformed inputs, products, runs.
+        // Scratch for one thread: transformed inputs, products, runs, and
+        // one position's inputs as bfloat16 pairs.
         let scratch = || {
             let v = vec![0.0f32; POSITIONS * position_stride(cin)];
             let m = vec![0.0f32; POSITIONS * position_stride(padded)];
-            (v, m, Vec::new())
+            let pairs = match self.weights {
+                Weights::Float32(_) => Vec::new(),
+                Weights::Bfloat16(_) => vec![0u32; cin.div_ceil(2) * TILES],
+            };
+            (v, m, Vec::new(), pairs)
         };
-        let pair = |(v, m, runs): &mut (Vec<f32>, Vec<f32>, Vec<Run>), tz: usize| {
+        type Scratch = (Vec<f32>, Vec<f32>, Vec<Run>, Vec<u32>);
+        let pair = |(v, m, runs, pairs): &mut Scratch, tz: usize| {
             for start in (0..ty_n * tx_n).step_by(TILES) {
                 // The block's tiles, one run per tile row.
                 runs.clear();
@@ -172,14 +228,18 @@ impl Winograd {
                     tile += tx1 - tx0;
                 }
                 // SAFETY: `run`'s callers hold AVX-512F (the op is made
-                // only where `conv3d::available()`); the outputs hold
-                // `Cout * D * H * W` values and this depth pair writes
-                // only its own two depth slices of them.
+                // only where `conv3d::available()`), and AVX-512 BF16
+                // where the weights are bfloat16 (`Precision::on_this_cpu`);
+                // the outputs hold `Cout * D * H * W` values and this depth
+                // pair writes only its own two depth slices of them.
                 unsafe {
                     for &run in runs.iter() {
                         transform_input(input, [d, h, w], cin, run, v);
                     }
-                    products(&self.weights, v, m, cin, padded / BLOCK);
+                    match &self.weights {
+                        Weights::Float32(u) => products(u, v, m, cin, padded / BLOCK),
+                        Weights::Bfloat16(u) => products_bf16(u, v, pairs, m, cin, padded / BLOCK),
+                    }
                     for &run in runs.iter() {
                         transform_output((m, padded), [d, h, w], bias, run, outputs);
                     }
@@ -485,15 +545,103 @@ mod avx512 {
             for block in 0..blocks {
                 let u = &u[(t * blocks + block) * cin * BLOCK..][..cin * BLOCK];
                 let acc = accumulate([[_mm512_setzero_ps(); 2]; BLOCK], u, v);
-                for (o, acc) in acc.iter().enumerate() {
-                    let row = t * position_stride(blocks * BLOCK) + (block * BLOCK + o) * TILES;
-                    let row = &mut m[row..][..TILES];
-                    // SAFETY: `row` holds 32 values.
+                store(
+                    &acc,
+                    m,
+                    t * position_stride(blocks * BLOCK) + block * BLOCK * TILES,
+                );
+            }
+        }
+    }
+
+    /// [`products`] with bfloat16 weights `u` (`Weights::Bfloat16`): each
+    /// position's inputs are rounded into `pairs` (`[Cin / 2][TILES][2]`
+    /// bfloat16, the channels of a pair side by side per tile), then each
+    /// block sums a pair of channels per step.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F, AVX-512BW and AVX-512 BF16.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn products_bf16(
+        u: &[u32],
+        v: &[f32],
+        pairs: &mut [u32],
+        m: &mut [f32],
+        cin: usize,
+        blocks: usize,
+    ) {
+        let count = cin.div_ceil(2);
+        let pairs = &mut pairs[..count * TILES];
+        // `cvtne2ps_pbh(b, a)` puts `a`'s 16 values in the low half and
+        // `b`'s in the high one; this interleaves them, a[0], b[0], a[1]..
+        let interleave = _mm512_set_epi16(
+            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20,
+            4, 19, 3, 18, 2, 17, 1, 16, 0,
+        );
+        for t in 0..POSITIONS {
+            let v = &v[t * position_stride(cin)..][..cin * TILES];
+            for (p, pair) in pairs.chunks_exact_mut(TILES).enumerate() {
+                let even = &v[2 * p * TILES..][..TILES];
+                // None past the last channel (an odd count).
+                let odd = v.get((2 * p + 1) * TILES..(2 * p + 2) * TILES);
+                for half in 0..2 {
+                    // SAFETY: each row holds 32 values; `pair` 16 per half.
                     unsafe {
-                        _mm512_storeu_ps(row.as_mut_ptr(), acc[0]);
-                        _mm512_storeu_ps(row[16..].as_mut_ptr(), acc[1]);
+                        let a = _mm512_loadu_ps(even[16 * half..].as_ptr());
+                        let b = odd.map_or(_mm512_setzero_ps(), |o| {
+                            _mm512_loadu_ps(o[16 * half..].as_ptr())
+                        });
+                        let both =
+                            core::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(b, a));
+                        let both = _mm512_permutexvar_epi16(interleave, both);
+                        _mm512_storeu_si512(pair[16 * half..].as_mut_ptr().cast(), both);
                     }
                 }
+            }
+            for block in 0..blocks {
+                let u = &u[(t * blocks + block) * count * BLOCK..][..count * BLOCK];
+                let mut acc = [[_mm512_setzero_ps(); 2]; BLOCK];
+                for (weights, x) in u.chunks_exact(BLOCK).zip(pairs.chunks_exact(TILES)) {
+                    // SAFETY: `x` holds 32 u32, two vectors of 32 bfloat16.
+                    let x = unsafe {
+                        [
+                            _mm512_loadu_si512(x.as_ptr().cast()),
+                            _mm512_loadu_si512(x[16..].as_ptr().cast()),
+                        ]
+                    }
+                    .map(bf16s);
+                    for (acc, &weight) in acc.iter_mut().zip(weights) {
+                        let weight = bf16s(_mm512_set1_epi32(weight as i32));
+                        acc[0] = _mm512_dpbf16_ps(acc[0], weight, x[0]);
+                        acc[1] = _mm512_dpbf16_ps(acc[1], weight, x[1]);
+                    }
+                }
+                store(
+                    &acc,
+                    m,
+                    t * position_stride(blocks * BLOCK) + block * BLOCK * TILES,
+                );
+            }
+        }
+    }
+
+    /// The 32 bfloat16 that `bits` holds.
+    #[inline]
+    fn bf16s(bits: __m512i) -> __m512bh {
+        // SAFETY: both are 512 bits, and any 16 bits are a bfloat16.
+        unsafe { core::mem::transmute::<__m512i, __m512bh>(bits) }
+    }
+
+    /// One register block's sums into `m`, its rows `TILES` apart from
+    /// `start`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn store(acc: &[[__m512; 2]; BLOCK], m: &mut [f32], start: usize) {
+        for (row, acc) in m[start..][..BLOCK * TILES].chunks_exact_mut(TILES).zip(acc) {
+            // SAFETY: `row` holds 32 values.
+            unsafe {
+                _mm512_storeu_ps(row.as_mut_ptr(), acc[0]);
+                _mm512_storeu_ps(row[16..].as_mut_ptr(), acc[1]);
             }
         }
     }
