@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use iris_core::Model;
 use iris_core::embedding::TaskEmbedding;
-use iris_core::engine::{Limits, ModelOptions};
+use iris_core::engine::{Limits, ModelOptions, Precision};
 use iris_core::irisemb;
 use iris_core::nifti;
 use iris_core::volume::{Image, LabelMap};
@@ -31,6 +31,12 @@ pub struct ModelArgs {
     /// Threads the model runs on (default: one per core).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     threads: Option<u32>,
+    /// Arithmetic of the convolutions: f32 (default), or bf16, their
+    /// products in bfloat16 where the CPU has AVX-512 BF16 (about 1.3x
+    /// faster per full-size window, probabilities within about 0.04 of
+    /// f32's; other CPUs run f32 and say so).
+    #[arg(long, value_name = "f32|bf16", default_value = "f32", value_parser = parse_precision)]
+    precision: Precision,
     /// Most memory one volume may take, reading it and through the pipeline
     /// (its copies, blending, labels and probability maps; not the network's
     /// own working memory): bytes, or with a binary suffix K, M, G or T
@@ -40,6 +46,11 @@ pub struct ModelArgs {
     /// Most sliding windows one volume may need (default 10000).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     max_windows: Option<u64>,
+}
+
+/// `f32` or `bf16`.
+fn parse_precision(text: &str) -> Result<Precision, String> {
+    text.parse().map_err(|e: iris_core::Error| e.to_string())
 }
 
 /// `8G`, `512M`, `64K`, `1T` (powers of 1024) or a number of bytes.
@@ -108,13 +119,22 @@ impl ModelArgs {
         }
         let options = ModelOptions {
             threads: self.threads.map_or(0, |n| n as usize),
+            precision: self.precision,
         };
-        Model::load_with(&dir, &options).map_err(|e| {
+        let model = Model::load_with(&dir, &options).map_err(|e| {
             Failure::new(
                 MODEL,
                 format!("cannot load the model in {}: {e}", dir.display()),
             )
-        })
+        })?;
+        if model.precision() != self.precision {
+            eprintln!(
+                "iris: --precision {}: this CPU lacks AVX-512 BF16, running in {}",
+                self.precision,
+                model.precision()
+            );
+        }
+        Ok(model)
     }
 }
 

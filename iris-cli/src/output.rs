@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use indicatif::{ProgressBar, ProgressFinish, ProgressStyle};
 use iris_core::embedding::TaskEmbedding;
-use iris_core::engine::{Limits, Progress, SegmentOptions, Segmentation};
+use iris_core::engine::{Limits, Precision, Progress, SegmentOptions, Segmentation};
 use iris_core::labels::{DEFAULT_THRESHOLD, label_value};
 use iris_core::metrics::label_volumes_ml;
 use iris_core::nifti;
@@ -184,6 +184,8 @@ pub struct Summary<'a> {
     pub written: &'a Written,
     /// Seconds the segmentation took.
     pub seconds: f64,
+    /// The arithmetic the model ran in.
+    pub precision: Precision,
     /// What the command adds.
     pub extra: Extra,
 }
@@ -345,6 +347,7 @@ impl OutputArgs {
                 "shape": segmentation.labels.shape(),
                 "windows": segmentation.windows,
                 "seconds": seconds,
+                "precision": summary.precision.name(),
                 "classes": classes,
             });
             if let Value::Object(fields) = &mut report {

@@ -202,6 +202,7 @@ pub fn run(args: &Args, quiet: bool) -> Result<(), Failure> {
         segmentation: &retrieval.segmentation,
         written: &written,
         seconds,
+        precision: model.precision(),
         extra: extra(args, &layout, &pool, initial, &retrieval, pool_seconds),
     };
     args.outputs.report(&summary, quiet);

@@ -107,6 +107,7 @@ pub fn run(args: &Args, quiet: bool) -> Result<(), Failure> {
         segmentation: &segmentation,
         written: &written,
         seconds,
+        precision: model.precision(),
         extra: Extra::default(),
     };
     args.outputs.report(&summary, quiet);

@@ -13,7 +13,7 @@ use iris_core::embedding::{
     ClassEmbedding, ModelFingerprint, Preprocessing, Provenance, StageShape, TaskEmbedding,
 };
 use iris_core::engine::{
-    EncodeOptions, Model, PoolReference, Retrieval, RetrievalLevel, RetrieveOptions,
+    EncodeOptions, Model, PoolReference, Precision, Retrieval, RetrievalLevel, RetrieveOptions,
     SegmentOptions, TaskClass,
 };
 use iris_core::irisemb::{self, Payload};
@@ -134,6 +134,22 @@ fn help_documents_the_exit_codes_and_usage_errors_exit_2() {
         "s.nii",
     ]);
     expect_code(&o, 2);
+    // An unknown precision, named with the ones there are.
+    let o = iris(&[
+        "segment",
+        "--precision",
+        "fp16",
+        "--image",
+        "q.nii",
+        "--out",
+        "s.nii",
+    ]);
+    expect_code(&o, 2);
+    assert!(
+        stderr(&o).contains("`fp16`: expected f32 or bf16"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -554,7 +570,9 @@ fn encode_segment_eval_on_an_exported_model_match_the_rust_api() {
     assert_eq!(v["classes"][0]["name"], "ball");
     assert_eq!(v["classes"][1]["label"], 2);
 
-    // From the task file, with probabilities and a preview.
+    // From the task file, with probabilities and a preview; bf16 changes
+    // only the products of Winograd's convolutions, which this model has
+    // none of, so the labels are f32's.
     let (seg, probs, png) = (out("seg.nii.gz"), out("p.nii.gz"), out("seg.png"));
     let summary = json(&iris(&[
         "segment".as_ref(),
@@ -562,6 +580,8 @@ fn encode_segment_eval_on_an_exported_model_match_the_rust_api() {
         model_dir,
         "--threads".as_ref(),
         "1".as_ref(),
+        "--precision".as_ref(),
+        "bf16".as_ref(),
         "--image".as_ref(),
         query_path.as_os_str(),
         "--task".as_ref(),
@@ -574,6 +594,8 @@ fn encode_segment_eval_on_an_exported_model_match_the_rust_api() {
         png.as_os_str(),
         "--json".as_ref(),
     ]));
+    let ran = Precision::Bfloat16.on_this_cpu();
+    assert_eq!(summary["precision"], ran.name());
     let (query, _) = nifti::read_image(&query_path).unwrap();
     let options = SegmentOptions {
         probabilities: true,

@@ -8,4 +8,4 @@ pub const IRIS_ABI_VERSION_MAJOR: u32 = 0;
 
 /// ABI minor version: grows when functions or struct fields are added. A
 /// program runs on a library whose minor is at least its own.
-pub const IRIS_ABI_VERSION_MINOR: u32 = 3;
+pub const IRIS_ABI_VERSION_MINOR: u32 = 4;

@@ -55,8 +55,8 @@ mod pool;
 mod args;
 
 pub use loading::{
-    IrisModelBuffers, IrisModelOptions, iris_model_load, iris_model_load_buffers,
-    iris_model_load_with, iris_model_options_default, iris_model_threads,
+    IrisModelBuffers, IrisModelOptions, IrisPrecision, iris_model_load, iris_model_load_buffers,
+    iris_model_load_with, iris_model_options_default, iris_model_precision, iris_model_threads,
 };
 pub use model::{
     IrisEncodeOptions, IrisModality, IrisModel, IrisProgressFn, IrisSegmentOptions,

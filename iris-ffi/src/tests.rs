@@ -642,6 +642,9 @@ fn options_defaults_and_their_checks() {
     // ABI 0.3's structs, frozen from now on (fields come from reserved words).
     assert_eq!(size_of::<IrisReadOptions>(), 64);
     assert_eq!(size_of::<IrisModelOptions>(), 64);
+    // ABI 0.4 took `precision` out of 0.3's first reserved word: a 0.3
+    // caller's zeros read as f32.
+    assert_eq!(core::mem::offset_of!(IrisModelOptions, precision), 8);
     assert_eq!(size_of::<IrisModelBuffers>(), 120);
     assert_eq!(e.memory_budget, 0);
     assert!(crate::args::check_reserved(&e.reserved, "options").is_ok());

@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex};
 
 use iris_core::Error;
 use iris_core::engine::{
-    self, EncodeOptions, Limits, ModelOptions, RetrievalLevel, RetrieveOptions, Segmentation,
-    TaskClass,
+    self, EncodeOptions, Limits, ModelOptions, Precision, RetrievalLevel, RetrieveOptions,
+    Segmentation, TaskClass,
 };
 use numpy::{PyArray2, PyArray3, PyReadonlyArray2, PyReadonlyArray3};
 use pyo3::prelude::*;
@@ -217,11 +217,14 @@ fn encode_options(
 #[pymethods]
 impl Model {
     /// Loads the model folder `path` (manifest and three ONNX graphs); the
-    /// model runs on a pool of `threads` threads of its own (0: one per core).
+    /// model runs on a pool of `threads` threads of its own (0: one per core),
+    /// its convolutions in `precision` ("f32" or "bf16", see
+    /// `engine::Precision`).
     #[new]
-    #[pyo3(signature = (path, *, threads=0))]
-    fn load(py: Python<'_>, path: PathBuf, threads: usize) -> PyResult<Model> {
-        let options = ModelOptions { threads };
+    #[pyo3(signature = (path, *, threads=0, precision="f32"))]
+    fn load(py: Python<'_>, path: PathBuf, threads: usize, precision: &str) -> PyResult<Model> {
+        let precision: Precision = precision.parse().py_err()?;
+        let options = ModelOptions { threads, precision };
         let inner = py
             .detach(|| engine::Model::load_with(&path, &options))
             .py_err()?;
@@ -232,6 +235,13 @@ impl Model {
     #[getter]
     fn threads(&self) -> usize {
         self.inner.threads()
+    }
+
+    /// The precision the model runs in: "bf16" where asked for and this CPU
+    /// has AVX-512 BF16, else "f32".
+    #[getter]
+    fn precision(&self) -> &'static str {
+        self.inner.precision().name()
     }
 
     /// The folder the model was loaded from.

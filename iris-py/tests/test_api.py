@@ -135,6 +135,15 @@ def test_a_model_runs_on_the_threads_it_is_given(model, task, query, expected):
         iris.Model(model.path, threads=-1)
 
 
+def test_a_model_runs_in_the_precision_it_can(model):
+    assert model.precision == "f32"
+    # bf16 where the CPU has AVX-512 BF16, f32 elsewhere: either way one of
+    # the two, and the same as the core library's answer for this CPU.
+    assert iris.Model(model.path, precision="bf16").precision in ("f32", "bf16")
+    with pytest.raises(iris.InvalidArgumentError, match="fp16"):
+        iris.Model(model.path, precision="fp16")
+
+
 def test_the_gil_is_released_while_the_engine_runs(model, task, query):
     # While one thread segments, the main thread keeps running Python code:
     # it counts; with the GIL held for the whole call it could not.

@@ -320,7 +320,7 @@ static unsigned char *read_all(const char *path, size_t *len) {
     return bytes;
 }
 
-/* ABI 0.3: a model's threads, a model from memory, a reading budget. */
+/* ABI 0.3: a model's threads, a model from memory, a reading budget; ABI 0.4: its precision. */
 static void loading(const char *model_dir, const char *labels_path) {
     static const char *names[4] = {"manifest.json", "encoder.onnx", "task_encoder.onnx",
                                    "decoder.onnx"};
@@ -331,7 +331,7 @@ static void loading(const char *model_dir, const char *labels_path) {
     IrisReadOptions read_options;
     IrisModel *model = NULL;
     IrisVolume *volume = NULL;
-    uint32_t threads = 0;
+    uint32_t threads = 0, precision = 0;
     int i;
 
     expect("iris_model_options_default", iris_model_options_default(&options), IRIS_OK, NULL);
@@ -340,7 +340,29 @@ static void loading(const char *model_dir, const char *labels_path) {
            IRIS_OK, NULL);
     expect("iris_model_threads", iris_model_threads(model, &threads), IRIS_OK, NULL);
     check("the model has the 1 thread asked for", threads == 1);
+    expect("iris_model_precision", iris_model_precision(model, &precision), IRIS_OK, NULL);
+    check("the default precision is f32", precision == IRIS_PRECISION_F32);
     iris_model_free(&model);
+
+    /* ABI 0.4: bfloat16 products where the CPU has them, f32 elsewhere. */
+    options.precision = IRIS_PRECISION_BF16;
+    expect("iris_model_load_with(bf16)", iris_model_load_with(model_dir, &options, &model), IRIS_OK,
+           NULL);
+    expect("iris_model_precision(bf16)", iris_model_precision(model, &precision), IRIS_OK, NULL);
+    check("a bf16 model runs bf16 or f32",
+          precision == IRIS_PRECISION_BF16 || precision == IRIS_PRECISION_F32);
+    iris_model_free(&model);
+    options.precision = 7;
+    expect("iris_model_load_with(precision 7)", iris_model_load_with(model_dir, &options, &model),
+           IRIS_ERROR_INVALID_ARGUMENT, "precision");
+    options.precision = IRIS_PRECISION_F32;
+    options.reserved0 = 1;
+    expect("iris_model_load_with(reserved0 1)", iris_model_load_with(model_dir, &options, &model),
+           IRIS_ERROR_INVALID_ARGUMENT, "reserved0");
+    options.reserved0 = 0;
+    check("a refused load sets *out = NULL", model == NULL);
+    expect("iris_model_precision(NULL)", iris_model_precision(NULL, &precision),
+           IRIS_ERROR_NULL_POINTER, "model");
 
     for (i = 0; i < 4; i++) {
         char *path = path_in(model_dir, names[i]);

@@ -439,12 +439,21 @@ class Model:
     that runs several (e.g. one per Dask worker on one machine) should give
     each its share of the cores.
 
-    Raises :class:`IoError` (no manifest) or :class:`ModelError` (a folder
-    that breaks the model contract). Thread-safe; see the module docs.
+    ``precision`` is the arithmetic of the convolutions: ``"f32"`` (the
+    default), or ``"bf16"``, their products in bfloat16 where the CPU has
+    AVX-512 BF16 (about 1.3x faster per full-size window, probabilities
+    within about 0.04 of f32's); other CPUs run f32, which
+    :attr:`precision` then reports.
+
+    Raises :class:`IoError` (no manifest), :class:`ModelError` (a folder
+    that breaks the model contract) or :class:`InvalidArgumentError` (an
+    unknown precision). Thread-safe; see the module docs.
     """
 
-    def __init__(self, path: PathLike, *, threads: int = 0) -> None:
-        self._native = _native.Model(os.fspath(path), threads=int(threads))
+    def __init__(self, path: PathLike, *, threads: int = 0, precision: str = "f32") -> None:
+        self._native = _native.Model(
+            os.fspath(path), threads=int(threads), precision=str(precision)
+        )
 
     def __repr__(self) -> str:
         return repr(self._native)
@@ -458,6 +467,11 @@ class Model:
     def threads(self) -> int:
         """Threads of the model's pool."""
         return self._native.threads
+
+    @property
+    def precision(self) -> str:
+        """The precision the model runs in: ``"f32"`` or ``"bf16"``."""
+        return self._native.precision
 
     @property
     def fingerprint(self) -> str:
