@@ -737,15 +737,15 @@ pub fn reader() -> Onnx {
 
 /// Optimises `model` (typed, every shape known) as the engine plans it:
 /// decluttered, the engine's own ops substituted (their convolutions in
-/// `precision` where this CPU runs it, [`Precision::on_this_cpu`]), then
-/// tract's optimisations.
+/// `precision` where this CPU runs it, else in f32), then tract's
+/// optimisations.
 ///
 /// # Errors
 /// Where tract cannot declutter or optimise the graph.
 pub fn optimise(mut model: TypedModel, precision: Precision) -> TractResult<TypedModel> {
     substitute_pointwise(&mut model)?;
     let mut typed = model.into_decluttered()?;
-    substitute_own_ops(&mut typed, precision.on_this_cpu())?;
+    substitute_own_ops(&mut typed, precision)?;
     fuse_normed_merges(&mut typed)?;
     fuse_row_products(&mut typed)?;
     typed.into_optimized()
